@@ -1,0 +1,1 @@
+"""Moving weights between reasoning-llama and the HF ecosystem."""

@@ -1,0 +1,283 @@
+"""The Reasoning-LLaMA transformer (DESIGN.md §2), in one file.
+
+embedding -> N x [x + attn(norm(x)), x + mlp(norm(x))] -> norm -> final SwiGLU block -> head
+
+Attention is grouped-query with rotate-half RoPE (the transformers convention, so weights
+move to `LlamaForCausalLM` by renaming alone). One forward serves training (plain causal,
+padded or packed rows) and inference (a preallocated KV cache written at given positions).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reasoning_llama.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 whatever the activation dtype, as transformers does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x))"""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of shape (max_len, head_dim), halves repeated (rotate-half layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, H, T, D) by per-token angles cos/sin (B, 1, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, stored at the KV-head count.
+
+    Row b of the cache belongs to one sequence; token at position p lives in slot p.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.max_len = max_len or config.max_seq_len
+        shape = (config.n_layers, batch_size, config.n_kv_heads, self.max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def update(
+        self, layer: int, positions: Tensor, k: Tensor, v: Tensor, rows: Tensor | None, length: int
+    ) -> tuple[Tensor, Tensor]:
+        """Write k/v (B, H_kv, T, D) at `positions` (B, T); return the first `length` slots of the rows."""
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        row_index = (torch.arange(k.shape[0], device=k.device) if rows is None else rows).unsqueeze(1)
+        # Advanced indices around a slice put their dims first: (B, T, H_kv, D).
+        k_cache[row_index, :, positions] = k.transpose(1, 2).to(k_cache.dtype)
+        v_cache[row_index, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
+        if rows is None and k.shape[0] == self.batch_size:
+            return k_cache[:, :, :length], v_cache[:, :, :length]
+        return k_cache[row_index.squeeze(1), :, :length], v_cache[row_index.squeeze(1), :, :length]
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer needs besides the hidden states, built once per forward."""
+
+    cos: Tensor
+    sin: Tensor
+    mask: Tensor | None  # bool (B, 1, T_q, T_k), True = may attend; None = plain causal
+    positions: Tensor
+    kv_cache: KVCache | None = None
+    cache_rows: Tensor | None = None
+    cache_length: int = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+
+    def forward(self, x: Tensor, layer: int, inputs: AttentionInputs) -> Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, inputs.cos, inputs.sin).to(v.dtype)
+        k = apply_rope(k, inputs.cos, inputs.sin).to(v.dtype)
+        if inputs.kv_cache is not None:
+            k, v = inputs.kv_cache.update(
+                layer, inputs.positions, k, v, inputs.cache_rows, inputs.cache_length
+            )
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=inputs.mask, is_causal=inputs.mask is None, enable_gqa=True
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = SwiGLU(config.dim, config.ffn_dim)
+
+    def forward(self, x: Tensor, layer: int, inputs: AttentionInputs) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), layer, inputs)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.final_block = SwiGLU(config.dim, config.ffn_dim) if config.final_block else None
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """normal(0, init_std) everywhere; residual projections scaled by 1/sqrt(2 * n_layers)."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual = name.endswith(("attn.o_proj", "mlp.down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(
+        self,
+        ids: Tensor,
+        positions: Tensor | None = None,
+        *,
+        attention_mask: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cache_rows: Tensor | None = None,
+        select: Tensor | None = None,
+    ) -> Tensor:
+        """Logits for `ids` (B, T).
+
+        positions: RoPE positions (B, T); derived from the mask or doc ids when omitted.
+        attention_mask: (B, T) bool, False at padding (left or right).
+        doc_ids: (B, T) ints, one per packed example: attention stays inside an example
+            and positions restart at each one.
+        kv_cache / cache_rows: write this step's keys and values at `positions` in the
+            cache rows `cache_rows` (default: rows 0..B-1) and attend to every earlier slot.
+        select: (B, T) bool; when given, return logits only there, shape (N, vocab),
+            which skips most of the head's cost in training and prefill.
+        """
+        inputs = self._attention_inputs(ids, positions, attention_mask, doc_ids, kv_cache, cache_rows)
+        x = self.embed(ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, i, inputs)
+        if select is not None:
+            x = x[select]
+        x = self.norm(x)
+        if self.final_block is not None:
+            x = self.final_block(x)
+        return self.head(x)
+
+    def _attention_inputs(
+        self,
+        ids: Tensor,
+        positions: Tensor | None,
+        attention_mask: Tensor | None,
+        doc_ids: Tensor | None,
+        kv_cache: KVCache | None,
+        cache_rows: Tensor | None,
+    ) -> AttentionInputs:
+        batch, length = ids.shape
+        device = ids.device
+        if positions is None:
+            if kv_cache is not None:
+                raise ValueError("decoding with a KV cache needs explicit positions")
+            positions = default_positions(batch, length, device, attention_mask, doc_ids)
+        if int(positions.max()) >= self.config.max_seq_len:
+            raise ValueError(
+                f"position {int(positions.max())} is beyond the model's context of {self.config.max_seq_len}"
+            )
+        cos = self.rope_cos[positions].unsqueeze(1)
+        sin = self.rope_sin[positions].unsqueeze(1)
+        if kv_cache is not None:
+            cache_length = int(positions.max()) + 1
+            key_slots = torch.arange(cache_length, device=device)
+            mask = (key_slots.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)
+            return AttentionInputs(cos, sin, mask, positions, kv_cache, cache_rows, cache_length)
+        if attention_mask is None and doc_ids is None:
+            return AttentionInputs(cos, sin, None, positions)
+        idx = torch.arange(length, device=device)
+        mask = (idx.view(1, -1) <= idx.view(-1, 1)).expand(batch, length, length)
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool().unsqueeze(1)
+        if doc_ids is not None:
+            mask = mask & (doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1))
+        # Every query may see itself, so rows of padding never softmax over nothing.
+        mask = mask | torch.eye(length, dtype=torch.bool, device=device)
+        return AttentionInputs(cos, sin, mask.unsqueeze(1), positions)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def parameter_breakdown(self) -> dict[str, int]:
+        """Parameter counts by part, in the order DESIGN.md §2 lists them."""
+        parts = {"embedding": self.embed, "layers": self.layers, "final_norm": self.norm}
+        if self.final_block is not None:
+            parts["final_block"] = self.final_block
+        parts["head"] = self.head
+        counts = {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}
+        counts["per_layer"] = counts["layers"] // max(1, self.config.n_layers)
+        counts["total"] = self.num_parameters()
+        return counts
+
+
+def default_positions(
+    batch: int,
+    length: int,
+    device: torch.device,
+    attention_mask: Tensor | None = None,
+    doc_ids: Tensor | None = None,
+) -> Tensor:
+    """RoPE positions: count real tokens under a padding mask, restart at each packed example."""
+    idx = torch.arange(length, device=device).expand(batch, length)
+    if doc_ids is not None:
+        starts = torch.ones_like(doc_ids, dtype=torch.bool)
+        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        segment_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+        return idx - segment_start
+    if attention_mask is not None:
+        return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    return idx
