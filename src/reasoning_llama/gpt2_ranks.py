@@ -21,6 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import tiktoken
+import tiktoken.load
 
 from reasoning_llama.errors import TokenizerError
 
@@ -48,9 +49,8 @@ def _sha256(data: bytes) -> str:
 
 
 def _encoding_from_files(vocab_bpe: Path, encoder_json: Path) -> tiktoken.Encoding:
-    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-        str(vocab_bpe), str(encoder_json), VOCAB_BPE_SHA256, ENCODER_JSON_SHA256
-    )
+    # The files were verified when cached; tiktoken checks that merges and encoder agree.
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(vocab_bpe), str(encoder_json))
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=GPT2_PATTERN,

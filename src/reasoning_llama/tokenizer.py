@@ -182,11 +182,11 @@ class ChatTokenizer:
         return ParsedOutput(self.decode(reasoning), self.decode(answer), finished, well_formed)
 
     # -- persistence ----------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return {"base_encoding": self.base_encoding, "n_vocab": N_VOCAB, "special_tokens": SPECIAL_TOKENS}
-
-    def save(self, directory: str | Path) -> None:
-        (Path(directory) / "tokenizer.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    @staticmethod
+    def save(directory: str | Path) -> None:
+        """Write `tokenizer.json`: the base encoding and the special ids (no BPE ranks needed)."""
+        info = {"base_encoding": "gpt2", "n_vocab": N_VOCAB, "special_tokens": SPECIAL_TOKENS}
+        (Path(directory) / "tokenizer.json").write_text(json.dumps(info, indent=2) + "\n")
 
     @staticmethod
     def check_compatible(directory: str | Path) -> None:

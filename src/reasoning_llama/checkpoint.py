@@ -1,0 +1,126 @@
+"""Model checkpoint directories (DESIGN.md §4): model.safetensors + config.json + tokenizer.json.
+
+Writes are atomic: everything goes into a temporary sibling directory, is fsynced, and is
+renamed into place, so a crash mid-write never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from reasoning_llama.config import ModelConfig
+from reasoning_llama.errors import CheckpointError, ConfigError
+from reasoning_llama.model import Transformer
+from reasoning_llama.tokenizer import ChatTokenizer
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic_dir(target: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Call `fill(tmp_dir)`, fsync every file in it, then swap it in as `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        for file in tmp.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def write_model_files(directory: Path, model: Transformer) -> None:
+    """Write weights, config and tokenizer description into an existing directory."""
+    state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+    model.config.save(directory / CONFIG)
+    ChatTokenizer.save(directory)
+
+
+def save_model(directory: str | Path, model: Transformer) -> Path:
+    """Atomically write a model checkpoint directory."""
+    return write_atomic_dir(directory, lambda tmp: write_model_files(tmp, model))
+
+
+def load_config(directory: str | Path) -> ModelConfig:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    if not (directory / CONFIG).is_file():
+        raise CheckpointError(f"{directory} has no {CONFIG}; is it a checkpoint directory?")
+    try:
+        return ModelConfig.load(directory / CONFIG)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_model(
+    directory: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Transformer:
+    """Build the model from `config.json` and load `model.safetensors` (no pickle involved)."""
+    directory = Path(directory)
+    config = load_config(directory)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{directory} has no {WEIGHTS}")
+    ChatTokenizer.check_compatible(directory)
+    try:
+        state = load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {weights}: {e}") from None
+    with torch.device(device):
+        model = Transformer(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+        if wrong:
+            parts.append(f"shape mismatch: {'; '.join(wrong[:3])}")
+        raise CheckpointError(f"{weights} does not match {directory / CONFIG}: " + "; ".join(parts))
+    model.load_state_dict(state)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()

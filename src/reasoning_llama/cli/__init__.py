@@ -1,0 +1,37 @@
+"""The `reasoning-llama` command line: the only place that wires every part together.
+
+Each module in `COMMAND_MODULES` registers its subcommands on `app`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import typer
+
+from reasoning_llama.errors import ReasoningLlamaError
+
+app = typer.Typer(
+    name="reasoning-llama",
+    help="Train, evaluate, chat with and serve a small LLaMA-architecture reasoning model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+COMMAND_MODULES = ("reasoning_llama.cli.basic",)
+
+for _module in COMMAND_MODULES:
+    importlib.import_module(_module).register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: project errors become one line on stderr and exit code 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(args=argv, standalone_mode=True)
+    except ReasoningLlamaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
