@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +91,94 @@ def get_preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+# --- data and training -------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where training rows come from and how they become fixed-length rows."""
+
+    # "synthetic", "hub", "local" (json/jsonl/parquet with user/reasoning/assistant) or
+    # "text" (plain-text corpus: .txt files or JSONL with a `text` field, for pretraining).
+    source: str = "synthetic"
+    # hub: the dataset name; local/text: a file, a directory or a glob.
+    path: str = "KingNish/reasoning-base-20k"
+    split: str = "train"  # the hub split to read
+    # synthetic tasks: families (empty = the defaults), counts and difficulty.
+    families: list[str] = field(default_factory=list)
+    synthetic_train_size: int = 20000
+    synthetic_val_size: int = 500
+    difficulty: int | None = None
+    val_fraction: float = 0.02  # for sources without a held-out split
+    seq_len: int = 512
+    packing: bool = True  # best-fit packing; False = the seed's one example per padded row
+    overlong: str = "truncate"  # or "drop": examples longer than seq_len
+    train_on_prompt: bool = False
+    system_prompt: str | None = None
+    cache_dir: str = "~/.cache/reasoning-llama/data"
+    seed: int = 1234
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, checkpointing and logging of one run."""
+
+    preset: str = "tiny"
+    # Overrides of the preset's ModelConfig fields, e.g. {"final_block": false}.
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None  # a checkpoint whose weights start the run (e.g. pretrained)
+    global_batch_tokens: int = 16384  # reached by gradient accumulation
+    micro_batch_size: int = 16  # rows per forward pass
+    max_steps: int = 1000  # optimizer steps; epochs, when set, take precedence
+    epochs: float | None = None
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
+    device: str = "auto"
+    compile: bool = False
+    eval_every: int = 100  # validation loss every N steps
+    eval_batches: int = 20
+    task_eval_every: int = 0  # synthetic-task accuracy every N steps (0 = only at the end)
+    task_eval_size: int = 100
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping (0 = off)
+    save_every: int = 200
+    keep_last: int = 2  # plus the best by validation loss
+    log_every: int = 10
+    seed: int = 1234
+
+
+@dataclass
+class RunConfig:
+    """Everything a `reasoning-llama train` run needs; YAML recipes in configs/ fill it."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- `key=value` overrides (e.g. `train.lr=3e-4`), type-checked by OmegaConf."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.structured(RunConfig)
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file {path} does not exist")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad config: {str(e).splitlines()[0]}") from None
+
+
+def run_config_to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
