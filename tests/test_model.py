@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from reasoning_llama.config import PRESETS, ModelConfig, get_preset
+from reasoning_llama.errors import ConfigError
+from reasoning_llama.model import KVCache, Transformer, default_positions
+
+
+def test_small_100m_parameter_count():
+    with torch.device("meta"):
+        model = Transformer(get_preset("small-100m"))
+    parts = model.parameter_breakdown()
+    assert parts["total"] == 100_217_088
+    assert parts["embedding"] == parts["head"] == 38_601_984
+    assert parts["per_layer"] == 3_540_480
+    assert parts["final_norm"] == 768
+    assert parts["final_block"] == 1_769_472
+
+
+def test_final_block_switch_removes_its_parameters():
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(final_block=False))
+    assert model.num_parameters() == 100_217_088 - 1_769_472
+    assert not any(name.startswith("final_block") for name, _ in model.named_parameters())
+
+
+def test_no_biases_anywhere():
+    with torch.device("meta"):
+        model = Transformer(get_preset("small-100m"))
+    assert not any(name.endswith("bias") for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_are_valid(name):
+    config = get_preset(name)
+    assert config.dim % config.n_heads == 0
+
+
+def test_invalid_config_is_reported():
+    with pytest.raises(ConfigError, match="multiple of n_kv_heads"):
+        ModelConfig(n_heads=8, n_kv_heads=3)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        get_preset("huge")
+
+
+def test_initialisation_scales_residual_projections(tiny_config):
+    config = ModelConfig(dim=256, n_layers=8, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab_size=4096)
+    model = Transformer(config)
+    assert model.layers[0].attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    residual = 0.02 / math.sqrt(2 * config.n_layers)
+    assert model.layers[0].attn.o_proj.weight.std().item() == pytest.approx(residual, rel=0.05)
+    assert model.layers[0].mlp.down_proj.weight.std().item() == pytest.approx(residual, rel=0.05)
+    assert torch.equal(model.norm.weight, torch.ones(config.dim))
+
+
+def test_causality(tiny_config):
+    model = Transformer(tiny_config).eval()
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 16))
+    changed = ids.clone()
+    changed[:, 10:] = torch.randint(0, tiny_config.vocab_size, (2, 6))
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    assert torch.equal(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_invariance(tiny_config, side):
+    model = Transformer(tiny_config).eval()
+    real = torch.randint(0, tiny_config.vocab_size, (1, 9))
+    pad = torch.full((1, 5), 50262)
+    ids = torch.cat([pad, real] if side == "left" else [real, pad], dim=1)
+    mask = torch.cat(
+        [torch.zeros(1, 5), torch.ones(1, 9)] if side == "left" else [torch.ones(1, 9), torch.zeros(1, 5)], 1
+    )
+    with torch.no_grad():
+        alone = model(real)
+        padded = model(ids, attention_mask=mask.bool())
+    real_logits = padded[mask.bool()].view(1, 9, -1)
+    assert (real_logits - alone).abs().max().item() <= 1e-5
+    assert torch.isfinite(padded).all()
+
+
+def test_packed_rows_match_examples_alone(tiny_config):
+    model = Transformer(tiny_config).eval()
+    lengths = [5, 7, 4]
+    examples = [torch.randint(0, tiny_config.vocab_size, (1, n)) for n in lengths]
+    packed = torch.cat(examples, dim=1)
+    doc_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    positions = default_positions(1, packed.shape[1], packed.device, doc_ids=doc_ids)
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3]]
+    with torch.no_grad():
+        packed_logits = model(packed, doc_ids=doc_ids)
+        start = 0
+        for example, n in zip(examples, lengths, strict=True):
+            diff = (packed_logits[:, start : start + n] - model(example)).abs().max().item()
+            assert diff <= 1e-5
+            start += n
+
+
+def test_select_returns_logits_only_where_asked(tiny_config):
+    model = Transformer(tiny_config).eval()
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 6))
+    select = torch.zeros(2, 6, dtype=torch.bool)
+    select[0, 2] = select[1, 5] = select[1, 0] = True
+    with torch.no_grad():
+        full, picked = model(ids), model(ids, select=select)
+    assert picked.shape == (3, tiny_config.vocab_size)
+    assert torch.allclose(picked, full[select], atol=1e-6)
+
+
+def test_kv_cache_prefill_and_decode_match_full_forward(tiny_config):
+    """The cache path itself; the engine's own tests cover full generation."""
+    model = Transformer(tiny_config).eval()
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 12))
+    cache = KVCache(tiny_config, batch_size=2, max_len=32)
+    with torch.no_grad():
+        full = model(ids)
+        pos = torch.arange(8).expand(2, 8)
+        first = model(ids[:, :8], pos, kv_cache=cache)
+        steps = [model(ids[:, t : t + 1], torch.full((2, 1), t), kv_cache=cache) for t in range(8, 12)]
+    assert (first - full[:, :8]).abs().max().item() <= 1e-5
+    for t, step in zip(range(8, 12), steps, strict=True):
+        assert (step[:, 0] - full[:, t]).abs().max().item() <= 1e-5
+
+
+def test_kv_cache_rows_hold_independent_sequences_of_different_lengths(tiny_config):
+    model = Transformer(tiny_config).eval()
+    a = torch.randint(0, tiny_config.vocab_size, (1, 5))
+    b = torch.randint(0, tiny_config.vocab_size, (1, 9))
+    cache = KVCache(tiny_config, batch_size=3, max_len=16)
+    with torch.no_grad():
+        model(b, torch.arange(9).view(1, 9), kv_cache=cache, cache_rows=torch.tensor([2]))
+        model(a, torch.arange(5).view(1, 5), kv_cache=cache, cache_rows=torch.tensor([0]))
+        nxt = torch.randint(0, tiny_config.vocab_size, (2, 1))
+        step = model(nxt, torch.tensor([[5], [9]]), kv_cache=cache, cache_rows=torch.tensor([0, 2]))
+        ref_a = model(torch.cat([a, nxt[:1]], 1))[:, -1]
+        ref_b = model(torch.cat([b, nxt[1:]], 1))[:, -1]
+    assert (step[0, 0] - ref_a[0]).abs().max().item() <= 1e-5
+    assert (step[1, 0] - ref_b[0]).abs().max().item() <= 1e-5
+
+
+def test_positions_beyond_context_raise(tiny_config):
+    model = Transformer(tiny_config)
+    with pytest.raises(ValueError, match="beyond the model's context"):
+        model(torch.zeros(1, tiny_config.max_seq_len + 1, dtype=torch.long))
+
+
+def test_config_json_round_trip(tmp_path):
+    config = get_preset("tiny")
+    config.save(tmp_path / "config.json")
+    assert ModelConfig.load(tmp_path / "config.json") == config
+    (tmp_path / "bad.json").write_text('{"dim": 64, "wings": 2}')
+    with pytest.raises(ConfigError, match="unknown model config keys: wings"):
+        ModelConfig.load(tmp_path / "bad.json")
