@@ -11,6 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+LINT_DIRS := $(wildcard src tests benchmarks)
 
 .PHONY: setup quickstart test lint format browser clean
 
@@ -42,8 +43,8 @@ browser:
 	fi
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check $(LINT_DIRS)
+	$(BIN)/ruff format --check $(LINT_DIRS)
 
 test: setup browser lint
 	@# pytest exits 5 when it collected no test: that is a failure here, like any other non-zero code.
@@ -51,8 +52,8 @@ test: setup browser lint
 		if [ $$code -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$code
 
 format: setup
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format $(LINT_DIRS)
+	$(BIN)/ruff check --fix $(LINT_DIRS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -35,6 +35,7 @@ _OURS_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # Buffers transformers may keep in a state dict; they are recomputed, not weights.
 _HF_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+_HF_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
 def to_hf_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -70,7 +71,7 @@ def from_hf_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
         else:
             raise CheckpointError(f"unexpected transformers parameter {name!r}")
     if "head.weight" not in out and "embed.weight" in out:
-        out["head.weight"] = out["embed.weight"]  # a tied HF model: untie by copying
+        out["head.weight"] = out["embed.weight"].clone()  # a tied HF model: untie by copying
     return out
 
 
@@ -107,10 +108,13 @@ def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
     """Our ModelConfig from a LlamaConfig dict; refuses what our model cannot express."""
     if hf.get("model_type", "llama") != "llama":
         raise CheckpointError(f"expected a llama model, got model_type={hf.get('model_type')!r}")
+    missing = [key for key in _HF_REQUIRED if key not in hf]
+    if missing:
+        raise CheckpointError(f"Llama config lacks {', '.join(missing)}")
     problems = []
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         problems.append("biases")
-    if hf.get("hidden_act", "silu") != "silu":
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
         problems.append(f"activation {hf.get('hidden_act')}")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
