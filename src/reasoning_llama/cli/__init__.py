@@ -1,12 +1,13 @@
 """The `reasoning-llama` command line: the only place that wires every part together.
 
-Each module in `COMMAND_MODULES` registers its subcommands on `app`.
+Every module of this package with a `register(app)` function adds its subcommands to `app`.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import pkgutil
 import sys
 
 import typer
@@ -21,10 +22,10 @@ app = typer.Typer(
     add_completion=False,
 )
 
-COMMAND_MODULES = ("reasoning_llama.cli.basic",)
-
-for _module in COMMAND_MODULES:
-    importlib.import_module(_module).register(app)
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    _module = importlib.import_module(f"{__name__}.{_info.name}")
+    if hasattr(_module, "register"):
+        _module.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:
