@@ -1,0 +1,537 @@
+"""The inference engine: the project's one generation loop (the CLI, evaluator and server call it).
+
+A fixed KV cache holds `max_batch_size` rows and every running request owns one row (slot).
+`Engine.step()` admits waiting requests (one right-padded prefill into their rows), then
+decodes one token for every active row at its own position: continuous batching. `generate`,
+`generate_batch` and `stream` drive `step()` themselves; the server drives it from one worker.
+
+Turn structure (DESIGN.md §1): the prompt ends with `<|im_start|>reasoning\\n`. When the reasoning
+ends (the model emits `<|im_end|>`, or the reasoning budget is spent and the engine emits it), the
+engine feeds `\\n<|im_start|>assistant\\n` through the model itself and the answer follows, ending
+at `<|im_end|>` or `<|endoftext|>`.
+
+Special ids the sampler may pick: `<|im_end|>` in the reasoning, `<|im_end|>` and `<|endoftext|>`
+in the answer. Everything else special (`<|im_start|>`, role ids, `<|PAD|>`, and `<|endoftext|>`
+in the reasoning, so a finished generation always has an answer) gets logit -inf, so no special id
+ever reaches the text. Stop strings apply to the answer only; they are cut from it and never emitted.
+"""
+
+from __future__ import annotations
+
+import codecs
+import copy
+import itertools
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from reasoning_llama.errors import ConfigError, RequestError
+from reasoning_llama.model import KVCache, Transformer
+from reasoning_llama.sampling import SamplingParams, apply_repetition_penalty, sample
+from reasoning_llama.tokenizer import (
+    ASSISTANT,
+    EOT,
+    IM_END,
+    IM_START,
+    N_VOCAB,
+    NEWLINE,
+    PAD,
+    REASONING,
+    USER,
+    ChatTokenizer,
+    get_tokenizer,
+)
+
+__all__ = [
+    "Delta",
+    "Engine",
+    "GenerationResult",
+    "Request",
+    "SamplingParams",
+    "decode",
+    "prefill",
+    "resolve_device",
+]
+
+ASSISTANT_HEADER = (NEWLINE, IM_START, ASSISTANT, NEWLINE)  # fed after the reasoning's <|im_end|>
+NEVER_SAMPLED = (IM_START, USER, REASONING, ASSISTANT, PAD)
+
+FinishReason = Literal["stop", "length", "cancelled"]
+LogitsHook = Callable[["Request", Tensor], "Tensor | None"]
+
+
+@dataclass
+class Delta:
+    """A piece of streamed text: whole UTF-8 characters, never part of a stop string."""
+
+    kind: Literal["reasoning", "answer"]
+    text: str
+
+
+@dataclass
+class GenerationResult:
+    reasoning: str
+    answer: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int  # every generated id, the forced assistant header included
+    reasoning_tokens: int
+    token_ids: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# -- the two model calls -------------------------------------------------------------------
+
+
+def prefill(
+    model: Transformer, cache: KVCache, prompts: Sequence[Sequence[int]], rows: Sequence[int]
+) -> Tensor:
+    """Write the prompts (right-padded together) into cache rows `rows`; logits at each prompt's end (n, V)."""
+    device = cache.k.device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+    positions = torch.arange(width, device=device).expand(len(prompts), width)
+    last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    # Padding writes junk past each prompt's end; those slots are rewritten before any query sees them.
+    logits = model(
+        ids.to(device),
+        positions,
+        kv_cache=cache,
+        cache_rows=torch.tensor(list(rows), device=device),
+        select=positions == last.unsqueeze(1),
+    )
+    return logits.float()
+
+
+def decode(
+    model: Transformer, cache: KVCache, tokens: Tensor, positions: Tensor, active: Tensor | None = None
+) -> Tensor:
+    """Feed one token (B,) at `positions` (B,) into cache rows 0..B-1; logits of the `active` rows (n, V)."""
+    rows = tokens.shape[0]
+    if rows < cache.batch_size:
+        cache = _leading_rows(cache, rows)
+    select = None if active is None else active.unsqueeze(1)
+    logits = model(tokens.unsqueeze(1), positions.unsqueeze(1), kv_cache=cache, select=select)
+    return logits.reshape(-1, logits.shape[-1]).float()
+
+
+def _leading_rows(cache: KVCache, rows: int) -> KVCache:
+    """A view of the first `rows` cache rows: the model then slices the cache instead of gathering it."""
+    view = copy.copy(cache)
+    view.k, view.v = cache.k[:, :rows], cache.v[:, :rows]
+    return view
+
+
+# -- requests ------------------------------------------------------------------------------
+
+
+class _TextStream:
+    """Token bytes in, text out: whole UTF-8 characters only; stop strings cut, partial matches held back."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stops = tuple(stops)
+        self._held = ""
+        self.text = ""  # everything emitted so far
+        self.stopped = False
+
+    def push(self, data: bytes, *, final: bool = False) -> str:
+        pending = self._held + self._decoder.decode(data, final=final)
+        found = [i for i in (pending.find(s) for s in self._stops) if i >= 0]
+        if found:
+            out, self._held, self.stopped = pending[: min(found)], "", True
+        else:
+            keep = 0 if final else self._partial_stop_length(pending)
+            out, self._held = pending[: len(pending) - keep], pending[len(pending) - keep :]
+        self.text += out
+        return out
+
+    def _partial_stop_length(self, text: str) -> int:
+        """Length of the longest suffix of `text` that begins some stop string."""
+        best = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(text)), best, -1):
+                if text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+
+class Request:
+    """One generation in the engine. `cancel()` is thread-safe; the rest is the engine's to update."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, device: torch.device):
+        self.id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.output_ids: list[int] = []
+        self.phase: Literal["reasoning", "header", "answer"] = "reasoning"
+        self.reasoning_tokens = 0
+        self.result: GenerationResult | None = None
+        self._cancel = threading.Event()
+        self._forced: deque[int] = deque()  # ids the engine feeds instead of sampling
+        self._texts = {"reasoning": _TextStream(()), "answer": _TextStream(params.stop)}
+        self._generator = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
+        self._seen: Tensor | None = None  # ids in prompt + output, for the repetition penalty
+        self._slot: int | None = None
+        self._times = {"submitted": time.perf_counter()}
+        self._prefill_s = 0.0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request at its next step (finish_reason "cancelled")."""
+        self._cancel.set()
+
+    def __repr__(self) -> str:
+        return f"Request({self.id!r}, prompt_tokens={self.prompt_tokens}, generated={len(self.output_ids)})"
+
+
+# -- the engine ----------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """ "auto" = CUDA if available, else CPU; refuses a device torch cannot use here."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or mps") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("CUDA is not available on this machine; use --device cpu")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("MPS is not available on this machine; use --device cpu")
+    return resolved
+
+
+class Engine:
+    """Slot-based (continuous batching) generation over one preallocated KV cache."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: ChatTokenizer,
+        *,
+        max_batch_size: int = 8,
+        device: str | torch.device | None = None,
+        logits_hook: LogitsHook | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        config = model.config
+        if config.vocab_size < N_VOCAB:
+            raise ConfigError(
+                f"the model's vocab_size ({config.vocab_size}) is smaller than the tokenizer's {N_VOCAB} ids"
+            )
+        weight = next(model.parameters())
+        self.device = weight.device if device is None else resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_context = config.max_seq_len
+        self.logits_hook = logits_hook
+        self.cache = KVCache(config, max_batch_size, device=self.device, dtype=weight.dtype)
+        never = [*NEVER_SAMPLED, *range(N_VOCAB, config.vocab_size)]
+        self._never_sampled = torch.tensor(never, device=self.device)
+        self._slots: list[Request | None] = [None] * max_batch_size
+        self._waiting: deque[Request] = deque()
+        self._lock = threading.Lock()  # guards _waiting: add_request may come from other threads
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_checkpoint(
+        cls, directory: str | Path, *, device: str | torch.device = "auto", max_batch_size: int = 8
+    ) -> Engine:
+        """Load a checkpoint directory; bf16 weights and cache on CUDA when supported."""
+        from reasoning_llama.checkpoint import load_model
+
+        resolved = resolve_device(device)
+        dtype = None
+        if resolved.type == "cuda" and torch.cuda.is_bf16_supported():
+            dtype = torch.bfloat16
+        model = load_model(directory, device=resolved, dtype=dtype)
+        return cls(model, get_tokenizer(), max_batch_size=max_batch_size, device=resolved)
+
+    # -- requests --------------------------------------------------------------------------
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise RequestError for bad sampling values, an empty prompt or one that cannot fit."""
+        params.validate()
+        if len(prompt_ids) == 0:
+            raise RequestError("the prompt is empty; give at least one token", param="prompt")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.model.config.vocab_size:
+            raise RequestError(
+                f"prompt token ids must be in [0, {self.model.config.vocab_size}); "
+                f"got {min(prompt_ids)}..{max(prompt_ids)}",
+                param="prompt",
+            )
+        total = len(prompt_ids) + params.max_new_tokens
+        if total > self.max_context:
+            raise RequestError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) is "
+                f"{total} tokens, beyond the model's context of {self.max_context}; "
+                "shorten the prompt or lower max_new_tokens",
+                param="max_new_tokens",
+                code="context_length_exceeded",
+            )
+
+    def add_request(
+        self, prompt_ids: Sequence[int], params: SamplingParams, *, request_id: str | None = None
+    ) -> Request:
+        """Queue a request (thread-safe); it joins the running batch at the next step."""
+        prompt_ids = [int(i) for i in prompt_ids]
+        self.check_request(prompt_ids, params)
+        request = Request(request_id or f"req-{next(self._ids)}", prompt_ids, params, self.device)
+        with self._lock:
+            self._waiting.append(request)
+        return request
+
+    @property
+    def num_active(self) -> int:
+        return sum(r is not None for r in self._slots)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def has_work(self) -> bool:
+        return self.num_active > 0 or self.num_waiting > 0
+
+    # -- one step of the loop ---------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Request, list[Delta | GenerationResult]]]:
+        """Admit waiting requests into free slots, then decode one token for every active slot.
+
+        Returns each request's events of this step; a request's last event is its GenerationResult.
+        """
+        events: dict[Request, list[Delta | GenerationResult]] = {}
+        self._finish_cancelled(events)
+        admitted = self._admit()
+        if admitted:
+            start = time.perf_counter()
+            logits = prefill(
+                self.model, self.cache, [r.prompt_ids for r in admitted], [r._slot for r in admitted]
+            )
+            elapsed = time.perf_counter() - start
+            for request in admitted:
+                request._prefill_s = elapsed
+            self._advance(admitted, logits, events)
+        active = [r for r in self._slots if r is not None]
+        if active:
+            rows = active[-1]._slot + 1  # rows 0..rows-1 go through the model; free ones idle at slot 0
+            tokens, positions = [PAD] * rows, [0] * rows
+            for r in active:
+                tokens[r._slot] = r.output_ids[-1]
+                positions[r._slot] = r.prompt_tokens + len(r.output_ids) - 1
+            mask = None
+            if len(active) < rows:
+                mask = torch.zeros(rows, dtype=torch.bool, device=self.device)
+                mask[[r._slot for r in active]] = True
+            logits = decode(
+                self.model,
+                self.cache,
+                torch.tensor(tokens, device=self.device),
+                torch.tensor(positions, device=self.device),
+                mask,
+            )
+            self._advance(active, logits, events)
+        return list(events.items())
+
+    def _finish_cancelled(self, events: dict) -> None:
+        for request in [r for r in self._slots if r is not None and r.cancelled]:
+            self._finish(request, "cancelled", events.setdefault(request, []))
+        with self._lock:
+            cancelled = [r for r in self._waiting if r.cancelled]
+            for request in cancelled:
+                self._waiting.remove(request)
+        for request in cancelled:
+            self._finish(request, "cancelled", events.setdefault(request, []))
+
+    def _admit(self) -> list[Request]:
+        admitted = []
+        with self._lock:
+            for slot in range(self.max_batch_size):
+                if not self._waiting:
+                    break
+                if self._slots[slot] is None:
+                    request = self._waiting.popleft()
+                    request._slot = slot
+                    self._slots[slot] = request
+                    admitted.append(request)
+        now = time.perf_counter()
+        for request in admitted:
+            request._times["admitted"] = now
+            if request.params.repetition_penalty != 1.0:
+                request._seen = torch.zeros(
+                    self.model.config.vocab_size, dtype=torch.bool, device=self.device
+                )
+                request._seen[torch.tensor(request.prompt_ids, device=self.device)] = True
+            if request.params.reasoning_budget == 0:
+                request._forced.append(IM_END)
+        return admitted
+
+    def _advance(self, requests: list[Request], logits: Tensor, events: dict) -> None:
+        """Pick the next id of every request (forced or sampled) and act on it."""
+        tokens = self._choose(requests, logits)
+        for request, token in zip(requests, tokens, strict=True):
+            self._accept(request, token, events.setdefault(request, []))
+
+    def _choose(self, requests: list[Request], logits: Tensor) -> list[int]:
+        for i, r in enumerate(requests):
+            if r._forced:
+                continue
+            if r._seen is not None:
+                logits[i] = apply_repetition_penalty(logits[i], r._seen, r.params.repetition_penalty)
+            if self.logits_hook is not None:
+                hooked = self.logits_hook(r, logits[i])
+                if hooked is not None:
+                    logits[i] = hooked
+        logits.index_fill_(1, self._never_sampled, -math.inf)
+        in_reasoning = [i for i, r in enumerate(requests) if r.phase == "reasoning"]
+        if in_reasoning:
+            logits[torch.tensor(in_reasoning, device=self.device), EOT] = -math.inf
+        best = logits.argmax(dim=-1).tolist()  # one pass serves every greedy row
+        tokens = []
+        for i, r in enumerate(requests):
+            if r._forced:
+                tokens.append(r._forced.popleft())
+            elif r.params.greedy:
+                tokens.append(best[i])
+            else:
+                tokens.append(sample(logits[i], r.params, r._generator))
+        return tokens
+
+    def _accept(self, r: Request, token: int, out: list[Delta | GenerationResult]) -> None:
+        r.output_ids.append(token)
+        r._times.setdefault("first_token", time.perf_counter())
+        if r._seen is not None:
+            r._seen[token] = True
+        if r.phase == "reasoning":
+            if token == IM_END:
+                self._emit(r, "reasoning", b"", out, final=True)
+                r.phase = "header"
+                r._forced.extend(ASSISTANT_HEADER)
+            else:
+                r.reasoning_tokens += 1
+                self._emit(r, "reasoning", self.tokenizer.token_bytes(token), out)
+                budget = r.params.reasoning_budget
+                if budget is not None and r.reasoning_tokens >= budget and not r._forced:
+                    r._forced.append(IM_END)
+        elif r.phase == "header":
+            if not r._forced:
+                r.phase = "answer"
+        elif token in (IM_END, EOT):
+            return self._finish(r, "stop", out)
+        else:
+            self._emit(r, "answer", self.tokenizer.token_bytes(token), out)
+            if r._texts["answer"].stopped:
+                return self._finish(r, "stop", out)
+        if len(r.output_ids) >= r.params.max_new_tokens:
+            self._finish(r, "length", out)
+
+    @staticmethod
+    def _emit(r: Request, kind: str, data: bytes, out: list, *, final: bool = False) -> None:
+        text = r._texts[kind].push(data, final=final)
+        if text:
+            out.append(Delta(kind, text))  # type: ignore[arg-type]
+
+    def _finish(self, r: Request, reason: FinishReason, out: list[Delta | GenerationResult]) -> None:
+        for kind, stream in r._texts.items():
+            if not stream.stopped:
+                self._emit(r, kind, b"", out, final=True)
+        if r._slot is not None:
+            self._slots[r._slot] = None
+            r._slot = None
+        now = time.perf_counter()
+        times = r._times
+        first = times.get("first_token", now)
+        decode_s = now - first
+        r.result = GenerationResult(
+            reasoning=r._texts["reasoning"].text,
+            answer=r._texts["answer"].text,
+            finish_reason=reason,
+            prompt_tokens=r.prompt_tokens,
+            completion_tokens=len(r.output_ids),
+            reasoning_tokens=r.reasoning_tokens,
+            token_ids=list(r.output_ids),
+            timings={
+                "queue_s": times.get("admitted", now) - times["submitted"],
+                "prefill_s": r._prefill_s,
+                "time_to_first_token_s": first - times["submitted"],
+                "decode_s": decode_s,
+                "decode_tokens_per_s": (len(r.output_ids) - 1) / decode_s if decode_s > 0 else 0.0,
+                "total_s": now - times["submitted"],
+            },
+        )
+        out.append(r.result)
+
+    # -- conveniences that drive the loop themselves ------------------------------------------
+    def stream(
+        self, prompt_ids: Sequence[int], params: SamplingParams, *, cancel: threading.Event | None = None
+    ) -> Iterator[Delta | GenerationResult]:
+        """Deltas as they are decoded, then the GenerationResult. Setting `cancel` stops it between tokens."""
+        request = self.add_request(prompt_ids, params)
+        try:
+            while not request.finished:
+                if cancel is not None and cancel.is_set():
+                    request.cancel()
+                for owner, owner_events in self.step():
+                    if owner is request:
+                        yield from owner_events
+        finally:
+            if not request.finished:  # the consumer stopped early: free the slot
+                request.cancel()
+                self.step()
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> GenerationResult:
+        *_, result = self.stream(prompt_ids, params or SamplingParams())
+        assert isinstance(result, GenerationResult)
+        return result
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        progress: bool = False,
+    ) -> list[GenerationResult]:
+        """Generate for every prompt (continuous batching underneath); results in input order."""
+        if params is None or isinstance(params, SamplingParams):
+            per_prompt = [params or SamplingParams()] * len(prompts)
+        else:
+            per_prompt = list(params)
+            if len(per_prompt) != len(prompts):
+                raise RequestError(f"got {len(prompts)} prompts but {len(per_prompt)} SamplingParams")
+        for prompt, p in zip(prompts, per_prompt, strict=True):
+            self.check_request(prompt, p)  # every request is checked before any work starts
+        from tqdm.auto import tqdm
+
+        requests = [self.add_request(prompt, p) for prompt, p in zip(prompts, per_prompt, strict=True)]
+        with tqdm(total=len(requests), desc="generating", unit="req", disable=not progress) as bar:
+            pending = set(requests)
+            while pending:
+                for request, request_events in self.step():
+                    if request in pending and isinstance(request_events[-1], GenerationResult):
+                        pending.discard(request)
+                        bar.update(1)
+        return [r.result for r in requests]  # type: ignore[misc]

@@ -1,0 +1,115 @@
+"""Sampling parameters and the logits transforms behind them (one row of logits at a time).
+
+The order follows transformers: repetition penalty, then temperature, top-k, top-p, min-p.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from reasoning_llama.errors import RequestError
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded."""
+
+    max_new_tokens: int = 512  # bounds reasoning + assistant header + answer together
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # transformers semantics; 1 = off
+    seed: int | None = None  # a per-request generator: reproducible whatever else is in the batch
+    reasoning_budget: int | None = None  # max reasoning tokens before the engine closes the reasoning
+    stop: tuple[str, ...] = ()  # text stop strings, matched in the answer only
+
+    def validate(self) -> None:
+        """Raise RequestError naming the first out-of-range value."""
+
+        def bad(param: str, why: str) -> RequestError:
+            return RequestError(f"{param} {why}, got {getattr(self, param)!r}", param=param)
+
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise bad("max_new_tokens", "must be an integer >= 1")
+        if not _is_number(self.temperature) or not 0.0 <= self.temperature <= 100.0:
+            raise bad("temperature", "must be a number in [0, 100]")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise bad("top_k", "must be an integer >= 0 (0 = off)")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "must be a number in (0, 1]")
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "must be a number in [0, 1]")
+        if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 100.0:
+            raise bad("repetition_penalty", "must be a number in (0, 100]")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
+            raise bad("seed", "must be an integer in [0, 2**63) or None")
+        if self.reasoning_budget is not None and (
+            not _is_int(self.reasoning_budget) or self.reasoning_budget < 0
+        ):
+            raise bad("reasoning_budget", "must be an integer >= 0 or None")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
+            raise bad("stop", "must be a sequence of strings")
+        if any(s == "" for s in self.stop):
+            raise bad("stop", "must not contain an empty string")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """transformers' rule for every token in `seen` (ids or a bool mask): logit/p if > 0 else logit*p."""
+    if penalty == 1.0:
+        return logits
+    mask = (
+        seen
+        if seen.dtype == torch.bool
+        else torch.zeros_like(logits, dtype=torch.bool).index_fill_(-1, seen, True)
+    )
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(mask, penalised, logits)
+
+
+def filter_logits(logits: Tensor, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:
+    """Set every token outside the top-k / top-p nucleus / min-p floor to -inf (always keeps the best)."""
+    logits = logits.clone()
+    if 0 < top_k < logits.shape[-1]:
+        kth_best = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits[logits < kth_best] = -math.inf
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        # Keep tokens until the ones ranked above them already hold top_p of the mass.
+        drop_sorted = mass_before >= top_p
+        drop_sorted[..., 0] = False
+        logits[torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)] = -math.inf
+    if min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        floor = min_p * probs.max(dim=-1, keepdim=True).values
+        logits[probs < floor] = -math.inf
+    return logits
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+    """One token id from a row of logits (already penalised and masked)."""
+    if params.greedy:
+        return int(logits.argmax())
+    logits = filter_logits(
+        logits / params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p
+    )
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

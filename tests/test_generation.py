@@ -1,0 +1,465 @@
+"""The engine on tiny random-weight models: cache parity, HF parity, turn structure, streaming, batching."""
+
+import dataclasses
+import math
+import threading
+
+import pytest
+import torch
+
+from reasoning_llama.checkpoint import save_model
+from reasoning_llama.config import ModelConfig
+from reasoning_llama.errors import ConfigError, RequestError
+from reasoning_llama.generation import (
+    ASSISTANT_HEADER,
+    Delta,
+    Engine,
+    GenerationResult,
+    SamplingParams,
+    decode,
+    prefill,
+)
+from reasoning_llama.model import KVCache, Transformer
+from reasoning_llama.tokenizer import (
+    ASSISTANT,
+    EOT,
+    IM_END,
+    IM_START,
+    PAD,
+    REASONING,
+    USER,
+    get_tokenizer,
+)
+
+# final_block off: the model is then exactly a LlamaForCausalLM. A larger init spreads the
+# logits so greedy choices are not decided by rounding.
+CONFIG = ModelConfig(
+    dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256, final_block=False, init_std=0.1
+)
+TEXTS = ["What is 2 + 3?", "hi", "Tell me a long story about dragons and their gold, please."]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return get_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(CONFIG).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    return [tokenizer.render_prompt([{"role": "user", "content": t}]) for t in TEXTS]
+
+
+def force(logits: torch.Tensor, token: int) -> torch.Tensor:
+    forced = torch.full_like(logits, -math.inf)
+    forced[token] = 0.0
+    return forced
+
+
+def script(reasoning: list[int], answer: list[int]):
+    """A logits hook that makes the model say exactly `reasoning`, then `answer`, each closed by <|im_end|>."""
+
+    def hook(request, logits):
+        if request.phase == "reasoning":
+            i = request.reasoning_tokens
+            return force(logits, reasoning[i] if i < len(reasoning) else IM_END)
+        i = len(request.output_ids) - request.reasoning_tokens - 1 - len(ASSISTANT_HEADER)
+        return force(logits, answer[i] if i < len(answer) else IM_END)
+
+    return hook
+
+
+def run_stream(engine, prompt, params, cancel_after=None):
+    """Collect a stream's deltas by kind and its result; optionally cancel after that many deltas."""
+    cancel = threading.Event()
+    texts = {"reasoning": [], "answer": []}
+    result = None
+    for n, item in enumerate(engine.stream(prompt, params, cancel=cancel)):
+        if isinstance(item, Delta):
+            assert item.text  # no empty deltas
+            texts[item.kind].append(item.text)
+        else:
+            result = item
+        if cancel_after is not None and n + 1 >= cancel_after:
+            cancel.set()
+    return texts, result
+
+
+# -- the two model calls ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("final_block", [False, True])
+def test_cached_decode_matches_full_recompute_batched(final_block):
+    config = dataclasses.replace(CONFIG, final_block=final_block)
+    torch.manual_seed(1)
+    model = Transformer(config).eval()
+    sequences = [[5, 17, 300, 2, 9, 44, 1000, 8], [7, 8, 9]]  # different lengths share one prefill
+    cache = KVCache(config, 3)  # a spare row: decode then works on a view of the first rows
+    with torch.inference_mode():
+        logits = prefill(model, cache, sequences, rows=[0, 1])
+        for _ in range(12):
+            expected = torch.stack([model(torch.tensor([s]))[0, -1] for s in sequences])
+            assert torch.allclose(logits, expected, atol=1e-4), (logits - expected).abs().max()
+            chosen = logits.argmax(-1).tolist()
+            for seq, token in zip(sequences, chosen, strict=True):
+                seq.append(token)
+            positions = torch.tensor([len(s) - 1 for s in sequences])
+            logits = decode(model, cache, torch.tensor(chosen), positions)
+
+
+def test_cached_decode_matches_full_recompute_single_beside_an_idle_row(model):
+    sequence = [50, 60, 70, 80, 90]
+    cache = KVCache(CONFIG, 2)
+    with torch.inference_mode():
+        logits = prefill(model, cache, [sequence], rows=[1])
+        for _ in range(10):
+            expected = model(torch.tensor([sequence]))[0, -1]
+            assert torch.allclose(logits[0], expected, atol=1e-4)
+            sequence.append(int(logits[0].argmax()))
+            # Row 0 idles on a PAD at slot 0; only row 1's logits come back.
+            tokens = torch.tensor([PAD, sequence[-1]])
+            positions = torch.tensor([0, len(sequence) - 1])
+            logits = decode(model, cache, tokens, positions, active=torch.tensor([False, True]))
+            assert logits.shape == (1, CONFIG.vocab_size)
+
+
+# -- greedy parity with transformers --------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_greedy_matches_transformers_generate_token_for_token(model, prompts):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from reasoning_llama.interop.hf import to_hf_config, to_hf_state_dict
+
+    hf = LlamaForCausalLM(LlamaConfig(**to_hf_config(CONFIG))).eval()
+    hf.load_state_dict(to_hf_state_dict(model.state_dict()))
+    # Keep both from closing the turn so the comparison runs all 64 tokens of raw decoding.
+    banned = [EOT, IM_START, IM_END, USER, REASONING, ASSISTANT, PAD]
+
+    def no_im_end(request, logits):
+        logits[IM_END] = -math.inf
+
+    engine = Engine(model, get_tokenizer(), logits_hook=no_im_end)
+    for prompt in prompts[:2]:
+        with torch.no_grad():
+            out = hf.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=64,
+                do_sample=False,
+                suppress_tokens=banned,
+                eos_token_id=None,
+                pad_token_id=PAD,
+            )
+        expected = out[0, len(prompt) :].tolist()
+        result = engine.generate(prompt, SamplingParams(max_new_tokens=64))
+        assert len(expected) == 64
+        assert result.token_ids == expected
+        assert result.finish_reason == "length"
+
+
+# -- batching -----------------------------------------------------------------------------
+
+
+def test_batched_generation_equals_each_alone(model, tokenizer, prompts):
+    params = SamplingParams(max_new_tokens=24)
+    engine = Engine(model, tokenizer, max_batch_size=4)
+    alone = [engine.generate(p, params) for p in prompts]
+    batched = engine.generate_batch(prompts, params)
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    assert [(r.reasoning, r.answer) for r in batched] == [(r.reasoning, r.answer) for r in alone]
+    assert [r.prompt_tokens for r in batched] == [len(p) for p in prompts]
+
+
+def test_continuous_batching_admits_requests_while_others_run(model, tokenizer, prompts):
+    engine = Engine(model, tokenizer, max_batch_size=2)
+    lengths = [30, 20, 16]
+    alone = [
+        engine.generate(p, SamplingParams(max_new_tokens=n)) for p, n in zip(prompts, lengths, strict=True)
+    ]
+    first = engine.add_request(prompts[0], SamplingParams(max_new_tokens=lengths[0]))
+    for _ in range(5):
+        engine.step()
+    later = [
+        engine.add_request(p, SamplingParams(max_new_tokens=n))
+        for p, n in zip(prompts[1:], lengths[1:], strict=True)
+    ]
+    assert (engine.num_active, engine.num_waiting) == (1, 2)
+    engine.step()
+    assert (engine.num_active, engine.num_waiting) == (2, 1)  # one slot free only after a finish
+    while engine.has_work():
+        engine.step()
+    results = [r.result for r in [first, *later]]
+    assert [r.token_ids for r in results] == [r.token_ids for r in alone]
+
+
+def test_more_requests_than_slots(model, tokenizer, prompts):
+    engine = Engine(model, tokenizer, max_batch_size=1)
+    params = [SamplingParams(max_new_tokens=n) for n in (9, 5, 7)]
+    results = engine.generate_batch(prompts, params, progress=False)
+    assert [r.completion_tokens for r in results] == [9, 5, 7]
+    assert not engine.has_work()
+
+
+def test_cancel_finishes_the_request_and_frees_its_slot(model, tokenizer, prompts):
+    engine = Engine(model, tokenizer, max_batch_size=1)
+    running = engine.add_request(prompts[0], SamplingParams(max_new_tokens=100))
+    for _ in range(3):
+        engine.step()
+    waiting = engine.add_request(prompts[1], SamplingParams(max_new_tokens=10))
+    assert engine.num_waiting == 1
+    running.cancel()
+    events = dict(engine.step())
+    assert running.result.finish_reason == "cancelled"
+    assert events[running][-1] is running.result
+    assert running.result.completion_tokens == 4  # prefill's token plus three decode steps
+    assert engine.num_active == 1 and engine.num_waiting == 0  # the freed slot went to `waiting`
+    assert waiting.output_ids
+    while engine.has_work():
+        engine.step()
+    assert (
+        waiting.result.token_ids == engine.generate(prompts[1], SamplingParams(max_new_tokens=10)).token_ids
+    )
+
+
+def test_cancel_before_admission(model, tokenizer, prompts):
+    engine = Engine(model, tokenizer, max_batch_size=1)
+    request = engine.add_request(prompts[0], SamplingParams(max_new_tokens=5))
+    request.cancel()
+    engine.step()
+    assert request.result.finish_reason == "cancelled"
+    assert request.result.completion_tokens == 0
+    assert not engine.has_work()
+
+
+# -- turn structure ----------------------------------------------------------------------
+
+
+def test_early_im_end_gets_the_assistant_header_and_an_answer(model, tokenizer, prompts):
+    reasoning, answer = tokenizer.encode("Add them."), tokenizer.encode(" 5")
+    engine = Engine(model, tokenizer, logits_hook=script(reasoning, answer))
+    result = engine.generate(prompts[0], SamplingParams(max_new_tokens=50))
+    assert result.token_ids == [*reasoning, IM_END, *ASSISTANT_HEADER, *answer, IM_END]
+    assert (result.reasoning, result.answer, result.finish_reason) == ("Add them.", " 5", "stop")
+    assert result.reasoning_tokens == len(reasoning)
+    assert result.completion_tokens == len(result.token_ids)
+    parsed = tokenizer.parse(result.token_ids)
+    assert parsed.well_formed and (parsed.reasoning, parsed.answer) == ("Add them.", " 5")
+
+
+def test_answer_may_end_with_endoftext(model, tokenizer, prompts):
+    def hook(request, logits):
+        if request.phase == "reasoning":
+            return force(logits, IM_END)
+        return force(logits, EOT if request.output_ids[-1] == 11 else 11)  # "," then <|endoftext|>
+
+    result = Engine(model, tokenizer, logits_hook=hook).generate(
+        prompts[0], SamplingParams(max_new_tokens=20)
+    )
+    assert result.token_ids == [IM_END, *ASSISTANT_HEADER, 11, EOT]
+    assert (result.reasoning, result.answer, result.finish_reason) == ("", ",", "stop")
+
+
+@pytest.mark.parametrize("budget", [0, 4])
+def test_reasoning_budget_closes_the_reasoning(model, tokenizer, prompts, budget):
+    def reason_forever(request, logits):
+        if request.phase == "reasoning":
+            logits[IM_END] = -math.inf
+
+    engine = Engine(model, tokenizer, logits_hook=reason_forever)
+    result = engine.generate(prompts[0], SamplingParams(max_new_tokens=20, reasoning_budget=budget))
+    assert result.reasoning_tokens == budget
+    assert result.token_ids[budget : budget + 5] == [IM_END, *ASSISTANT_HEADER]
+    assert result.completion_tokens == 20 and result.finish_reason == "length"
+    parsed = tokenizer.parse(result.token_ids)
+    assert (parsed.reasoning, parsed.answer) == (result.reasoning, result.answer)
+    assert len(result.answer) > 0
+
+
+def test_max_new_tokens_bounds_reasoning_and_answer_together(model, tokenizer, prompts):
+    engine = Engine(
+        model, tokenizer, logits_hook=script(tokenizer.encode("a b c d"), tokenizer.encode(" e f g h"))
+    )
+    result = engine.generate(prompts[0], SamplingParams(max_new_tokens=8))
+    assert result.completion_tokens == 8 and result.finish_reason == "length"
+    assert result.token_ids[4:8] == [IM_END, *ASSISTANT_HEADER[:3]]  # cut inside the header
+    assert (result.reasoning, result.answer) == ("a b c d", "")
+
+
+def test_special_ids_never_reach_the_text(model, tokenizer, prompts):
+    always_banned = [IM_START, USER, REASONING, ASSISTANT, PAD]
+
+    def push_specials(request, logits):
+        logits[always_banned] += 1000.0
+        if request.phase == "reasoning":
+            logits[EOT] += 1000.0  # only <|im_end|> may close the reasoning
+
+    engine = Engine(model, tokenizer, logits_hook=push_specials)
+    result = engine.generate(prompts[0], SamplingParams(max_new_tokens=20, reasoning_budget=3))
+    ids = result.token_ids
+    assert ids[3:8] == [IM_END, *ASSISTANT_HEADER]
+    assert all(t < EOT for t in ids[:3] + ids[8:])
+    assert tokenizer.parse(ids).reasoning == result.reasoning
+
+
+# -- stop strings, streaming, UTF-8 ----------------------------------------------------------
+
+
+def test_stop_string_split_across_tokens_never_leaks(model, tokenizer, prompts):
+    st, op = tokenizer.encode("ST"), tokenizer.encode("OP")
+    assert len(st) == 1 and len(op) == 1
+    answer = tokenizer.encode("The answer is ") + st + op + tokenizer.encode(" hidden")
+    engine = Engine(
+        model, tokenizer, logits_hook=script(tokenizer.encode("STOP in reasoning is fine"), answer)
+    )
+    texts, result = run_stream(engine, prompts[0], SamplingParams(max_new_tokens=60, stop=("STOP",)))
+    assert result.answer == "The answer is " == "".join(texts["answer"])
+    assert not any("S" in t for t in texts["answer"])
+    assert result.reasoning == "STOP in reasoning is fine"  # stop strings apply to the answer only
+    assert result.finish_reason == "stop"
+    assert result.token_ids[-1] == op[0]  # generation ended on the token completing the stop string
+
+
+def test_held_back_partial_stop_is_emitted_when_it_does_not_complete(model, tokenizer, prompts):
+    answer = tokenizer.encode("Be ") + tokenizer.encode("ST") + tokenizer.encode("ay")
+    engine = Engine(model, tokenizer, logits_hook=script([], answer))
+    texts, result = run_stream(engine, prompts[0], SamplingParams(max_new_tokens=30, stop=("STOP", "xyz")))
+    assert "".join(texts["answer"]) == result.answer == "Be STay"
+    assert result.finish_reason == "stop"
+
+
+def test_stop_string_inside_one_token_is_cut(model, tokenizer, prompts):
+    answer = tokenizer.encode("one two three")
+    engine = Engine(model, tokenizer, logits_hook=script([], answer))
+    texts, result = run_stream(engine, prompts[0], SamplingParams(max_new_tokens=30, stop=("wo",)))
+    assert result.answer == "".join(texts["answer"]) == "one t"
+
+
+def test_streaming_is_utf8_safe_for_emoji_and_cjk(model, tokenizer, prompts):
+    text = "Emoji 😀🎉 and 你好世界, ünïcödé."
+    ids = tokenizer.encode(text)
+
+    def is_partial(token):
+        try:
+            tokenizer.token_bytes(token).decode("utf-8")
+            return False
+        except UnicodeDecodeError:
+            return True
+
+    assert sum(map(is_partial, ids)) >= 4  # the text really splits characters across tokens
+    engine = Engine(model, tokenizer, logits_hook=script(ids, ids))
+    texts, result = run_stream(engine, prompts[0], SamplingParams(max_new_tokens=200))
+    for kind in ("reasoning", "answer"):
+        assert "".join(texts[kind]) == text
+        assert not any("\ufffd" in t for t in texts[kind])
+    assert (result.reasoning, result.answer) == (text, text)
+
+
+def test_stream_concatenation_equals_result_and_ends_with_it(model, tokenizer, prompts):
+    texts, result = run_stream(Engine(model, tokenizer), prompts[2], SamplingParams(max_new_tokens=30))
+    assert isinstance(result, GenerationResult)
+    assert "".join(texts["reasoning"]) == result.reasoning
+    assert "".join(texts["answer"]) == result.answer
+    assert set(result.timings) >= {"prefill_s", "decode_s", "decode_tokens_per_s", "time_to_first_token_s"}
+
+
+def test_stream_cancel_event_stops_between_tokens(model, tokenizer, prompts):
+    engine = Engine(model, tokenizer)
+    texts, result = run_stream(engine, prompts[0], SamplingParams(max_new_tokens=100), cancel_after=3)
+    assert result.finish_reason == "cancelled"
+    assert result.completion_tokens < 10
+    assert "".join(texts["reasoning"]) == result.reasoning
+    assert not engine.has_work()
+
+
+def test_abandoned_stream_frees_its_slot(model, tokenizer, prompts):
+    engine = Engine(model, tokenizer, max_batch_size=1)
+    stream = engine.stream(prompts[0], SamplingParams(max_new_tokens=100))
+    next(stream)
+    stream.close()
+    assert not engine.has_work()
+
+
+# -- sampling through the engine -----------------------------------------------------------
+
+
+def test_seeded_sampling_reproduces_alone_and_batched(model, tokenizer, prompts):
+    engine = Engine(model, tokenizer, max_batch_size=4)
+    seeded = SamplingParams(max_new_tokens=20, temperature=1.0, top_k=200, seed=7)
+    first = engine.generate(prompts[0], seeded)
+    assert engine.generate(prompts[0], seeded).token_ids == first.token_ids
+    others = [
+        SamplingParams(max_new_tokens=25),
+        seeded,
+        SamplingParams(max_new_tokens=15, temperature=1.0, seed=99),
+    ]
+    batched = engine.generate_batch([prompts[1], prompts[0], prompts[2]], others)
+    assert batched[1].token_ids == first.token_ids
+    reseeded = engine.generate(prompts[0], dataclasses.replace(seeded, seed=8))
+    assert reseeded.token_ids != first.token_ids
+
+
+def test_repetition_penalty_avoids_every_seen_token(model, tokenizer, prompts):
+    engine = Engine(model, tokenizer)
+    plain = engine.generate(prompts[0], SamplingParams(max_new_tokens=40))
+    assert len(set(plain.token_ids)) < len(plain.token_ids)  # this random model repeats itself
+    penalised = engine.generate(prompts[0], SamplingParams(max_new_tokens=40, repetition_penalty=5.0))
+    text_ids = [t for t in penalised.token_ids if t < EOT]
+    assert len(set(text_ids)) == len(text_ids)
+    assert not set(text_ids) & set(prompts[0])
+
+
+# -- bad requests ---------------------------------------------------------------------------
+
+
+def test_context_overflow_names_both_numbers(model, tokenizer, prompts):
+    engine = Engine(model, tokenizer)
+    prompt = prompts[2]
+    room = CONFIG.max_seq_len - len(prompt)
+    engine.check_request(prompt, SamplingParams(max_new_tokens=room))  # exactly full is fine
+    with pytest.raises(RequestError) as info:
+        engine.add_request(prompt, SamplingParams(max_new_tokens=room + 1))
+    assert info.value.code == "context_length_exceeded"
+    message = str(info.value)
+    assert (
+        f"({len(prompt)} tokens)" in message
+        and f"({room + 1})" in message
+        and str(CONFIG.max_seq_len) in message
+    )
+    assert not engine.has_work()
+
+
+def test_bad_requests_raise_request_errors(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    with pytest.raises(RequestError, match="empty"):
+        engine.generate([], SamplingParams())
+    with pytest.raises(RequestError, match="token ids"):
+        engine.generate([1, CONFIG.vocab_size], SamplingParams(max_new_tokens=2))
+    with pytest.raises(RequestError) as info:
+        engine.generate([1, 2], SamplingParams(top_p=0.0))
+    assert info.value.param == "top_p"
+    with pytest.raises(RequestError, match="2 prompts but 1"):
+        engine.generate_batch([[1], [2]], [SamplingParams()])
+
+
+def test_engine_refuses_a_model_without_the_chat_ids(tokenizer):
+    small = Transformer(dataclasses.replace(CONFIG, vocab_size=1000))
+    with pytest.raises(ConfigError, match="vocab_size"):
+        Engine(small, tokenizer)
+
+
+def test_from_checkpoint_generates_like_the_model(model, tokenizer, prompts, tmp_path):
+    save_model(tmp_path / "ckpt", model)
+    engine = Engine.from_checkpoint(tmp_path / "ckpt", device="cpu", max_batch_size=2)
+    params = SamplingParams(max_new_tokens=12)
+    assert engine.max_context == CONFIG.max_seq_len
+    assert (
+        engine.generate(prompts[0], params).token_ids
+        == Engine(model, tokenizer).generate(prompts[0], params).token_ids
+    )
