@@ -215,6 +215,18 @@ def test_exported_model_loads_and_matches_our_logits(our_model, exported) -> Non
     assert max_logit_gap(our_model[0], hf, ids, mask) <= 1e-4
 
 
+def test_hf_greedy_generation_matches_ours(our_model, exported) -> None:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exported, local_files_only=True).eval()
+    prompt = torch.tensor([get_tokenizer().render_prompt([{"role": "user", "content": "Count to three."}])])
+    ids = prompt
+    with torch.no_grad():
+        generated = hf.generate(prompt, max_new_tokens=6)[0, prompt.shape[1] :].tolist()
+        for _ in range(len(generated)):  # greedy, no cache: the plainest reference
+            ids = torch.cat([ids, our_model[0](ids)[:, -1:].argmax(-1)], dim=1)
+    assert generated == ids[0, prompt.shape[1] :].tolist()
+    assert len(generated) == 6 or generated[-1] in (IM_END, EOT)
+
+
 def test_exported_files_describe_a_llama_chat_model(exported) -> None:
     config = json.loads((exported / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]

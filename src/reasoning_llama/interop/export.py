@@ -162,7 +162,7 @@ def export_hf(
         name: t.to(_DTYPES[dtype]).contiguous() for name, t in to_hf_state_dict(model.state_dict()).items()
     }
     hf_config = {**to_hf_config(config, **HF_SPECIAL_IDS), "torch_dtype": dtype}
-    generation = {**HF_SPECIAL_IDS, "do_sample": False, "max_length": config.max_seq_len}
+    generation = {**HF_SPECIAL_IDS, "do_sample": False}
 
     def fill(tmp: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
