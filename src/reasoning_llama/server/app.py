@@ -1,0 +1,440 @@
+"""The FastAPI app: OpenAI-compatible routes over one engine, metrics, health and the chat page."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from importlib.resources import files
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from reasoning_llama.errors import RequestError
+from reasoning_llama.generation import Delta, Engine, GenerationResult, SamplingParams
+from reasoning_llama.server.errors import APIError, bad_request, from_request_error, install_error_handlers
+from reasoning_llama.server.metrics import ServerMetrics
+from reasoning_llama.server.raw import RawEnd, raw_continuation
+from reasoning_llama.server.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    ChunkDelta,
+    Completion,
+    CompletionRequest,
+    CompletionTokensDetails,
+    ModelCard,
+    ModelList,
+    TextChoice,
+    Usage,
+)
+from reasoning_llama.server.security import BodySizeLimit, api_key_checker
+from reasoning_llama.server.settings import ServerSettings
+from reasoning_llama.server.worker import EngineFailed, EngineWorker, Job, QueueFull
+from reasoning_llama.tokenizer import ChatTokenizer
+
+STATIC_DIR = files("reasoning_llama.server") / "static"
+# The page loads nothing but its own files and talks to nothing but this server.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
+    """An app serving `engine`; its worker thread runs while the app is up (lifespan)."""
+    settings = settings or ServerSettings()
+    state = _ServerState(engine, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.worker.start()
+        try:
+            yield
+        finally:
+            state.worker.stop()
+
+    app = FastAPI(title="reasoning-llama", version="0.1.0", lifespan=lifespan, redoc_url=None)
+    app.state.server = state
+    install_error_handlers(app)
+    app.include_router(
+        _api_router(state), prefix="/v1", dependencies=[Depends(api_key_checker(settings.api_key))]
+    )
+    app.include_router(_service_router(state))
+    app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+    # Outermost first: count every answer, then refuse oversized bodies before any parsing.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(_CountRequests, metrics=state.metrics)
+    return app
+
+
+class _ServerState:
+    """What the routes share: the engine, its worker, the tokenizer, limits and metrics."""
+
+    def __init__(self, engine: Engine, settings: ServerSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.tokenizer: ChatTokenizer = engine.tokenizer
+        self.worker = EngineWorker(engine, max_queue=settings.max_queue)
+        self.metrics = ServerMetrics()
+        self.metrics.watch_engine(lambda: self.worker.waiting, lambda: self.worker.active)
+        self.created = int(time.time())
+
+    def check_model(self, model: str) -> None:
+        if model != self.settings.model_name:
+            raise APIError(
+                404,
+                f"model {model!r} does not exist; this server serves {self.settings.model_name!r} "
+                "(see GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
+
+    def check_size(self, n_messages: int, n_chars: int) -> None:
+        limits = self.settings
+        if n_messages > limits.max_messages:
+            raise bad_request(
+                f"too many messages: {n_messages} > the server's limit of {limits.max_messages}",
+                param="messages",
+            )
+        if n_chars > limits.max_total_chars:
+            raise bad_request(
+                f"the prompt text is too long: {n_chars} characters > the server's limit of "
+                f"{limits.max_total_chars}",
+                param="messages",
+            )
+
+    def sampling_params(
+        self, body: ChatCompletionRequest | CompletionRequest, prompt_len: int
+    ) -> SamplingParams:
+        max_tokens = body.token_limit()
+        if max_tokens is None:  # as much as fits, up to the server's default
+            max_tokens = max(1, min(self.settings.default_max_tokens, self.engine.max_context - prompt_len))
+        values: dict[str, Any] = {"max_new_tokens": max_tokens, "stop": body.stop_list(), "seed": body.seed}
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "reasoning_budget"):
+            if getattr(body, name) is not None:
+                values[name] = getattr(body, name)
+        return SamplingParams(**values)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Job:
+        try:
+            params.validate()
+            self.engine.check_request(prompt_ids, params)
+        except RequestError as e:
+            raise from_request_error(e) from None
+        try:
+            job = self.worker.submit(prompt_ids, params)
+        except QueueFull as e:
+            raise APIError(
+                503,
+                f"the server is at capacity ({e}); retry in a moment",
+                code="server_overloaded",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            ) from None
+        self.metrics.prompt_tokens.inc(len(prompt_ids))
+        return job
+
+    def record(
+        self,
+        job: Job,
+        result: GenerationResult,
+        first_text_at: float | None,
+        finish_reason: str | None = None,
+    ) -> None:
+        now = time.perf_counter()
+        m = self.metrics
+        m.completion_tokens.inc(result.completion_tokens)
+        m.finished.labels(finish_reason or result.finish_reason).inc()
+        m.time_to_first_token.observe((first_text_at or now) - job.submitted_at)
+        m.request_duration.observe(now - job.submitted_at)
+        rate = result.timings.get("decode_tokens_per_s")
+        if rate:
+            m.decode_rate.observe(rate)
+
+
+def _usage(result: GenerationResult) -> Usage:
+    return Usage(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        total_tokens=result.prompt_tokens + result.completion_tokens,
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=result.reasoning_tokens),
+    )
+
+
+def _sse(payload: Mapping[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+def _chunk_json(chunk: ChatCompletionChunk | Completion, include_usage: bool) -> str:
+    return chunk.model_dump_json(exclude=None if include_usage else {"usage"})
+
+
+async def _until_disconnect(request: Request, job: Job) -> None:
+    """Cancel `job` when the client goes away (the body has been read, so the next message says so)."""
+    while True:
+        message: Message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancel()
+            return
+
+
+async def _collect(state: _ServerState, request: Request, job: Job) -> GenerationResult:
+    """Wait for the job's result, cancelling it if the client disconnects first."""
+    watcher = asyncio.create_task(_until_disconnect(request, job))
+    first_text_at = None
+    try:
+        async for event in job.results():
+            if isinstance(event, Delta):
+                first_text_at = first_text_at or time.perf_counter()
+            else:
+                state.record(job, event, first_text_at)
+                return event
+    except EngineFailed as e:
+        raise APIError(500, str(e)) from None
+    except QueueFull as e:
+        raise APIError(503, str(e), headers={"Retry-After": str(state.settings.retry_after_s)}) from None
+    finally:
+        watcher.cancel()
+    raise APIError(500, "the generation ended without a result")
+
+
+def _api_router(state: _ServerState) -> APIRouter:
+    router = APIRouter()
+    settings = state.settings
+
+    @router.get("/models")
+    async def list_models() -> ModelList:
+        return ModelList(data=[_model_card(state)])
+
+    @router.get("/models/{model_id}")
+    async def get_model(model_id: str) -> ModelCard:
+        state.check_model(model_id)
+        return _model_card(state)
+
+    @router.post("/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | Response:
+        state.check_model(body.model)
+        messages = [{"role": m.chat_role(), "content": m.text()} for m in body.messages]
+        state.check_size(len(messages), sum(len(m["content"]) for m in messages))
+        prompt_ids = state.tokenizer.render_prompt(messages)  # a TokenizerError is a 400
+        job = state.submit(prompt_ids, state.sampling_params(body, len(prompt_ids)))
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            events = _chat_stream(state, job, completion_id, created, body.include_usage())
+            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        result = await _collect(state, request, job)
+        message = AssistantMessage(content=result.answer, reasoning_content=result.reasoning)
+        return ChatCompletion(
+            id=completion_id,
+            created=created,
+            model=settings.model_name,
+            choices=[ChatChoice(message=message, finish_reason=result.finish_reason)],
+            usage=_usage(result),
+        )
+
+    @router.post("/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Completion | Response:
+        state.check_model(body.model)
+        text = body.text()
+        state.check_size(1, len(text))
+        prompt_ids = state.tokenizer.encode(text)  # plain BPE: never a special id
+        if not prompt_ids:
+            raise bad_request("the prompt is empty", param="prompt")
+        params = state.sampling_params(body, len(prompt_ids))
+        stops, params = params.stop, dataclasses.replace(params, stop=())
+        job = state.submit(prompt_ids, params)
+        completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        pieces = _raw_pieces(state, job, stops)
+        if body.stream:
+            events = _completion_stream(pieces, completion_id, created, body.include_usage(), settings)
+            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        watcher = asyncio.create_task(_until_disconnect(request, job))
+        try:
+            parts = [piece async for piece in pieces]
+        finally:
+            watcher.cancel()
+        end = parts.pop()
+        assert isinstance(end, RawEnd)
+        return Completion(
+            id=completion_id,
+            created=created,
+            model=settings.model_name,
+            choices=[TextChoice(text="".join(parts), finish_reason=end.finish_reason)],  # type: ignore[arg-type]
+            usage=_raw_usage(end),
+        )
+
+    return router
+
+
+async def _raw_pieces(state: _ServerState, job: Job, stops: Sequence[str]) -> AsyncIterator[str | RawEnd]:
+    """The raw continuation's text pieces then its RawEnd, recorded in the metrics; errors as APIError."""
+    first_text_at = None
+    try:
+        async for piece in raw_continuation(job, stops):
+            if isinstance(piece, RawEnd):
+                state.record(job, piece.result, first_text_at, piece.finish_reason)
+            else:
+                first_text_at = first_text_at or time.perf_counter()
+            yield piece
+    except EngineFailed as e:
+        raise APIError(500, str(e)) from None
+    except QueueFull as e:
+        raise APIError(503, str(e), headers={"Retry-After": str(state.settings.retry_after_s)}) from None
+
+
+def _raw_usage(end: RawEnd) -> Usage:
+    prompt = end.result.prompt_tokens
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=end.completion_tokens,
+        total_tokens=prompt + end.completion_tokens,
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=0),
+    )
+
+
+def _model_card(state: _ServerState) -> ModelCard:
+    return ModelCard(
+        id=state.settings.model_name, created=state.created, context_length=state.engine.max_context
+    )
+
+
+async def _chat_stream(
+    state: _ServerState, job: Job, completion_id: str, created: int, include_usage: bool
+) -> AsyncIterator[str]:
+    """OpenAI's chunk sequence: role first, then reasoning/content deltas, finish, usage, [DONE]."""
+
+    def chunk(delta: ChunkDelta, finish_reason: str | None = None) -> str:
+        choice = ChunkChoice(delta=delta, finish_reason=finish_reason)
+        body = ChatCompletionChunk(
+            id=completion_id, created=created, model=state.settings.model_name, choices=[choice]
+        )
+        return _sse(_chunk_json(body, include_usage))
+
+    yield chunk(ChunkDelta(role="assistant", content=""))
+    first_text_at = None
+    try:
+        async for event in job.results():
+            if isinstance(event, Delta):
+                first_text_at = first_text_at or time.perf_counter()
+                if event.kind == "reasoning":
+                    yield chunk(ChunkDelta(reasoning_content=event.text))
+                else:
+                    yield chunk(ChunkDelta(content=event.text))
+                continue
+            state.record(job, event, first_text_at)
+            yield chunk(ChunkDelta(), event.finish_reason)
+            if include_usage:
+                usage = ChatCompletionChunk(
+                    id=completion_id,
+                    created=created,
+                    model=state.settings.model_name,
+                    choices=[],
+                    usage=_usage(event),
+                )
+                yield _sse(usage.model_dump_json())
+    except (EngineFailed, QueueFull) as e:
+        code = 503 if isinstance(e, QueueFull) else 500
+        yield _sse(APIError(code, str(e)).body())
+    yield _sse("[DONE]")
+
+
+async def _completion_stream(
+    pieces: AsyncIterator[str | RawEnd],
+    completion_id: str,
+    created: int,
+    include_usage: bool,
+    settings: ServerSettings,
+) -> AsyncIterator[str]:
+    def chunk(choices: list[TextChoice], usage: Usage | None = None) -> str:
+        body = Completion(
+            id=completion_id, created=created, model=settings.model_name, choices=choices, usage=usage
+        )
+        return _sse(_chunk_json(body, include_usage))
+
+    try:
+        async for piece in pieces:
+            if isinstance(piece, RawEnd):
+                yield chunk([TextChoice(text="", finish_reason=piece.finish_reason)])
+                if include_usage:
+                    yield chunk([], _raw_usage(piece))
+            else:
+                yield chunk([TextChoice(text=piece)])
+    except APIError as e:
+        yield _sse(e.body())
+    yield _sse("[DONE]")
+
+
+def _service_router(state: _ServerState) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(str(STATIC_DIR / "index.html"), headers=PAGE_HEADERS)
+
+    @router.get("/health")
+    async def health() -> JSONResponse:
+        worker = state.worker
+        return JSONResponse(
+            {
+                "status": "ok" if worker.last_error is None else "degraded",
+                "model": state.settings.model_name,
+                "max_context": state.engine.max_context,
+                "slots": state.engine.max_batch_size,
+                "active_slots": worker.active,
+                "waiting": worker.waiting,
+                "in_flight": worker.outstanding,
+                "api_key_required": state.settings.api_key is not None,
+                "last_error": worker.last_error,
+            }
+        )
+
+    @router.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+_ROUTES: Sequence[str] = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+
+
+class _CountRequests:
+    """ASGI middleware: count API answers by route and status (other paths as 'other')."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        route = next((r for r in _ROUTES if path == r or path.startswith(r + "/")), None)
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)

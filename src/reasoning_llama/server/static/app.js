@@ -1,0 +1,386 @@
+// The chat page: streams /v1/chat/completions and renders reasoning and answer.
+// Safety rule: model and user text only ever reach the page through textContent /
+// createTextNode; nothing here parses text as HTML.
+"use strict";
+
+const STORE = {
+  conversation: "reasoning-llama.conversation",
+  settings: "reasoning-llama.settings",
+  apiKey: "reasoning-llama.api-key",
+};
+
+const $ = (id) => document.getElementById(id);
+const els = {
+  messages: $("messages"),
+  composer: $("composer"),
+  prompt: $("prompt"),
+  send: $("send"),
+  stop: $("stop"),
+  newChat: $("new-chat"),
+  temperature: $("temperature"),
+  maxTokens: $("max-tokens"),
+  systemPrompt: $("system-prompt"),
+  apiKey: $("api-key"),
+  apiKeyRow: $("api-key-row"),
+  modelName: $("model-name"),
+  status: $("status"),
+};
+
+let model = null;
+let conversation = load(STORE.conversation, []); // [{role, content, reasoning?, note?}]
+let controller = null; // the AbortController of the generation in flight
+
+function load(key, fallback) {
+  try {
+    const value = JSON.parse(localStorage.getItem(key));
+    return value === null ? fallback : value;
+  } catch {
+    return fallback;
+  }
+}
+
+function save() {
+  localStorage.setItem(STORE.conversation, JSON.stringify(conversation));
+}
+
+function saveSettings() {
+  localStorage.setItem(
+    STORE.settings,
+    JSON.stringify({
+      temperature: els.temperature.value,
+      maxTokens: els.maxTokens.value,
+      systemPrompt: els.systemPrompt.value,
+    }),
+  );
+  localStorage.setItem(STORE.apiKey, els.apiKey.value);
+}
+
+function setStatus(text) {
+  els.status.textContent = text;
+}
+
+// ---- safe markdown: block structure, then inline code / bold / italic -------------------
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+const INLINE = /(`+)([\s\S]*?[^`])\1(?!`)|\*\*(?=\S)([\s\S]*?\S)\*\*|\*(?=\S)([^*]*?\S)\*|_(?=\S)([^_]*?\S)_/;
+
+function appendInline(parent, text) {
+  while (text) {
+    const m = INLINE.exec(text);
+    if (!m) {
+      parent.appendChild(document.createTextNode(text));
+      return;
+    }
+    if (m.index > 0) parent.appendChild(document.createTextNode(text.slice(0, m.index)));
+    if (m[2] !== undefined) parent.appendChild(el("code", null, m[2]));
+    else if (m[3] !== undefined) appendInline(parent.appendChild(el("strong")), m[3]);
+    else appendInline(parent.appendChild(el("em")), m[4] !== undefined ? m[4] : m[5]);
+    text = text.slice(m.index + m[0].length);
+  }
+}
+
+function appendLines(parent, lines) {
+  lines.forEach((line, i) => {
+    if (i > 0) parent.appendChild(el("br"));
+    appendInline(parent, line);
+  });
+}
+
+function renderMarkdown(text, container) {
+  container.replaceChildren();
+  const lines = text.split("\n");
+  let i = 0;
+  while (i < lines.length) {
+    const line = lines[i];
+    const fence = line.match(/^\s*(```+|~~~+)\s*([\w+-]*)/);
+    if (fence) {
+      const code = [];
+      i++;
+      while (i < lines.length && !lines[i].trim().startsWith(fence[1])) code.push(lines[i++]);
+      i++; // the closing fence (absent while a block is still streaming)
+      const pre = el("pre");
+      const codeEl = el("code", fence[2] ? `language-${fence[2]}` : null, code.join("\n"));
+      pre.appendChild(codeEl);
+      container.appendChild(pre);
+      continue;
+    }
+    const heading = line.match(/^(#{1,6})\s+(.*)$/);
+    if (heading) {
+      appendInline(container.appendChild(el(`h${Math.min(6, heading[1].length + 2)}`)), heading[2]);
+      i++;
+      continue;
+    }
+    const listItem = /^\s*([-*+]|\d+[.)])\s+/;
+    if (listItem.test(line)) {
+      const ordered = /^\s*\d/.test(line);
+      const list = container.appendChild(el(ordered ? "ol" : "ul"));
+      while (i < lines.length && listItem.test(lines[i])) {
+        appendInline(list.appendChild(el("li")), lines[i].replace(listItem, ""));
+        i++;
+      }
+      continue;
+    }
+    if (/^\s*>/.test(line)) {
+      const quote = [];
+      while (i < lines.length && /^\s*>/.test(lines[i])) quote.push(lines[i++].replace(/^\s*>\s?/, ""));
+      appendLines(container.appendChild(el("blockquote")), quote);
+      continue;
+    }
+    if (!line.trim()) {
+      i++;
+      continue;
+    }
+    const para = [];
+    while (
+      i < lines.length &&
+      lines[i].trim() &&
+      !/^\s*(```|~~~|#{1,6}\s|>|[-*+]\s|\d+[.)]\s)/.test(lines[i])
+    ) {
+      para.push(lines[i++]);
+    }
+    if (!para.length) para.push(lines[i++]);
+    appendLines(container.appendChild(el("p")), para);
+  }
+}
+
+// ---- the conversation on the page --------------------------------------------------------
+
+function userBubble(message) {
+  return els.messages.appendChild(el("div", "message user", message.content));
+}
+
+function assistantBubble() {
+  const node = el("div", "message assistant");
+  const thinking = el("details", "thinking");
+  thinking.appendChild(el("summary", null, "Thinking"));
+  const reasoning = thinking.appendChild(el("div", "reasoning"));
+  const answer = el("div", "answer");
+  const note = el("div", "note");
+  node.append(thinking, answer, note);
+  els.messages.appendChild(node);
+  return {
+    node,
+    show(message, streaming) {
+      reasoning.textContent = message.reasoning || "";
+      thinking.hidden = !message.reasoning && !streaming;
+      renderMarkdown(message.content || "", answer);
+      note.textContent = message.note || "";
+    },
+    thinking,
+  };
+}
+
+function errorBubble(text) {
+  return els.messages.appendChild(el("div", "message error", text));
+}
+
+function renderConversation() {
+  els.messages.replaceChildren();
+  for (const message of conversation) {
+    if (message.role === "user") userBubble(message);
+    else if (message.role === "assistant") assistantBubble().show(message, false);
+  }
+  window.scrollTo(0, document.body.scrollHeight);
+}
+
+// ---- talking to the server ---------------------------------------------------------------
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  if (els.apiKey.value) h.Authorization = `Bearer ${els.apiKey.value}`;
+  return h;
+}
+
+function requestBody() {
+  const messages = [];
+  if (els.systemPrompt.value.trim()) messages.push({ role: "system", content: els.systemPrompt.value });
+  for (const m of conversation) {
+    if (m.role === "user" || (m.role === "assistant" && m.content)) {
+      messages.push({ role: m.role, content: m.content });
+    }
+  }
+  const body = { model, messages, stream: true, stream_options: { include_usage: true } };
+  const temperature = parseFloat(els.temperature.value);
+  const maxTokens = parseInt(els.maxTokens.value, 10);
+  if (!Number.isNaN(temperature)) body.temperature = temperature;
+  if (!Number.isNaN(maxTokens)) body.max_tokens = maxTokens;
+  return body;
+}
+
+async function errorMessage(response) {
+  try {
+    const body = await response.json();
+    if (body && body.error && body.error.message) return body.error.message;
+  } catch {
+    // not JSON: fall through
+  }
+  return `${response.status} ${response.statusText}`;
+}
+
+// Yields each SSE `data:` payload of a fetch response body.
+async function* sseData(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.search(/\r?\n\r?\n/)) >= 0) {
+      const event = buffer.slice(0, end);
+      buffer = buffer.slice(end).replace(/^\r?\n\r?\n/, "");
+      const data = event
+        .split(/\r?\n/)
+        .filter((line) => line.startsWith("data:"))
+        .map((line) => line.slice(5).replace(/^ /, ""))
+        .join("\n");
+      if (data) yield data;
+    }
+  }
+}
+
+function setBusy(busy) {
+  els.send.hidden = busy;
+  els.stop.hidden = !busy;
+  els.prompt.disabled = false;
+}
+
+async function send(text) {
+  const user = { role: "user", content: text };
+  conversation.push(user);
+  save();
+  const userNode = userBubble(user);
+  const reply = { role: "assistant", content: "", reasoning: "" };
+  const bubble = assistantBubble();
+  bubble.thinking.open = true; // open while the reasoning streams
+  bubble.show(reply, true);
+  controller = new AbortController();
+  setBusy(true);
+  setStatus("generating…");
+  let finishReason = null;
+  try {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: headers(),
+      body: JSON.stringify(requestBody()),
+      signal: controller.signal,
+    });
+    if (!response.ok) {
+      const message = await errorMessage(response);
+      if (response.status === 401) els.apiKeyRow.hidden = false;
+      throw new Error(message);
+    }
+    for await (const data of sseData(response)) {
+      if (data === "[DONE]") break;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new Error(chunk.error.message);
+      const choice = chunk.choices && chunk.choices[0];
+      if (!choice) continue;
+      const delta = choice.delta || {};
+      if (delta.reasoning_content) reply.reasoning += delta.reasoning_content;
+      if (delta.content) {
+        reply.content += delta.content;
+        bubble.thinking.open = false;
+      }
+      if (choice.finish_reason) finishReason = choice.finish_reason;
+      bubble.show(reply, true);
+    }
+    if (finishReason === "length") reply.note = "(stopped at the token limit)";
+    setStatus("");
+  } catch (error) {
+    if (error.name === "AbortError") {
+      reply.note = "(stopped)";
+      setStatus("stopped");
+    } else {
+      errorBubble(`Error: ${error.message}`);
+      setStatus("");
+      if (!reply.content && !reply.reasoning) {
+        // Nothing came back: take the question out of the history and put it back in the box.
+        userNode.remove();
+        bubble.node.remove();
+        conversation.pop();
+        save();
+        els.prompt.value = text;
+        finish();
+        return;
+      }
+    }
+  }
+  bubble.thinking.open = false; // collapsed once the message is complete
+  bubble.show(reply, false);
+  conversation.push(reply);
+  save();
+  finish();
+}
+
+function finish() {
+  controller = null;
+  setBusy(false);
+  els.prompt.focus();
+}
+
+// ---- wiring --------------------------------------------------------------------------------
+
+els.composer.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = els.prompt.value.trim();
+  if (!text || controller) return;
+  els.prompt.value = "";
+  send(text);
+});
+
+els.prompt.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    els.composer.requestSubmit();
+  }
+});
+
+els.stop.addEventListener("click", () => {
+  if (controller) controller.abort();
+});
+
+els.newChat.addEventListener("click", () => {
+  if (controller) controller.abort();
+  conversation = [];
+  save();
+  renderConversation();
+  setStatus("");
+  els.prompt.focus();
+});
+
+for (const input of [els.temperature, els.maxTokens, els.systemPrompt, els.apiKey]) {
+  input.addEventListener("change", saveSettings);
+}
+
+async function init() {
+  const settings = load(STORE.settings, {});
+  if (settings.temperature !== undefined) els.temperature.value = settings.temperature;
+  if (settings.maxTokens !== undefined) els.maxTokens.value = settings.maxTokens;
+  if (settings.systemPrompt !== undefined) els.systemPrompt.value = settings.systemPrompt;
+  els.apiKey.value = localStorage.getItem(STORE.apiKey) || "";
+  renderConversation();
+  try {
+    const health = await (await fetch("/health")).json();
+    model = health.model;
+    els.modelName.textContent = `${health.model} · context ${health.max_context} tokens`;
+    els.maxTokens.max = String(health.max_context);
+    if (health.api_key_required) els.apiKeyRow.hidden = false;
+    if (health.api_key_required && !els.apiKey.value) {
+      document.getElementById("settings").open = true;
+      setStatus("this server needs an API key: enter it under Settings");
+    }
+  } catch {
+    setStatus("cannot reach the server");
+  }
+  document.body.dataset.ready = "true";
+}
+
+init();
