@@ -252,13 +252,18 @@ CONVERSATIONS = [
         {"role": "system", "content": "late system"},
         {"role": "assistant", "content": "ok"},
         {"role": "system", "content": "another"},
-        {"role": "user", "content": "second  "},
+        {"role": "user", "content": "  indented\n\tcode  "},
+    ],
+    [
+        {"role": "user", "content": "\nstarts with a line break"},
+        {"role": "assistant", "content": " spaced "},
+        {"role": "user", "content": "\t"},
     ],
 ]
 
 
 @pytest.mark.parametrize(
-    "messages", CONVERSATIONS, ids=["single", "system", "multi-turn", "scattered-system"]
+    "messages", CONVERSATIONS, ids=["single", "system", "multi-turn", "scattered-system", "edge-whitespace"]
 )
 def test_chat_template_gives_our_prompt_ids(hf_tokenizer, messages) -> None:
     result = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

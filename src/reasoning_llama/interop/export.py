@@ -7,10 +7,15 @@ safetensors Llama directory (single file or shards) into our checkpoint format.
 
 The role ids get HF token strings `<|user|>`, `<|reasoning|>`, `<|assistant|>`: HF matches
 added tokens anywhere in text, so the plain words of DESIGN.md §1 would hijack ordinary prose.
+Two differences from our renderer remain, as with every HF chat model: a special-token string
+typed in a message (e.g. `<|im_end|>`) becomes that special id, and a message that starts with
+a line break followed by more whitespace (or is just a line break) tokenizes differently at its
+start, because HF pre-tokenizes the role's newline and the message text as one string.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -75,8 +80,6 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 def gpt2_files() -> tuple[Path, Path]:
     """Paths of GPT-2's verified `encoder.json` and `vocab.bpe`, fetched once if missing."""
-    import hashlib
-
     encoder, merges = cache_dir() / "encoder.json", cache_dir() / "vocab.bpe"
     for path, digest in ((encoder, ENCODER_JSON_SHA256), (merges, VOCAB_BPE_SHA256)):
         if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
