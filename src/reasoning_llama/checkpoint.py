@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.errors import CheckpointError, ConfigError
-from reasoning_llama.model import Transformer
+from reasoning_llama.model import Transformer, rope_tables
 from reasoning_llama.tokenizer import ChatTokenizer
 
 WEIGHTS = "model.safetensors"
@@ -101,7 +101,8 @@ def load_model(
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {weights}: {e}") from None
-    with torch.device(device):
+    # Build on the meta device: no memory and no random init for weights about to be replaced.
+    with torch.device("meta"):
         model = Transformer(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -120,7 +121,10 @@ def load_model(
         if wrong:
             parts.append(f"shape mismatch: {'; '.join(wrong[:3])}")
         raise CheckpointError(f"{weights} does not match {directory / CONFIG}: " + "; ".join(parts))
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=True)
+    # Non-persistent buffers (the RoPE tables) are not in the file: compute them for real.
+    cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     if dtype is not None:
         model.to(dtype)
     return model.eval()
