@@ -1,0 +1,205 @@
+"""Fixed-shape (batch_size, seq_len) batches of tokenized examples, packed or one per row.
+
+An example e of n tokens contributes inputs e[:-1], targets e[1:] and loss mask m[1:], so
+it occupies n - 1 positions of a row; doc_ids keep attention inside it and positions restart
+at 0, which makes its predictions the same packed or alone. Padding (inputs and targets PAD,
+loss mask False) only fills the end of a row, with a doc id of its own.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from reasoning_llama.data.packing import best_fit_pack
+from reasoning_llama.data.prepare import TokenizedSplit
+from reasoning_llama.errors import ConfigError, DataError
+from reasoning_llama.tokenizer import PAD
+
+
+@dataclass
+class Batch:
+    """One micro-batch; every tensor is (batch_size, seq_len)."""
+
+    inputs: Tensor  # long
+    targets: Tensor  # long
+    loss_mask: Tensor  # bool, True where the target counts
+    doc_ids: Tensor  # long, one id per example within a row; padding has its own
+    positions: Tensor  # long, RoPE positions restarting at each example
+    n_loss_tokens: int
+    n_tokens: int  # non-padding positions computed
+
+    @property
+    def loss_token_fraction(self) -> float:
+        """Share of the computed positions (padding included) that carry loss."""
+        return self.n_loss_tokens / self.inputs.numel()
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
+        tensors = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
+        return Batch(**tensors, n_loss_tokens=self.n_loss_tokens, n_tokens=self.n_tokens)
+
+
+class BatchLoader:
+    """Endless batches of a split, reshuffled each epoch from `seed + epoch`, resumable exactly.
+
+    With `packing`, rows are built once by best-fit packing (seeded) and each epoch shuffles
+    the rows; without it, each row holds one example. Every batch has `batch_size` rows: the
+    last one of an epoch is filled up with empty (all-padding) rows, so no example is lost or
+    repeated. With `world_size` > 1 each rank takes a disjoint, interleaved share of every
+    global batch of `batch_size * world_size` rows.
+    """
+
+    def __init__(
+        self,
+        split: TokenizedSplit,
+        *,
+        seq_len: int,
+        batch_size: int,
+        packing: bool,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if seq_len <= 0 or batch_size <= 0:
+            raise ConfigError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
+        if world_size <= 0 or not 0 <= rank < world_size:
+            raise ConfigError(f"rank must lie in 0..world_size-1, got rank {rank} of {world_size}")
+        self.split = split
+        self.seq_len, self.batch_size, self.packing = seq_len, batch_size, packing
+        self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
+        positions_used = np.array([len(ids) - 1 for ids in split.ids], dtype=np.int64)
+        if len(positions_used) and (positions_used.max() > seq_len or positions_used.min() < 1):
+            raise DataError(
+                f"examples must have 2..{seq_len + 1} tokens to fit rows of {seq_len}, found "
+                f"{positions_used.min() + 1}..{positions_used.max() + 1}; prepare the data with seq_len={seq_len}"
+            )
+        # Identifies the split's layout in a saved position, so resuming on other data fails loudly.
+        self._layout = zlib.crc32(positions_used.tobytes())
+        if packing:
+            self.rows = best_fit_pack(positions_used, seq_len, seed)
+        else:
+            self.rows = [[i] for i in range(len(positions_used))]
+        self.epoch = 0
+        self.batch_index = 0  # the next batch of `epoch` to yield
+        self._order_cache: tuple[int, np.ndarray] | None = None
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return len(self.rows)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each rank yields per epoch (the same on every rank)."""
+        return math.ceil(self.rows_per_epoch / (self.batch_size * self.world_size))
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Batches forever from the current position; the position advances before each yield."""
+        if self.batches_per_epoch == 0:
+            raise DataError("no examples to batch: the split is empty")
+        while True:
+            batch = self._batch(self.epoch, self.batch_index)
+            self.batch_index += 1
+            if self.batch_index == self.batches_per_epoch:
+                self.epoch, self.batch_index = self.epoch + 1, 0
+            yield batch
+
+    def epoch_batches(self, epoch: int = 0) -> Iterator[Batch]:
+        """One finite pass over `epoch` (e.g. for validation); leaves the position alone."""
+        for index in range(self.batches_per_epoch):
+            yield self._batch(epoch, index)
+
+    def iter_epoch_once(self) -> Iterator[Batch]:
+        """One finite pass over epoch 0."""
+        return self.epoch_batches(0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "batch_index": self.batch_index,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "packing": self.packing,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "examples": len(self.split),
+            "layout_crc32": self._layout,
+            "rows_per_epoch": self.rows_per_epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at the batch after the one last yielded when `state` was taken."""
+        mine = self.state_dict()
+        changed = [
+            f"{key} {state.get(key)!r} -> {mine[key]!r}"
+            for key in mine
+            if key not in ("epoch", "batch_index") and state.get(key) != mine[key]
+        ]
+        if changed:
+            raise DataError(
+                "cannot resume the data position: the data or batching settings changed since it was "
+                f"saved ({', '.join(changed)}); resume with the same data and settings"
+            )
+        if not 0 <= state["batch_index"] < max(1, self.batches_per_epoch) or state["epoch"] < 0:
+            raise DataError(f"invalid data position: epoch {state['epoch']}, batch {state['batch_index']}")
+        self.epoch, self.batch_index = int(state["epoch"]), int(state["batch_index"])
+
+    # -- building batches ---------------------------------------------------------------
+    def _row_order(self, epoch: int) -> np.ndarray:
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            if self.shuffle:
+                order = np.random.default_rng(self.seed + epoch).permutation(self.rows_per_epoch)
+            else:
+                order = np.arange(self.rows_per_epoch)
+            self._order_cache = (epoch, order)
+        return self._order_cache[1]
+
+    def _batch(self, epoch: int, index: int) -> Batch:
+        global_size = self.batch_size * self.world_size
+        global_rows = self._row_order(epoch)[index * global_size : (index + 1) * global_size]
+        mine = global_rows[self.rank :: self.world_size]
+        return self._make_batch([self.rows[r] for r in mine])
+
+    def _make_batch(self, rows: list[list[int]]) -> Batch:
+        shape = (self.batch_size, self.seq_len)
+        inputs = np.full(shape, PAD, dtype=np.int64)
+        targets = np.full(shape, PAD, dtype=np.int64)
+        loss_mask = np.zeros(shape, dtype=np.bool_)
+        doc_ids = np.zeros(shape, dtype=np.int64)
+        positions = np.tile(np.arange(self.seq_len, dtype=np.int64), (self.batch_size, 1))
+        n_tokens = 0
+        for b, examples in enumerate(rows):
+            start = 0
+            for doc, example in enumerate(examples):
+                ids, mask = self.split.ids[example], self.split.loss_mask[example]
+                end = start + len(ids) - 1
+                inputs[b, start:end] = ids[:-1]
+                targets[b, start:end] = ids[1:]
+                loss_mask[b, start:end] = mask[1:]
+                doc_ids[b, start:end] = doc
+                positions[b, start:end] = np.arange(end - start)
+                start = end
+            doc_ids[b, start:] = len(examples)
+            positions[b, start:] = np.arange(self.seq_len - start)
+            n_tokens += start
+        return Batch(
+            inputs=torch.from_numpy(inputs),
+            targets=torch.from_numpy(targets),
+            loss_mask=torch.from_numpy(loss_mask),
+            doc_ids=torch.from_numpy(doc_ids),
+            positions=torch.from_numpy(positions),
+            n_loss_tokens=int(loss_mask.sum()),
+            n_tokens=n_tokens,
+        )

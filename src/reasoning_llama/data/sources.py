@@ -1,0 +1,286 @@
+"""Where training rows come from, selected by `DataConfig.source`.
+
+- synthetic: the built-in verifiable tasks (data/synthetic.py), with their own test split;
+- hub: `datasets.load_dataset(path, split=split)`, a hub name or a local directory in the hub's
+  file layout or saved with `save_to_disk`;
+- local: .json, .jsonl or .parquet files (a file, a directory or a glob) with user/reasoning/assistant;
+- text: plain-text corpora for pretraining, .txt files (documents separated by a literal
+  `<|endoftext|>`) or .json/.jsonl/.parquet rows with a `text` field.
+
+Every row passes through `ValidationReport.check`: unusable rows are skipped and counted, a
+malformed JSON line stops with its file and line number.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reasoning_llama.config import DataConfig
+from reasoning_llama.data.validation import CHAT_FIELDS, TEXT_FIELDS, ValidationReport
+from reasoning_llama.errors import ConfigError, DataError
+
+SOURCES = ("synthetic", "hub", "local", "text")
+CHAT_SUFFIXES = (".json", ".jsonl", ".parquet")
+TEXT_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
+DOCUMENT_SEPARATOR = "<|endoftext|>"
+
+
+@dataclass
+class LoadedRows:
+    """Validated rows of a source; `val` is None when the source has no held-out split."""
+
+    train: list[dict[str, str]]
+    val: list[dict[str, str]] | None
+    report: ValidationReport
+    description: str  # what was read, for reports
+
+
+def load_rows(cfg: DataConfig) -> LoadedRows:
+    """Read and validate the rows `cfg` selects; a DataError when nothing usable is left."""
+    if cfg.source == "synthetic":
+        loaded = _load_synthetic(cfg)
+    elif cfg.source == "hub":
+        report = ValidationReport()
+        train = _dataset_rows(_load_hub_split(cfg.path, cfg.split), CHAT_FIELDS, report, cfg.split)
+        loaded = LoadedRows(train, None, report, f"hub {cfg.path} (split {cfg.split})")
+    elif cfg.source in ("local", "text"):
+        loaded = _load_files(cfg)
+    else:
+        raise ConfigError(f"unknown data source {cfg.source!r}; choose one of: {', '.join(SOURCES)}")
+    if not loaded.train:
+        raise DataError(f"no usable training rows in {loaded.description}: {loaded.report.summary()}")
+    return loaded
+
+
+# --- synthetic -----------------------------------------------------------------------
+
+
+def _load_synthetic(cfg: DataConfig) -> LoadedRows:
+    from reasoning_llama.data.synthetic import DEFAULT_FAMILIES, generate_examples
+
+    families = list(cfg.families) or list(DEFAULT_FAMILIES)
+    splits = {}
+    try:
+        for split, size in (("train", cfg.synthetic_train_size), ("test", cfg.synthetic_val_size)):
+            examples = generate_examples(
+                families, size, split=split, seed=cfg.seed, difficulty=cfg.difficulty
+            )
+            splits[split] = [example.as_row() for example in examples]
+    except ValueError as e:
+        raise ConfigError(f"synthetic data: {e}") from None
+    report = ValidationReport()
+    train = _checked(splits["train"], CHAT_FIELDS, report, "synthetic-train")
+    val = _checked(splits["test"], CHAT_FIELDS, report, "synthetic-test")
+    description = (
+        f"synthetic {','.join(families)} ({len(train)} train + {len(val)} test problems, "
+        f"difficulty {cfg.difficulty if cfg.difficulty is not None else 'default'}, seed {cfg.seed})"
+    )
+    return LoadedRows(train, val, report, description)
+
+
+def _checked(rows: Iterable[Any], fields: tuple[str, ...], report: ValidationReport, name: str) -> list:
+    kept = (report.check(row, fields, f"{name}[{i}]") for i, row in enumerate(rows))
+    return [row for row in kept if row is not None]
+
+
+# --- Hugging Face datasets -------------------------------------------------------------
+
+
+def _hub_unreachable(name: str, cause: BaseException) -> DataError:
+    return DataError(
+        f"cannot reach the Hugging Face hub for {name} ({type(cause).__name__}); download it elsewhere "
+        f"(e.g. `hf download --repo-type dataset {name} --local-dir DIR`, or "
+        f"`datasets.load_dataset('{name}').save_to_disk(DIR)`), copy DIR here and pass "
+        "data.source=local data.path=DIR (or data.source=hub data.path=DIR)"
+    )
+
+
+def _load_hub_split(path: str, split: str) -> Any:
+    """One split of a hub dataset, a local directory in the hub's layout, or a `save_to_disk` directory."""
+    import datasets
+
+    local = Path(path).expanduser()
+    if local.is_dir() and _is_saved_dataset(local):
+        return _load_saved_split(local, split)
+    if not local.exists() and path.startswith(("/", ".", "~")):
+        raise DataError(f"data path {path} does not exist")
+    name = str(local) if local.exists() else path
+    try:
+        return datasets.load_dataset(name, split=split)
+    except (ConnectionError, TimeoutError) as e:
+        raise _hub_unreachable(path, e) from None
+    except FileNotFoundError as e:  # includes datasets' DatasetNotFoundError
+        raise DataError(f"dataset {path} not found ({e}); check data.path") from None
+    except ValueError as e:
+        if "split" in str(e).lower():
+            raise DataError(f"{path} has no split {split!r} ({e}); set data.split") from None
+        raise DataError(f"cannot load dataset {path}: {e}") from None
+    except datasets.exceptions.DatasetsError as e:
+        raise DataError(f"cannot load dataset {path}: {e}") from None
+
+
+def _is_saved_dataset(directory: Path) -> bool:
+    return (directory / "dataset_dict.json").is_file() or (directory / "state.json").is_file()
+
+
+def _load_saved_split(directory: Path, split: str) -> Any:
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(str(directory))
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
+        raise DataError(f"cannot load the saved dataset in {directory}: {e}") from None
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise DataError(
+                f"{directory} has no split {split!r}; it has: {', '.join(saved)} (set data.split)"
+            )
+        return saved[split]
+    return saved
+
+
+def _dataset_rows(dataset: Any, fields: tuple[str, ...], report: ValidationReport, name: str) -> list:
+    """Validated rows of a `datasets.Dataset`; other columns (e.g. `template`, `conversations`) are ignored."""
+    columns = dataset.column_names
+    missing = [f for f in fields if f not in columns]
+    if missing:
+        raise DataError(
+            f"{name} has no column {', '.join(map(repr, missing))} (it has: {', '.join(columns)}); "
+            f"expected {', '.join(fields)}"
+        )
+    wanted = [*fields, *(["family"] if "family" in columns else [])]
+    return _checked(dataset.select_columns(wanted).to_list(), fields, report, name)
+
+
+# --- local files -------------------------------------------------------------------------
+
+
+def _load_files(cfg: DataConfig) -> LoadedRows:
+    fields, suffixes = (TEXT_FIELDS, TEXT_SUFFIXES) if cfg.source == "text" else (CHAT_FIELDS, CHAT_SUFFIXES)
+    report = ValidationReport()
+    directory = Path(cfg.path).expanduser()
+    if directory.is_dir() and _is_saved_dataset(directory):
+        rows = _dataset_rows(_load_saved_split(directory, cfg.split), fields, report, cfg.split)
+        return LoadedRows(rows, None, report, f"{cfg.source} {cfg.path} (saved dataset, split {cfg.split})")
+    files = resolve_files(cfg.path, suffixes)
+    rows: list[dict[str, str]] = []
+    for file in files:
+        rows += read_file(file, fields, report)
+    what = files[0] if len(files) == 1 else f"{cfg.path} ({len(files)} files)"
+    return LoadedRows(rows, None, report, f"{cfg.source} {what}")
+
+
+def resolve_files(spec: str, suffixes: tuple[str, ...]) -> list[Path]:
+    """The data files named by a file, a directory (searched recursively) or a glob, in sorted order."""
+    kinds = ", ".join(suffixes)
+    expanded = str(Path(spec).expanduser())
+    if any(c in expanded for c in "*?["):
+        files = sorted(
+            Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).suffix.lower() in suffixes
+        )
+        files = [f for f in files if f.is_file()]
+        if not files:
+            raise DataError(f"no {kinds} files match {spec}")
+        return files
+    path = Path(expanded)
+    if path.is_dir():
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in suffixes
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not files:
+            raise DataError(f"no {kinds} files in directory {spec}")
+        return files
+    if path.is_file():
+        if path.suffix.lower() not in suffixes:
+            raise DataError(f"{spec}: unsupported file type {path.suffix or '(none)'!r}; expected {kinds}")
+        return [path]
+    raise DataError(f"data path {spec} does not exist; point data.path (--path) at a file, directory or glob")
+
+
+def read_file(path: Path, fields: tuple[str, ...], report: ValidationReport) -> list[dict[str, str]]:
+    """Validated rows of one file, by its suffix."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return _dataset_rows(_load_parquet(path), fields, report, str(path))
+    if suffix == ".txt":
+        return _read_text_documents(path, report)
+    if suffix == ".json" and _first_character(path) == "[":
+        return _read_json_array(path, fields, report)
+    return _read_json_lines(path, fields, report)
+
+
+def _load_parquet(path: Path) -> Any:
+    import datasets
+    import pyarrow
+
+    try:
+        return datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except (pyarrow.ArrowException, OSError, datasets.exceptions.DatasetsError) as e:
+        raise DataError(f"{path}: cannot read it as parquet ({e})") from None
+
+
+def _first_character(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(4096).decode("utf-8-sig", errors="ignore").lstrip()
+    return head[:1]
+
+
+def _read_json_lines(path: Path, fields: tuple[str, ...], report: ValidationReport) -> list:
+    """One JSON object per line; blank lines are not rows. A broken line stops with its number."""
+    rows = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}:{number}: not valid UTF-8 (byte {e.start} of the line); save the file as UTF-8"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path}:{number}: malformed JSON ({e.msg}, column {e.pos + 1}); fix or remove that line"
+                ) from None
+            row = report.check(value, fields, f"{path}:{number}")
+            if row is not None:
+                rows.append(row)
+    return rows
+
+
+def _read_json_array(path: Path, fields: tuple[str, ...], report: ValidationReport) -> list:
+    """A JSON array of objects; rows are located as file[index]."""
+    text = _read_utf8(path)
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+    return _checked(values, fields, report, str(path))
+
+
+def _read_text_documents(path: Path, report: ValidationReport) -> list:
+    """Documents of a .txt file, separated by a literal <|endoftext|> (one document when there is none)."""
+    documents = _read_utf8(path).split(DOCUMENT_SEPARATOR)
+    if len(documents) > 1 and not documents[-1].strip():
+        documents.pop()  # text after the last separator is not a document
+    return _checked(({"text": d.strip()} for d in documents), TEXT_FIELDS, report, str(path))
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8; save the file as UTF-8") from None
