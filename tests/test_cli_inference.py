@@ -1,0 +1,268 @@
+"""`generate` and `chat` through the real command line: subprocesses and a real pseudo-terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pexpect
+import pytest
+import torch
+
+from reasoning_llama.checkpoint import save_model
+from reasoning_llama.cli.inference import apply_setting
+from reasoning_llama.config import ModelConfig
+from reasoning_llama.errors import RequestError
+from reasoning_llama.generation import Engine, SamplingParams
+from reasoning_llama.model import Transformer
+
+# A long context so the chat test can still be generating when it presses Ctrl-C.
+CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=4096)
+QUESTION = "What is 2+2?"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cli-inference") / "tiny"
+    save_model(path, Transformer(CONFIG))
+    return path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "reasoning_llama", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def expected(checkpoint, params: SamplingParams, system: str | None = None):
+    """The same generation, in-process through the engine."""
+    engine = Engine.from_checkpoint(checkpoint, device="cpu", max_batch_size=1)
+    messages = [{"role": "user", "content": QUESTION}]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    return engine.generate(engine.tokenizer.render_prompt(messages), params)
+
+
+# -- generate ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("flags", "params", "system"),
+    [
+        (
+            ["--max-new-tokens", "24", "--reasoning-budget", "6"],
+            SamplingParams(max_new_tokens=24, reasoning_budget=6),
+            None,
+        ),
+        (
+            shlex.split(
+                "--max-new-tokens 20 --temperature 1.2 --top-k 40 --top-p 0.9 --min-p 0.01 "
+                "--repetition-penalty 1.3 --seed 5 --reasoning-budget 3 --system 'Be brief.'"
+            ),
+            SamplingParams(
+                max_new_tokens=20,
+                temperature=1.2,
+                top_k=40,
+                top_p=0.9,
+                min_p=0.01,
+                repetition_penalty=1.3,
+                seed=5,
+                reasoning_budget=3,
+            ),
+            "Be brief.",
+        ),
+    ],
+)
+def test_generate_json_is_the_engine_result(checkpoint, flags, params, system):
+    result = run_cli(
+        "generate", "--checkpoint", checkpoint, "--prompt", QUESTION, "--device", "cpu", "--json", *flags
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    want = expected(checkpoint, params, system)
+    assert (report["reasoning"], report["answer"], report["finish_reason"]) == (
+        want.reasoning,
+        want.answer,
+        want.finish_reason,
+    )
+    usage = report["usage"]
+    assert usage == {
+        "prompt_tokens": want.prompt_tokens,
+        "completion_tokens": want.completion_tokens,
+        "total_tokens": want.prompt_tokens + want.completion_tokens,
+        "reasoning_tokens": params.reasoning_budget,
+    }
+    assert set(report["timings"]) >= {"prefill_s", "decode_s", "decode_tokens_per_s", "time_to_first_token_s"}
+
+
+@pytest.mark.slow
+def test_generate_streams_reasoning_to_stderr_and_answer_to_stdout(checkpoint):
+    result = run_cli(
+        "generate",
+        "--checkpoint",
+        checkpoint,
+        "--prompt",
+        QUESTION,
+        "--max-new-tokens",
+        "24",
+        "--reasoning-budget",
+        "6",
+    )
+    assert result.returncode == 0, result.stderr
+    want = expected(checkpoint, SamplingParams(max_new_tokens=24, reasoning_budget=6))
+    assert result.stdout == want.answer + "\n"
+    assert result.stderr.startswith("Thinking\n" + want.reasoning + "\n")
+    assert "24 tokens (6 reasoning)" in result.stderr
+
+
+@pytest.mark.slow
+def test_generate_stop_strings_cut_the_answer(checkpoint):
+    full = expected(checkpoint, SamplingParams(max_new_tokens=24, reasoning_budget=2)).answer
+    assert len(full) > 6
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    flags = ["--max-new-tokens", "24", "--reasoning-budget", "2", "--stop", "@@never@@", "--stop", stop]
+    result = run_cli("generate", "--checkpoint", checkpoint, "--prompt", QUESTION, "--json", *flags)
+    report = json.loads(result.stdout)
+    assert report["answer"] == full[: full.index(stop)]
+    assert report["finish_reason"] == "stop"
+
+
+def _broken_checkpoints(checkpoint, root):
+    """A directory without weights, and one whose config does not match its weights."""
+    no_weights = root / "no-weights"
+    no_weights.mkdir()
+    shutil.copy(checkpoint / "config.json", no_weights / "config.json")
+    mismatch = root / "mismatch"
+    shutil.copytree(checkpoint, mismatch)
+    config = json.loads((mismatch / "config.json").read_text())
+    config["ffn_dim"] = 96
+    (mismatch / "config.json").write_text(json.dumps(config))
+    return no_weights, mismatch
+
+
+@pytest.mark.slow
+def test_bad_input_is_one_line_without_traceback(checkpoint, tmp_path):
+    no_weights, mismatch = _broken_checkpoints(checkpoint, tmp_path)
+    cases = [
+        (["--checkpoint", tmp_path / "missing", "--prompt", "hi"], "does not exist"),
+        (["--checkpoint", no_weights, "--prompt", "hi"], "has no model.safetensors"),
+        (["--checkpoint", mismatch, "--prompt", "hi"], "shape mismatch"),
+        (["--checkpoint", checkpoint, "--prompt", "  "], "--prompt is empty"),
+        (
+            ["--checkpoint", checkpoint, "--prompt", "hi", "--max-new-tokens", "5000"],
+            "(9 tokens) plus max_new_tokens (5000)",
+        ),
+        (["--checkpoint", checkpoint, "--prompt", "hi", "--top-p", "1.5"], "top_p must be"),
+    ]
+    for args, message in cases:
+        result = run_cli("generate", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, lines)
+        assert result.stdout == ""
+
+
+# -- chat ---------------------------------------------------------------------------------
+
+
+def test_set_parses_and_validates_values():
+    params = SamplingParams()
+    assert apply_setting(params, "temperature", "0.7").temperature == 0.7
+    assert apply_setting(params, "top-k", "40").top_k == 40
+    assert apply_setting(params, "seed", "none").seed is None
+    assert apply_setting(params, "reasoning_budget", "12").reasoning_budget == 12
+    assert apply_setting(params, "stop", "END OF").stop == ("END OF",)
+    for key, value, message in [
+        ("temperature", "hot", "needs a number"),
+        ("top_k", "2.5", "needs an integer"),
+        ("top_p", "2", "top_p must be"),
+        ("warmth", "1", "unknown setting"),
+        ("min_p", "", "needs a value"),
+    ]:
+        with pytest.raises(RequestError, match=message):
+            apply_setting(params, key, value)
+
+
+def spawn_chat(checkpoint, *flags: str) -> pexpect.spawn:
+    env = dict(os.environ, PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm")
+    args = ["-m", "reasoning_llama", "chat", "--checkpoint", str(checkpoint), "--device", "cpu", *flags]
+    return pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=120, dimensions=(40, 250))
+
+
+PROMPT = "you>"
+SUMMARY = r"\[(done|length limit) · \d+ tokens"
+
+
+@pytest.mark.slow
+def test_chat_in_a_terminal(checkpoint):
+    chat = spawn_chat(checkpoint, "--max-new-tokens", "16", "--reasoning-budget", "4")
+    try:
+        chat.expect(PROMPT)
+        chat.send(QUESTION + "\r")
+        chat.expect("Thinking")
+        chat.expect(SUMMARY)
+        chat.expect(PROMPT)
+
+        chat.send("/set temperature 0.7\r")
+        chat.expect("temperature = 0.7")
+        chat.send("/set temperature hot\r")
+        chat.expect("error: temperature needs a number")
+        chat.send("/set top_p 2\r")
+        chat.expect(r"error: top_p must be a number in \(0, 1\]")
+
+        chat.send("line one\x1b\rline two\r")  # Esc-Enter: a newline inside one message
+        chat.expect(SUMMARY)
+        chat.send("/history\r")
+        chat.expect(f"user: {QUESTION}")
+        chat.expect("user: line one\r\nline two")
+        chat.expect(PROMPT)
+        chat.send("/reset\r")
+        chat.expect("history cleared")
+        chat.send("/history\r/show\r")
+        chat.expect(r"temperature=0\.7")
+        assert "user:" not in chat.before
+
+        chat.send("/set max_new_tokens 4000\r")
+        chat.expect("max_new_tokens = 4000")
+        chat.send("/set reasoning_budget none\r")
+        chat.expect("reasoning_budget = None")
+        chat.send("Tell me a long story.\r")
+        chat.expect("Thinking")
+        chat.sendintr()  # Ctrl-C mid-answer stops it and keeps the chat
+        chat.expect(r"\[stopped · (\d+) tokens")
+        assert int(chat.match.group(1)) < 4000
+        chat.expect(PROMPT)
+        chat.send("/history\r")
+        chat.expect("user: Tell me a long story.")
+
+        chat.send("/quit\r")
+        chat.expect(pexpect.EOF)
+    finally:
+        chat.close()
+    assert chat.exitstatus == 0
+
+
+@pytest.mark.slow
+def test_chat_hides_reasoning_and_quits_on_ctrl_d(checkpoint):
+    chat = spawn_chat(checkpoint, "--max-new-tokens", "12", "--reasoning-budget", "3", "--hide-reasoning")
+    try:
+        chat.expect(PROMPT)
+        chat.send(QUESTION + "\r")
+        chat.expect(SUMMARY)
+        assert "Thinking" not in chat.before
+        chat.expect(PROMPT)
+        chat.sendeof()
+        chat.expect(pexpect.EOF)
+    finally:
+        chat.close()
+    assert chat.exitstatus == 0
