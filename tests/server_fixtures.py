@@ -43,7 +43,7 @@ def make_engine(checkpoint: Path, *, max_batch_size: int = 4, logits_hook=None) 
 def scripted_hook(scripts: Mapping[str, tuple[str, str]], *, delay_s: float = 0.0) -> Callable:
     """A logits hook that makes the engine write a fixed (reasoning, answer), then stop.
 
-    The script is the first whose key occurs in the request's prompt text ("" matches any);
+    The script is the first whose key occurs in the prompt's last user turn ("" matches any);
     `delay_s` per token slows generation down so that tests can watch it stream.
     """
     tokenizer = get_tokenizer()
@@ -53,8 +53,8 @@ def scripted_hook(scripts: Mapping[str, tuple[str, str]], *, delay_s: float = 0.
 
     def hook(request, logits: torch.Tensor) -> torch.Tensor:
         if request.id not in chosen:
-            prompt = tokenizer.decode(request.prompt_ids)
-            chosen[request.id] = next(ids for key, ids in encoded.items() if key in prompt)
+            last_turn = tokenizer.decode(request.prompt_ids).rsplit("<|im_start|>user", 1)[-1]
+            chosen[request.id] = next(ids for key, ids in encoded.items() if key in last_turn)
         reasoning, answer = chosen[request.id]
         done = len(request.output_ids)
         if request.phase == "reasoning":

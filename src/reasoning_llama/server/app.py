@@ -91,8 +91,8 @@ class _ServerState:
         self.engine = engine
         self.settings = settings
         self.tokenizer: ChatTokenizer = engine.tokenizer
-        self.worker = EngineWorker(engine, max_queue=settings.max_queue)
         self.metrics = ServerMetrics()
+        self.worker = EngineWorker(engine, max_queue=settings.max_queue, on_finish=self.record)
         self.metrics.watch_engine(lambda: self.worker.waiting, lambda: self.worker.active)
         self.created = int(time.time())
 
@@ -150,22 +150,13 @@ class _ServerState:
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         return job
 
-    def record(
-        self,
-        job: Job,
-        result: GenerationResult,
-        first_text_at: float | None,
-        finish_reason: str | None = None,
-    ) -> None:
-        now = time.perf_counter()
-        m = self.metrics
-        m.completion_tokens.inc(result.completion_tokens)
-        m.finished.labels(finish_reason or result.finish_reason).inc()
-        m.time_to_first_token.observe((first_text_at or now) - job.submitted_at)
-        m.request_duration.observe(now - job.submitted_at)
-        rate = result.timings.get("decode_tokens_per_s")
-        if rate:
-            m.decode_rate.observe(rate)
+    def record(self, job: Job, result: GenerationResult) -> None:
+        self.metrics.record_generation(
+            result,
+            submitted_at=job.submitted_at,
+            first_text_at=job.first_text_at,
+            finish_reason=job.ended_as or result.finish_reason,
+        )
 
 
 def _usage(result: GenerationResult) -> Usage:
@@ -195,21 +186,22 @@ async def _until_disconnect(request: Request, job: Job) -> None:
             return
 
 
+def _failure(error: EngineFailed | QueueFull, settings: ServerSettings) -> APIError:
+    """What the worker reports in a job's stream, as the client sees it."""
+    if isinstance(error, QueueFull):  # the server is shutting down
+        return APIError(503, str(error), headers={"Retry-After": str(settings.retry_after_s)})
+    return APIError(500, str(error))
+
+
 async def _collect(state: _ServerState, request: Request, job: Job) -> GenerationResult:
     """Wait for the job's result, cancelling it if the client disconnects first."""
     watcher = asyncio.create_task(_until_disconnect(request, job))
-    first_text_at = None
     try:
         async for event in job.results():
-            if isinstance(event, Delta):
-                first_text_at = first_text_at or time.perf_counter()
-            else:
-                state.record(job, event, first_text_at)
+            if isinstance(event, GenerationResult):
                 return event
-    except EngineFailed as e:
-        raise APIError(500, str(e)) from None
-    except QueueFull as e:
-        raise APIError(503, str(e), headers={"Retry-After": str(state.settings.retry_after_s)}) from None
+    except (EngineFailed, QueueFull) as e:
+        raise _failure(e, state.settings) from None
     finally:
         watcher.cancel()
     raise APIError(500, "the generation ended without a result")
@@ -284,19 +276,12 @@ def _api_router(state: _ServerState) -> APIRouter:
 
 
 async def _raw_pieces(state: _ServerState, job: Job, stops: Sequence[str]) -> AsyncIterator[str | RawEnd]:
-    """The raw continuation's text pieces then its RawEnd, recorded in the metrics; errors as APIError."""
-    first_text_at = None
+    """The raw continuation's text pieces then its RawEnd; a failure as an APIError."""
     try:
         async for piece in raw_continuation(job, stops):
-            if isinstance(piece, RawEnd):
-                state.record(job, piece.result, first_text_at, piece.finish_reason)
-            else:
-                first_text_at = first_text_at or time.perf_counter()
             yield piece
-    except EngineFailed as e:
-        raise APIError(500, str(e)) from None
-    except QueueFull as e:
-        raise APIError(503, str(e), headers={"Retry-After": str(state.settings.retry_after_s)}) from None
+    except (EngineFailed, QueueFull) as e:
+        raise _failure(e, state.settings) from None
 
 
 def _raw_usage(end: RawEnd) -> Usage:
@@ -328,17 +313,14 @@ async def _chat_stream(
         return _sse(_chunk_json(body, include_usage))
 
     yield chunk(ChunkDelta(role="assistant", content=""))
-    first_text_at = None
     try:
         async for event in job.results():
             if isinstance(event, Delta):
-                first_text_at = first_text_at or time.perf_counter()
                 if event.kind == "reasoning":
                     yield chunk(ChunkDelta(reasoning_content=event.text))
                 else:
                     yield chunk(ChunkDelta(content=event.text))
                 continue
-            state.record(job, event, first_text_at)
             yield chunk(ChunkDelta(), event.finish_reason)
             if include_usage:
                 usage = ChatCompletionChunk(
@@ -350,8 +332,7 @@ async def _chat_stream(
                 )
                 yield _sse(usage.model_dump_json())
     except (EngineFailed, QueueFull) as e:
-        code = 503 if isinstance(e, QueueFull) else 500
-        yield _sse(APIError(code, str(e)).body())
+        yield _sse(_failure(e, state.settings).body())
     yield _sse("[DONE]")
 
 
@@ -390,10 +371,12 @@ def _service_router(state: _ServerState) -> APIRouter:
 
     @router.get("/health")
     async def health() -> JSONResponse:
+        """503 only when the engine worker is not running; a past engine error is reported, not fatal."""
         worker = state.worker
         return JSONResponse(
-            {
-                "status": "ok" if worker.last_error is None else "degraded",
+            status_code=200 if worker.alive else 503,
+            content={
+                "status": "ok" if worker.alive else "stopped",
                 "model": state.settings.model_name,
                 "max_context": state.engine.max_context,
                 "slots": state.engine.max_batch_size,
@@ -402,7 +385,7 @@ def _service_router(state: _ServerState) -> APIRouter:
                 "in_flight": worker.outstanding,
                 "api_key_required": state.settings.api_key is not None,
                 "last_error": worker.last_error,
-            }
+            },
         )
 
     @router.get("/metrics", include_in_schema=False)

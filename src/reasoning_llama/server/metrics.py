@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from reasoning_llama.generation import GenerationResult
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
@@ -59,6 +62,25 @@ class ServerMetrics:
         """Read the gauges from the engine at scrape time rather than tracking them by hand."""
         self.queue_depth.set_function(queue_depth)
         self.active_slots.set_function(active)
+
+    def record_generation(
+        self,
+        result: GenerationResult,
+        *,
+        submitted_at: float,
+        first_text_at: float | None,
+        finish_reason: str,
+    ) -> None:
+        """One finished generation; times are `time.perf_counter()` readings."""
+        now = time.perf_counter()
+        self.completion_tokens.inc(result.completion_tokens)
+        self.finished.labels(finish_reason).inc()
+        self.request_duration.observe(now - submitted_at)
+        if first_text_at is not None:
+            self.time_to_first_token.observe(first_text_at - submitted_at)
+        rate = result.timings.get("decode_tokens_per_s")
+        if rate:
+            self.decode_rate.observe(rate)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -58,13 +58,13 @@ async def raw_continuation(job: Job, stops: Sequence[str]) -> AsyncIterator[str 
                 continue  # cancelled; the engine may still report a step or two
             if event.kind == "answer":
                 closed_by_model = True
-                job.cancel()
+                job.end("stop")
                 continue
             piece = text.push(event.text)
             if piece:
                 yield piece
             if text.stopped:
-                job.cancel()
+                job.end("stop")
             continue
         if not text.stopped:
             tail = text.push("", final=True)

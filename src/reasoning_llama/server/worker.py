@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from reasoning_llama.generation import Delta, Engine, GenerationResult, SamplingParams
@@ -45,6 +45,8 @@ class Job:
         self._cancelled = False
         self._request: Any = None  # the engine's Request once admitted
         self.done = False
+        self.first_text_at: float | None = None  # set by the worker thread
+        self.ended_as: str | None = None  # the finish reason to report when the server ended it early
 
     def cancel(self) -> None:
         """Thread-safe; a no-op once the job has finished."""
@@ -53,6 +55,11 @@ class Job:
             request = self._request
         if request is not None and not self.done:
             request.cancel()
+
+    def end(self, finish_reason: str) -> None:
+        """Stop generating because the caller has all it needs; metrics report `finish_reason`."""
+        self.ended_as = finish_reason
+        self.cancel()
 
     @property
     def cancelled(self) -> bool:
@@ -87,8 +94,15 @@ class Job:
 
 
 class EngineWorker:
-    def __init__(self, engine: Engine, *, max_queue: int) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_queue: int,
+        on_finish: Callable[[Job, GenerationResult], None] | None = None,
+    ) -> None:
         self.engine = engine
+        self.on_finish = on_finish  # called on the worker thread with every result, cancelled ones too
         self.capacity = engine.max_batch_size + max_queue
         self._cond = threading.Condition()
         self._incoming: deque[Job] = deque()
@@ -121,6 +135,10 @@ class EngineWorker:
             self._incoming.append(job)
             self._cond.notify()
         return job
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def outstanding(self) -> int:
@@ -185,7 +203,18 @@ class EngineWorker:
                 if isinstance(event, GenerationResult):
                     del self._jobs[request.id]
                     self._finish(job)
+                    self._report(job, event)
+                elif job.first_text_at is None:
+                    job.first_text_at = time.perf_counter()
                 job._deliver(event)
+
+    def _report(self, job: Job, result: GenerationResult) -> None:
+        if self.on_finish is None:
+            return
+        try:
+            self.on_finish(job, result)
+        except Exception:
+            log.exception("on_finish callback failed")
 
     def _finish(self, job: Job) -> None:
         job.done = True

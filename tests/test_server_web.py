@@ -1,0 +1,236 @@
+"""The chat page in a real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright)
+against a real server whose model is scripted by a logits hook."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from reasoning_llama.server import ServerSettings
+from server_fixtures import MODEL, make_checkpoint, make_engine, scripted_hook, serve
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="the browser tests need Debian's chromium at /usr/bin/chromium (make browser)",
+)
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+KEY = "page-key"
+
+CODE_REASONING = "The user wants code, so I will show a short Python example. " * 3
+CODE_ANSWER = "Here:\n```python\nprint('hi')\n```\nThat is **all** for `now`."
+XSS_REASONING = "<script>alert('reasoning')</script> hmm"
+XSS_ANSWER = "<img src=x onerror=alert(1)> and <b>bold?</b>"
+SCRIPTS = {
+    "[code]": (CODE_REASONING.strip(), CODE_ANSWER),
+    "[xss]": (XSS_REASONING, XSS_ANSWER),
+    "[long]": ("word " * 240, "never reached"),
+    "": ("Thinking it over.", "Hello there!"),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("server-web") / "tiny-test")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    engine = make_engine(checkpoint, logits_hook=scripted_hook(SCRIPTS, delay_s=0.03))
+    with serve(engine) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-quic",
+    ]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=args)
+        yield browser
+        browser.close()
+
+
+class Chat:
+    """A fresh browser context (empty localStorage) on the chat page, recording what a test checks."""
+
+    def __init__(self, browser, server) -> None:
+        self.server = server
+        self.context = browser.new_context()
+        self.dialogs: list[str] = []
+        self.foreign: list[str] = []
+        self.bodies: list[dict] = []
+        self.context.route("**/*", self._only_this_server)
+        self.page = self.context.new_page()
+        self.page.on("dialog", self._dialog)
+        self.page.on("request", self._request)
+        self.open()
+
+    def _only_this_server(self, route) -> None:
+        if route.request.url.startswith(self.server.url):
+            route.continue_()
+        else:
+            self.foreign.append(route.request.url)
+            route.abort()
+
+    def _dialog(self, dialog) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    def _request(self, request) -> None:
+        if request.url.endswith("/v1/chat/completions"):
+            self.bodies.append(json.loads(request.post_data))
+
+    def open(self) -> None:
+        self.page.goto(f"{self.server.url}/")
+        self.page.wait_for_selector("body[data-ready=true]")
+
+    def ask(self, text: str, *, wait: bool = True) -> None:
+        self.page.fill("#prompt", text)
+        self.page.press("#prompt", "Enter")
+        if wait:
+            self.wait_done()
+
+    def wait_done(self) -> None:
+        self.page.wait_for_selector("#send:not([hidden])")
+        self.page.wait_for_selector("#stop[hidden]", state="attached")
+
+    def texts(self, selector: str) -> list[str]:
+        return self.page.locator(selector).all_text_contents()
+
+
+@pytest.fixture
+def chat(browser, server):
+    chat = Chat(browser, server)
+    yield chat
+    chat.context.close()
+
+
+def test_thinking_and_answer_stream_in(chat):
+    page = chat.page
+    chat.ask("[code] show me code", wait=False)
+    # The Thinking block is open while the reasoning streams ...
+    page.wait_for_function(
+        "() => { const d = document.querySelector('.assistant details.thinking');"
+        " return d && d.open && d.querySelector('.reasoning').textContent.length > 10; }"
+    )
+    # ... and the answer shows while the generation is still running.
+    page.wait_for_function(
+        "() => document.querySelector('.assistant .answer').textContent.length > 0"
+        " && !document.getElementById('stop').hidden"
+    )
+    chat.wait_done()
+    assert chat.texts(".message.user") == ["[code] show me code"]
+    assert chat.texts(".assistant .reasoning") == [CODE_REASONING.strip()]
+    assert page.locator(".assistant details.thinking").get_attribute("open") is None  # collapsed after
+    assert chat.texts(".assistant .answer pre code") == ["print('hi')"]
+    assert chat.texts(".assistant .answer strong") == ["all"]
+    assert "now" in chat.texts(".assistant .answer p code")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator(".assistant details.thinking summary").click()  # show the reasoning in the picture
+    page.screenshot(path=str(ARTIFACTS / "web-chat.png"), full_page=True)
+    assert chat.foreign == []  # the page fetched nothing from elsewhere
+    body = chat.bodies[0]
+    assert body["model"] == MODEL and body["stream"] is True
+    assert body["messages"] == [{"role": "user", "content": "[code] show me code"}]
+
+
+def test_the_stop_button_ends_the_generation(chat, server):
+    chat.ask("[long] take your time", wait=False)
+    chat.page.wait_for_function(
+        "() => document.querySelector('.assistant .reasoning').textContent.length > 20"
+    )
+    chat.page.click("#stop")
+    chat.wait_done()
+    assert chat.texts(".assistant .note") == ["(stopped)"]
+    (reasoning,) = chat.texts(".assistant .reasoning")
+    assert 20 < len(reasoning) < len("word " * 240)
+    health = server.wait_idle()
+    assert (health["active_slots"], health["in_flight"]) == (0, 0)  # the abort freed the slot
+    chat.ask("and now?")  # the page is usable again
+    assert chat.texts(".assistant .answer")[-1] == "Hello there!"
+
+
+def test_the_conversation_survives_a_reload_and_new_chat_clears_it(chat):
+    chat.ask("hello")
+    chat.ask("again")
+    chat.page.reload()
+    chat.page.wait_for_selector("body[data-ready=true]")
+    assert chat.texts(".message.user") == ["hello", "again"]
+    assert chat.texts(".assistant .answer") == ["Hello there!", "Hello there!"]
+    assert chat.texts(".assistant .reasoning") == ["Thinking it over."] * 2
+    # The history goes back to the server without the reasoning.
+    chat.ask("third")
+    assert chat.bodies[-1]["messages"] == [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "Hello there!"},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "Hello there!"},
+        {"role": "user", "content": "third"},
+    ]
+    chat.page.click("#new-chat")
+    assert chat.page.locator(".message").count() == 0
+    chat.page.reload()
+    chat.page.wait_for_selector("body[data-ready=true]")
+    assert chat.page.locator(".message").count() == 0
+
+
+def test_model_and_user_html_stay_text(chat):
+    chat.ask("[xss] <b>my</b> <img src=y onerror=alert(2)>")
+    for _ in range(2):  # as streamed, then as restored from localStorage
+        assert chat.texts(".assistant .answer") == [XSS_ANSWER]
+        assert chat.texts(".assistant .reasoning") == [XSS_REASONING]
+        assert chat.texts(".message.user") == ["[xss] <b>my</b> <img src=y onerror=alert(2)>"]
+        assert chat.page.locator("img").count() == 0
+        assert chat.page.locator("#messages b, #messages script").count() == 0
+        assert chat.page.evaluate("document.scripts.length") == 1  # app.js only
+        chat.page.reload()
+        chat.page.wait_for_selector("body[data-ready=true]")
+    chat.page.wait_for_timeout(200)  # an injected onerror would have fired by now
+    assert chat.dialogs == []
+
+
+def test_settings_reach_the_request(chat):
+    chat.page.click("#settings summary")
+    chat.page.fill("#temperature", "0")
+    chat.page.fill("#max-tokens", "3")
+    chat.page.fill("#system-prompt", "Be terse.")
+    chat.ask("short please")
+    body = chat.bodies[-1]
+    assert (body["temperature"], body["max_tokens"]) == (0, 3)
+    assert body["messages"][0] == {"role": "system", "content": "Be terse."}
+    assert chat.texts(".assistant .note") == ["(stopped at the token limit)"]
+    chat.page.reload()
+    chat.page.wait_for_selector("body[data-ready=true]")
+    assert chat.page.input_value("#max-tokens") == "3"
+
+
+def test_a_server_with_an_api_key_gets_a_key_field(browser, checkpoint):
+    settings = ServerSettings(model_name=MODEL, api_key=KEY)
+    with serve(make_engine(checkpoint, logits_hook=scripted_hook(SCRIPTS)), settings) as keyed:
+        chat = Chat(browser, keyed)
+        try:
+            assert chat.page.is_visible("#api-key")
+            chat.ask("hello")
+            assert "missing API key" in chat.texts(".message.error")[0]
+            assert chat.page.input_value("#prompt") == "hello"  # the question is back in the box
+            assert chat.page.locator(".message.user").count() == 0
+            chat.page.fill("#api-key", KEY)
+            chat.page.dispatch_event("#api-key", "change")
+            chat.ask("hello")
+            assert chat.texts(".assistant .answer") == ["Hello there!"]
+            chat.open()
+            assert chat.page.input_value("#api-key") == KEY
+        finally:
+            chat.context.close()
