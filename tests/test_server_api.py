@@ -332,6 +332,12 @@ def bad_request(server, **body) -> openai.BadRequestError:
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"extra_body": {"frobnicate": True}}, "frobnicate"),
         ({"extra_body": {"top_k": -1}}, "top_k"),
+        ({"stream": True, "stream_options": {"include_usage": "perhaps"}}, "stream_options.include_usage"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages.0.content.0.type",
+        ),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
     ],
 )
 def test_bad_values_are_a_400_envelope(greedy, body, param):
@@ -345,6 +351,7 @@ def test_too_long_for_the_context_names_both_numbers(greedy):
     error = bad_request(greedy, max_tokens=1_000_000)
     assert error.code == "context_length_exceeded"
     assert "1000000" in error.message and str(greedy.engine.max_context) in error.message
+    assert "max_tokens" in error.message and "max_new_tokens" not in error.message  # the API's names
     assert error.param == "max_tokens"
 
 

@@ -70,7 +70,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         finally:
             state.worker.stop()
 
-    app = FastAPI(title="reasoning-llama", version="0.1.0", lifespan=lifespan, redoc_url=None)
+    # No /docs or /redoc: FastAPI's pages load their scripts from a CDN; /openapi.json stays.
+    app = FastAPI(title="reasoning-llama", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = state
     install_error_handlers(app)
     app.include_router(

@@ -67,22 +67,27 @@ _API_PARAM = {"max_new_tokens": "max_tokens"}
 
 
 def from_request_error(error: RequestError) -> APIError:
-    param = _API_PARAM.get(error.param, error.param) if error.param else None
-    return bad_request(str(error), param=param, code=error.code)
+    message, param = str(error), error.param
+    if param in _API_PARAM:
+        message, param = message.replace(param, _API_PARAM[param]), _API_PARAM[param]
+    return bad_request(message, param=param, code=error.code)
 
 
 def _location(loc: tuple[Any, ...]) -> str:
-    """`("body", "messages", 0, "role")` -> `messages.0.role` (pydantic's tagged-union steps dropped)."""
+    """`("body", "messages", 0, "role")` -> `messages.0.role`, without pydantic's union-branch steps."""
     parts = [str(p) for p in loc if p != "body"]
-    parts = [p for p in parts if not p.startswith(("function-", "tagged-union", "str", "list["))]
-    return ".".join(parts)
+    return ".".join(p for p in parts if p not in _UNION_BRANCHES and not p.startswith(("function-", "list[")))
+
+
+_UNION_BRANCHES = {"str", "int", "float", "bool"}
 
 
 def _validation_error(error: RequestValidationError) -> APIError:
     problems = error.errors()
     if not problems:
         return bad_request("invalid request")
-    first = problems[0]
+    # The deepest location is the most specific (a bad content part rather than "not a string").
+    first = max(problems, key=lambda problem: len(problem.get("loc", ())))
     kind = first.get("type", "")
     if kind == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
@@ -92,7 +97,7 @@ def _validation_error(error: RequestValidationError) -> APIError:
         return bad_request("the request body is missing; send a JSON object")
     if kind == "extra_forbidden":
         return bad_request(
-            f"unrecognized request argument: {param}; see GET /docs for the supported ones", param=param
+            f"unrecognized request argument: {param} (the supported ones: GET /openapi.json)", param=param
         )
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
     if kind == "missing":
@@ -128,7 +133,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
         message = error.detail if isinstance(error.detail, str) else "request failed"
         if error.status_code == 404:
-            message = "no such route; the API lives under /v1 (see GET /docs)"
+            message = "no such route; the API lives under /v1 (its schema: GET /openapi.json)"
         return APIError(error.status_code, message, headers=dict(error.headers or {})).response()
 
     @app.exception_handler(Exception)
