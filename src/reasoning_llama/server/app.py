@@ -79,7 +79,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     )
     app.include_router(_service_router(state))
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
-    # Outermost first: count every answer, then refuse oversized bodies before any parsing.
+    # The last added runs first: count every answer (413s too); refuse big bodies before parsing.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(_CountRequests, metrics=state.metrics)
     return app
@@ -135,8 +135,7 @@ class _ServerState:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Job:
         try:
-            params.validate()
-            self.engine.check_request(prompt_ids, params)
+            self.engine.check_request(prompt_ids, params)  # sampling values, empty prompt, context
         except RequestError as e:
             raise from_request_error(e) from None
         try:
