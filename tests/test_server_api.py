@@ -363,8 +363,13 @@ def test_malformed_or_missing_json_is_a_400_envelope(greedy):
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"}
         assert error["type"] == "invalid_request_error"
+    response = httpx.post(url, content=b"{", headers={"content-type": "application/json"})
+    assert "not valid JSON" in response.json()["error"]["message"]
+    # curl -d without -H sends a form content type: say what to send instead
+    response = httpx.post(url, content=b'{"model": "tiny-test"}', headers={"content-type": "text/plain"})
     assert (
-        "not valid JSON" in httpx.post(url, content=b"{", headers={"content-type": "application/json"}).text
+        response.status_code == 400
+        and "Content-Type: application/json" in response.json()["error"]["message"]
     )
 
 

@@ -93,8 +93,10 @@ def _validation_error(error: RequestValidationError) -> APIError:
         detail = first.get("ctx", {}).get("error", "")
         return bad_request(f"the request body is not valid JSON ({detail})".replace(" ()", ""))
     param = _location(tuple(first.get("loc", ())))
-    if kind == "missing" and not param:
-        return bad_request("the request body is missing; send a JSON object")
+    if not param and kind in ("missing", "model_attributes_type", "dict_type"):
+        return bad_request(
+            "the request body must be a JSON object sent with 'Content-Type: application/json'"
+        )
     if kind == "extra_forbidden":
         return bad_request(
             f"unrecognized request argument: {param} (the supported ones: GET /openapi.json)", param=param
