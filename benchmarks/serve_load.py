@@ -8,7 +8,7 @@ is aggregate tokens/s at 8 clients >= 3x one client's (continuous batching must 
 decode steps). Per-token latency is the gap between consecutive streamed deltas; time to
 first token runs from sending the request to the first reasoning/answer delta.
 
-    python benchmarks/serve_load.py [--preset small-100m] [--clients 1,4,8,16] [--quick]
+    python benchmarks/serve_load.py [--preset small-100m] [--clients 1,4,8,16] [--threads N] [--quick]
 
 Prints one JSON object.
 """
@@ -47,6 +47,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=None, help="Requests per client [2; quick 1].")
     parser.add_argument("--max-concurrency", type=int, default=8, help="The server's batch slots.")
     parser.add_argument("--device", default="cpu", help="The server's --device.")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="The server's torch threads (OMP_NUM_THREADS)."
+    )
     parser.add_argument("--quick", action="store_true", help="Few tokens, one request per client.")
     return parser.parse_args()
 
@@ -141,6 +144,8 @@ def start_server(checkpoint: Path, port: int, args: argparse.Namespace) -> subpr
         *("--max-concurrency", str(args.max_concurrency), "--max-queue", "64"),
     ]
     env = {k: v for k, v in os.environ.items() if k != "REASONING_LLAMA_API_KEY"}  # no auth here
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -198,6 +203,7 @@ def main() -> None:
                 "max_concurrency": args.max_concurrency,
                 "slots": health["slots"],
                 "device": args.device,
+                "server_threads": args.threads or "torch default",
                 "cpu_count": os.cpu_count(),
                 "torch": torch.__version__,
                 "python": platform.python_version(),
