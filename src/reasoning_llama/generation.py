@@ -241,7 +241,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 class Engine:
-    """Slot-based (continuous batching) generation over one preallocated KV cache."""
+    """Slot-based (continuous batching) generation over one preallocated KV cache.
+
+    `logits_hook(request, logits)` (optional) sees each sampled row's fp32 logits (vocab,) after the
+    repetition penalty and before the special-id mask; it may edit them in place or return new ones.
+    It is not called for ids the engine forces (the assistant header, a budget's <|im_end|>).
+    """
 
     def __init__(
         self,
