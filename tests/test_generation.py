@@ -190,6 +190,17 @@ def test_batched_generation_equals_each_alone(model, tokenizer, prompts):
     assert [r.prompt_tokens for r in batched] == [len(p) for p in prompts]
 
 
+def test_generate_batch_survives_steps_without_events(model, tokenizer, prompts):
+    """Forced header tokens and held-back bytes give a request an empty event list in a step."""
+    tok = tokenizer
+    emoji = tok.encode("😀")  # several byte-level tokens: nothing is emitted until the last one
+    engine = Engine(model, tok, max_batch_size=2, logits_hook=script(emoji, emoji))
+    results = engine.generate_batch(prompts, SamplingParams(max_new_tokens=32))
+    assert [(r.reasoning, r.answer, r.finish_reason) for r in results] == [("😀", "😀", "stop")] * len(
+        prompts
+    )
+
+
 def test_continuous_batching_admits_requests_while_others_run(model, tokenizer, prompts):
     engine = Engine(model, tokenizer, max_batch_size=2)
     lengths = [30, 20, 16]

@@ -552,8 +552,8 @@ class Engine:
         with tqdm(total=len(requests), desc="generating", unit="req", disable=not progress) as bar:
             pending = set(requests)
             while pending:
-                for request, request_events in self.step():
-                    if request in pending and isinstance(request_events[-1], GenerationResult):
+                for request, _ in self.step():
+                    if request in pending and request.finished:
                         pending.discard(request)
                         bar.update(1)
         return [r.result for r in requests]  # type: ignore[misc]
