@@ -108,7 +108,7 @@ class DataConfig:
     split: str = "train"  # the hub split to read
     # synthetic tasks: families (empty = the defaults), counts and difficulty.
     families: list[str] = field(default_factory=list)
-    synthetic_train_size: int = 20000
+    synthetic_train_size: int = 10000  # the default families hold ~12k distinct train problems
     synthetic_val_size: int = 500
     difficulty: int | None = None
     val_fraction: float = 0.02  # for sources without a held-out split
