@@ -226,14 +226,15 @@ class Transformer(nn.Module):
             if kv_cache is not None:
                 raise ValueError("decoding with a KV cache needs explicit positions")
             positions = default_positions(batch, length, device, attention_mask, doc_ids)
-        if int(positions.max()) >= self.config.max_seq_len:
+        last_position = int(positions.max())  # one host sync per forward, used twice below
+        if last_position >= self.config.max_seq_len:
             raise ValueError(
-                f"position {int(positions.max())} is beyond the model's context of {self.config.max_seq_len}"
+                f"position {last_position} is beyond the model's context of {self.config.max_seq_len}"
             )
         cos = self.rope_cos[positions].unsqueeze(1)
         sin = self.rope_sin[positions].unsqueeze(1)
         if kv_cache is not None:
-            cache_length = int(positions.max()) + 1
+            cache_length = last_position + 1
             key_slots = torch.arange(cache_length, device=device)
             mask = (key_slots.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)
             return AttentionInputs(cos, sin, mask, positions, kv_cache, cache_rows, cache_length)

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 
 from reasoning_llama.config import ModelConfig, get_preset
@@ -19,6 +18,8 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Print a model's config and its parameter count broken down by part."""
+    import torch
+
     from reasoning_llama.model import Transformer
 
     if (preset is None) == (checkpoint is None):
