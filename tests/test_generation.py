@@ -75,6 +75,16 @@ def script(reasoning: list[int], answer: list[int]):
     return hook
 
 
+def script_raw(text: list[int], end: int = EOT):
+    """A logits hook that makes a raw continuation say exactly `text`, then `end`."""
+
+    def hook(request, logits):
+        i = len(request.output_ids)
+        return force(logits, text[i] if i < len(text) else end)
+
+    return hook
+
+
 def run_stream(engine, prompt, params, cancel_after=None):
     """Collect a stream's deltas by kind and its result; optionally cancel after that many deltas."""
     cancel = threading.Event()
@@ -408,6 +418,81 @@ def test_abandoned_stream_frees_its_slot(model, tokenizer, prompts):
     next(stream)
     stream.close()
     assert not engine.has_work()
+
+
+# -- raw mode (plain text continuation) -------------------------------------------------------
+
+RAW = SamplingParams(max_new_tokens=60, raw=True)
+
+
+@pytest.mark.parametrize("end", [EOT, IM_END])
+def test_raw_continuation_is_all_text_and_ends_at_either_end_token(model, tokenizer, end):
+    text = "Once upon a time 😀 你好, said the user."  # multi-token characters and a role word
+    ids = tokenizer.encode(text)
+    engine = Engine(model, tokenizer, logits_hook=script_raw(ids, end))
+    texts, result = run_stream(engine, tokenizer.encode("Story:"), RAW)
+    assert result.token_ids == [*ids, end]
+    assert (result.answer, result.reasoning, result.finish_reason) == (text, "", "stop")
+    assert (result.reasoning_tokens, result.completion_tokens) == (0, len(ids) + 1)
+    assert texts["reasoning"] == [] and "".join(texts["answer"]) == text  # no header, no reasoning
+    assert not any("\ufffd" in t for t in texts["answer"])
+
+
+def test_raw_stop_string_split_across_tokens_never_leaks(model, tokenizer):
+    st, op = tokenizer.encode("ST"), tokenizer.encode("OP")
+    ids = tokenizer.encode("The answer is ") + st + op + tokenizer.encode(" hidden")
+    engine = Engine(model, tokenizer, logits_hook=script_raw(ids))
+    params = dataclasses.replace(RAW, stop=("STOP", "zzz"))
+    texts, result = run_stream(engine, tokenizer.encode("Q:"), params)
+    assert result.answer == "".join(texts["answer"]) == "The answer is "
+    assert not any("S" in t for t in texts["answer"])  # the partial "ST" was held back, then dropped
+    assert result.finish_reason == "stop" and result.token_ids[-1] == op[0]
+    assert engine.generate(tokenizer.encode("Q:"), params).answer == "The answer is "
+
+
+def test_raw_max_new_tokens_ends_with_length_and_specials_never_appear(model, tokenizer):
+    banned = [IM_START, USER, REASONING, ASSISTANT, PAD]
+
+    def push_specials(request, logits):
+        logits[banned] += 1000.0  # never sampled, however likely
+        logits[[EOT, IM_END]] = -math.inf  # keep the continuation going to the limit
+
+    engine = Engine(model, tokenizer, logits_hook=push_specials)
+    prompt = tokenizer.encode("<|im_start|>assistant\n user reasoning")  # plain text, never specials
+    result = engine.generate(prompt, dataclasses.replace(RAW, max_new_tokens=12))
+    assert (result.finish_reason, result.completion_tokens) == ("length", 12)
+    assert all(t < EOT for t in result.token_ids)
+    assert result.answer == tokenizer.decode(result.token_ids) and result.reasoning == ""
+
+
+def test_raw_rejects_a_reasoning_budget(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    with pytest.raises(RequestError, match="raw text") as info:
+        engine.add_request([1, 2], SamplingParams(raw=True, reasoning_budget=4))
+    assert info.value.param == "reasoning_budget"
+    assert not engine.has_work()
+
+
+def test_raw_and_chat_requests_batched_together_equal_each_alone(model, tokenizer, prompts):
+    raw_prompts = [tokenizer.encode(t) for t in TEXTS[:2]]
+    work = [
+        (raw_prompts[0], SamplingParams(max_new_tokens=20, raw=True)),
+        (prompts[0], SamplingParams(max_new_tokens=24)),
+        (raw_prompts[1], SamplingParams(max_new_tokens=16, raw=True, temperature=1.0, seed=3)),
+        (prompts[2], SamplingParams(max_new_tokens=18, reasoning_budget=5)),
+    ]
+    engine = Engine(model, tokenizer, max_batch_size=4)
+    alone = [engine.generate(prompt, params) for prompt, params in work]
+    batched = engine.generate_batch([w[0] for w in work], [w[1] for w in work])
+
+    def summary(r):
+        return r.token_ids, r.reasoning, r.answer, r.finish_reason, r.reasoning_tokens
+
+    assert [summary(r) for r in batched] == [summary(r) for r in alone]
+    for r in (alone[0], alone[2]):
+        assert (r.reasoning, r.reasoning_tokens) == ("", 0)
+        assert r.answer == tokenizer.decode([t for t in r.token_ids if t < EOT])
+    assert alone[1].reasoning and alone[3].reasoning_tokens == 5  # the chat ones kept their turns
 
 
 # -- sampling through the engine -----------------------------------------------------------

@@ -100,6 +100,7 @@ def test_repetition_penalty_matches_transformers():
         ("reasoning_budget", -1),
         ("stop", "STOP"),
         ("stop", ("",)),
+        ("raw", 1),
     ],
 )
 def test_validate_names_the_bad_value(field, value):
@@ -114,3 +115,10 @@ def test_validate_accepts_defaults_and_sensible_values():
     SamplingParams(
         temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.1, seed=3, stop=("x",)
     ).validate()
+
+
+def test_validate_refuses_a_reasoning_budget_in_raw_mode():
+    SamplingParams(raw=True, stop=("\n",)).validate()
+    with pytest.raises(RequestError, match="leave it unset") as info:
+        SamplingParams(raw=True, reasoning_budget=0).validate()
+    assert info.value.param == "reasoning_budget"

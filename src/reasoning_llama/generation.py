@@ -10,6 +10,10 @@ ends (the model emits `<|im_end|>`, or the reasoning budget is spent and the eng
 engine feeds `\\n<|im_start|>assistant\\n` through the model itself and the answer follows, ending
 at `<|im_end|>` or `<|endoftext|>`.
 
+Raw mode (`SamplingParams(raw=True)`, plain text continuation) has no turns: the request starts
+in the answer phase, so every generated token is answer text, ending at `<|im_end|>` or
+`<|endoftext|>` exactly as an answer does; there is no reasoning and no assistant header.
+
 Special ids the sampler may pick: `<|im_end|>` in the reasoning, `<|im_end|>` and `<|endoftext|>`
 in the answer. Everything else special (`<|im_start|>`, role ids, `<|PAD|>`, and `<|endoftext|>`
 in the reasoning, so a finished generation always has an answer) gets logit -inf, so no special id
@@ -190,7 +194,7 @@ class Request:
         self.prompt_ids = prompt_ids
         self.params = params
         self.output_ids: list[int] = []
-        self.phase: Literal["reasoning", "header", "answer"] = "reasoning"
+        self.phase: Literal["reasoning", "header", "answer"] = "answer" if params.raw else "reasoning"
         self.reasoning_tokens = 0
         self.result: GenerationResult | None = None
         self._cancel = threading.Event()

@@ -26,7 +26,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # transformers semantics; 1 = off
     seed: int | None = None  # a per-request generator: reproducible whatever else is in the batch
     reasoning_budget: int | None = None  # max reasoning tokens before the engine closes the reasoning
-    stop: tuple[str, ...] = ()  # text stop strings, matched in the answer only
+    stop: tuple[str, ...] = ()  # text stop strings, matched in the answer (or the raw text) only
+    raw: bool = False  # plain text continuation: no reasoning, no assistant header, no chat turns
 
     def validate(self) -> None:
         """Raise RequestError naming the first out-of-range value."""
@@ -52,6 +53,12 @@ class SamplingParams:
             not _is_int(self.reasoning_budget) or self.reasoning_budget < 0
         ):
             raise bad("reasoning_budget", "must be an integer >= 0 or None")
+        if not isinstance(self.raw, bool):
+            raise bad("raw", "must be True or False")
+        if self.raw and self.reasoning_budget is not None:
+            raise bad(
+                "reasoning_budget", "does not apply to raw text (there is no reasoning); leave it unset"
+            )
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
             raise bad("stop", "must be a sequence of strings")
         if any(s == "" for s in self.stop):
