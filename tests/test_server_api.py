@@ -17,10 +17,10 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 from reasoning_llama.generation import SamplingParams
 from reasoning_llama.server import ServerSettings
-from reasoning_llama.server.raw import StopText
 from reasoning_llama.tokenizer import EOT, get_tokenizer
 from server_fixtures import MODEL, make_checkpoint, make_engine, scripted_hook, serve
 
@@ -30,6 +30,23 @@ SCRIPTS = {
     "": (THINK, ANSWER),
 }
 KEY = "sekrit-key"
+# Raw continuations by prompt: " STOP" arrives split over two tokens, " ST" + "OP".
+TOKENIZER = get_tokenizer()
+COUNTING = [t for piece in ("one two three", " ST", "OP", " four") for t in TOKENIZER.encode(piece)]
+RAW_SCRIPTS = {"[count]": COUNTING, "": TOKENIZER.encode(THINK)}
+
+
+def raw_scripted_hook(scripts: dict[str, list[int]]):
+    """A logits hook for raw requests: the first script whose key is in the prompt, then <|endoftext|>."""
+
+    def hook(request, logits):
+        text = next(ids for key, ids in scripts.items() if key in TOKENIZER.decode(request.prompt_ids))
+        script = [*text, EOT]
+        forced = torch.full_like(logits, -float("inf"))
+        forced[script[min(len(request.output_ids), len(script) - 1)]] = 0.0
+        return forced
+
+    return hook
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +73,11 @@ def prompts_seen():
 
 @pytest.fixture(scope="module")
 def scripted(checkpoint, prompts_seen):
-    script = scripted_hook(SCRIPTS)
+    chat, raw = scripted_hook(SCRIPTS), raw_scripted_hook(RAW_SCRIPTS)
 
     def hook(request, logits):
         prompts_seen[request.id] = list(request.prompt_ids)
-        return script(request, logits)
+        return (raw if request.params.raw else chat)(request, logits)
 
     with serve(make_engine(checkpoint, logits_hook=hook)) as server:
         yield server
@@ -270,34 +287,63 @@ def test_completion_continues_plain_text(greedy, reference):
     prompt = "Once upon a time <|im_end|>"
     reply = client(greedy).completions.create(model=MODEL, prompt=prompt, max_tokens=20)
     ids = get_tokenizer().encode(prompt)
-    expected = reference.generate(ids, SamplingParams(max_new_tokens=20))
-    assert reply.choices[0].text == expected.reasoning  # the engine's raw continuation
-    assert reply.choices[0].finish_reason == "length"
-    assert reply.usage.prompt_tokens == len(ids) and reply.usage.completion_tokens == 20
+    expected = reference.generate(ids, SamplingParams(max_new_tokens=20, raw=True))
+    assert reply.object == "text_completion" and reply.id.startswith("cmpl-")
+    assert reply.choices[0].text == expected.answer  # the engine's raw continuation
+    assert reply.choices[0].finish_reason == expected.finish_reason
+    assert reply.usage.prompt_tokens == len(ids)
+    assert reply.usage.completion_tokens == expected.completion_tokens
+    assert reply.usage.completion_tokens_details.reasoning_tokens == 0
 
 
-def test_completion_ends_where_the_model_closes_the_text(scripted):
-    reply = client(scripted).completions.create(model=MODEL, prompt="[count]", max_tokens=50)
-    assert (reply.choices[0].text, reply.choices[0].finish_reason) == ("Counting.", "stop")
-    reply = client(scripted).completions.create(model=MODEL, prompt="[count]", max_tokens=50, stop=["ing"])
-    assert (reply.choices[0].text, reply.choices[0].finish_reason) == ("Count", "stop")
-    stream = client(scripted).completions.create(
-        model=MODEL, prompt="Say:", max_tokens=50, stream=True, stream_options={"include_usage": True}
+def test_completion_ends_where_the_model_ends_the_text(scripted):
+    reply = client(scripted).completions.create(model=MODEL, prompt="Say:", max_tokens=50)
+    assert (reply.choices[0].text, reply.choices[0].finish_reason) == (THINK, "stop")
+    assert reply.usage.completion_tokens == len(get_tokenizer().encode(THINK)) + 1  # and <|endoftext|>
+    reply = client(scripted).completions.create(model=MODEL, prompt="Say:", max_tokens=3)
+    assert reply.choices[0].text == get_tokenizer().decode(get_tokenizer().encode(THINK)[:3])
+    assert (reply.choices[0].finish_reason, reply.usage.completion_tokens) == ("length", 3)
+
+
+def test_completion_stop_string_is_cut_and_never_streamed(scripted):
+    reply = client(scripted).completions.create(
+        model=MODEL, prompt="[count]", max_tokens=50, stop=["STOP", "zzz"]
     )
-    chunks = list(stream)
-    assert "".join(c.choices[0].text for c in chunks if c.choices) == THINK
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
-    assert chunks[-1].usage.completion_tokens == len(get_tokenizer().encode(THINK)) + 1
+    assert (reply.choices[0].text, reply.choices[0].finish_reason) == ("one two three ", "stop")
+    assert reply.usage.completion_tokens == len(COUNTING) - 1  # ended on the "OP" that completed it
+    stream = client(scripted).completions.create(
+        model=MODEL,
+        prompt="[count]",
+        max_tokens=50,
+        stop="STOP",
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    *chunks, usage_chunk = list(stream)
+    texts = [c.choices[0].text for c in chunks]
+    assert "".join(texts) == "one two three " and not any("ST" in t for t in texts)
+    assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["stop"]
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == len(COUNTING) - 1
 
 
-def test_stop_text_holds_back_a_possible_stop_string():
-    text = StopText(["STOP"])
-    assert text.push("one ST") == "one "
-    assert text.push("A") == "STA"
-    assert text.push("y S") == "y "
-    assert text.push("TOP and more") == ""
-    assert text.stopped
-    assert StopText(["ab"]).push("xa", final=True) == "xa"
+def test_completion_stream_wire_format(scripted):
+    body = {"model": MODEL, "prompt": "Say:", "max_tokens": 50, "stream": True}
+    with httpx.stream("POST", f"{scripted.url}/v1/completions", json=body, timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = response.read().decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(p["object"] == "text_completion" and "usage" not in p for p in payloads)
+    assert "".join(p["choices"][0]["text"] for p in payloads) == THINK
+    assert payloads[-1]["choices"][0] == {"index": 0, "text": "", "finish_reason": "stop", "logprobs": None}
+
+
+def test_completion_refuses_a_reasoning_budget(scripted):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(scripted).completions.create(
+            model=MODEL, prompt="Say:", max_tokens=5, extra_body={"reasoning_budget": 2}
+        )
+    assert caught.value.param == "reasoning_budget" and "raw text" in caught.value.message
 
 
 # --- errors -----------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from reasoning_llama.errors import RequestError
 from reasoning_llama.generation import Delta, Engine, GenerationResult, SamplingParams
 from reasoning_llama.server.errors import APIError, bad_request, from_request_error, install_error_handlers
 from reasoning_llama.server.metrics import ServerMetrics
-from reasoning_llama.server.raw import RawEnd, raw_continuation
 from reasoning_llama.server.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -249,49 +248,22 @@ def _api_router(state: _ServerState) -> APIRouter:
         prompt_ids = state.tokenizer.encode(text)  # plain BPE: never a special id
         if not prompt_ids:
             raise bad_request("the prompt is empty", param="prompt")
-        params = state.sampling_params(body, len(prompt_ids))
-        stops, params = params.stop, dataclasses.replace(params, stop=())
+        params = dataclasses.replace(state.sampling_params(body, len(prompt_ids)), raw=True)
         job = state.submit(prompt_ids, params)
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        pieces = _raw_pieces(state, job, stops)
         if body.stream:
-            events = _completion_stream(pieces, completion_id, created, body.include_usage(), settings)
+            events = _completion_stream(state, job, completion_id, created, body.include_usage())
             return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-        watcher = asyncio.create_task(_until_disconnect(request, job))
-        try:
-            parts = [piece async for piece in pieces]
-        finally:
-            watcher.cancel()
-        end = parts.pop()
-        assert isinstance(end, RawEnd)
+        result = await _collect(state, request, job)
         return Completion(
             id=completion_id,
             created=created,
             model=settings.model_name,
-            choices=[TextChoice(text="".join(parts), finish_reason=end.finish_reason)],  # type: ignore[arg-type]
-            usage=_raw_usage(end),
+            choices=[TextChoice(text=result.answer, finish_reason=result.finish_reason)],
+            usage=_usage(result),
         )
 
     return router
-
-
-async def _raw_pieces(state: _ServerState, job: Job, stops: Sequence[str]) -> AsyncIterator[str | RawEnd]:
-    """The raw continuation's text pieces then its RawEnd; a failure as an APIError."""
-    try:
-        async for piece in raw_continuation(job, stops):
-            yield piece
-    except (EngineFailed, QueueFull) as e:
-        raise _failure(e, state.settings) from None
-
-
-def _raw_usage(end: RawEnd) -> Usage:
-    prompt = end.result.prompt_tokens
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=end.completion_tokens,
-        total_tokens=prompt + end.completion_tokens,
-        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=0),
-    )
 
 
 def _model_card(state: _ServerState) -> ModelCard:
@@ -337,28 +309,26 @@ async def _chat_stream(
 
 
 async def _completion_stream(
-    pieces: AsyncIterator[str | RawEnd],
-    completion_id: str,
-    created: int,
-    include_usage: bool,
-    settings: ServerSettings,
+    state: _ServerState, job: Job, completion_id: str, created: int, include_usage: bool
 ) -> AsyncIterator[str]:
+    """OpenAI's text_completion chunks: the raw continuation's pieces, finish, usage, [DONE]."""
+
     def chunk(choices: list[TextChoice], usage: Usage | None = None) -> str:
         body = Completion(
-            id=completion_id, created=created, model=settings.model_name, choices=choices, usage=usage
+            id=completion_id, created=created, model=state.settings.model_name, choices=choices, usage=usage
         )
         return _sse(_chunk_json(body, include_usage))
 
     try:
-        async for piece in pieces:
-            if isinstance(piece, RawEnd):
-                yield chunk([TextChoice(text="", finish_reason=piece.finish_reason)])
-                if include_usage:
-                    yield chunk([], _raw_usage(piece))
-            else:
-                yield chunk([TextChoice(text=piece)])
-    except APIError as e:
-        yield _sse(e.body())
+        async for event in job.results():
+            if isinstance(event, Delta):  # raw mode: every delta is continuation text
+                yield chunk([TextChoice(text=event.text)])
+                continue
+            yield chunk([TextChoice(text="", finish_reason=event.finish_reason)])
+            if include_usage:
+                yield chunk([], _usage(event))
+    except (EngineFailed, QueueFull) as e:
+        yield _sse(_failure(e, state.settings).body())
     yield _sse("[DONE]")
 
 
