@@ -154,7 +154,7 @@ class _ServerState:
             result,
             submitted_at=job.submitted_at,
             first_text_at=job.first_text_at,
-            finish_reason=job.ended_as or result.finish_reason,
+            finish_reason=result.finish_reason,
         )
 
 

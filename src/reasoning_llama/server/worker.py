@@ -46,7 +46,6 @@ class Job:
         self._request: Any = None  # the engine's Request once admitted
         self.done = False
         self.first_text_at: float | None = None  # set by the worker thread
-        self.ended_as: str | None = None  # the finish reason to report when the server ended it early
 
     def cancel(self) -> None:
         """Thread-safe; a no-op once the job has finished."""
@@ -55,11 +54,6 @@ class Job:
             request = self._request
         if request is not None and not self.done:
             request.cancel()
-
-    def end(self, finish_reason: str) -> None:
-        """Stop generating because the caller has all it needs; metrics report `finish_reason`."""
-        self.ended_as = finish_reason
-        self.cancel()
 
     @property
     def cancelled(self) -> bool:
