@@ -104,6 +104,18 @@ def load_model(
     # Build on the meta device: no memory and no random init for weights about to be replaced.
     with torch.device("meta"):
         model = Transformer(config)
+    check_state_dict(model, state, what=f"{weights} does not match {directory / CONFIG}")
+    model.load_state_dict(state, assign=True)
+    # Non-persistent buffers (the RoPE tables) are not in the file: compute them for real.
+    cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def check_state_dict(model: Transformer, state: dict[str, torch.Tensor], *, what: str) -> None:
+    """Raise a CheckpointError, prefixed by `what`, naming missing, unexpected and misshapen tensors."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -112,19 +124,12 @@ def load_model(
         for k in expected
         if k in state and state[k].shape != expected[k].shape
     ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
-        if wrong:
-            parts.append(f"shape mismatch: {'; '.join(wrong[:3])}")
-        raise CheckpointError(f"{weights} does not match {directory / CONFIG}: " + "; ".join(parts))
-    model.load_state_dict(state, assign=True)
-    # Non-persistent buffers (the RoPE tables) are not in the file: compute them for real.
-    cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
-    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
+
+    def first(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+
+    parts = [f"missing {first(missing)}"] if missing else []
+    parts += [f"unexpected {first(unexpected)}"] if unexpected else []
+    parts += [f"shape mismatch: {'; '.join(wrong[:3])}"] if wrong else []
+    if parts:
+        raise CheckpointError(f"{what}: " + "; ".join(parts))

@@ -198,7 +198,7 @@ def import_hf(source: str | Path, out: str | Path, *, overwrite: bool = False) -
         config = ModelConfig.from_dict({**config.to_dict(), "vocab_size": N_VOCAB})
     with torch.device("meta"):  # no init cost: every parameter is assigned from `state`
         model = Transformer(config)
-    _check_state(model, state, source)
+    checkpoint.check_state_dict(model, state, what=f"weights in {source} do not match its config.json")
     model.load_state_dict(state, assign=True)
     return checkpoint.save_model(out, model)
 
@@ -304,22 +304,6 @@ def _add_chat_rows(state: dict[str, Tensor]) -> dict[str, Tensor]:
             extra = rows.float().mean(0, keepdim=True).to(rows.dtype).expand(N_VOCAB - rows.shape[0], -1)
             out[name] = torch.cat([rows, extra])
     return out
-
-
-def _check_state(model: Transformer, state: dict[str, Tensor], source: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or wrong:
-        parts = [f"missing {', '.join(missing[:3])}"] if missing else []
-        parts += [f"unexpected {', '.join(unexpected[:3])}"] if unexpected else []
-        parts += [f"shape mismatch: {'; '.join(wrong[:3])}"] if wrong else []
-        raise CheckpointError(f"weights in {source} do not match its config.json: " + "; ".join(parts))
 
 
 # -- shared ---------------------------------------------------------------------------
