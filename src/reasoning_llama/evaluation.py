@@ -1,0 +1,234 @@
+"""Evaluation: masked loss and perplexity, and greedy generations scored for exact match,
+format adherence and reasoning length, per synthetic task family.
+
+Generations go through the inference engine (`Engine.generate_batch`, greedy), so what is scored
+is exactly what `generate`, `chat` and the server would produce.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from reasoning_llama.data.batching import Batch, BatchLoader
+from reasoning_llama.data.prepare import TokenizedSplit
+from reasoning_llama.data.synthetic import DEFAULT_FAMILIES, FAMILIES, generate_examples, normalize_answer
+from reasoning_llama.errors import ConfigError
+from reasoning_llama.generation import Engine, GenerationResult
+from reasoning_llama.model import Transformer
+from reasoning_llama.sampling import SamplingParams
+from reasoning_llama.tokenizer import ChatTokenizer
+
+NO_FAMILY = "data"  # the bucket of rows without a synthetic `family`
+
+
+# --- loss ----------------------------------------------------------------------------------
+
+
+@dataclass
+class LossReport:
+    loss: float  # mean cross-entropy over the loss tokens (nats per token)
+    perplexity: float
+    loss_tokens: int
+
+
+def batch_loss_sum(model: Transformer, batch: Batch) -> torch.Tensor:
+    """Summed cross-entropy over the batch's loss tokens; the head runs only at those positions."""
+    logits = model(batch.inputs, batch.positions, doc_ids=batch.doc_ids, select=batch.loss_mask)
+    return F.cross_entropy(logits.float(), batch.targets[batch.loss_mask], reduction="sum")
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: Transformer, batches: Iterable[Batch], *, amp_dtype: torch.dtype | None = None
+) -> LossReport:
+    """Token-weighted mean loss over `batches` (the model's mode is restored afterwards)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    try:
+        for batch in batches:
+            if batch.n_loss_tokens == 0:
+                continue
+            with autocast:
+                total += batch_loss_sum(model, batch.to(device)).item()
+            tokens += batch.n_loss_tokens
+    finally:
+        model.train(was_training)
+    loss = total / tokens if tokens else math.nan
+    return LossReport(loss, math.exp(min(loss, 700.0)), tokens)
+
+
+def tokenize_for_eval(
+    rows: Sequence[dict[str, str]], tokenizer: ChatTokenizer, max_tokens: int, *, system: str | None = None
+) -> TokenizedSplit:
+    """Render rows as training examples, cut to `max_tokens` ids (so overlong rows still count what fits)."""
+    ids, masks = [], []
+    for row in rows:
+        example = tokenizer.render_example(row["user"], row["reasoning"], row["assistant"], system=system)
+        ids.append(np.asarray(example.ids[:max_tokens], dtype=np.int32))
+        masks.append(np.asarray(example.loss_mask[:max_tokens], dtype=np.bool_))
+    return TokenizedSplit(ids=ids, loss_mask=masks, rows=list(rows), families=[r.get("family") for r in rows])
+
+
+def loss_on_rows(
+    model: Transformer,
+    tokenizer: ChatTokenizer,
+    rows: Sequence[dict[str, str]],
+    *,
+    batch_size: int = 8,
+    amp_dtype: torch.dtype | None = None,
+    system: str | None = None,
+) -> LossReport:
+    """Masked loss and perplexity of the model on raw rows, packed into rows of the model's context."""
+    seq_len = model.config.max_seq_len
+    split = tokenize_for_eval(rows, tokenizer, seq_len + 1, system=system)
+    keep = [i for i, x in enumerate(split.ids) if len(x) >= 2]
+    split = TokenizedSplit([split.ids[i] for i in keep], [split.loss_mask[i] for i in keep])
+    if not len(split):
+        return LossReport(math.nan, math.nan, 0)
+    seq_len = min(seq_len, max(len(x) for x in split.ids) - 1)
+    loader = BatchLoader(split, seq_len=seq_len, batch_size=batch_size, packing=True, seed=0, shuffle=False)
+    return evaluate_loss(model, loader.iter_epoch_once(), amp_dtype=amp_dtype)
+
+
+# --- generations -----------------------------------------------------------------------------
+
+
+@dataclass
+class Score:
+    """Generation metrics over a group of problems."""
+
+    n: int = 0
+    exact_match: float = 0.0  # share of answers equal to the reference after normalisation
+    format_adherence: float = 0.0  # share of well-formed outputs: reasoning, assistant header, answer, closed
+    finished: float = 0.0  # share that ended by themselves rather than hitting max_new_tokens
+    mean_reasoning_tokens: float = 0.0
+
+
+@dataclass
+class GenerationReport:
+    overall: Score
+    families: dict[str, Score]
+    examples: list[dict[str, Any]] = field(default_factory=list)  # one per row: prompt, reference, output
+
+    def to_dict(self, *, with_examples: bool = False) -> dict[str, Any]:
+        out = {"overall": asdict(self.overall), "families": {k: asdict(v) for k, v in self.families.items()}}
+        if with_examples:
+            out["examples"] = self.examples
+        return out
+
+
+def answer_matches(row: dict[str, str], predicted: str) -> bool:
+    """Exact match with the family's checker (e.g. `07` == `7`), else on normalised text."""
+    family = FAMILIES.get(row.get("family") or "")
+    if family is not None:
+        return family.check(row["assistant"], predicted)
+    return normalize_answer(row["assistant"]) == normalize_answer(predicted)
+
+
+def default_max_new_tokens(rows: Sequence[dict[str, str]], tokenizer: ChatTokenizer) -> int:
+    """Room for twice the longest reference generation, so a slightly verbose model is not cut off."""
+    longest = max(len(tokenizer.render_generation(r["reasoning"], r["assistant"])) for r in rows)
+    return 2 * longest + 16
+
+
+def _score(items: list[dict[str, Any]]) -> Score:
+    n = len(items)
+    if not n:
+        return Score()
+    return Score(
+        n=n,
+        exact_match=sum(i["correct"] for i in items) / n,
+        format_adherence=sum(i["well_formed"] for i in items) / n,
+        finished=sum(i["finished"] for i in items) / n,
+        mean_reasoning_tokens=sum(i["reasoning_tokens"] for i in items) / n,
+    )
+
+
+def evaluate_generations(
+    engine: Engine,
+    rows: Sequence[dict[str, str]],
+    *,
+    max_new_tokens: int | None = None,
+    system: str | None = None,
+    progress: bool = False,
+) -> GenerationReport:
+    """Greedy-generate an answer to every row's `user` and score it against the row's `assistant`."""
+    if not rows:
+        raise ConfigError("nothing to evaluate: no rows")
+    tokenizer = engine.tokenizer
+    budget = max_new_tokens or default_max_new_tokens(rows, tokenizer)
+    prompts, params, fits = [], [], []
+    for row in rows:
+        messages = [{"role": "user", "content": row["user"]}]
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        prompt = tokenizer.render_prompt(messages)
+        room = min(budget, engine.max_context - len(prompt))
+        fits.append(room >= 1)
+        if room >= 1:
+            prompts.append(prompt)
+            params.append(SamplingParams(max_new_tokens=room, temperature=0.0))
+    results = iter(engine.generate_batch(prompts, params, progress=progress) if prompts else [])
+    items = []
+    for row, fit in zip(rows, fits, strict=True):
+        result: GenerationResult | None = next(results) if fit else None
+        parsed = tokenizer.parse(result.token_ids) if result else None
+        items.append(
+            {
+                "family": row.get("family") or NO_FAMILY,
+                "user": row["user"],
+                "reference": row["assistant"],
+                "reasoning": result.reasoning if result else "",
+                "answer": result.answer if result else "",
+                "correct": bool(result and answer_matches(row, result.answer)),
+                "well_formed": bool(parsed and parsed.well_formed),
+                "finished": bool(result and result.finish_reason == "stop"),
+                "reasoning_tokens": result.reasoning_tokens if result else 0,
+                "prompt_fits": fit,
+            }
+        )
+    families = sorted({i["family"] for i in items})
+    return GenerationReport(
+        overall=_score(items),
+        families={f: _score([i for i in items if i["family"] == f]) for f in families},
+        examples=items,
+    )
+
+
+# --- synthetic tasks -------------------------------------------------------------------------
+
+
+def parse_task_spec(spec: str) -> list[str]:
+    """`synthetic` (the default families) or `synthetic:chain_sum,sort_digits` -> family names."""
+    kind, _, names = spec.partition(":")
+    if kind != "synthetic":
+        raise ConfigError(f"unknown task {spec!r}; use synthetic or synthetic:FAMILY[,FAMILY...]")
+    families = [n.strip() for n in names.split(",") if n.strip()] or list(DEFAULT_FAMILIES)
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ConfigError(f"unknown synthetic family {', '.join(unknown)}; known: {', '.join(FAMILIES)}")
+    return families
+
+
+def synthetic_test_rows(
+    families: Sequence[str], per_family: int, *, seed: int = 0, difficulty: int | None = None
+) -> list[dict[str, str]]:
+    """`per_family` problems of each family from the synthetic TEST split (never trained on)."""
+    try:
+        examples = generate_examples(
+            list(families), per_family * len(families), split="test", seed=seed, difficulty=difficulty
+        )
+    except ValueError as e:
+        raise ConfigError(f"synthetic task: {e}") from None
+    return [e.as_row() for e in examples]

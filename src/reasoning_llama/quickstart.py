@@ -1,0 +1,302 @@
+"""`reasoning-llama quickstart`: train a small model on the synthetic tasks in minutes on a CPU and show
+what it learned: exact match per family before and after training on held-out problems, one sample
+conversation, and where the checkpoint and the plot are.
+
+The recipe (`quickstart_config`, mirrored by configs/quickstart.yaml) is shaped for a 2-core CPU:
+- tasks whose reasoning moves one digit or letter per token (the synthetic DEFAULT_FAMILIES);
+- a narrow trunk, because the untied 50,263-way embedding and head dominate the cost, and the head
+  runs only at the positions that carry loss;
+- the number of steps is planned from a short speed probe so the cosine schedule ends within the
+  time budget, and a deadline stops the run (saving, evaluating) if the machine slows down.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reasoning_llama.config import RunConfig, load_run_config
+from reasoning_llama.data.batching import BatchLoader
+from reasoning_llama.data.prepare import PreparedData, prepare_data
+from reasoning_llama.errors import ConfigError
+from reasoning_llama.evaluation import GenerationReport, evaluate_generations, synthetic_test_rows
+from reasoning_llama.generation import Engine
+from reasoning_llama.tokenizer import get_tokenizer
+from reasoning_llama.training import checkpointing as ckpt
+from reasoning_llama.training.loop import (
+    RUN_CONFIG,
+    TrainResult,
+    accumulation_steps,
+    amp_dtype_for,
+    build_model,
+    train,
+)
+from reasoning_llama.training.loop import _optimizer_step as optimizer_step
+from reasoning_llama.training.loss import fused_batch_loss_sum
+from reasoning_llama.training.optim import build_optimizer
+from reasoning_llama.training.plot import plot_run
+
+# Keep in step with configs/quickstart.yaml (a test checks they agree).
+RECIPE: list[str] = [
+    "train.preset=tiny",
+    "train.model_overrides={dim: 128, n_layers: 4, n_heads: 4, n_kv_heads: 2, ffn_dim: 384, max_seq_len: 256}",
+    "train.global_batch_tokens=4096",
+    "train.micro_batch_size=16",
+    "train.max_steps=600",
+    "train.lr=3e-3",
+    "train.min_lr_ratio=0.05",
+    "train.warmup_steps=30",
+    "train.weight_decay=0.0",
+    "train.eval_every=100",
+    "train.eval_batches=4",
+    "train.task_eval_every=0",
+    "train.task_eval_size=150",
+    "train.save_every=100",
+    "train.keep_last=1",
+    "train.log_every=10",
+    "data.source=synthetic",
+    "data.synthetic_train_size=12000",
+    "data.synthetic_val_size=150",
+    "data.seq_len=256",
+    "data.packing=true",
+]
+# --fast: a smoke run of the same path in well under a minute (it learns little).
+FAST: list[str] = [
+    "train.max_steps=12",
+    "train.warmup_steps=3",
+    "train.eval_every=6",
+    "train.eval_batches=1",
+    "train.save_every=6",
+    "train.task_eval_size=12",
+    "train.global_batch_tokens=2048",
+    "train.micro_batch_size=8",
+    "data.synthetic_train_size=600",
+    "data.synthetic_val_size=30",
+]
+EVAL_PER_FAMILY = 100
+FAST_EVAL_PER_FAMILY = 4
+EVAL_SEED_OFFSET = 1  # held-out problems other than the validation ones that pick the best checkpoint
+
+
+def quickstart_config(*, fast: bool = False, extra: list[str] | None = None) -> RunConfig:
+    return load_run_config(None, [*RECIPE, *(FAST if fast else []), *(extra or [])])
+
+
+@dataclass
+class QuickstartReport:
+    run_dir: str
+    checkpoint: str
+    plot: str
+    steps: int
+    planned_steps: int
+    stop_reason: str
+    train_seconds: float
+    total_seconds: float
+    before: dict[str, Any]
+    after: dict[str, Any]
+    sample: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def probe_seconds_per_step(config: RunConfig, data: PreparedData, steps: int = 2) -> float:
+    """Time a few optimizer steps of a throwaway copy of the run (the first one warms up and is not counted)."""
+    t = config.train
+    cpu = torch.device("cpu")
+    model = build_model(config, cpu)
+    optimizer = build_optimizer(model, t, cpu)
+    loader = BatchLoader(
+        data.train, seq_len=config.data.seq_len, batch_size=t.micro_batch_size, packing=True, seed=t.seed + 1
+    )
+    batches, accum = iter(loader), accumulation_steps(config)
+    amp = amp_dtype_for(cpu, t.dtype)
+    loss = partial(fused_batch_loss_sum, amp_dtype=amp)
+    timings = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        micro = [next(batches) for _ in range(accum)]
+        optimizer_step(model, optimizer, loss, micro, t.lr, t.grad_clip, amp, cpu)
+        timings.append(time.perf_counter() - start)
+    return min(timings[1:])
+
+
+def bf16_matmul_is_faster() -> bool:
+    """Whether this CPU multiplies in bf16 clearly faster than in fp32 (native bf16 instructions)."""
+    a, b = torch.randn(256, 128), torch.randn(128, 8192)
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = a.to(dtype), b.to(dtype)
+        x @ y  # warm up
+        start = time.perf_counter()
+        for _ in range(5):
+            x @ y
+        timings[dtype] = time.perf_counter() - start
+    return timings[torch.bfloat16] < 0.7 * timings[torch.float32]
+
+
+def tune_for_this_cpu(config: RunConfig, data: PreparedData, say: Any) -> float:
+    """Pick bf16 or fp32 matmuls and 1 or 2 threads by measurement; return the seconds per step.
+
+    On a CPU shared with other work, one thread often beats two (threads wait on each other).
+    """
+    config.train.dtype = "bfloat16" if bf16_matmul_is_faster() else "float32"
+    candidates = sorted({1, min(2, os.cpu_count() or 1)})
+    speed = {}
+    for threads in candidates:
+        torch.set_num_threads(threads)
+        speed[threads] = probe_seconds_per_step(config, data)
+    threads = min(speed, key=speed.__getitem__)
+    torch.set_num_threads(threads)
+    say(
+        f"speed probe: {speed[threads]:.2f} s per step with {threads} thread(s), {config.train.dtype} matmuls"
+    )
+    return speed[threads]
+
+
+def plan_steps(seconds_per_step: float, budget_s: float, config: RunConfig) -> int:
+    """Steps that fit the training budget, leaving room for the periodic evaluations and saves."""
+    t = config.train
+    overhead = 1.1
+    fitting = int(budget_s / (seconds_per_step * overhead))
+    return max(t.warmup_steps + 10, min(t.max_steps, fitting))
+
+
+def run_quickstart(
+    out: str | Path = "runs/quickstart",
+    *,
+    minutes: float = 6.0,
+    fast: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    say: Any = print,
+) -> QuickstartReport:
+    """Train, evaluate before/after and plot; `minutes` bounds the training part."""
+    started = time.monotonic()
+    out = Path(out)
+    _clear_previous(out, overwrite)
+    config = quickstart_config(fast=fast)
+    config.train.device = "cpu"  # small model, small batches: the CPU wins over a GPU's launch overhead
+    tokenizer = get_tokenizer()
+    say("preparing the synthetic tasks ...")
+    data = prepare_data(config.data, tokenizer, progress=False)
+    families = sorted({row["family"] for row in data.train.rows})
+    per_family = FAST_EVAL_PER_FAMILY if fast else EVAL_PER_FAMILY
+    test_rows = synthetic_test_rows(families, per_family, seed=config.data.seed + EVAL_SEED_OFFSET)
+
+    if not fast:
+        per_step = tune_for_this_cpu(config, data, say)
+        config.train.max_steps = plan_steps(per_step, minutes * 60, config)
+
+    say(f"evaluating the untrained model on {len(test_rows)} held-out problems ...")
+    before = evaluate_generations(
+        _engine(build_model(config, torch.device("cpu"))), test_rows, progress=progress
+    )
+    say(f"training {config.train.max_steps} steps (about {minutes:g} minutes) ...")
+    train_start = time.monotonic()
+    result: TrainResult = train(
+        config,
+        out,
+        progress=progress,
+        tokenizer=tokenizer,
+        data=data,
+        deadline=train_start + minutes * 60,
+        echo=say,
+    )
+    train_seconds = time.monotonic() - train_start
+
+    best = out / ckpt.BEST
+    say(f"evaluating the trained model ({best}) on the same {len(test_rows)} problems ...")
+    from reasoning_llama.checkpoint import load_model
+
+    after = evaluate_generations(_engine(load_model(best)), test_rows, progress=progress)
+    plot = plot_run(out)
+    return QuickstartReport(
+        run_dir=str(out),
+        checkpoint=str(best),
+        plot=str(plot),
+        steps=result.step,
+        planned_steps=result.total_steps,
+        stop_reason=result.stop_reason,
+        train_seconds=train_seconds,
+        total_seconds=time.monotonic() - started,
+        before=before.to_dict(),
+        after=after.to_dict(),
+        sample=_pick_sample(after),
+    )
+
+
+def _engine(model: torch.nn.Module) -> Engine:
+    return Engine(model, get_tokenizer(), max_batch_size=64)  # type: ignore[arg-type]
+
+
+def _clear_previous(out: Path, overwrite: bool) -> None:
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ConfigError(f"{out} is not empty; pass --overwrite to replace it or choose another --out")
+    if not (out / RUN_CONFIG).is_file():
+        raise ConfigError(f"{out} does not look like a training run (no {RUN_CONFIG}); refusing to delete it")
+    shutil.rmtree(out)
+
+
+def _pick_sample(report: GenerationReport) -> dict[str, Any]:
+    """One conversation to show: the first correct answer of the longest-reasoning family, else the first."""
+    examples = report.examples
+    correct = [e for e in examples if e["correct"]]
+    pool = correct or examples
+    chosen = max(pool, key=lambda e: (e["family"] == "sort_digits", -examples.index(e)))
+    return {k: chosen[k] for k in ("family", "user", "reasoning", "answer", "reference", "correct")}
+
+
+def format_report(report: QuickstartReport) -> str:
+    """The human summary: accuracy before/after per family, a sample, where things are."""
+    lines = [
+        "",
+        f"{'family':<16}{'before':>10}{'after':>10}{'format after':>16}",
+    ]
+    for family, after in report.after["families"].items():
+        before = report.before["families"].get(family, {}).get("exact_match", 0.0)
+        lines.append(
+            f"{family:<16}{before:>10.0%}{after['exact_match']:>10.0%}{after['format_adherence']:>16.0%}"
+        )
+    overall_b, overall_a = report.before["overall"], report.after["overall"]
+    lines.append(
+        f"{'all':<16}{overall_b['exact_match']:>10.0%}{overall_a['exact_match']:>10.0%}"
+        f"{overall_a['format_adherence']:>16.0%}   ({overall_a['n']} held-out problems)"
+    )
+    sample = report.sample
+    lines += [
+        "",
+        "sample conversation (held-out):",
+        f"  user:      {sample['user']}",
+        "  reasoning: " + "\n             ".join(sample["reasoning"].splitlines() or [""]),
+        f"  answer:    {sample['answer']}   ({'correct' if sample['correct'] else 'expected ' + sample['reference']})",
+        "",
+        f"trained {report.steps} steps ({report.stop_reason}) in {report.train_seconds / 60:.1f} min; "
+        f"total {report.total_seconds / 60:.1f} min",
+        f"checkpoint: {report.checkpoint}",
+        f"plot:       {report.plot}",
+        f"next:       reasoning-llama chat --checkpoint {report.checkpoint}",
+        f"            reasoning-llama eval --checkpoint {report.checkpoint} --task synthetic",
+    ]
+    return "\n".join(lines)
+
+
+def families_reaching(report: QuickstartReport, threshold: float = 0.9) -> list[str]:
+    return [
+        f
+        for f, s in report.after["families"].items()
+        if s["exact_match"] >= threshold and not math.isnan(s["exact_match"])
+    ]
+
+
+__all__ = ["RECIPE", "QuickstartReport", "format_report", "quickstart_config", "run_quickstart"]

@@ -1,0 +1,504 @@
+"""The training loop: masked next-token loss on packed rows, AdamW, warmup + cosine, exact resume.
+
+One optimizer step = `accum` micro-batches whose summed loss is divided by the step's total loss
+tokens, so the gradient is the token-level mean however the tokens fall into micro-batches. The
+head and the loss run only at loss positions (`select=loss_mask`): in a small model most of the
+compute is the 50,263-way head, and prompt tokens never need it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from reasoning_llama.config import ModelConfig, RunConfig, get_preset
+from reasoning_llama.data.batching import Batch, BatchLoader
+from reasoning_llama.data.prepare import PreparedData, prepare_data
+from reasoning_llama.errors import ConfigError, ReasoningLlamaError
+from reasoning_llama.evaluation import (
+    batch_loss_sum,
+    evaluate_generations,
+    evaluate_loss,
+    synthetic_test_rows,
+)
+from reasoning_llama.generation import Engine, resolve_device
+from reasoning_llama.model import Transformer
+from reasoning_llama.tokenizer import ChatTokenizer, get_tokenizer
+from reasoning_llama.training import checkpointing as ckpt
+from reasoning_llama.training.loss import fused_batch_loss_sum
+from reasoning_llama.training.metrics import MetricsWriter, truncate_after
+from reasoning_llama.training.optim import build_optimizer, lr_at, set_lr
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG = "run_config.yaml"
+StopReason = Literal["finished", "early_stopping", "interrupted", "deadline", "stop_at_step"]
+
+
+class TrainingDiverged(ReasoningLlamaError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    total_steps: int
+    stop_reason: StopReason
+    checkpoint: Path | None  # the last resumable checkpoint written
+    best_val_loss: float | None
+    best_step: int | None
+    final: dict[str, Any]  # the last validation / task metrics logged
+
+
+@dataclass
+class Progress:
+    """Everything about the run's position besides weights, optimizer and data order."""
+
+    step: int = 0
+    tokens: int = 0
+    best_val_loss: float = math.inf
+    best_step: int = -1
+    evals_since_best: int = 0
+    loss_sum: float = 0.0  # train loss accumulated since the last log line
+    loss_steps: int = 0
+
+
+# --- setup ------------------------------------------------------------------------------------
+
+
+def amp_dtype_for(device: torch.device, dtype: str) -> torch.dtype | None:
+    """The autocast dtype: "auto" = bf16 on CUDA, none (fp32) elsewhere."""
+    names = {"auto": None, "float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise ConfigError(f"train.dtype must be one of {', '.join(names)}, got {dtype!r}")
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return names[dtype]
+
+
+def model_config_for(config: RunConfig) -> ModelConfig:
+    """The preset with `model_overrides` applied, or the config of the `init_from` checkpoint."""
+    train = config.train
+    if train.init_from:
+        from reasoning_llama.checkpoint import load_config
+
+        return load_config(train.init_from)
+    return ModelConfig.from_dict({**get_preset(train.preset).to_dict(), **dict(train.model_overrides)})
+
+
+def build_model(config: RunConfig, device: torch.device) -> Transformer:
+    """A freshly initialised model (seeded), or the weights of `train.init_from`."""
+    if config.train.init_from:
+        from reasoning_llama.checkpoint import load_model
+
+        return load_model(config.train.init_from, device=device).train()
+    torch.manual_seed(config.train.seed)
+    return Transformer(model_config_for(config)).to(device).train()
+
+
+def accumulation_steps(config: RunConfig) -> int:
+    """Micro-batches per optimizer step so a step sees about `global_batch_tokens` positions."""
+    per_micro = config.train.micro_batch_size * config.data.seq_len
+    return max(1, round(config.train.global_batch_tokens / per_micro))
+
+
+def planned_steps(config: RunConfig, batches_per_epoch: int, accum: int) -> int:
+    if config.train.epochs is not None:
+        if config.train.epochs <= 0:
+            raise ConfigError(f"train.epochs must be positive, got {config.train.epochs}")
+        return max(1, math.ceil(config.train.epochs * batches_per_epoch / accum))
+    if config.train.max_steps <= 0:
+        raise ConfigError(f"train.max_steps must be positive, got {config.train.max_steps}")
+    return config.train.max_steps
+
+
+def check_config(config: RunConfig, model_config: ModelConfig) -> None:
+    t = config.train
+    if config.data.seq_len > model_config.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len ({config.data.seq_len}) exceeds the model's context ({model_config.max_seq_len}); "
+            "lower data.seq_len or raise train.model_overrides.max_seq_len"
+        )
+    for name in ("micro_batch_size", "global_batch_tokens", "log_every", "keep_last"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+    for name in ("eval_every", "save_every", "task_eval_every", "warmup_steps", "early_stopping_patience"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+    if not (t.lr > 0 and 0 <= t.min_lr_ratio <= 1 and t.grad_clip >= 0 and t.weight_decay >= 0):
+        raise ConfigError("train.lr must be > 0, min_lr_ratio in [0, 1], grad_clip and weight_decay >= 0")
+
+
+def _save_run_config(run_dir: Path, config: RunConfig) -> None:
+    from omegaconf import OmegaConf
+
+    tmp = run_dir / f".{RUN_CONFIG}.tmp"
+    OmegaConf.save(OmegaConf.structured(config), tmp)
+    tmp.replace(run_dir / RUN_CONFIG)
+
+
+def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> Path | None:
+    """Create or check RUN/; return the checkpoint to resume from (None for a fresh run)."""
+    if resume:
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is None:
+            raise ConfigError(f"--resume: {run_dir} has no resumable checkpoint; start without --resume")
+        ckpt.remove_stale_temporaries(run_dir)
+    else:
+        latest = None
+        if (run_dir / ckpt.CHECKPOINTS).exists() or (run_dir / "metrics.jsonl").exists():
+            raise ConfigError(
+                f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _save_run_config(run_dir, config)
+    return latest
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def _sigint_flag() -> Iterator[threading.Event]:
+    """First Ctrl-C sets the flag (the loop saves and stops); a second one aborts at once."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+        print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Trainer:
+    """One run: everything is built in __init__ (or restored, with --resume); `run()` trains."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: str | Path,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        tokenizer: ChatTokenizer | None = None,
+        data: PreparedData | None = None,
+        echo: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config, self.run_dir, self.progress = config, Path(run_dir), progress
+        t = self.t = config.train
+        self.say = echo or (lambda msg: tqdm.write(msg, file=sys.stderr) if progress else log.info(msg))
+        self.device = resolve_device(t.device)
+        self.amp = amp_dtype_for(self.device, t.dtype)
+        check_config(config, model_config_for(config))
+        resume_from = prepare_run_dir(self.run_dir, config, resume)
+
+        ckpt.seed_everything(t.seed)
+        self.tokenizer = tokenizer or get_tokenizer()
+        data = data or prepare_data(config.data, self.tokenizer, progress=progress)
+        shape = {
+            "seq_len": config.data.seq_len,
+            "batch_size": t.micro_batch_size,
+            "packing": config.data.packing,
+        }
+        self.train_loader = BatchLoader(data.train, **shape, seed=t.seed)
+        self.val_loader = (
+            BatchLoader(data.val, **shape, seed=t.seed, shuffle=False) if len(data.val) else None
+        )
+        self.accum = accumulation_steps(config)
+        self.total_steps = planned_steps(config, self.train_loader.batches_per_epoch, self.accum)
+        self.task_rows = _task_rows(config)
+
+        self.model = build_model(config, self.device)
+        self.optimizer = build_optimizer(self.model, t, self.device)
+        # torch.compile fuses the plain head + loss itself; eager mode uses the chunked fused loss.
+        self.forward_loss = (
+            torch.compile(batch_loss_sum) if t.compile else partial(fused_batch_loss_sum, amp_dtype=self.amp)
+        )
+        self.state = Progress()
+        self._window = (0, time.perf_counter())  # tokens since the last log line, and when it started
+        self.last_checkpoint = resume_from
+        if resume_from is not None:
+            self._restore(resume_from)
+            truncate_after(self.run_dir, self.state.step)
+            self.say(f"resuming from {resume_from} (step {self.state.step} of {self.total_steps})")
+
+    def run(self, *, stop_at_step: int | None = None, deadline: float | None = None) -> TrainResult:
+        """Train to the planned step; stop early on Ctrl-C, `stop_at_step`, `deadline` or early stopping."""
+        t, state = self.t, self.state
+        batches = iter(self.train_loader)
+        stop_reason: StopReason = "finished"
+        final: dict[str, Any] = {}
+        self._window = (0, time.perf_counter())
+        bar = tqdm(
+            total=self.total_steps,
+            initial=state.step,
+            desc="training",
+            unit="step",
+            disable=not self.progress,
+        )
+        with MetricsWriter(self.run_dir) as writer, bar, _sigint_flag() as interrupted:
+            while state.step < self.total_steps:
+                lr = self.lr()
+                grad_norm = self.step([next(batches) for _ in range(self.accum)], lr)
+                bar.update(1)
+                if state.step % t.log_every == 0 or state.step in (1, self.total_steps):
+                    record = self._train_record(lr, grad_norm)
+                    writer.log(record)
+                    bar.set_postfix(
+                        loss=f"{record['train_loss']:.4f}",
+                        lr=f"{lr:.2e}",
+                        tok_s=f"{record['tokens_per_s']:.0f}",
+                    )
+
+                last = state.step == self.total_steps
+                out_of_time = deadline is not None and time.monotonic() >= deadline
+                due_val = (t.eval_every and state.step % t.eval_every == 0) or last or out_of_time
+                due_tasks = (t.task_eval_every and state.step % t.task_eval_every == 0) or last or out_of_time
+                if due_val or due_tasks:
+                    record = self.evaluate(tasks=bool(due_tasks))
+                    writer.log(record)
+                    final |= record
+                    if t.early_stopping_patience and state.evals_since_best >= t.early_stopping_patience:
+                        stop_reason = "early_stopping"
+                        self.say(f"early stopping: {state.evals_since_best} validations without improvement")
+
+                if interrupted.is_set() and not last:
+                    stop_reason = "interrupted"
+                elif stop_at_step is not None and state.step >= stop_at_step and not last:
+                    stop_reason = "stop_at_step"
+                elif out_of_time and not last:
+                    stop_reason = "deadline"
+                    self.say(f"time budget reached at step {state.step} of {self.total_steps}")
+                if last or stop_reason != "finished" or (t.save_every and state.step % t.save_every == 0):
+                    self.last_checkpoint = self.save()
+                if stop_reason != "finished":
+                    break
+        if self.val_loader is None and stop_reason in ("finished", "deadline", "early_stopping"):
+            ckpt.save_best(self.run_dir, self.model, {"step": state.step, "val_loss": None})  # keep the last
+        best = state.best_val_loss if math.isfinite(state.best_val_loss) else None
+        return TrainResult(
+            self.run_dir,
+            state.step,
+            self.total_steps,
+            stop_reason,
+            self.last_checkpoint,
+            best,
+            state.best_step if best is not None else None,
+            final,
+        )
+
+    def lr(self) -> float:
+        t = self.t
+        return lr_at(
+            self.state.step,
+            peak=t.lr,
+            warmup_steps=t.warmup_steps,
+            total_steps=self.total_steps,
+            min_lr_ratio=t.min_lr_ratio,
+        )
+
+    def step(self, micro: list[Batch], lr: float) -> float:
+        """One optimizer step; returns the gradient norm. A NaN or infinite loss stops the run unsaved."""
+        loss, grad_norm = _optimizer_step(
+            self.model, self.optimizer, self.forward_loss, micro, lr, self.t.grad_clip, self.amp, self.device
+        )
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise TrainingDiverged(
+                _diverged_message(self.state.step + 1, loss, grad_norm, lr, self.last_checkpoint)
+            )
+        tokens = sum(b.n_tokens for b in micro)
+        self.state.step += 1
+        self.state.tokens += tokens
+        self.state.loss_sum += loss
+        self.state.loss_steps += 1
+        self._window = (self._window[0] + tokens, self._window[1])
+        return grad_norm
+
+    def _train_record(self, lr: float, grad_norm: float) -> dict[str, Any]:
+        state, loader = self.state, self.train_loader
+        window_tokens, window_start = self._window
+        elapsed = time.perf_counter() - window_start
+        record = {
+            "step": state.step,
+            "train_loss": state.loss_sum / state.loss_steps,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": state.tokens,
+            "epoch": loader.epoch + loader.batch_index / loader.batches_per_epoch,
+            "tokens_per_s": window_tokens / elapsed if elapsed > 0 else 0.0,
+        }
+        state.loss_sum, state.loss_steps = 0.0, 0
+        self._window = (0, time.perf_counter())
+        return record
+
+    def evaluate(self, *, tasks: bool) -> dict[str, Any]:
+        """Validation loss (tracking the best model) and, when asked, held-out task accuracy."""
+        start = time.perf_counter()
+        record: dict[str, Any] = {"step": self.state.step}
+        if self.val_loader is not None:
+            batches = itertools.islice(self.val_loader.iter_epoch_once(), self.t.eval_batches)
+            record["val_loss"] = evaluate_loss(self.model, batches, amp_dtype=self.amp).loss
+            if _track_best(self.state, record["val_loss"]):
+                ckpt.save_best(
+                    self.run_dir, self.model, {"step": self.state.step, "val_loss": record["val_loss"]}
+                )
+            record["best_val_loss"] = self.state.best_val_loss
+        if tasks and self.task_rows:
+            report = evaluate_generations(
+                Engine(self.model, self.tokenizer, max_batch_size=32), self.task_rows
+            )
+            self.model.train()
+            record["acc/overall"] = report.overall.exact_match
+            record["format"] = report.overall.format_adherence
+            record |= {f"acc/{name}": s.exact_match for name, s in report.families.items()}
+        self.say(_describe(record))
+        tokens, window_start = self._window  # tokens/s counts training time only
+        self._window = (tokens, window_start + time.perf_counter() - start)
+        return record
+
+    def save(self) -> Path:
+        trainer_state = {
+            "format": 1,
+            "progress": dataclasses.asdict(self.state),
+            "total_steps": self.total_steps,
+            "optimizer": self.optimizer.state_dict(),
+            "loader": self.train_loader.state_dict(),
+            "rng": ckpt.capture_rng(),
+        }
+        return ckpt.save_checkpoint(
+            self.run_dir, self.state.step, self.model, trainer_state, self.t.keep_last
+        )
+
+    def _restore(self, directory: Path) -> None:
+        from reasoning_llama.checkpoint import load_model
+
+        trainer_state = ckpt.load_trainer_state(directory)
+        self.model.load_state_dict(load_model(directory, device=self.device).state_dict())
+        self.optimizer.load_state_dict(trainer_state["optimizer"])
+        self.train_loader.load_state_dict(trainer_state["loader"])
+        ckpt.restore_rng(trainer_state["rng"])
+        self.state = Progress(**trainer_state["progress"])
+
+
+def train(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop_at_step: int | None = None,
+    deadline: float | None = None,
+    tokenizer: ChatTokenizer | None = None,
+    data: PreparedData | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train as `config` says, writing checkpoints, metrics and the best model under `run_dir`.
+
+    stop_at_step: save and stop after this step (as an interruption would); deadline: a
+    `time.monotonic()` value after which the run evaluates, saves and stops.
+    """
+    trainer = Trainer(
+        config, run_dir, resume=resume, progress=progress, tokenizer=tokenizer, data=data, echo=echo
+    )
+    return trainer.run(stop_at_step=stop_at_step, deadline=deadline)
+
+
+def _optimizer_step(
+    model: Transformer,
+    optimizer: torch.optim.Optimizer,
+    forward_loss: Callable[[Transformer, Batch], torch.Tensor],
+    micro: list[Batch],
+    lr: float,
+    grad_clip: float,
+    amp: torch.dtype | None,
+    device: torch.device,
+) -> tuple[float, float]:
+    """Accumulate gradients over the micro-batches, clip, step; return (mean loss, grad norm).
+
+    A non-finite loss or gradient skips the update, so the weights stay those of the last good step.
+    """
+    n_loss = max(1, sum(b.n_loss_tokens for b in micro))
+    total = torch.zeros((), device=device)
+    for batch in micro:
+        with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+            loss = forward_loss(model, batch.to(device, non_blocking=True)) / n_loss
+        loss.backward()
+        total += loss.detach()
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    loss_value, norm_value = total.item(), norm.item()
+    if math.isfinite(loss_value) and math.isfinite(norm_value):
+        set_lr(optimizer, lr)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, norm_value
+
+
+def _track_best(state: Progress, val_loss: float) -> bool:
+    if val_loss < state.best_val_loss:
+        state.best_val_loss, state.best_step, state.evals_since_best = val_loss, state.step, 0
+        return True
+    state.evals_since_best += 1
+    return False
+
+
+def _task_rows(config: RunConfig) -> list[dict[str, str]]:
+    """Held-out synthetic problems scored during training (none for other sources)."""
+    if config.data.source != "synthetic" or config.train.task_eval_size <= 0:
+        return []
+    families = list(config.data.families) or None
+    from reasoning_llama.data.synthetic import DEFAULT_FAMILIES
+
+    names = families or list(DEFAULT_FAMILIES)
+    per_family = max(1, config.train.task_eval_size // len(names))
+    return synthetic_test_rows(names, per_family, seed=config.data.seed, difficulty=config.data.difficulty)
+
+
+def _describe(record: dict[str, Any]) -> str:
+    parts = [f"step {record['step']}"]
+    if "val_loss" in record:
+        parts.append(f"val loss {record['val_loss']:.4f}")
+    accuracies = [f"{k.removeprefix('acc/')} {v:.0%}" for k, v in record.items() if k.startswith("acc/")]
+    if accuracies:
+        parts.append("exact match: " + ", ".join(accuracies))
+    if "format" in record:
+        parts.append(f"format {record['format']:.0%}")
+    return " | ".join(parts)
+
+
+def _diverged_message(step: int, loss: float, grad_norm: float, lr: float, checkpoint: Path | None) -> str:
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+    where = (
+        f"the last good checkpoint is {checkpoint} (resume it with --resume after lowering train.lr)"
+        if checkpoint
+        else "no checkpoint was written yet"
+    )
+    return (
+        f"training diverged at step {step}: {what} (lr {lr:.3g}); stopped without saving, {where}. "
+        "Lower train.lr, raise train.warmup_steps or check the data"
+    )

@@ -1,0 +1,173 @@
+"""Scoring generations and measuring loss: the real engine and model, with outputs made known by a logits hook."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reasoning_llama import evaluation
+from reasoning_llama.checkpoint import save_model
+from reasoning_llama.data.synthetic import DEFAULT_FAMILIES, problem_split
+from reasoning_llama.errors import ConfigError
+from reasoning_llama.generation import Engine
+from reasoning_llama.model import Transformer
+from reasoning_llama.tokenizer import get_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def forcing_engine(model: Transformer, outputs: dict[str, tuple[str, str]]) -> Engine:
+    """An engine whose model is steered (through the engine's logits hook) to write outputs[user]."""
+    tokenizer = get_tokenizer()
+    by_prompt = {
+        tuple(tokenizer.render_prompt([{"role": "user", "content": user}])): tokenizer.render_generation(
+            *output
+        )
+        for user, output in outputs.items()
+    }
+
+    def hook(request, logits):
+        target = by_prompt[tuple(request.prompt_ids)][len(request.output_ids)]
+        forced = torch.full_like(logits, -math.inf)
+        forced[target] = 0.0
+        return forced
+
+    return Engine(model, tokenizer, max_batch_size=4, logits_hook=hook)
+
+
+def test_scores_exact_match_format_and_reasoning_length_per_family(tiny_config):
+    rows = evaluation.synthetic_test_rows(["chain_sum", "sort_digits"], 3, seed=5)
+    outputs = {r["user"]: (r["reasoning"], r["assistant"]) for r in rows}
+    wrong = rows[0]["user"]  # a chain_sum problem answered off by one
+    outputs[wrong] = (outputs[wrong][0], str(int(rows[0]["assistant"]) + 1))
+    leading_zero = rows[2]["user"]  # the family's checker accepts 07 for 7
+    outputs[leading_zero] = (outputs[leading_zero][0], "0" + rows[2]["assistant"])
+
+    report = evaluation.evaluate_generations(forcing_engine(Transformer(tiny_config), outputs), rows)
+    assert report.families["chain_sum"].n == 3
+    assert report.families["chain_sum"].exact_match == pytest.approx(2 / 3)
+    assert report.families["sort_digits"].exact_match == 1.0
+    assert report.overall.exact_match == pytest.approx(5 / 6)
+    assert report.overall.format_adherence == 1.0 and report.overall.finished == 1.0
+    tokenizer = get_tokenizer()
+    lengths = [len(tokenizer.encode(r["reasoning"])) for r in rows]
+    assert report.overall.mean_reasoning_tokens == pytest.approx(sum(lengths) / len(lengths))
+    assert [e["correct"] for e in report.examples] == [False, True, True, True, True, True]
+
+
+def test_unfinished_output_is_neither_correct_nor_well_formed(tiny_config):
+    rows = evaluation.synthetic_test_rows(["chain_sum"], 1, seed=5)
+    engine = forcing_engine(
+        Transformer(tiny_config), {rows[0]["user"]: (rows[0]["reasoning"], rows[0]["assistant"])}
+    )
+    report = evaluation.evaluate_generations(engine, rows, max_new_tokens=3)  # cut inside the reasoning
+    assert report.overall.exact_match == 0.0 and report.overall.format_adherence == 0.0
+    assert report.overall.finished == 0.0
+
+
+def test_answer_matching():
+    assert evaluation.answer_matches({"assistant": "7", "family": "chain_sum"}, " 07 ")
+    assert evaluation.answer_matches({"assistant": "1 2 5", "family": "sort_digits"}, "1, 2, 5")
+    assert not evaluation.answer_matches({"assistant": "7", "family": "chain_sum"}, "8")
+    assert evaluation.answer_matches({"assistant": "Paris."}, "  paris")  # no family: normalised text
+
+
+def test_task_spec_and_test_split_rows():
+    assert evaluation.parse_task_spec("synthetic") == list(DEFAULT_FAMILIES)
+    assert evaluation.parse_task_spec("synthetic:chain_sum, add") == ["chain_sum", "add"]
+    with pytest.raises(ConfigError, match="unknown task"):
+        evaluation.parse_task_spec("math")
+    with pytest.raises(ConfigError, match="unknown synthetic family nope"):
+        evaluation.parse_task_spec("synthetic:nope")
+    rows = evaluation.synthetic_test_rows(["chain_sum", "count_letter"], 4, seed=0)
+    assert sorted(r["family"] for r in rows) == ["chain_sum"] * 4 + ["count_letter"] * 4
+    assert all(problem_split(r["user"]) == "test" for r in rows)
+
+
+def test_loss_on_rows_is_the_token_mean_of_per_example_cross_entropy(tiny_config):
+    model = Transformer(tiny_config)
+    tokenizer = get_tokenizer()
+    rows = evaluation.synthetic_test_rows(["chain_sum", "sort_digits"], 2, seed=1)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            example = tokenizer.render_example(row["user"], row["reasoning"], row["assistant"])
+            ids = torch.tensor([example.ids])
+            mask = torch.tensor(example.loss_mask[1:])
+            logits = model(ids[:, :-1])[0]
+            total += F.cross_entropy(logits[mask], ids[0, 1:][mask], reduction="sum").item()
+            count += int(mask.sum())
+    report = evaluation.loss_on_rows(model, tokenizer, rows, batch_size=2)
+    assert report.loss_tokens == count
+    assert report.loss == pytest.approx(total / count, rel=1e-5)
+    assert report.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "reasoning_llama", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+@pytest.mark.slow
+def test_eval_cli_json_on_tasks_and_on_a_data_file(tmp_path, tiny_config):
+    checkpoint = tmp_path / "ckpt"
+    model = Transformer(tiny_config)
+    save_model(checkpoint, model)
+
+    result = run_cli(
+        "eval", "--checkpoint", str(checkpoint), "--task", "synthetic:chain_sum,sort_digits",
+        "--limit", "2", "--max-new-tokens", "6", "--device", "cpu", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report["families"]) == {"chain_sum", "sort_digits"}
+    for score in report["families"].values():
+        assert score["n"] == 2
+        assert {"exact_match", "format_adherence", "mean_reasoning_tokens", "finished"} <= set(score)
+    assert report["overall"]["format_adherence"] == 0.0  # 6 tokens cannot hold a finished answer
+    assert report["loss"] > 0 and report["perplexity"] == pytest.approx(math.exp(report["loss"]))
+
+    rows = evaluation.synthetic_test_rows(["chain_sum"], 3, seed=2)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_cli(
+        "eval", "--checkpoint", str(checkpoint), "--data", str(data), "--device", "cpu", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    expected = evaluation.loss_on_rows(model, get_tokenizer(), rows)
+    assert report["rows"] == 3 and "families" not in report
+    assert report["loss"] == pytest.approx(expected.loss, rel=1e-4)
+    assert report["perplexity"] == pytest.approx(expected.perplexity, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task", "synthetic", "--data", "x.jsonl"], "exactly one of --task"),
+        (["--task", "synthetic:nope"], "unknown synthetic family"),
+    ],
+)
+def test_eval_cli_errors_are_one_line(tmp_path, tiny_config, args, message):
+    save_model(tmp_path / "ckpt", Transformer(tiny_config))
+    result = run_cli("eval", "--checkpoint", str(tmp_path / "ckpt"), *args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,141 @@
+"""Run directories: RNG capture, pruning, pointers, and real processes killed or interrupted mid-run."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from reasoning_llama.checkpoint import load_model
+from reasoning_llama.model import Transformer
+from reasoning_llama.training import checkpointing as ckpt
+from reasoning_llama.training import train
+from reasoning_llama.training.metrics import read_metrics
+from test_training_loop import tiny_run
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    torch.save({"rng": ckpt.capture_rng()}, tmp_path / "state.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    ckpt.restore_rng(torch.load(tmp_path / "state.pt", weights_only=True)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_keep_last_and_latest_pointer(tmp_path, tiny_config):
+    model = Transformer(tiny_config)
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint(tmp_path, step, model, {"step": step}, keep_last=2)
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "checkpoints/step-000004"
+    assert ckpt.load_trainer_state(ckpt.latest_checkpoint(tmp_path)) == {"step": 4}
+    # A pointer to a vanished directory falls back to the newest complete checkpoint.
+    (tmp_path / "latest").write_text("checkpoints/step-000009\n")
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "checkpoints/step-000004"
+
+
+def test_unreadable_trainer_state_is_a_checkpoint_error(tmp_path):
+    from reasoning_llama.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not a resumable training checkpoint"):
+        ckpt.load_trainer_state(tmp_path)
+    (tmp_path / ckpt.TRAINER_STATE).write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        ckpt.load_trainer_state(tmp_path)
+
+
+# --- real processes ------------------------------------------------------------------------
+
+
+def start_training(tmp_path: Path, run: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:
+    """`reasoning-llama train --config F --out RUN` in its own process."""
+    config = tmp_path / "config.yaml"
+    OmegaConf.save(OmegaConf.structured(tiny_run(tmp_path, *overrides)), config)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "reasoning_llama",
+            "train",
+            "--config",
+            str(config),
+            "--out",
+            str(run),
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"training exited early ({process.returncode}): {process.stderr.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("timed out waiting for the training process")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    run = tmp_path / "run"
+    # Every save sleeps inside the atomic write, so the second one is caught half-written.
+    process = start_training(tmp_path, run, env={ckpt.SAVE_SLEEP_ENV: "1.5"})
+    wait_for(lambda: (run / "latest").is_file(), process)
+    wait_for(lambda: any(p.name.startswith(".step-000004") for p in (run / "checkpoints").iterdir()), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+    latest = ckpt.latest_checkpoint(run)
+    assert latest == run / "checkpoints/step-000002"
+    assert ckpt.load_trainer_state(latest)["progress"]["step"] == 2
+    load_model(latest)  # weights, config and tokenizer all intact
+    assert any(p.name.startswith(".step-") for p in (run / "checkpoints").iterdir())  # the torn write
+
+    result = train(tiny_run(tmp_path), run, resume=True, progress=False)
+    assert result.step == 6 and result.stop_reason == "finished"
+    assert not any(p.name.startswith(".") for p in (run / "checkpoints").iterdir())  # temporaries cleaned
+    assert [r["step"] for r in read_metrics(run) if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(tmp_path):
+    run = tmp_path / "run"
+    process = start_training(
+        tmp_path, run, "train.max_steps=100000", "train.save_every=0", "train.eval_every=0"
+    )
+    wait_for(lambda: len(read_metrics(run)) >= 2, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert f"reasoning-llama train --out {run} --resume" in stderr
+
+    latest = ckpt.latest_checkpoint(run)
+    stopped_at = ckpt.load_trainer_state(latest)["progress"]["step"]
+    assert latest.name == f"step-{stopped_at:06d}" and stopped_at >= 2
+    result = train(tiny_run(tmp_path, f"train.max_steps={stopped_at + 2}"), run, resume=True, progress=False)
+    assert result.step == stopped_at + 2

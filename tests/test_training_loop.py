@@ -1,0 +1,162 @@
+"""The training loop on a tiny model: it learns, resumes exactly, stops early, refuses bad setups."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reasoning_llama.config import RunConfig, load_run_config
+from reasoning_llama.errors import ConfigError
+from reasoning_llama.training import TrainingDiverged, train
+from reasoning_llama.training import checkpointing as ckpt
+from reasoning_llama.training.metrics import read_metrics
+
+TIMING_KEYS = {"tokens_per_s", "elapsed_s"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes run fastest on one thread (and a shared CPU makes two threads wait on each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_run(tmp_path, *overrides: str) -> RunConfig:
+    """A 1-layer, 32-wide model on a few hundred synthetic problems: a step takes milliseconds."""
+    return load_run_config(
+        None,
+        [
+            "train.model_overrides={dim: 32, n_layers: 1, n_heads: 2, n_kv_heads: 1, ffn_dim: 64, max_seq_len: 128}",
+            "data.seq_len=128",
+            "data.synthetic_train_size=120",
+            "data.synthetic_val_size=12",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "train.micro_batch_size=4",
+            "train.global_batch_tokens=1024",  # 2 micro-batches per step: accumulation is exercised
+            "train.max_steps=6",
+            "train.warmup_steps=2",
+            "train.lr=3e-3",
+            "train.eval_every=3",
+            "train.eval_batches=2",
+            "train.save_every=2",
+            "train.log_every=1",
+            "train.task_eval_size=0",
+            *overrides,
+        ],
+    )
+
+
+def deterministic(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def test_short_run_lowers_validation_loss_and_writes_the_run_layout(tmp_path):
+    run = tmp_path / "run"
+    result = train(
+        tiny_run(tmp_path, "train.max_steps=10", "train.eval_every=5", "train.lr=1e-2"), run, progress=False
+    )
+    assert result.stop_reason == "finished" and result.step == 10
+    val = [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]
+    assert len(val) == 2
+    assert val[1] < val[0] < 10.83  # below ln(50263), the loss of a uniform guess, and still falling
+    assert (run / "run_config.yaml").is_file()
+    assert (run / "latest").read_text().strip() == "checkpoints/step-000010"
+    # keep_last=2: steps 8 and 10 remain; the best model lives in RUN/best.
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-000008", "step-000010"]
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt"):
+        assert (run / "checkpoints/step-000010" / name).is_file()
+    best = json.loads((run / "best/best.json").read_text())
+    assert best == {"step": 10, "val_loss": pytest.approx(val[1])}
+    train_records = [r for r in read_metrics(run) if "train_loss" in r]
+    assert [r["step"] for r in train_records] == list(range(1, 11))
+    assert {"lr", "grad_norm", "tokens_per_s", "tokens", "epoch"} <= set(train_records[0])
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
+    extra = ("train.task_eval_every=3", "train.task_eval_size=3")  # engine runs inside the loop too
+    one_go = train(tiny_run(tmp_path, *extra), tmp_path / "a", progress=False)
+    first = train(tiny_run(tmp_path, *extra), tmp_path / "b", progress=False, stop_at_step=3)
+    assert first.stop_reason == "stop_at_step" and first.step == 3
+    assert (tmp_path / "b/latest").read_text().strip() == "checkpoints/step-000003"
+    resumed = train(tiny_run(tmp_path, *extra), tmp_path / "b", progress=False, resume=True)
+    assert one_go.step == resumed.step == 6
+
+    a = load_file(tmp_path / "a/checkpoints/step-000006/model.safetensors")
+    b = load_file(tmp_path / "b/checkpoints/step-000006/model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert deterministic(read_metrics(tmp_path / "a")) == deterministic(read_metrics(tmp_path / "b"))
+    assert (tmp_path / "a/best/best.json").read_text() == (tmp_path / "b/best/best.json").read_text()
+    state_a = ckpt.load_trainer_state(tmp_path / "a/checkpoints/step-000006")
+    state_b = ckpt.load_trainer_state(tmp_path / "b/checkpoints/step-000006")
+    assert state_a["loader"] == state_b["loader"] and state_a["progress"] == state_b["progress"]
+
+
+def test_early_stopping_when_validation_stops_improving(tmp_path):
+    # An lr far below float32 resolution leaves the weights unchanged, so the loss never improves again.
+    config = tiny_run(
+        tmp_path,
+        "train.lr=1e-12",
+        "train.eval_every=1",
+        "train.early_stopping_patience=2",
+        "train.max_steps=50",
+    )
+    result = train(config, tmp_path / "run", progress=False)
+    assert result.stop_reason == "early_stopping"
+    assert result.step == 3 and result.best_step == 1
+    assert (tmp_path / "run/latest").read_text().strip() == "checkpoints/step-000003"
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_run(tmp_path, "train.max_steps=2"), run, progress=False)
+    good = load_file(run / "checkpoints/step-000002/model.safetensors")
+    with pytest.raises(TrainingDiverged) as failure:
+        train(
+            tiny_run(tmp_path, "train.lr=1e30", "train.max_steps=20", "train.save_every=2"),
+            run,
+            resume=True,
+            progress=False,
+        )
+    message = str(failure.value)
+    assert "diverged" in message and "step-000002" in message and "train.lr" in message
+    assert (run / "latest").read_text().strip() == "checkpoints/step-000002"
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-000002"]
+    after = load_file(run / "checkpoints/step-000002/model.safetensors")
+    assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+def test_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match="no resumable checkpoint"):
+        train(tiny_run(tmp_path), run, resume=True, progress=False)
+    train(tiny_run(tmp_path, "train.max_steps=1"), run, progress=False)
+    with pytest.raises(ConfigError, match="already holds a training run; pass --resume"):
+        train(tiny_run(tmp_path), run, progress=False)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.seq_len=256", "exceeds the model's context"),
+        ("train.dtype=float8", "train.dtype must be one of"),
+        ("train.micro_batch_size=0", "train.micro_batch_size must be positive"),
+        ("train.model_overrides={depth: 3}", "unknown model config keys: depth"),
+    ],
+)
+def test_bad_settings_are_config_errors(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        train(tiny_run(tmp_path, override), tmp_path / "run", progress=False)
+
+
+def test_epochs_set_the_number_of_steps(tmp_path):
+    result = train(
+        tiny_run(tmp_path, "train.epochs=1", "train.eval_every=0"), tmp_path / "run", progress=False
+    )
+    # 120 examples of ~45 tokens packed into rows of 128, 4 rows a micro-batch, 2 micro-batches a step.
+    assert 3 <= result.total_steps <= 8 and result.step == result.total_steps

@@ -1,0 +1,74 @@
+"""metrics.jsonl and the `plot` PNG."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from reasoning_llama.training.metrics import MetricsWriter, read_metrics, truncate_after
+from reasoning_llama.training.plot import plot_run
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(run_dir, steps=20):
+    with MetricsWriter(run_dir, tensorboard=False) as writer:
+        for step in range(1, steps + 1):
+            writer.log(
+                {"step": step, "train_loss": 5.0 / step, "lr": 1e-3 * min(1, step / 5), "grad_norm": 1.0}
+            )
+            if step % 5 == 0:
+                writer.log(
+                    {
+                        "step": step,
+                        "val_loss": 6.0 / step,
+                        "acc/chain_sum": step / steps,
+                        "acc/overall": step / steps,
+                    }
+                )
+
+
+def test_jsonl_records_read_back_in_order_and_a_torn_line_is_skipped(tmp_path):
+    write_run(tmp_path, steps=10)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 11, "train_lo')  # a process killed mid-write
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records if "train_loss" in r] == list(range(1, 11))
+    assert records[-1] == {"step": 10, "val_loss": 0.6, "acc/chain_sum": 1.0, "acc/overall": 1.0}
+
+
+def test_truncate_after_drops_later_steps(tmp_path):
+    write_run(tmp_path, steps=10)
+    truncate_after(tmp_path, 5)
+    assert max(r["step"] for r in read_metrics(tmp_path)) == 5
+    assert sum("val_loss" in r for r in read_metrics(tmp_path)) == 1
+
+
+def test_plot_writes_a_png(tmp_path):
+    write_run(tmp_path)
+    out = plot_run(tmp_path)
+    assert out == tmp_path / "plot.png"
+    data = out.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+
+
+def test_plot_cli_with_out_and_error_on_a_non_run(tmp_path):
+    write_run(tmp_path / "run")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "reasoning_llama", "plot"]
+    result = subprocess.run(
+        [*cli, str(tmp_path / "run"), "--out", str(tmp_path / "x.png")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "x.png")
+    assert (tmp_path / "x.png").read_bytes().startswith(PNG_SIGNATURE)
+    result = subprocess.run([*cli, str(tmp_path / "nothing")], capture_output=True, text=True, env=env)
+    assert (
+        result.returncode == 2
+        and "is missing or empty; is" in result.stderr
+        and "Traceback" not in result.stderr
+    )
