@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 quickstart: setup
-	$(BIN)/reasoning-llama info --preset tiny
+	$(BIN)/reasoning-llama quickstart --overwrite
 
 # Browser tests need Debian's chromium (Playwright's own browser download does not work offline).
 browser:
