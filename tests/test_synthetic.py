@@ -130,10 +130,20 @@ def test_sort_digits_moves_the_smallest_digit_each_line() -> None:
             assert sorted(rest.split()) == [str(d) for d in digits[i + 1 :]]
 
 
+def test_max_digit_keeps_a_running_maximum() -> None:
+    for example in _samples("max_digit", 6):
+        digits = [int(d) for d in re.findall(r"\d", example.user)]
+        assert example.assistant == str(max(digits))
+        largest = digits[0]
+        for digit, line in zip(digits[1:], example.reasoning.split("\n"), strict=True):
+            assert line == f"{largest} vs {digit}: {max(largest, digit)}"
+            largest = max(largest, digit)
+
+
 def test_count_letter_spells_the_word_with_a_running_count() -> None:
     for example in _samples("count_letter", 7, count=200):
         letter, word = re.fullmatch(
-            r"How many times does the letter (\w) appear in (\w+)\?", example.user
+            r'How many times does the letter "(\w)" appear in (\w+)\?', example.user
         ).groups()
         lines = example.reasoning.split("\n")
         assert "".join(line.split()[0] for line in lines) == word

@@ -160,3 +160,20 @@ def test_epochs_set_the_number_of_steps(tmp_path):
     )
     # 120 examples of ~45 tokens packed into rows of 128, 4 rows a micro-batch, 2 micro-batches a step.
     assert 3 <= result.total_steps <= 8 and result.step == result.total_steps
+
+
+def test_init_from_starts_from_the_checkpoint_weights(tmp_path):
+    train(tiny_run(tmp_path, "train.max_steps=2", "train.lr=1e-2"), tmp_path / "first", progress=False)
+    start = load_file(tmp_path / "first/checkpoints/step-000002/model.safetensors")
+    # A negligible lr keeps the weights: the new run's step 1 is its starting point (a fresh init
+    # would differ by ~0.02 everywhere).
+    config = tiny_run(
+        tmp_path,
+        "train.max_steps=1",
+        "train.lr=1e-12",
+        f"train.init_from={tmp_path / 'first/checkpoints/step-000002'}",
+    )
+    train(config, tmp_path / "second", progress=False)
+    after = load_file(tmp_path / "second/checkpoints/step-000001/model.safetensors")
+    for name in start:
+        torch.testing.assert_close(after[name], start[name], rtol=0, atol=1e-9)

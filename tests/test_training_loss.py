@@ -12,11 +12,15 @@ from reasoning_llama.data.prepare import TokenizedSplit
 from reasoning_llama.evaluation import batch_loss_sum
 from reasoning_llama.model import Transformer
 from reasoning_llama.tokenizer import get_tokenizer
+from reasoning_llama.training import loss as loss_module
 from reasoning_llama.training.loss import fused_batch_loss_sum, linear_cross_entropy
 
 
+@pytest.mark.parametrize("keep_logits", [True, False])
 @pytest.mark.parametrize("chunk", [7, 100, 1000, 5000])
-def test_value_and_gradients_match_plain_cross_entropy(chunk):
+def test_value_and_gradients_match_plain_cross_entropy(chunk, keep_logits, monkeypatch):
+    # Small batches keep the forward's logits for the backward pass; big ones recompute them.
+    monkeypatch.setattr(loss_module, "KEEP_LOGITS_LIMIT", 2**25 if keep_logits else 0)
     hidden = torch.randn(37, 16, requires_grad=True)
     weight = torch.randn(1000, 16, requires_grad=True)
     targets = torch.randint(0, 1000, (37,))

@@ -31,6 +31,10 @@ def train(
     ] = False,
     init_from: Annotated[Path | None, typer.Option(help="Start from this checkpoint's weights.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="CPU threads (default: torch's choice; on a busy machine 1 is often fastest)."),
+    ] = None,
 ) -> None:
     """Train a model (--preset P or --config F, with --set key=value overrides) into --out RUN."""
     from reasoning_llama.config import load_run_config
@@ -49,6 +53,12 @@ def train(
             raise ConfigError("give --preset P or --config FILE (or --resume to continue the run in --out)")
         config = out / RUN_CONFIG  # resume with the run's own recipe
     run_config = load_run_config(config, overrides)
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
     result = run_training(run_config, out, resume=resume, progress=progress)
     if result.stop_reason == "interrupted":
         _err(
@@ -187,7 +197,7 @@ def plot(
 
 def quickstart(
     out: Annotated[Path, typer.Option(help="The run directory.")] = Path("runs/quickstart"),
-    minutes: Annotated[float, typer.Option(help="Training time budget in minutes.")] = 6.0,
+    minutes: Annotated[float, typer.Option(help="Training time budget in minutes.")] = 8.0,
     fast: Annotated[bool, typer.Option(help="A smoke run of the whole path in well under a minute.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier run in --out.")] = False,
     as_json: Annotated[

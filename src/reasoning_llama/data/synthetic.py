@@ -158,6 +158,16 @@ def _strip_leading_zeros(digits: Sequence[int]) -> list[int]:
     return list(digits[index:])
 
 
+def _problem_length(rng: random.Random, low: int, high: int, alphabet: int) -> int:
+    """A length in ``low..high`` weighted by how many problems have it (``alphabet ** length``).
+
+    This makes problems uniform over the whole space, so no short length gets exhausted by deduplication
+    and the train and test splits keep the same length mix.
+    """
+    lengths = range(low, high + 1)
+    return rng.choices(lengths, weights=[alphabet**length for length in lengths])[0]
+
+
 def _random_number(rng: random.Random, length: int) -> int:
     """A uniformly random number with exactly ``length`` digits (a single digit may be 0)."""
     if length == 1:
@@ -192,7 +202,7 @@ def _column_addition(addends: Sequence[int]) -> list[str]:
 
 def _make_chain_sum(rng: random.Random, difficulty: int) -> tuple[str, str, str]:
     """Running total of 2..difficulty single digits (1-9), one line per addition."""
-    terms = [rng.randint(1, 9) for _ in range(rng.randint(2, max(2, difficulty)))]
+    terms = [rng.randint(1, 9) for _ in range(_problem_length(rng, 2, difficulty, 9))]
     lines = []
     total = terms[0]
     for term in terms[1:]:
@@ -204,7 +214,7 @@ def _make_chain_sum(rng: random.Random, difficulty: int) -> tuple[str, str, str]
 
 def _make_sort_digits(rng: random.Random, difficulty: int) -> tuple[str, str, str]:
     """Selection sort of 3..difficulty digits: each line is ``sorted-so-far | remaining``."""
-    length = rng.randint(min(3, difficulty), difficulty)
+    length = _problem_length(rng, min(3, difficulty), difficulty, 10)
     remaining = [rng.randint(0, 9) for _ in range(length)]
     user = f"Sort these digits from smallest to largest: {_spaced(remaining)}."
     done: list[int] = []
@@ -217,6 +227,18 @@ def _make_sort_digits(rng: random.Random, difficulty: int) -> tuple[str, str, st
     done.extend(remaining)
     lines.append(_spaced(done))
     return user, "\n".join(lines), _spaced(done)
+
+
+def _make_max_digit(rng: random.Random, difficulty: int) -> tuple[str, str, str]:
+    """Largest of 3..difficulty digits by a running maximum: each line compares it with the next digit."""
+    digits = [rng.randint(0, 9) for _ in range(_problem_length(rng, min(3, difficulty), difficulty, 10))]
+    largest = digits[0]
+    lines = []
+    for digit in digits[1:]:
+        lines.append(f"{largest} vs {digit}: {max(largest, digit)}")
+        largest = max(largest, digit)
+    user = f"What is the largest digit in {_spaced(digits)}?"
+    return user, "\n".join(lines), str(largest)
 
 
 # Common lowercase English words (3-11 letters) for ``count_letter``; the model learns their spellings.
@@ -256,7 +278,8 @@ def _make_count_letter(rng: random.Random, difficulty: int) -> tuple[str, str, s
     for ch in word:
         count += ch == letter
         lines.append(f"{ch} {count}")
-    user = f"How many times does the letter {letter} appear in {word}?"
+    # Quoting the letter makes it the same BPE token as the line-initial letters of the spelling.
+    user = f'How many times does the letter "{letter}" appear in {word}?'
     return user, "\n".join(lines), str(count)
 
 
@@ -265,7 +288,7 @@ def _make_count_letter(rng: random.Random, difficulty: int) -> tuple[str, str, s
 
 def _make_compare(rng: random.Random, difficulty: int) -> tuple[str, str, str]:
     """Which of two different numbers with at most ``difficulty`` digits is larger, digit by digit."""
-    first = _random_number(rng, rng.randint(1, difficulty))
+    first = rng.randrange(10**difficulty)
     if rng.random() < 0.75:  # same length, sharing a random prefix, so the digit-wise scan matters
         digits = str(first)
         shared = rng.randint(0, len(digits) - 1)
@@ -278,7 +301,7 @@ def _make_compare(rng: random.Random, difficulty: int) -> tuple[str, str, str]:
     else:
         second = first
         while second == first:
-            second = _random_number(rng, rng.randint(1, difficulty))
+            second = rng.randrange(10**difficulty)
     a, b = _digits(first), _digits(second)
     lines = [f"{_spaced(a)} vs {_spaced(b)}"]
     if len(a) != len(b):
@@ -293,23 +316,16 @@ def _make_compare(rng: random.Random, difficulty: int) -> tuple[str, str, str]:
     return f"Which number is larger, {first} or {second}?", "\n".join(lines), str(larger)
 
 
-def _operand_lengths(rng: random.Random, difficulty: int) -> tuple[int, int]:
-    """Two operand lengths in 1..difficulty."""
-    return rng.randint(1, difficulty), rng.randint(1, difficulty)
-
-
 def _make_add(rng: random.Random, difficulty: int) -> tuple[str, str, str]:
     """Addition of numbers with at most ``difficulty`` digits, one line per column with its carry."""
-    len_a, len_b = _operand_lengths(rng, difficulty)
-    a, b = _random_number(rng, len_a), _random_number(rng, len_b)
+    a, b = rng.randrange(10**difficulty), rng.randrange(10**difficulty)
     lines = _column_addition([a, b])
     return f"What is {a} + {b}?", "\n".join(lines), str(a + b)
 
 
 def _make_subtract(rng: random.Random, difficulty: int) -> tuple[str, str, str]:
     """Subtraction ``a - b`` with ``a >= b`` (at most ``difficulty`` digits), one line per column with its borrow."""
-    len_a, len_b = _operand_lengths(rng, difficulty)
-    a, b = sorted((_random_number(rng, len_a), _random_number(rng, len_b)), reverse=True)
+    a, b = sorted((rng.randrange(10**difficulty), rng.randrange(10**difficulty)), reverse=True)
     width = len(str(a))
     top, bottom = _digits(a, width), _digits(b, width)
     lines = [f"{_spaced(top)} - {_spaced(bottom)}"]
@@ -419,6 +435,15 @@ FAMILIES: dict[str, Family] = {
             easy=True,
             make=_make_sort_digits,
             canonical=_canonical_digit_sequence,
+        ),
+        Family(
+            "max_digit",
+            "Find the largest of 3..difficulty digits with a running maximum, one comparison per line.",
+            default_difficulty=6,
+            min_difficulty=2,
+            easy=True,
+            make=_make_max_digit,
+            canonical=_canonical_integer,
         ),
         Family(
             "count_letter",

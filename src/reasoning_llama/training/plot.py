@@ -34,7 +34,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         steps, values = _series(records, key)
         if steps:
             loss_ax.plot(steps, values, label=label, marker="o" if key == "val_loss" else None, markersize=3)
-    loss_ax.set(title="loss", xlabel="step", ylabel="cross-entropy (nats/token)")
+    loss_ax.set(title="loss", xlabel="step", ylabel="cross-entropy (nats/token)", yscale="log")
     loss_ax.legend()
     steps, values = _series(records, "lr")
     lr_ax.plot(steps, values)

@@ -1,0 +1,67 @@
+"""The quickstart recipe and its whole path, end to end in its --fast form."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reasoning_llama.config import load_run_config
+from reasoning_llama.quickstart import quickstart_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_configs_quickstart_yaml_is_the_quickstart_recipe():
+    from_file = load_run_config(CONFIGS / "quickstart.yaml")
+    assert dataclasses.asdict(from_file) == dataclasses.asdict(quickstart_config())
+
+
+def test_reasoning_base_recipe_is_the_seed_run_with_early_stopping():
+    config = load_run_config(CONFIGS / "reasoning-base-20k.yaml")
+    t, d = config.train, config.data
+    assert (t.preset, d.seq_len, d.source, d.path) == (
+        "small-100m",
+        1280,
+        "hub",
+        "KingNish/reasoning-base-20k",
+    )
+    assert (t.beta1, t.beta2, t.lr, t.weight_decay) == (0.9, 0.95, 8e-4, 0.1)
+    assert t.warmup_steps > 0 and t.min_lr_ratio < 1  # warmup, then cosine to a floor
+    assert t.epochs is not None and t.epochs <= 10 and t.early_stopping_patience > 0
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "reasoning_llama", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+@pytest.mark.slow
+def test_quickstart_fast_runs_end_to_end(tmp_path):
+    out = tmp_path / "qs"
+    result = run_cli("quickstart", "--fast", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    families = {"chain_sum", "count_letter", "sort_digits"}
+    for when in ("before", "after"):
+        assert set(report[when]["families"]) == families
+        assert report[when]["overall"]["n"] == 3 * 4
+    assert report["steps"] == report["planned_steps"] == 12 and report["stop_reason"] == "finished"
+    assert Path(report["checkpoint"]) == out / "best" and (out / "best/model.safetensors").is_file()
+    assert Path(report["plot"]).read_bytes().startswith(b"\x89PNG")
+    assert {"user", "reasoning", "answer", "reference"} <= set(report["sample"])
+    # The human summary goes to stderr: the table, a sample, and where things are.
+    for text in ("before", "after", "sample conversation", f"checkpoint: {out / 'best'}", "plot:"):
+        assert text in result.stderr
+
+    again = run_cli("quickstart", "--fast", "--out", str(out))
+    assert again.returncode == 2 and "pass --overwrite" in again.stderr and "Traceback" not in again.stderr
