@@ -158,6 +158,7 @@ def test_eval_cli_json_on_tasks_and_on_a_data_file(tmp_path, tiny_config):
     assert report["perplexity"] == pytest.approx(expected.perplexity, rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [

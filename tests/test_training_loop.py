@@ -55,6 +55,7 @@ def deterministic(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
+@pytest.mark.slow
 def test_short_run_lowers_validation_loss_and_writes_the_run_layout(tmp_path):
     run = tmp_path / "run"
     result = train(
@@ -77,6 +78,7 @@ def test_short_run_lowers_validation_loss_and_writes_the_run_layout(tmp_path):
     assert {"lr", "grad_norm", "tokens_per_s", "tokens", "epoch"} <= set(train_records[0])
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
     extra = ("train.task_eval_every=3", "train.task_eval_size=3")  # engine runs inside the loop too
     one_go = train(tiny_run(tmp_path, *extra), tmp_path / "a", progress=False)

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from reasoning_llama.training.metrics import MetricsWriter, read_metrics, truncate_after
 from reasoning_llama.training.plot import plot_run
 
@@ -53,6 +55,7 @@ def test_plot_writes_a_png(tmp_path):
     assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
 
 
+@pytest.mark.slow
 def test_plot_cli_with_out_and_error_on_a_non_run(tmp_path):
     write_run(tmp_path / "run")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

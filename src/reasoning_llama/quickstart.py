@@ -201,7 +201,9 @@ def run_quickstart(
     data = prepare_data(config.data, tokenizer, progress=False)
     families = sorted({row["family"] for row in data.train.rows})
     per_family = FAST_EVAL_PER_FAMILY if fast else EVAL_PER_FAMILY
-    test_rows = synthetic_test_rows(families, per_family, seed=config.data.seed + EVAL_SEED_OFFSET)
+    test_rows = synthetic_test_rows(
+        families, per_family, seed=config.data.seed + EVAL_SEED_OFFSET, difficulty=config.data.difficulty
+    )
 
     if not fast:
         per_step = tune_for_this_cpu(config, data, say)
