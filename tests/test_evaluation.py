@@ -20,13 +20,7 @@ from reasoning_llama.generation import Engine
 from reasoning_llama.model import Transformer
 from reasoning_llama.tokenizer import get_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def forcing_engine(model: Transformer, outputs: dict[str, tuple[str, str]]) -> Engine:

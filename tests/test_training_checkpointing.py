@@ -22,13 +22,7 @@ from reasoning_llama.training import train
 from reasoning_llama.training.metrics import read_metrics
 from test_training_loop import tiny_run
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):

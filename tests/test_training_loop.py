@@ -17,13 +17,7 @@ from reasoning_llama.training.metrics import read_metrics
 TIMING_KEYS = {"tokens_per_s", "elapsed_s"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes run fastest on one thread (and a shared CPU makes two threads wait on each other)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_run(tmp_path, *overrides: str) -> RunConfig:
