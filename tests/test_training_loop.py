@@ -173,3 +173,16 @@ def test_init_from_starts_from_the_checkpoint_weights(tmp_path):
     after = load_file(tmp_path / "second/checkpoints/step-000001/model.safetensors")
     for name in start:
         torch.testing.assert_close(after[name], start[name], rtol=0, atol=1e-9)
+
+
+def test_time_budget_refits_the_planned_steps(tmp_path, monkeypatch):
+    from reasoning_llama.training import loop
+
+    monkeypatch.setattr(loop, "REPLAN_EVERY", 10)
+    config = tiny_run(tmp_path, "train.max_steps=100000", "train.eval_every=0", "train.save_every=0")
+    result = train(config, tmp_path / "run", progress=False, time_budget=2.0)
+    # The plan shrank from 100000 to what fits in about 2 s, and the run finished it (cosine included).
+    assert result.stop_reason == "finished"
+    assert 10 < result.step == result.total_steps < 1000
+    last_lr = [r["lr"] for r in read_metrics(tmp_path / "run") if "lr" in r][-1]
+    assert last_lr < 0.2 * config.train.lr  # annealed, not cut off at the peak

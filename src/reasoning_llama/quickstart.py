@@ -65,6 +65,8 @@ RECIPE: list[str] = [
     "train.keep_last=1",
     "train.log_every=50",
     "data.source=synthetic",
+    "data.families=[chain_sum,sort_digits,max_digit]",
+    "data.difficulty=4",
     "data.synthetic_train_size=12000",
     "data.synthetic_val_size=150",
     "data.seq_len=256",
@@ -105,9 +107,14 @@ class QuickstartReport:
     before: dict[str, Any]
     after: dict[str, Any]
     sample: dict[str, Any]
+    difficulty: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def difficulty_flag(self) -> str:
+        return "" if self.difficulty is None else f" --difficulty {self.difficulty}"
 
 
 def probe_seconds_per_step(
@@ -205,15 +212,17 @@ def run_quickstart(
         families, per_family, seed=config.data.seed + EVAL_SEED_OFFSET, difficulty=config.data.difficulty
     )
 
+    budget = minutes * 60
     if not fast:
         per_step = tune_for_this_cpu(config, data, say)
-        config.train.max_steps = plan_steps(per_step, minutes * 60, config)
+        # A first guess for the schedule; the loop refits it to the measured speed every 100 steps.
+        config.train.max_steps = 2 * plan_steps(per_step, budget, config)
 
     say(f"evaluating the untrained model on {len(test_rows)} held-out problems ...")
     before = evaluate_generations(
         _engine(build_model(config, torch.device("cpu"))), test_rows, progress=progress
     )
-    say(f"training {config.train.max_steps} steps (about {minutes:g} minutes) ...")
+    say(f"training for about {minutes:g} minutes ...")
     train_start = time.monotonic()
     result: TrainResult = train(
         config,
@@ -221,7 +230,8 @@ def run_quickstart(
         progress=progress,
         tokenizer=tokenizer,
         data=data,
-        deadline=train_start + minutes * 60,
+        time_budget=None if fast else budget,
+        deadline=train_start + budget + 30,
         echo=say,
     )
     train_seconds = time.monotonic() - train_start
@@ -244,6 +254,7 @@ def run_quickstart(
         before=before.to_dict(),
         after=after.to_dict(),
         sample=_pick_sample(after),
+        difficulty=config.data.difficulty,
     )
 
 
@@ -301,7 +312,8 @@ def format_report(report: QuickstartReport) -> str:
         f"checkpoint: {report.checkpoint}",
         f"plot:       {report.plot}",
         f"next:       reasoning-llama chat --checkpoint {report.checkpoint}",
-        f"            reasoning-llama eval --checkpoint {report.checkpoint} --task synthetic",
+        f"            reasoning-llama eval --checkpoint {report.checkpoint} "
+        f"--task synthetic:{','.join(report.after['families'])}{report.difficulty_flag}",
     ]
     return "\n".join(lines)
 

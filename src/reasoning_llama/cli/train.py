@@ -115,6 +115,9 @@ def eval_command(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences decoded together.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic problems drawn.")] = 0,
+    difficulty: Annotated[
+        int | None, typer.Option(help="Difficulty of the synthetic problems (default: each family's).")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
@@ -129,8 +132,9 @@ def eval_command(
     directory = resolve_checkpoint(checkpoint)
     if task is not None:
         families = evaluation.parse_task_spec(task)
-        rows = evaluation.synthetic_test_rows(families, limit or 100, seed=seed)
-        source = f"synthetic test split: {', '.join(families)}"
+        rows = evaluation.synthetic_test_rows(families, limit or 100, seed=seed, difficulty=difficulty)
+        level = "" if difficulty is None else f" at difficulty {difficulty}"
+        source = f"synthetic test split{level}: {', '.join(families)}"
         generate = True
     else:
         rows = _read_rows(data)  # type: ignore[arg-type]

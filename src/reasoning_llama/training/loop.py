@@ -47,6 +47,7 @@ from reasoning_llama.training.optim import build_optimizer, lr_at, set_lr
 log = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.yaml"
+REPLAN_EVERY = 100  # steps between refits of the plan to a time budget
 StopReason = Literal["finished", "early_stopping", "interrupted", "deadline", "stop_at_step"]
 
 
@@ -231,6 +232,7 @@ class Trainer:
         )
         self.accum = accumulation_steps(config)
         self.total_steps = planned_steps(config, self.train_loader.batches_per_epoch, self.accum)
+        self.planned_max = self.total_steps
         self.task_rows = _task_rows(config)
 
         self.model = build_model(config, self.device)
@@ -247,8 +249,19 @@ class Trainer:
             truncate_after(self.run_dir, self.state.step)
             self.say(f"resuming from {resume_from} (step {self.state.step} of {self.total_steps})")
 
-    def run(self, *, stop_at_step: int | None = None, deadline: float | None = None) -> TrainResult:
-        """Train to the planned step; stop early on Ctrl-C, `stop_at_step`, `deadline` or early stopping."""
+    def run(
+        self,
+        *,
+        stop_at_step: int | None = None,
+        deadline: float | None = None,
+        time_budget: float | None = None,
+    ) -> TrainResult:
+        """Train to the planned step; stop early on Ctrl-C, `stop_at_step`, `deadline` or early stopping.
+
+        time_budget: seconds for this call; every REPLAN_EVERY steps the planned number of steps (and
+        so the cosine) is refitted to the measured speed, at most `max_steps` (runs planned this way
+        depend on the machine's speed, so they do not resume bitwise-identically).
+        """
         t, state = self.t, self.state
         batches = iter(self.train_loader)
         stop_reason: StopReason = "finished"
@@ -262,7 +275,10 @@ class Trainer:
             disable=not self.progress,
         )
         with MetricsWriter(self.run_dir) as writer, bar, _sigint_flag() as interrupted:
+            first_step, started = state.step, time.monotonic()
             while state.step < self.total_steps:
+                if time_budget and state.step > first_step and (state.step - first_step) % REPLAN_EVERY == 0:
+                    self._replan(first_step, started, time_budget, bar)
                 lr = self.lr()
                 grad_norm = self.step([next(batches) for _ in range(self.accum)], lr)
                 bar.update(1)
@@ -311,6 +327,15 @@ class Trainer:
             state.best_step if best is not None else None,
             final,
         )
+
+    def _replan(self, first_step: int, started: float, time_budget: float, bar: tqdm) -> None:
+        """Fit the planned steps to the time left at the speed measured so far (evaluations included)."""
+        elapsed = time.monotonic() - started
+        per_step = elapsed / (self.state.step - first_step)
+        fitting = self.state.step + int((time_budget - elapsed) / per_step)
+        self.total_steps = max(self.state.step + 1, min(self.planned_max, fitting))
+        bar.total = self.total_steps
+        bar.refresh()
 
     def lr(self) -> float:
         t = self.t
@@ -413,6 +438,7 @@ def train(
     progress: bool = True,
     stop_at_step: int | None = None,
     deadline: float | None = None,
+    time_budget: float | None = None,
     tokenizer: ChatTokenizer | None = None,
     data: PreparedData | None = None,
     echo: Callable[[str], None] | None = None,
@@ -420,12 +446,13 @@ def train(
     """Train as `config` says, writing checkpoints, metrics and the best model under `run_dir`.
 
     stop_at_step: save and stop after this step (as an interruption would); deadline: a
-    `time.monotonic()` value after which the run evaluates, saves and stops.
+    `time.monotonic()` value after which the run evaluates, saves and stops; time_budget: seconds
+    the run should take, to which the planned steps are refitted as it goes (see `Trainer.run`).
     """
     trainer = Trainer(
         config, run_dir, resume=resume, progress=progress, tokenizer=tokenizer, data=data, echo=echo
     )
-    return trainer.run(stop_at_step=stop_at_step, deadline=deadline)
+    return trainer.run(stop_at_step=stop_at_step, deadline=deadline, time_budget=time_budget)
 
 
 def _optimizer_step(
