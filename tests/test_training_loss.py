@@ -15,13 +15,7 @@ from reasoning_llama.tokenizer import get_tokenizer
 from reasoning_llama.training import loss as loss_module
 from reasoning_llama.training.loss import fused_batch_loss_sum, linear_cross_entropy
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("keep_logits", [True, False])
