@@ -1,8 +1,8 @@
 """Decode speed: our engine against transformers' `generate()` on the same random weights.
 
 The `small-100m` shape without the final block (so it is exactly a LlamaForCausalLM), greedy.
-On CPU our weights are stored transposed as `Engine.from_checkpoint` does; the figure with the
-usual layout is reported too.
+On CPU our model gets the decode layout `Engine.from_checkpoint` gives it (weights stored
+transposed, the head spread over torch's threads); the figure without it is reported too.
 Both sides are timed the same way, interleaved, medians over repeats: decode tokens/s =
 (N - 1) / (time to generate N tokens - time to generate 1), which removes the prefill. Our
 batch-1 figure is also given as a fraction of the memory-bandwidth limit: bytes read per
@@ -28,7 +28,8 @@ from collections.abc import Callable
 import torch
 
 from reasoning_llama.config import get_preset
-from reasoning_llama.generation import Engine, SamplingParams, resolve_device, store_linear_weights_transposed
+from reasoning_llama.cpu_layout import prepare_for_cpu_decode
+from reasoning_llama.generation import Engine, SamplingParams, resolve_device
 from reasoning_llama.interop.hf import to_hf_config, to_hf_state_dict
 from reasoning_llama.model import Transformer
 from reasoning_llama.tokenizer import PAD, get_tokenizer
@@ -89,12 +90,12 @@ def main() -> None:
         hf = LlamaForCausalLM(LlamaConfig(**to_hf_config(config))).to(dtype).eval()
     hf.load_state_dict(to_hf_state_dict(ours.state_dict()))
     if device.type == "cpu":
-        # Engine.from_checkpoint stores the weights transposed on CPU; keep a copy with the usual
-        # layout to show what that is worth.
+        # Engine.from_checkpoint prepares a CPU model for decoding; keep a plain copy to show what
+        # that is worth.
         plain = Transformer(config).eval()
         plain.load_state_dict(ours.state_dict())
         plain_engine = Engine(plain, get_tokenizer(), max_batch_size=1, device=device)
-        store_linear_weights_transposed(ours)
+        prepare_for_cpu_decode(ours)
     engine = Engine(ours, get_tokenizer(), max_batch_size=args.batch, device=device)
 
     generator = torch.Generator().manual_seed(1)
@@ -108,7 +109,7 @@ def main() -> None:
         results = engine.generate_batch(prompts[:batch], SamplingParams(max_new_tokens=n))
         return [r.token_ids for r in results]
 
-    def run_ours_plain_layout(batch: int, n: int) -> list[list[int]]:
+    def run_ours_without_cpu_layout(batch: int, n: int) -> list[list[int]]:
         return [
             r.token_ids
             for r in plain_engine.generate_batch(prompts[:batch], SamplingParams(max_new_tokens=n))
@@ -152,7 +153,7 @@ def main() -> None:
     same_tokens = run_ours(1, new_tokens) == run_hf(1, new_tokens)
     batch1_runs = {"ours": run_ours, "transformers": run_hf}
     if device.type == "cpu":
-        batch1_runs["ours_usual_weight_layout"] = run_ours_plain_layout
+        batch1_runs["ours_without_cpu_layout"] = run_ours_without_cpu_layout
     batch1 = decode_rate(batch1_runs, 1)
     batched_runs = {"ours": run_ours} if args.skip_hf_batched else {"ours": run_ours, "transformers": run_hf}
     batched = decode_rate(batched_runs, args.batch)

@@ -18,7 +18,6 @@ from reasoning_llama.generation import (
     SamplingParams,
     decode,
     prefill,
-    store_linear_weights_transposed,
 )
 from reasoning_llama.model import KVCache, Transformer
 from reasoning_llama.tokenizer import (
@@ -137,18 +136,6 @@ def test_cached_decode_matches_full_recompute_single_beside_an_idle_row(model):
             positions = torch.tensor([0, len(sequence) - 1])
             logits = decode(model, cache, tokens, positions, active=torch.tensor([False, True]))
             assert logits.shape == (1, CONFIG.vocab_size)
-
-
-def test_transposed_weight_storage_keeps_the_model_the_same(model):
-    copy = Transformer(CONFIG).eval()
-    copy.load_state_dict(model.state_dict())
-    store_linear_weights_transposed(copy)
-    assert copy.head.weight.shape == model.head.weight.shape
-    assert copy.head.weight.stride() == (1, CONFIG.vocab_size)
-    ids = torch.tensor([[5, 17, 300, 2, 9]])
-    with torch.inference_mode():
-        assert torch.allclose(copy(ids), model(ids), atol=1e-5)
-    assert torch.equal(copy.state_dict()["head.weight"], model.state_dict()["head.weight"])
 
 
 # -- greedy parity with transformers --------------------------------------------------------
