@@ -1,8 +1,9 @@
 """Decode speed: our engine against transformers' `generate()` on the same random weights.
 
 The `small-100m` shape without the final block (so it is exactly a LlamaForCausalLM), greedy.
-On CPU our model gets the decode layout `Engine.from_checkpoint` gives it (weights stored
-transposed, the head spread over torch's threads); the figure without it is reported too.
+On CPU our model gets the layout `Engine.from_checkpoint` gives it (`cpu_layout.py`: oneDNN
+linear layers with two or more threads, else weights stored transposed); the figure without it is
+reported too.
 Both sides are timed the same way, interleaved, medians over repeats: decode tokens/s =
 (N - 1) / (time to generate N tokens - time to generate 1), which removes the prefill. Our
 batch-1 figure is also given as a fraction of the memory-bandwidth limit: bytes read per
@@ -89,13 +90,14 @@ def main() -> None:
         ours = Transformer(config).to(dtype).eval()
         hf = LlamaForCausalLM(LlamaConfig(**to_hf_config(config))).to(dtype).eval()
     hf.load_state_dict(to_hf_state_dict(ours.state_dict()))
+    layout = None
     if device.type == "cpu":
         # Engine.from_checkpoint prepares a CPU model for decoding; keep a plain copy to show what
         # that is worth.
         plain = Transformer(config).eval()
         plain.load_state_dict(ours.state_dict())
         plain_engine = Engine(plain, get_tokenizer(), max_batch_size=1, device=device)
-        prepare_for_cpu_decode(ours)
+        layout = prepare_for_cpu_decode(ours)
     engine = Engine(ours, get_tokenizer(), max_batch_size=args.batch, device=device)
 
     generator = torch.Generator().manual_seed(1)
@@ -185,6 +187,7 @@ def main() -> None:
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(),
+            "cpu_layout": layout,
             "prompt_tokens": prompt_len,
             "new_tokens": new_tokens,
             "repeats": repeats,

@@ -1,4 +1,4 @@
-"""The CPU decode layout changes how weights sit in memory, never what the model computes."""
+"""The CPU decode layouts change how linear layers run, never what the model computes."""
 
 import pytest
 import torch
@@ -6,16 +6,17 @@ from torch import nn
 
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.cpu_layout import (
-    ColumnBlockLinear,
+    OneDNNLinear,
+    onednn_linear_works,
     prepare_for_cpu_decode,
     store_linear_weights_transposed,
 )
 from reasoning_llama.model import Transformer
 
-# An odd vocabulary (like the real 50,263) leaves a remainder after the column blocks.
-CONFIG = ModelConfig(
-    vocab_size=50263, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64
-)
+CONFIG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
+IDS = torch.tensor([[5, 17, 300, 2, 9], [50262, 8, 1, 44, 50258]])
+
+needs_onednn = pytest.mark.skipif(not onednn_linear_works(), reason="this torch build has no oneDNN linear")
 
 
 @pytest.fixture
@@ -25,10 +26,10 @@ def model():
 
 
 @pytest.fixture
-def two_threads():
+def threads():
+    """Set torch's thread count for one test, then put it back."""
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
+    yield torch.set_num_threads
     torch.set_num_threads(before)
 
 
@@ -38,55 +39,52 @@ def copy_of(model: Transformer) -> Transformer:
     return copy
 
 
+def assert_same_model(prepared: Transformer, model: Transformer) -> None:
+    assert prepared.state_dict().keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(prepared.state_dict()[name], tensor), name
+    with torch.inference_mode():
+        assert torch.allclose(prepared(IDS), model(IDS), atol=1e-4)
+        select = torch.zeros_like(IDS, dtype=torch.bool)
+        select[:, -1] = True
+        assert torch.allclose(prepared(IDS, select=select), model(IDS)[:, -1], atol=1e-4)
+
+
 def test_transposed_storage_keeps_values_shapes_and_outputs(model):
     copy = copy_of(model)
     store_linear_weights_transposed(copy)
     assert copy.head.weight.shape == model.head.weight.shape
     assert copy.head.weight.stride() == (1, CONFIG.vocab_size)
-    ids = torch.tensor([[5, 17, 300, 2, 9]])
-    with torch.inference_mode():
-        assert torch.allclose(copy(ids), model(ids), atol=1e-5)
-    assert torch.equal(copy.state_dict()["head.weight"], model.state_dict()["head.weight"])
+    assert_same_model(copy, model)
 
 
-@pytest.mark.parametrize("threads", [2, 3, 4])
-@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17])
-def test_column_blocks_compute_the_plain_product(rows, threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.manual_seed(rows)
-        weight = nn.Parameter(torch.randn(1001, 48).t().contiguous().t())  # stored transposed
-        layer = ColumnBlockLinear(weight)
-        x = torch.randn(rows, 1, 48)
-        with torch.inference_mode():
-            assert torch.allclose(layer(x), nn.functional.linear(x, weight), atol=1e-4)
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_column_blocks_take_the_bmm_path_for_a_few_rows(two_threads, monkeypatch):
-    calls = []
-    real_bmm = torch.bmm
-    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(a[1].shape) or real_bmm(*a))
-    layer = ColumnBlockLinear(nn.Parameter(torch.randn(1001, 48).t().contiguous().t()))
-    with torch.inference_mode():
-        layer(torch.randn(1, 48))
-        assert calls == [(2, 48, 500)]  # two blocks of 500 columns; the last column separately
-        layer(torch.randn(17, 48))  # above max_rows: MKL's own product
-    assert len(calls) == 1
-
-
-def test_prepared_model_keeps_its_state_dict_and_outputs(model, two_threads):
+@needs_onednn
+def test_several_threads_get_onednn_linear_layers(model, threads):
+    threads(2)
     copy = copy_of(model)
-    prepare_for_cpu_decode(copy)
-    assert isinstance(copy.head, ColumnBlockLinear)
-    assert copy.state_dict().keys() == model.state_dict().keys()
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(copy.state_dict()[name], tensor), name
-    assert copy.num_parameters() == model.num_parameters()
-    ids = torch.tensor([[5, 17, 300, 2, 9]])
+    assert prepare_for_cpu_decode(copy) == "onednn"
+    linears = [m for m in copy.modules() if isinstance(m, OneDNNLinear)]
+    assert len(linears) == 7 * CONFIG.n_layers + 1 + 3  # q k v o gate up down per layer, head, final block
+    assert not any(isinstance(m, nn.Linear) for m in copy.modules())
+    assert copy.head.weight is copy.get_parameter("head.weight")
+    assert_same_model(copy, model)
+
+
+def test_one_thread_gets_the_transposed_layout(model, threads):
+    threads(1)
+    copy = copy_of(model)
+    assert prepare_for_cpu_decode(copy) == "transposed"
+    assert isinstance(copy.head, nn.Linear)
+    assert copy.head.weight.stride() == (1, CONFIG.vocab_size)
+    assert_same_model(copy, model)
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])
+def test_onednn_linear_computes_the_plain_product(rows, threads):
+    threads(2)
+    torch.manual_seed(rows)
+    weight = nn.Parameter(torch.randn(1001, 48))
+    x = torch.randn(rows, 2, 48)
     with torch.inference_mode():
-        assert torch.allclose(copy(ids), model(ids), atol=1e-4)
-        select = torch.tensor([[False, False, False, False, True]])
-        assert torch.allclose(copy(ids, select=select), model(ids)[:, -1], atol=1e-4)
+        assert torch.allclose(OneDNNLinear(weight)(x), nn.functional.linear(x, weight), atol=1e-4)

@@ -142,10 +142,15 @@ def test_cached_decode_matches_full_recompute_single_beside_an_idle_row(model):
 
 
 @pytest.mark.slow
-def test_greedy_matches_transformers_generate_token_for_token(model, prompts):
+@pytest.mark.parametrize("layout", ["plain", "transposed", "onednn"])
+def test_greedy_matches_transformers_generate_token_for_token(model, prompts, layout):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from reasoning_llama.cpu_layout import onednn_linear_works, prepare_for_cpu_decode
     from reasoning_llama.interop.hf import to_hf_config, to_hf_state_dict
+
+    if layout == "onednn" and not onednn_linear_works():
+        pytest.skip("this torch build has no oneDNN linear")
 
     hf = LlamaForCausalLM(LlamaConfig(**to_hf_config(CONFIG))).eval()
     hf.load_state_dict(to_hf_state_dict(model.state_dict()))
@@ -155,7 +160,14 @@ def test_greedy_matches_transformers_generate_token_for_token(model, prompts):
     def no_im_end(request, logits):
         logits[IM_END] = -math.inf
 
-    engine = Engine(model, get_tokenizer(), logits_hook=no_im_end)
+    ours = Transformer(CONFIG).eval()
+    ours.load_state_dict(model.state_dict())
+    if layout != "plain":  # the layouts Engine.from_checkpoint picks on a CPU by thread count
+        before = torch.get_num_threads()
+        torch.set_num_threads(2 if layout == "onednn" else 1)
+        assert prepare_for_cpu_decode(ours) == layout
+        torch.set_num_threads(before)
+    engine = Engine(ours, get_tokenizer(), logits_hook=no_im_end)
     for prompt in prompts[:2]:
         with torch.no_grad():
             out = hf.generate(

@@ -1,4 +1,15 @@
-"""Weight layouts that make decoding on a CPU faster, for models the inference engine owns.
+"""How the engine lays out a model's linear layers for decoding on a CPU.
+
+torch's CPU linear layers call MKL's GEMM, which on this project's machines is a poor fit for
+decoding: a matrix-vector product (batch 1) runs on one core whatever the thread count, and small
+batches run well below the memory bandwidth. Two layouts fix that, for models the engine owns:
+
+- `onednn`: every linear layer calls oneDNN's inner product (the kernel torch.compile's CPU backend
+  uses), which spreads even one row over all threads. With two or more threads it is the fastest
+  at every batch size we measured (docs/BENCHMARKS.md).
+- `transposed`: each weight stored transposed in memory, where MKL's matrix-vector product streams
+  it faster. Used with one thread, where oneDNN's one-row product is slower, and where oneDNN is
+  missing from the torch build.
 
 Neither changes a parameter's values or shape, nor the state dict; outputs agree with the plain
 model to rounding. A model being trained keeps its usual layout.
@@ -6,67 +17,70 @@ model to rounding. A model being trained keeps its usual layout.
 
 from __future__ import annotations
 
+import functools
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ColumnBlockLinear", "prepare_for_cpu_decode", "store_linear_weights_transposed"]
+__all__ = ["OneDNNLinear", "onednn_linear_works", "prepare_for_cpu_decode", "store_linear_weights_transposed"]
+
+CpuLayout = Literal["onednn", "transposed"]
 
 
 def store_linear_weights_transposed(model: nn.Module) -> None:
     """Keep every linear weight's values and shape but store it transposed (column-major) in memory.
 
     MKL's fp32 matrix-vector product streams an (in, out) row-major matrix much faster than the
-    usual (out, in) one (the 50,263-way head of small-100m: 8.9 -> 5.4 ms per token), with
-    bit-identical results.
+    usual (out, in) one (the 50,263-way head of small-100m: 9.2 -> 5.5 ms), bit-identical results.
     """
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, (nn.Linear, ColumnBlockLinear)):
+            if isinstance(module, nn.Linear):
                 module.weight.data = module.weight.data.t().contiguous().t()
 
 
-class ColumnBlockLinear(nn.Module):
-    """A bias-free linear layer whose products for a few rows run as one bmm over column blocks.
+def _onednn_linear(x: Tensor, weight: Tensor) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
-    MKL computes a matrix-vector product on one core however many threads torch has. Cut into one
-    block of output columns per thread (views of the same weight, no copy), a `bmm` spreads it over
-    all of them: the small-100m head at batch 1 on a 2-core CPU goes from 5.7 to 3.6 ms. Shares its
-    `weight` Parameter with the layer it replaces, so the state dict is unchanged. Expects the weight
-    stored transposed (`store_linear_weights_transposed`), where each block is a strided (in, out)
-    matrix the bmm reads in place.
-    """
 
-    def __init__(self, weight: nn.Parameter, max_rows: int = 16) -> None:
+@functools.cache
+def onednn_linear_works() -> bool:
+    """Whether this torch build has oneDNN's linear kernel and it computes what F.linear does."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        generator = torch.Generator().manual_seed(0)
+        x, weight = torch.randn(3, 2, 40, generator=generator), torch.randn(24, 40, generator=generator)
+        with torch.inference_mode():
+            return torch.allclose(_onednn_linear(x, weight), F.linear(x, weight), atol=1e-4)
+    except (AttributeError, NotImplementedError, RuntimeError):  # op missing or unsupported here
+        return False
+
+
+class OneDNNLinear(nn.Module):
+    """A bias-free linear layer computed by oneDNN; shares the weight Parameter of the layer it replaces."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
         super().__init__()
         self.weight = weight
         self.out_features, self.in_features = weight.shape
-        self.max_rows = max_rows  # beyond this MKL's own matrix product parallelises well
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features)
-        blocks = torch.get_num_threads()
-        if blocks == 1 or rows.shape[0] > self.max_rows or x.device.type != "cpu":
-            return F.linear(x, self.weight)
-        transposed = self.weight.t()  # (in, out)
-        even = self.out_features - self.out_features % blocks
-        split = transposed[:, :even].unflatten(1, (blocks, -1)).transpose(0, 1)  # (blocks, in, out/blocks)
-        out = torch.bmm(rows.expand(blocks, -1, -1), split).transpose(0, 1).reshape(rows.shape[0], even)
-        if even < self.out_features:
-            out = torch.cat([out, rows @ transposed[:, even:]], dim=1)
-        return out.view(*x.shape[:-1], self.out_features)
+        return _onednn_linear(x, self.weight)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, max_rows={self.max_rows}"
+        return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
-def prepare_for_cpu_decode(model: nn.Module) -> None:
-    """Transpose every linear weight's storage and spread the vocabulary head over torch's threads.
-
-    Only the head is split: it is two thirds of the bytes a small-100m decode step reads, and for the
-    layers' 768-wide matrices the split costs about what it saves (measured).
-    """
+def prepare_for_cpu_decode(model: nn.Module) -> CpuLayout:
+    """Give a CPU model the faster decoding layout for torch's current thread count; return its name."""
+    if torch.get_num_threads() > 1 and onednn_linear_works():
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear) and child.bias is None:
+                    setattr(parent, name, OneDNNLinear(child.weight))
+        return "onednn"
     store_linear_weights_transposed(model)
-    head = getattr(model, "head", None)
-    if isinstance(head, nn.Linear) and head.bias is None:
-        model.head = ColumnBlockLinear(head.weight)
+    return "transposed"
