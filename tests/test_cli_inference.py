@@ -6,13 +6,14 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
+import signal
 import sys
 
 import pexpect
 import pytest
 import torch
 
+from cli_helpers import run_cli
 from reasoning_llama.checkpoint import save_model
 from reasoning_llama.cli.inference import apply_setting
 from reasoning_llama.config import ModelConfig
@@ -31,15 +32,6 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli-inference") / "tiny"
     save_model(path, Transformer(CONFIG))
     return path
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "reasoning_llama", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def expected(checkpoint, params: SamplingParams, system: str | None = None):
@@ -194,9 +186,18 @@ def test_set_parses_and_validates_values():
 
 
 def spawn_chat(checkpoint, *flags: str) -> pexpect.spawn:
+    """The chat in a real pseudo-terminal, started with SIGINT ignored as a background job would be."""
     env = dict(os.environ, PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm")
     args = ["-m", "reasoning_llama", "chat", "--checkpoint", str(checkpoint), "--device", "cpu", *flags]
-    return pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=120, dimensions=(40, 250))
+    return pexpect.spawn(
+        sys.executable,
+        args,
+        env=env,
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(40, 250),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
 
 
 PROMPT = "you>"

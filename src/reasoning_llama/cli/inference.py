@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import queue
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -54,6 +55,19 @@ HideReasoning = Annotated[bool, typer.Option("--hide-reasoning", help="Do not sh
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
 
 
+def _sampling_params(options: dict[str, object]) -> SamplingParams:
+    """SamplingParams from a command's options of the same names, checked before the model loads."""
+    from reasoning_llama.sampling import SamplingParams
+
+    names = {f.name for f in dataclasses.fields(SamplingParams)}
+    values = {name: value for name, value in options.items() if name in names}
+    values["max_new_tokens"] = values.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
+    values["stop"] = tuple(values.get("stop") or ())  # type: ignore[arg-type]
+    params = SamplingParams(**values)  # type: ignore[arg-type]
+    params.validate()
+    return params
+
+
 def generate(
     checkpoint: Checkpoint,
     prompt: Annotated[str, typer.Option(help="The user message.")],
@@ -76,22 +90,11 @@ def generate(
     """Answer one prompt: stream the reasoning (stderr, dim) and the answer (stdout)."""
     from rich.console import Console
 
-    from reasoning_llama.generation import Engine, SamplingParams
+    from reasoning_llama.generation import Engine
 
+    params = _sampling_params(locals())  # the options named like SamplingParams fields
     if not prompt.strip():
         raise RequestError("--prompt is empty; give the text to answer")
-    params = SamplingParams(
-        max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        reasoning_budget=reasoning_budget,
-        stop=tuple(stop or ()),
-    )
-    params.validate()  # before the model loads
     engine = Engine.from_checkpoint(checkpoint, device=device, max_batch_size=1)
     prompt_ids = engine.tokenizer.render_prompt(_with_system(system, [{"role": "user", "content": prompt}]))
     if max_new_tokens is None:  # the default shrinks to fit; an explicit value must fit
@@ -383,20 +386,12 @@ def chat(
     """Chat in the terminal: streamed answers with their reasoning dimmed; /help lists the commands."""
     from rich.console import Console
 
-    from reasoning_llama.generation import Engine, SamplingParams
+    from reasoning_llama.generation import Engine
 
-    params = SamplingParams(
-        max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        reasoning_budget=reasoning_budget,
-        stop=tuple(stop or ()),
-    )
-    params.validate()
+    params = _sampling_params(locals())  # the options named like SamplingParams fields
+    # Ctrl-C is how a chat stops an answer, so it must raise KeyboardInterrupt even when a parent
+    # (a background job, a script) started us with SIGINT ignored, which Python would keep.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     engine = Engine.from_checkpoint(checkpoint, device=device, max_batch_size=1)
     console = Console(highlight=False)
     session = ChatSession(engine, params, console, system=system, hide_reasoning=hide_reasoning)
