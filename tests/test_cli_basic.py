@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "reasoning_llama", *args], capture_output=True, text=True)
+from cli_helpers import run_cli
 
 
 def test_info_json_reports_parameter_breakdown():

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_helpers import run_cli
 from reasoning_llama import checkpoint
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.interop.hf import to_hf_config
@@ -19,12 +18,6 @@ from reasoning_llama.model import Transformer
 TINY = ModelConfig(
     dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=128, final_block=False
 )
-
-
-def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "reasoning_llama", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
@@ -46,14 +39,14 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Transformer, Path]:
 @pytest.mark.slow
 def test_export_then_import_round_trip(saved, tmp_path: Path) -> None:
     model, ckpt = saved
-    exported = cli("export", "--checkpoint", ckpt, "--to", "hf", tmp_path / "hf")
+    exported = run_cli("export", "--checkpoint", ckpt, "--to", "hf", tmp_path / "hf")
     assert exported.returncode == 0, exported.stderr
     names = {p.name for p in (tmp_path / "hf").iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= names
     assert {"tokenizer_config.json", "special_tokens_map.json"} <= names
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
-    imported = cli("import", "--from", "hf", tmp_path / "hf", "--out", tmp_path / "back")
+    imported = run_cli("import", "--from", "hf", tmp_path / "hf", "--out", tmp_path / "back")
     assert imported.returncode == 0, imported.stderr
     back = checkpoint.load_model(tmp_path / "back")
     original = model.state_dict()
@@ -65,20 +58,20 @@ def test_export_then_import_round_trip(saved, tmp_path: Path) -> None:
 def test_bad_inputs_give_one_line_errors(saved, tmp_path: Path) -> None:
     _, ckpt = saved
     assert_one_line_error(
-        cli("export", "--checkpoint", tmp_path / "nope", tmp_path / "out"), "does not exist"
+        run_cli("export", "--checkpoint", tmp_path / "nope", tmp_path / "out"), "does not exist"
     )
-    assert_one_line_error(cli("export", "--checkpoint", ckpt, "--to", "gguf", tmp_path / "out"), "gguf")
+    assert_one_line_error(run_cli("export", "--checkpoint", ckpt, "--to", "gguf", tmp_path / "out"), "gguf")
 
     with_block = ModelConfig(**{**TINY.to_dict(), "final_block": True})
     checkpoint.save_model(tmp_path / "block", Transformer(with_block))
-    result = cli("export", "--checkpoint", tmp_path / "block", "--to", "hf", tmp_path / "out")
+    result = run_cli("export", "--checkpoint", tmp_path / "block", "--to", "hf", tmp_path / "out")
     assert_one_line_error(result, "final_block: false")
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text(json.dumps(to_hf_config(TINY)))
     (pickled / "pytorch_model.bin").write_bytes(b"not opened")
-    result = cli("import", "--from", "hf", pickled, "--out", tmp_path / "out")
+    result = run_cli("import", "--from", "hf", pickled, "--out", tmp_path / "out")
     assert_one_line_error(result, "never unpickles")
-    assert_one_line_error(cli("import", "--from", "hf", tmp_path / "nope", "--out", tmp_path / "out"))
+    assert_one_line_error(run_cli("import", "--from", "hf", tmp_path / "nope", "--out", tmp_path / "out"))
     assert not (tmp_path / "out").exists()

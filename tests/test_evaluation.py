@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from cli_helpers import run_cli
 from reasoning_llama import evaluation
 from reasoning_llama.checkpoint import save_model
 from reasoning_llama.data.synthetic import DEFAULT_FAMILIES, problem_split
@@ -110,15 +108,6 @@ def test_loss_on_rows_is_the_token_mean_of_per_example_cross_entropy(tiny_config
     assert report.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "reasoning_llama", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-
-
 @pytest.mark.slow
 def test_eval_cli_json_on_tasks_and_on_a_data_file(tmp_path, tiny_config):
     checkpoint = tmp_path / "ckpt"
@@ -127,7 +116,7 @@ def test_eval_cli_json_on_tasks_and_on_a_data_file(tmp_path, tiny_config):
 
     result = run_cli(
         "eval", "--checkpoint", str(checkpoint), "--task", "synthetic:chain_sum,sort_digits",
-        "--limit", "2", "--max-new-tokens", "6", "--device", "cpu", "--json",
+        "--limit", "2", "--max-new-tokens", "6", "--device", "cpu", "--json", one_thread=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -142,7 +131,15 @@ def test_eval_cli_json_on_tasks_and_on_a_data_file(tmp_path, tiny_config):
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = run_cli(
-        "eval", "--checkpoint", str(checkpoint), "--data", str(data), "--device", "cpu", "--json"
+        "eval",
+        "--checkpoint",
+        str(checkpoint),
+        "--data",
+        str(data),
+        "--device",
+        "cpu",
+        "--json",
+        one_thread=True,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -162,7 +159,7 @@ def test_eval_cli_json_on_tasks_and_on_a_data_file(tmp_path, tiny_config):
 )
 def test_eval_cli_errors_are_one_line(tmp_path, tiny_config, args, message):
     save_model(tmp_path / "ckpt", Transformer(tiny_config))
-    result = run_cli("eval", "--checkpoint", str(tmp_path / "ckpt"), *args)
+    result = run_cli("eval", "--checkpoint", str(tmp_path / "ckpt"), *args, one_thread=True)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from cli_helpers import run_cli
 from reasoning_llama.config import load_run_config
 from reasoning_llama.quickstart import quickstart_config
 
@@ -36,19 +34,10 @@ def test_reasoning_base_recipe_is_the_seed_run_with_early_stopping():
     assert t.epochs is not None and t.epochs <= 10 and t.early_stopping_patience > 0
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "reasoning_llama", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-
-
 @pytest.mark.slow
 def test_quickstart_fast_runs_end_to_end(tmp_path):
     out = tmp_path / "qs"
-    result = run_cli("quickstart", "--fast", "--out", str(out), "--json")
+    result = run_cli("quickstart", "--fast", "--out", str(out), "--json", one_thread=True)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     families = set(quickstart_config().data.families)
@@ -64,5 +53,5 @@ def test_quickstart_fast_runs_end_to_end(tmp_path):
     for text in ("before", "after", "sample conversation", f"checkpoint: {out / 'best'}", "plot:"):
         assert text in result.stderr
 
-    again = run_cli("quickstart", "--fast", "--out", str(out))
+    again = run_cli("quickstart", "--fast", "--out", str(out), one_thread=True)
     assert again.returncode == 2 and "pass --overwrite" in again.stderr and "Traceback" not in again.stderr

@@ -1,0 +1,19 @@
+"""Running the real `reasoning-llama` command line in a subprocess, as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_cli(
+    *args: str | Path, one_thread: bool = False, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`python -m reasoning_llama ARGS`, offline; `one_thread` pins torch to one thread (tiny models)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if one_thread:
+        env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, "-m", "reasoning_llama", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
