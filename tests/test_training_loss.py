@@ -50,6 +50,23 @@ def test_bf16_matmuls_stay_close_and_gradients_keep_parameter_dtypes():
     torch.testing.assert_close(fused, plain, rtol=2e-2, atol=0.0)
 
 
+def test_bf16_loss_of_a_confident_model_is_the_cross_entropy_of_its_bf16_logits():
+    # Late in training the target's logit is large and the loss near zero; bf16 rounding of a logit
+    # of ~40 is ~0.1, so a target logit computed apart from the log-sum-exp made the loss negative.
+    torch.manual_seed(0)
+    weight = torch.randn(3000, 32)
+    targets = torch.randint(0, 3000, (64,))
+    hidden = weight[targets] * 1.3 + 0.01 * torch.randn(64, 32)
+    per_token = [
+        linear_cross_entropy(hidden[i : i + 1], weight, targets[i : i + 1], dtype=torch.bfloat16)
+        for i in range(64)
+    ]
+    assert min(loss.item() for loss in per_token) >= 0.0
+    bf16_logits = (hidden.bfloat16() @ weight.bfloat16().T).float()
+    plain = F.cross_entropy(bf16_logits, targets, reduction="sum")
+    torch.testing.assert_close(sum(per_token), plain, rtol=1e-4, atol=1e-4)
+
+
 def test_no_loss_tokens_gives_zero_and_zero_gradients():
     hidden = torch.randn(0, 8, requires_grad=True)
     weight = torch.randn(50, 8, requires_grad=True)

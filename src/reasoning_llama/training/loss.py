@@ -38,8 +38,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             running_sum = torch.zeros(h.shape[0], device=h.device)
             keep = h.shape[0] * w.shape[0] <= KEEP_LOGITS_LIMIT
             kept = []  # per slice: exp(logits - slice max) and the slice max, for the backward pass
+            rows = torch.arange(h.shape[0], device=h.device)
+            # The target's logit comes from the same (possibly bf16) product as the log-sum-exp, so each
+            # token's loss is >= 0; a separate fp32 dot product differs by bf16 rounding, up to ~0.1.
+            target_logits = torch.empty(h.shape[0], device=h.device)
             for start in range(0, w.shape[0], chunk):
                 logits = (h @ w[start : start + chunk].T).float()
+                inside = (targets >= start) & (targets < start + logits.shape[1])
+                target_logits[inside] = logits[rows[inside], targets[inside] - start]
                 slice_max = logits.amax(dim=1)
                 exps = logits.sub_(slice_max[:, None]).exp_()
                 new_max = torch.maximum(running_max, slice_max)
@@ -50,7 +56,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if keep:
                     kept += [exps, slice_max]
             lse = running_max + running_sum.log()
-            target_logits = (h.float() * w[targets].float()).sum(dim=1)
         ctx.save_for_backward(h, w, targets, lse, *kept)
         ctx.chunk, ctx.hidden_dtype, ctx.weight_dtype = chunk, hidden.dtype, weight.dtype
         return (lse - target_logits).sum()
