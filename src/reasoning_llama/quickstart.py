@@ -3,7 +3,7 @@ what it learned: exact match per family before and after training on held-out pr
 conversation, and where the checkpoint and the plot are.
 
 The recipe (`quickstart_config`, mirrored by configs/quickstart.yaml) is shaped for a 2-core CPU:
-- tasks whose reasoning moves one digit or letter per token (the synthetic DEFAULT_FAMILIES);
+- tasks whose reasoning moves one digit per token (chain_sum, sort_digits, max_digit);
 - a narrow trunk, because the untied 50,263-way embedding and head dominate the cost, and the head
   runs only at the positions that carry loss;
 - the number of steps is planned from a short speed probe so the cosine schedule ends within the
@@ -273,7 +273,8 @@ def _clear_previous(out: Path, overwrite: bool) -> None:
 
 
 def _pick_sample(report: GenerationReport) -> dict[str, Any]:
-    """One conversation to show: the first correct answer of the longest-reasoning family, else the first."""
+    """One conversation to show, preferring sort_digits (its reasoning shows the method step by step):
+    the first such correct answer, else the first correct one; with none correct, the first such problem."""
     examples = report.examples
     correct = [e for e in examples if e["correct"]]
     pool = correct or examples

@@ -503,7 +503,8 @@ FAMILIES: dict[str, Family] = {
 }
 
 DEFAULT_FAMILIES: tuple[str, ...] = ("chain_sum", "sort_digits", "count_letter")
-"""The easy families the quickstart trains on (single-digit/letter tokens, tens of tokens per example)."""
+"""The families used when none are named (training, `eval --task synthetic`): easy ones, single-digit or
+letter tokens, tens of tokens per example. The quickstart names its own (see configs/quickstart.yaml)."""
 
 
 def get_family(name: str) -> Family:
