@@ -16,6 +16,7 @@ from reasoning_llama.data.synthetic import (
     Family,
     SyntheticExample,
     check_answer,
+    families_or_default,
     generate_examples,
     normalize_answer,
     problem_split,
@@ -350,3 +351,8 @@ def test_small_problem_spaces_raise_instead_of_looping() -> None:
         generate_examples(["chain_sum"], 81, split="test", seed=0, difficulty=2)
     small = generate_examples(["chain_sum"], 5, split="test", seed=0, difficulty=2)
     assert len({e.user for e in small}) == 5
+
+
+def test_no_named_families_means_the_defaults():
+    assert families_or_default([]) == list(DEFAULT_FAMILIES)
+    assert families_or_default(("max_digit", "add")) == ["max_digit", "add"]

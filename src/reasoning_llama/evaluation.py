@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from reasoning_llama.data.batching import Batch, BatchLoader
 from reasoning_llama.data.prepare import TokenizedSplit
-from reasoning_llama.data.synthetic import DEFAULT_FAMILIES, FAMILIES, generate_examples, normalize_answer
+from reasoning_llama.data.synthetic import FAMILIES, families_or_default, generate_examples, normalize_answer
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.generation import Engine, GenerationResult
 from reasoning_llama.model import Transformer
@@ -214,7 +214,7 @@ def parse_task_spec(spec: str) -> list[str]:
     kind, _, names = spec.partition(":")
     if kind != "synthetic":
         raise ConfigError(f"unknown task {spec!r}; use synthetic or synthetic:FAMILY[,FAMILY...]")
-    families = [n.strip() for n in names.split(",") if n.strip()] or list(DEFAULT_FAMILIES)
+    families = families_or_default([n.strip() for n in names.split(",") if n.strip()])
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
         raise ConfigError(f"unknown synthetic family {', '.join(unknown)}; known: {', '.join(FAMILIES)}")

@@ -61,9 +61,9 @@ def load_rows(cfg: DataConfig) -> LoadedRows:
 
 
 def _load_synthetic(cfg: DataConfig) -> LoadedRows:
-    from reasoning_llama.data.synthetic import DEFAULT_FAMILIES, generate_examples
+    from reasoning_llama.data.synthetic import families_or_default, generate_examples
 
-    families = list(cfg.families) or list(DEFAULT_FAMILIES)
+    families = families_or_default(cfg.families)
     splits = {}
     try:
         for split, size in (("train", cfg.synthetic_train_size), ("test", cfg.synthetic_val_size)):

@@ -27,6 +27,7 @@ __all__ = [
     "Split",
     "SyntheticExample",
     "check_answer",
+    "families_or_default",
     "generate_examples",
     "normalize_answer",
     "problem_split",
@@ -505,6 +506,11 @@ FAMILIES: dict[str, Family] = {
 DEFAULT_FAMILIES: tuple[str, ...] = ("chain_sum", "sort_digits", "count_letter")
 """The families used when none are named (training, `eval --task synthetic`): easy ones, single-digit or
 letter tokens, tens of tokens per example. The quickstart names its own (see configs/quickstart.yaml)."""
+
+
+def families_or_default(names: Sequence[str]) -> list[str]:
+    """The named families, or :data:`DEFAULT_FAMILIES` when none are named."""
+    return list(names) or list(DEFAULT_FAMILIES)
 
 
 def get_family(name: str) -> Family:
