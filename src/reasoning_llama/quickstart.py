@@ -38,9 +38,9 @@ from reasoning_llama.training.loop import (
     accumulation_steps,
     amp_dtype_for,
     build_model,
+    optimizer_step,
     train,
 )
-from reasoning_llama.training.loop import _optimizer_step as optimizer_step
 from reasoning_llama.training.loss import fused_batch_loss_sum
 from reasoning_llama.training.optim import build_optimizer
 from reasoning_llama.training.plot import plot_run
@@ -129,7 +129,11 @@ def probe_seconds_per_step(
     model = build_model(config, cpu)
     optimizer = build_optimizer(model, t, cpu)
     loader = BatchLoader(
-        data.train, seq_len=config.data.seq_len, batch_size=t.micro_batch_size, packing=True, seed=t.seed + 1
+        data.train,
+        seq_len=config.data.seq_len,
+        batch_size=t.micro_batch_size,
+        packing=config.data.packing,
+        seed=t.seed + 1,
     )
     batches, accum = iter(loader), accumulation_steps(config)
     amp = amp_dtype_for(cpu, t.dtype)

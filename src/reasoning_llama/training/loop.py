@@ -349,7 +349,7 @@ class Trainer:
 
     def step(self, micro: list[Batch], lr: float) -> float:
         """One optimizer step; returns the gradient norm. A NaN or infinite loss stops the run unsaved."""
-        loss, grad_norm = _optimizer_step(
+        loss, grad_norm = optimizer_step(
             self.model, self.optimizer, self.forward_loss, micro, lr, self.t.grad_clip, self.amp, self.device
         )
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -455,7 +455,7 @@ def train(
     return trainer.run(stop_at_step=stop_at_step, deadline=deadline, time_budget=time_budget)
 
 
-def _optimizer_step(
+def optimizer_step(
     model: Transformer,
     optimizer: torch.optim.Optimizer,
     forward_loss: Callable[[Transformer, Batch], torch.Tensor],
@@ -498,10 +498,9 @@ def _task_rows(config: RunConfig) -> list[dict[str, str]]:
     """Held-out synthetic problems scored during training (none for other sources)."""
     if config.data.source != "synthetic" or config.train.task_eval_size <= 0:
         return []
-    families = list(config.data.families) or None
-    from reasoning_llama.data.synthetic import DEFAULT_FAMILIES
+    from reasoning_llama.data.synthetic import families_or_default
 
-    names = families or list(DEFAULT_FAMILIES)
+    names = families_or_default(config.data.families)
     per_family = max(1, config.train.task_eval_size // len(names))
     return synthetic_test_rows(names, per_family, seed=config.data.seed, difficulty=config.data.difficulty)
 
