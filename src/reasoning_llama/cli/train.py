@@ -68,7 +68,7 @@ def train(
         raise typer.Exit(INTERRUPTED_EXIT)
     best = (
         f"; best validation loss {result.best_val_loss:.4f} at step {result.best_step}"
-        if result.best_val_loss
+        if result.best_val_loss is not None
         else ""
     )
     _err(f"{result.stop_reason} at step {result.step} of {result.total_steps}{best}")
