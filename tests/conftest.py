@@ -45,9 +45,14 @@ def _seed():
 
 
 @pytest.fixture
-def one_torch_thread():
-    """Tiny shapes run fastest on one thread (and on a shared CPU two threads wait on each other)."""
+def torch_threads():
+    """`torch.set_num_threads` for one test; the thread count is put back afterwards, pass or fail."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
+    yield torch.set_num_threads
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_torch_thread(torch_threads):
+    """Tiny shapes run fastest on one thread (and on a shared CPU two threads wait on each other)."""
+    torch_threads(1)

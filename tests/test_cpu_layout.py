@@ -25,14 +25,6 @@ def model():
     return Transformer(CONFIG).eval()
 
 
-@pytest.fixture
-def threads():
-    """Set torch's thread count for one test, then put it back."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 def copy_of(model: Transformer) -> Transformer:
     copy = Transformer(CONFIG).eval()
     copy.load_state_dict(model.state_dict())
@@ -59,8 +51,8 @@ def test_transposed_storage_keeps_values_shapes_and_outputs(model):
 
 
 @needs_onednn
-def test_several_threads_get_onednn_linear_layers(model, threads):
-    threads(2)
+def test_several_threads_get_onednn_linear_layers(model, torch_threads):
+    torch_threads(2)
     copy = copy_of(model)
     assert prepare_for_cpu_decode(copy) == "onednn"
     linears = [m for m in copy.modules() if isinstance(m, OneDNNLinear)]
@@ -70,8 +62,8 @@ def test_several_threads_get_onednn_linear_layers(model, threads):
     assert_same_model(copy, model)
 
 
-def test_one_thread_gets_the_transposed_layout(model, threads):
-    threads(1)
+def test_one_thread_gets_the_transposed_layout(model, torch_threads):
+    torch_threads(1)
     copy = copy_of(model)
     assert prepare_for_cpu_decode(copy) == "transposed"
     assert isinstance(copy.head, nn.Linear)
@@ -81,8 +73,8 @@ def test_one_thread_gets_the_transposed_layout(model, threads):
 
 @needs_onednn
 @pytest.mark.parametrize("rows", [1, 3, 8, 40])
-def test_onednn_linear_computes_the_plain_product(rows, threads):
-    threads(2)
+def test_onednn_linear_computes_the_plain_product(rows, torch_threads):
+    torch_threads(2)
     torch.manual_seed(rows)
     weight = nn.Parameter(torch.randn(1001, 48))
     x = torch.randn(rows, 2, 48)

@@ -143,7 +143,7 @@ def test_cached_decode_matches_full_recompute_single_beside_an_idle_row(model):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["plain", "transposed", "onednn"])
-def test_greedy_matches_transformers_generate_token_for_token(model, prompts, layout):
+def test_greedy_matches_transformers_generate_token_for_token(model, prompts, layout, torch_threads):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from reasoning_llama.cpu_layout import onednn_linear_works, prepare_for_cpu_decode
@@ -163,10 +163,8 @@ def test_greedy_matches_transformers_generate_token_for_token(model, prompts, la
     ours = Transformer(CONFIG).eval()
     ours.load_state_dict(model.state_dict())
     if layout != "plain":  # the layouts Engine.from_checkpoint picks on a CPU by thread count
-        before = torch.get_num_threads()
-        torch.set_num_threads(2 if layout == "onednn" else 1)
+        torch_threads(2 if layout == "onednn" else 1)
         assert prepare_for_cpu_decode(ours) == layout
-        torch.set_num_threads(before)
     engine = Engine(ours, get_tokenizer(), logits_hook=no_im_end)
     for prompt in prompts[:2]:
         with torch.no_grad():
