@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 
 from reasoning_llama.data.batching import Batch, BatchLoader
 from reasoning_llama.data.packing import best_fit_pack
+from reasoning_llama.data.prefetch import Prefetcher
 from reasoning_llama.data.prepare import TokenizedSplit
 from reasoning_llama.errors import ConfigError, DataError
 from reasoning_llama.model import Transformer
@@ -187,8 +190,12 @@ def test_resume_continues_at_exactly_the_next_batch():
 def test_resume_refuses_a_different_setup():
     split = random_split(30, seed=6)
     state = loader(split, batch_size=2).state_dict()
-    with pytest.raises(DataError, match=r"cannot resume the data position: .*batch_size 2 -> 3"):
-        loader(split, batch_size=3).load_state_dict(state)
+    with pytest.raises(DataError, match=r"cannot resume the data position: .*packing True -> False"):
+        loader(split, batch_size=2, packing=False).load_state_dict(state)
+    moved = loader(split, batch_size=2)
+    next(iter(moved))  # 2 rows consumed: no whole number of 3-row batches
+    with pytest.raises(DataError, match="no whole number of batches of 3 x 1"):
+        loader(split, batch_size=3).load_state_dict(moved.state_dict())
     with pytest.raises(DataError, match="examples 30 -> 31"):
         loader(random_split(31, seed=6), batch_size=2).load_state_dict(state)
     with pytest.raises(DataError, match="layout_crc32"):
@@ -204,6 +211,37 @@ def test_rank_shards_are_disjoint_and_cover_the_epoch():
         assert all(per_rank)
         assert sorted(t for tokens in per_rank for t in tokens) == as_tuples(split)
         assert not set(per_rank[0]) & set(per_rank[1]) and not set(per_rank[1]) & set(per_rank[2])
+    # Each rank knows the whole global batch's counts, which its share's counts add up to.
+    for shares in zip(*(s.epoch_batches(0) for s in shards), strict=True):
+        assert {b.n_loss_tokens_all_ranks for b in shares} == {sum(b.n_loss_tokens for b in shares)}
+        assert {b.n_tokens_all_ranks for b in shares} == {sum(b.n_tokens for b in shares)}
+
+
+@pytest.mark.parametrize("saved, resumed", [((4, 1), (2, 2)), ((2, 2), (4, 1)), ((1, 4), (2, 2))])
+def test_a_position_moves_to_another_world_size(saved, resumed):
+    """(batch_size, world_size) changes, the global batch does not: the next global rows are the same."""
+    split = random_split(61, seed=4)
+
+    def global_batches(batch_size: int, world_size: int, state: dict | None, count: int) -> list[list]:
+        shards = [
+            loader(split, batch_size=batch_size, seed=5, rank=r, world_size=world_size)
+            for r in range(world_size)
+        ]
+        streams = []
+        for shard in shards:
+            if state is not None:
+                shard.load_state_dict(state)
+            streams.append(iter(shard))
+        out = []
+        for _ in range(count):
+            rows = [next(stream) for stream in streams]
+            out.append(sorted(epoch_examples(rows)))
+        return out, shards[0].state_dict()
+
+    _, state = global_batches(*saved, None, 3)  # into the epoch
+    expected, _ = global_batches(*saved, state, 6)  # and across its end
+    got, _ = global_batches(*resumed, state, 6)
+    assert got == expected
 
 
 def test_empty_split_and_bad_settings():
@@ -240,3 +278,28 @@ def test_best_fit_packs_tightly():
     sizes = np.random.default_rng(0).integers(5, 120, size=2000)
     rows = best_fit_pack(sizes, 512, seed=0)
     assert len(rows) <= np.ceil(sizes.sum() / 512) * 1.01 + 1
+
+
+# --- prefetching ---------------------------------------------------------------------------------
+
+
+def test_prefetcher_yields_the_same_batches_and_saves_the_consumed_position():
+    split = random_split(40, seed=2)
+    expected = [b for b, _ in zip(loader(split, batch_size=2, seed=1), range(12), strict=False)]
+    ahead = loader(split, batch_size=2, seed=1)
+    with Prefetcher(ahead, depth=4) as batches:
+        got = [next(batches) for _ in range(5)]
+        time.sleep(0.1)  # the thread has read ahead by now
+        state = ahead.state_dict()
+    assert all(torch.equal(a.inputs, b.inputs) for a, b in zip(got, expected, strict=False))
+    resumed = loader(split, batch_size=2, seed=1)
+    resumed.load_state_dict(state)
+    assert torch.equal(next(iter(resumed)).inputs, expected[5].inputs)  # the 6th, not one prefetched
+
+
+def test_prefetcher_hands_on_a_loader_error():
+    with (
+        Prefetcher(loader(TokenizedSplit(ids=[], loss_mask=[]))) as batches,
+        pytest.raises(DataError, match="the split is empty"),
+    ):
+        next(batches)

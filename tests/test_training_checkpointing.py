@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from reasoning_llama.checkpoint import load_model
+from reasoning_llama.loss import ModelWithLoss
 from reasoning_llama.model import Transformer
 from reasoning_llama.training import checkpointing as ckpt
 from reasoning_llama.training import train
@@ -35,15 +36,44 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
 
 
 def test_keep_last_and_latest_pointer(tmp_path, tiny_config):
-    model = Transformer(tiny_config)
+    loss_model = ModelWithLoss(Transformer(tiny_config))
+    optimizer = torch.optim.AdamW(loss_model.parameters())
     for step in (1, 2, 3, 4):
-        ckpt.save_checkpoint(tmp_path, step, model, {"step": step}, keep_last=2)
+        ckpt.save_checkpoint(tmp_path, step, loss_model, optimizer, {"step": step}, keep_last=2)
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
     assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "checkpoints/step-000004"
-    assert ckpt.load_trainer_state(ckpt.latest_checkpoint(tmp_path)) == {"step": 4}
+    assert ckpt.load_trainer_state(ckpt.latest_checkpoint(tmp_path)) == {"step": 4, "format": 2}
     # A pointer to a vanished directory falls back to the newest complete checkpoint.
     (tmp_path / "latest").write_text("checkpoints/step-000009\n")
     assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "checkpoints/step-000004"
+
+
+def test_model_and_optimizer_round_trip_through_the_sharded_checkpoint(tmp_path, tiny_config):
+    """distributed/ holds model and optimizer by parameter name; model.safetensors the same weights."""
+    source = ModelWithLoss(Transformer(tiny_config))
+    optimizer = torch.optim.AdamW(source.parameters(), lr=1e-2)
+    source(*tiny_batch(tiny_config)).backward()
+    optimizer.step()
+    saved = ckpt.save_checkpoint(tmp_path, 1, source, optimizer, {"step": 1}, keep_last=1)
+    assert (saved / ckpt.DISTRIBUTED).is_dir()
+
+    torch.manual_seed(1)
+    target = ModelWithLoss(Transformer(tiny_config))
+    target_optimizer = torch.optim.AdamW(target.parameters(), lr=1e-2)
+    assert ckpt.restore_checkpoint(saved, target, target_optimizer)["step"] == 1
+    for (name, a), b in zip(source.named_parameters(), target.parameters(), strict=True):
+        assert torch.equal(a, b), name
+        state_a, state_b = optimizer.state[a], target_optimizer.state[b]
+        assert torch.equal(state_a["exp_avg"], state_b["exp_avg"]) and state_a["step"] == state_b["step"]
+    plain = load_model(saved).state_dict()
+    assert all(torch.equal(plain[k], v) for k, v in source.model.state_dict().items())
+
+
+def tiny_batch(config):
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    loss_mask = torch.ones(2, 16, dtype=torch.bool)
+    positions = torch.arange(16).expand(2, 16)
+    return ids, ids.roll(-1, 1), loss_mask, positions, torch.zeros(2, 16, dtype=torch.long)
 
 
 def test_unreadable_trainer_state_is_a_checkpoint_error(tmp_path):

@@ -33,35 +33,56 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic_dir(target: str | Path, fill: Callable[[Path], None]) -> Path:
-    """Call `fill(tmp_dir)`, fsync every file in it, then swap it in as `target`."""
+def temporary_sibling(target: str | Path) -> Path:
+    """A new, empty directory next to `target` to fill before `commit_dir` swaps it in."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
-    try:
-        fill(tmp)
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
+    return tmp
+
+
+def commit_dir(tmp: Path, target: str | Path) -> Path:
+    """fsync everything under `tmp`, then rename it to `target` (replacing an older one)."""
+    target = Path(target)
+    for path in sorted(tmp.rglob("*"), reverse=True):  # files before the directories holding them
+        if path.is_file():
+            with open(path, "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
         else:
-            os.rename(tmp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            _fsync_dir(path)
+    _fsync_dir(tmp)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+    _fsync_dir(target.parent)
     return target
 
 
-def write_model_files(directory: Path, model: Transformer) -> None:
-    """Write weights, config and tokenizer description into an existing directory."""
-    state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+def write_atomic_dir(target: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Call `fill(tmp_dir)`, fsync every file in it, then swap it in as `target`."""
+    tmp = temporary_sibling(target)
+    try:
+        fill(tmp)
+        return commit_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_model_files(
+    directory: Path, model: Transformer, state: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Write weights, config and tokenizer description into an existing directory.
+
+    state: the weights to write instead of `model.state_dict()` (e.g. gathered from shards).
+    """
+    state = model.state_dict() if state is None else state
+    state = {name: t.detach().contiguous().cpu() for name, t in state.items()}
     save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
     model.config.save(directory / CONFIG)
     ChatTokenizer.save(directory)

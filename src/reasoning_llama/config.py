@@ -142,7 +142,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     dtype: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
     device: str = "auto"
-    compile: bool = False
+    compile: bool | None = None  # torch.compile of the decoder layers; unset = on CUDA only
+    attention: str = "auto"  # auto = FlexAttention on CUDA, sdpa (dense mask) on CPU; or flex, sdpa
+    # Data parallelism under torchrun: none, ddp or fsdp (FSDP2); auto = ddp when torchrun started
+    # more than one process, else none.
+    distributed: str = "auto"
     eval_every: int = 100  # validation loss every N steps
     eval_batches: int = 20
     task_eval_every: int = 0  # synthetic-task accuracy every N steps (0 = only at the end)

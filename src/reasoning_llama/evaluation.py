@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from reasoning_llama.data.batching import Batch, BatchLoader
 from reasoning_llama.data.prepare import TokenizedSplit
 from reasoning_llama.data.synthetic import FAMILIES, families_or_default, generate_examples, normalize_answer
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.generation import Engine, GenerationResult
+from reasoning_llama.loss import ModelWithLoss, batch_loss
 from reasoning_llama.model import Transformer
 from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.tokenizer import ChatTokenizer
@@ -39,33 +40,45 @@ class LossReport:
     loss_tokens: int
 
 
-def batch_loss_sum(model: Transformer, batch: Batch) -> torch.Tensor:
-    """Summed cross-entropy over the batch's loss tokens; the head runs only at those positions."""
-    logits = model(batch.inputs, batch.positions, doc_ids=batch.doc_ids, select=batch.loss_mask)
-    return F.cross_entropy(logits.float(), batch.targets[batch.loss_mask], reduction="sum")
+def summed_loss(
+    loss_model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, int]:
+    """(summed loss, loss tokens) of a `ModelWithLoss` over `batches`, without gradients.
+
+    The sum stays on the device (one read at the end, by the caller); the mode is restored afterwards.
+    Every batch is computed, even one without loss tokens, so sharded models stay in step across ranks.
+    """
+    was_training = loss_model.training
+    loss_model.eval()
+    total, tokens = torch.zeros((), device=device), 0
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    try:
+        with torch.no_grad(), autocast:
+            for batch in batches:
+                total += batch_loss(loss_model, batch.to(device, non_blocking=True)).float()
+                tokens += batch.n_loss_tokens
+    finally:
+        loss_model.train(was_training)
+    return total, tokens
 
 
-@torch.no_grad()
+def loss_report(total: float, tokens: int) -> LossReport:
+    loss = total / tokens if tokens else math.nan
+    return LossReport(loss, math.exp(min(loss, 700.0)), tokens)
+
+
 def evaluate_loss(
     model: Transformer, batches: Iterable[Batch], *, amp_dtype: torch.dtype | None = None
 ) -> LossReport:
-    """Token-weighted mean loss over `batches` (the model's mode is restored afterwards)."""
+    """Token-weighted mean loss of `model` over `batches` (the head fused into the loss)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    try:
-        for batch in batches:
-            if batch.n_loss_tokens == 0:
-                continue
-            with autocast:
-                total += batch_loss_sum(model, batch.to(device)).item()
-            tokens += batch.n_loss_tokens
-    finally:
-        model.train(was_training)
-    loss = total / tokens if tokens else math.nan
-    return LossReport(loss, math.exp(min(loss, 700.0)), tokens)
+    loss_model = ModelWithLoss(model, amp_dtype=amp_dtype)
+    total, tokens = summed_loss(loss_model, batches, device=device, amp_dtype=amp_dtype)
+    return loss_report(total.item(), tokens)
 
 
 def tokenize_for_eval(

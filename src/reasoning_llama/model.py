@@ -5,16 +5,22 @@ embedding -> N x [x + attn(norm(x)), x + mlp(norm(x))] -> norm -> final SwiGLU b
 Attention is grouped-query with rotate-half RoPE (the transformers convention, so weights
 move to `LlamaForCausalLM` by renaming alone). One forward serves training (plain causal,
 padded or packed rows) and inference (a preallocated KV cache written at given positions).
+Packed rows attend inside each example through a dense boolean mask with SDPA (CPU, where
+FlexAttention has no backward pass) or a FlexAttention block mask (GPU: a fused kernel that skips
+the blocks an example cannot see, built once per batch by `document_block_mask`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from reasoning_llama.config import ModelConfig
 
@@ -106,21 +112,25 @@ class AttentionInputs:
     sin: Tensor
     mask: Tensor | None  # bool (B, 1, T_q, T_k), True = may attend; None = plain causal
     positions: Tensor
+    block_mask: BlockMask | None = None  # FlexAttention's sparse form of the mask, used instead of it
     kv_cache: KVCache | None = None
     cache_rows: Tensor | None = None
     cache_length: int = 0
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
+        # Read only with a KV cache, so a compiled training step never specialises on it and one
+        # compiled graph serves every layer.
+        self.layer_index = layer_index
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.q_proj = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(self, x: Tensor, layer: int, inputs: AttentionInputs) -> Tensor:
+    def forward(self, x: Tensor, inputs: AttentionInputs) -> Tensor:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -129,25 +139,28 @@ class Attention(nn.Module):
         k = apply_rope(k, inputs.cos, inputs.sin).to(v.dtype)
         if inputs.kv_cache is not None:
             k, v = inputs.kv_cache.update(
-                layer, inputs.positions, k, v, inputs.cache_rows, inputs.cache_length
+                self.layer_index, inputs.positions, k, v, inputs.cache_rows, inputs.cache_length
             )
             k, v = k.to(q.dtype), v.to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=inputs.mask, is_causal=inputs.mask is None, enable_gqa=True
-        )
+        if inputs.block_mask is not None:
+            out = _flex_attention()(q, k, v, block_mask=inputs.block_mask, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=inputs.mask, is_causal=inputs.mask is None, enable_gqa=True
+            )
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attn = Attention(config)
+        self.attn = Attention(config, layer_index)
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = SwiGLU(config.dim, config.ffn_dim)
 
-    def forward(self, x: Tensor, layer: int, inputs: AttentionInputs) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), layer, inputs)
+    def forward(self, x: Tensor, inputs: AttentionInputs) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), inputs)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -156,7 +169,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.final_block = SwiGLU(config.dim, config.ffn_dim) if config.final_block else None
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -185,31 +198,65 @@ class Transformer(nn.Module):
         *,
         attention_mask: Tensor | None = None,
         doc_ids: Tensor | None = None,
+        block_mask: BlockMask | None = None,
         kv_cache: KVCache | None = None,
         cache_rows: Tensor | None = None,
+        cache_length: int | None = None,
         select: Tensor | None = None,
     ) -> Tensor:
-        """Logits for `ids` (B, T).
+        """Logits for `ids` (B, T): the head applied to `hidden_states` (same arguments)."""
+        return self.head(
+            self.hidden_states(
+                ids,
+                positions,
+                attention_mask=attention_mask,
+                doc_ids=doc_ids,
+                block_mask=block_mask,
+                kv_cache=kv_cache,
+                cache_rows=cache_rows,
+                cache_length=cache_length,
+                select=select,
+            )
+        )
+
+    def hidden_states(
+        self,
+        ids: Tensor,
+        positions: Tensor | None = None,
+        *,
+        attention_mask: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+        block_mask: BlockMask | None = None,
+        kv_cache: KVCache | None = None,
+        cache_rows: Tensor | None = None,
+        cache_length: int | None = None,
+        select: Tensor | None = None,
+    ) -> Tensor:
+        """The head's input (B, T, dim): the final norm's output, after the final block if any.
 
         positions: RoPE positions (B, T); derived from the mask or doc ids when omitted.
         attention_mask: (B, T) bool, False at padding (left or right).
         doc_ids: (B, T) ints, one per packed example: attention stays inside an example
             and positions restart at each one.
+        block_mask: `document_block_mask(doc_ids)`: the same restriction through FlexAttention.
         kv_cache / cache_rows: write this step's keys and values at `positions` in the
-            cache rows `cache_rows` (default: rows 0..B-1) and attend to every earlier slot.
-        select: (B, T) bool; when given, return logits only there, shape (N, vocab),
+            cache rows `cache_rows` (default: rows 0..B-1) and attend to every earlier slot;
+            cache_length (the largest position + 1) spares a device-to-host read when given.
+        select: (B, T) bool; when given, return only those positions, shape (N, dim),
             which skips most of the head's cost in training and prefill.
         """
-        inputs = self._attention_inputs(ids, positions, attention_mask, doc_ids, kv_cache, cache_rows)
+        inputs = self._attention_inputs(
+            ids, positions, attention_mask, doc_ids, block_mask, kv_cache, cache_rows, cache_length
+        )
         x = self.embed(ids)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, i, inputs)
+        for layer in self.layers:
+            x = layer(x, inputs)
         if select is not None:
             x = x[select]
         x = self.norm(x)
         if self.final_block is not None:
             x = self.final_block(x)
-        return self.head(x)
+        return x
 
     def _attention_inputs(
         self,
@@ -217,27 +264,29 @@ class Transformer(nn.Module):
         positions: Tensor | None,
         attention_mask: Tensor | None,
         doc_ids: Tensor | None,
+        block_mask: BlockMask | None,
         kv_cache: KVCache | None,
         cache_rows: Tensor | None,
+        cache_length: int | None,
     ) -> AttentionInputs:
         batch, length = ids.shape
         device = ids.device
         if positions is None:
             if kv_cache is not None:
                 raise ValueError("decoding with a KV cache needs explicit positions")
+            self._check_context(length)
             positions = default_positions(batch, length, device, attention_mask, doc_ids)
-        last_position = int(positions.max())  # one host sync per forward, used twice below
-        if last_position >= self.config.max_seq_len:
-            raise ValueError(
-                f"position {last_position} is beyond the model's context of {self.config.max_seq_len}"
-            )
         cos = self.rope_cos[positions].unsqueeze(1)
         sin = self.rope_sin[positions].unsqueeze(1)
         if kv_cache is not None:
-            cache_length = last_position + 1
+            if cache_length is None:
+                cache_length = int(positions.max()) + 1  # a host sync; callers that know it pass it
+            self._check_context(cache_length)
             key_slots = torch.arange(cache_length, device=device)
             mask = (key_slots.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)
-            return AttentionInputs(cos, sin, mask, positions, kv_cache, cache_rows, cache_length)
+            return AttentionInputs(cos, sin, mask, positions, None, kv_cache, cache_rows, cache_length)
+        if block_mask is not None:
+            return AttentionInputs(cos, sin, None, positions, block_mask)
         if attention_mask is None and doc_ids is None:
             return AttentionInputs(cos, sin, None, positions)
         idx = torch.arange(length, device=device)
@@ -249,6 +298,12 @@ class Transformer(nn.Module):
         # Every query may see itself, so rows of padding never softmax over nothing.
         mask = mask | torch.eye(length, dtype=torch.bool, device=device)
         return AttentionInputs(cos, sin, mask.unsqueeze(1), positions)
+
+    def _check_context(self, length: int) -> None:
+        if length > self.config.max_seq_len:
+            raise ValueError(
+                f"position {length - 1} is beyond the model's context of {self.config.max_seq_len}"
+            )
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -282,3 +337,24 @@ def default_positions(
     if attention_mask is not None:
         return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
     return idx
+
+
+def document_block_mask(doc_ids: Tensor, block_size: int = 128) -> BlockMask:
+    """FlexAttention's mask for packed rows: causal, and inside one example (doc id) of the row.
+
+    Padding has a doc id of its own, so it attends to itself and nothing else, as in the dense mask.
+    """
+    batch, length = doc_ids.shape
+
+    def same_document_causal(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return (k <= q) & (doc_ids[b, q] == doc_ids[b, k])
+
+    return create_block_mask(
+        same_document_causal, batch, None, length, length, device=doc_ids.device, BLOCK_SIZE=block_size
+    )
+
+
+@functools.cache
+def _flex_attention() -> Callable[..., Tensor]:
+    """flex_attention compiled once per process: uncompiled it runs a slow reference path."""
+    return torch.compile(flex_attention, dynamic=False)

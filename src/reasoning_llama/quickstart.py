@@ -18,7 +18,6 @@ import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from reasoning_llama.data.prepare import PreparedData, prepare_data
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.evaluation import GenerationReport, evaluate_generations, synthetic_test_rows
 from reasoning_llama.generation import Engine
+from reasoning_llama.loss import ModelWithLoss
 from reasoning_llama.tokenizer import get_tokenizer
 from reasoning_llama.training import checkpointing as ckpt
 from reasoning_llama.training.loop import (
@@ -41,7 +41,6 @@ from reasoning_llama.training.loop import (
     optimizer_step,
     train,
 )
-from reasoning_llama.training.loss import fused_batch_loss_sum
 from reasoning_llama.training.optim import build_optimizer
 from reasoning_llama.training.plot import plot_run
 
@@ -137,12 +136,12 @@ def probe_seconds_per_step(
     )
     batches, accum = iter(loader), accumulation_steps(config)
     amp = amp_dtype_for(cpu, t.dtype)
-    loss = partial(fused_batch_loss_sum, amp_dtype=amp)
+    loss_model = ModelWithLoss(model, amp_dtype=amp)
     timings = []
     for _ in range(steps + 1):
         start = time.perf_counter()
         micro = [next(batches) for _ in range(accum)]
-        optimizer_step(model, optimizer, loss, micro, t.lr, t.grad_clip, amp, cpu)
+        optimizer_step(loss_model, optimizer, micro, t.lr, t.grad_clip, amp, cpu)
         timings.append(time.perf_counter() - start)
         if len(timings) > 1 and timings[-1] > give_up_after:
             return timings[-1]

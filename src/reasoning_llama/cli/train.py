@@ -60,6 +60,8 @@ def train(
 
         torch.set_num_threads(threads)
     result = run_training(run_config, out, resume=resume, progress=progress)
+    if result.rank != 0:  # under torchrun, rank 0 reports for every process
+        return
     if result.stop_reason == "interrupted":
         _err(
             f"interrupted at step {result.step} of {result.total_steps}; saved {result.checkpoint}\n"

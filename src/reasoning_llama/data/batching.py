@@ -4,6 +4,10 @@ An example e of n tokens contributes inputs e[:-1], targets e[1:] and loss mask 
 it occupies n - 1 positions of a row; doc_ids keep attention inside it and positions restart
 at 0, which makes its predictions the same packed or alone. Padding (inputs and targets PAD,
 loss mask False) only fills the end of a row, with a doc id of its own.
+
+Under data parallelism each rank builds only its share of a global batch, but every rank knows how
+many loss tokens the whole global batch holds (`n_loss_tokens_all_ranks`), so the token-level mean
+needs no communication. A position is saved in rows consumed, so a run resumes at another world size.
 """
 
 from __future__ import annotations
@@ -35,6 +39,15 @@ class Batch:
     positions: Tensor  # long, RoPE positions restarting at each example
     n_loss_tokens: int
     n_tokens: int  # non-padding positions computed
+    # The same counts for the whole global batch this is one rank's share of (-1: this batch's own).
+    n_loss_tokens_all_ranks: int = -1
+    n_tokens_all_ranks: int = -1
+
+    def __post_init__(self) -> None:
+        if self.n_loss_tokens_all_ranks < 0:
+            self.n_loss_tokens_all_ranks = self.n_loss_tokens
+        if self.n_tokens_all_ranks < 0:
+            self.n_tokens_all_ranks = self.n_tokens
 
     @property
     def loss_token_fraction(self) -> float:
@@ -47,7 +60,16 @@ class Batch:
             for f in fields(self)
             if isinstance(getattr(self, f.name), Tensor)
         }
-        return Batch(**tensors, n_loss_tokens=self.n_loss_tokens, n_tokens=self.n_tokens)
+        counts = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in tensors}
+        return Batch(**tensors, **counts)
+
+    def pin_memory(self) -> Batch:
+        """A copy in page-locked memory, so `to(cuda, non_blocking=True)` overlaps with compute."""
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in tensors.items():
+            if isinstance(value, Tensor):
+                tensors[name] = value.pin_memory()
+        return Batch(**tensors)
 
 
 class BatchLoader:
@@ -91,6 +113,9 @@ class BatchLoader:
             self.rows = best_fit_pack(positions_used, seq_len, seed)
         else:
             self.rows = [[i] for i in range(len(positions_used))]
+        loss_tokens = np.array([int(np.count_nonzero(m[1:])) for m in split.loss_mask], dtype=np.int64)
+        self._row_loss_tokens = np.array([loss_tokens[r].sum() for r in self.rows], dtype=np.int64)
+        self._row_tokens = np.array([positions_used[r].sum() for r in self.rows], dtype=np.int64)
         self.epoch = 0
         self.batch_index = 0  # the next batch of `epoch` to yield
         self._order_cache: tuple[int, np.ndarray] | None = None
@@ -100,20 +125,36 @@ class BatchLoader:
         return len(self.rows)
 
     @property
+    def global_batch_rows(self) -> int:
+        """Rows of one global batch: this rank's `batch_size` times the world size."""
+        return self.batch_size * self.world_size
+
+    @property
     def batches_per_epoch(self) -> int:
         """Batches each rank yields per epoch (the same on every rank)."""
-        return math.ceil(self.rows_per_epoch / (self.batch_size * self.world_size))
+        return math.ceil(self.rows_per_epoch / self.global_batch_rows)
 
     def __iter__(self) -> Iterator[Batch]:
         """Batches forever from the current position; the position advances before each yield."""
+        for batch, (epoch, index) in self.batches_from(self.epoch, self.batch_index):
+            self.seek(epoch, index)
+            yield batch
+
+    def batches_from(self, epoch: int, index: int) -> Iterator[tuple[Batch, tuple[int, int]]]:
+        """Batches forever from (epoch, index), each with the position after it; the loader's own
+        position is left alone (a prefetching thread reads ahead while training consumes)."""
         if self.batches_per_epoch == 0:
             raise DataError("no examples to batch: the split is empty")
         while True:
-            batch = self._batch(self.epoch, self.batch_index)
-            self.batch_index += 1
-            if self.batch_index == self.batches_per_epoch:
-                self.epoch, self.batch_index = self.epoch + 1, 0
-            yield batch
+            batch = self._batch(epoch, index)
+            index += 1
+            if index == self.batches_per_epoch:
+                epoch, index = epoch + 1, 0
+            yield batch, (epoch, index)
+
+    def seek(self, epoch: int, index: int) -> None:
+        """Make (epoch, index) the position: the next batch yielded and the one `state_dict` saves."""
+        self.epoch, self.batch_index = epoch, index
 
     def epoch_batches(self, epoch: int = 0) -> Iterator[Batch]:
         """One finite pass over `epoch` (e.g. for validation); leaves the position alone."""
@@ -142,19 +183,31 @@ class BatchLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue at the batch after the one last yielded when `state` was taken."""
         mine = self.state_dict()
+        # Rows per batch and the world size may change (a resume on more or fewer GPUs): the position
+        # is kept in rows consumed, which then must fall on a batch boundary of the new layout.
+        free = ("epoch", "batch_index", "batch_size", "world_size")
         changed = [
             f"{key} {state.get(key)!r} -> {mine[key]!r}"
             for key in mine
-            if key not in ("epoch", "batch_index") and state.get(key) != mine[key]
+            if key not in free and state.get(key) != mine[key]
         ]
         if changed:
             raise DataError(
                 "cannot resume the data position: the data or batching settings changed since it was "
                 f"saved ({', '.join(changed)}); resume with the same data and settings"
             )
-        if not 0 <= state["batch_index"] < max(1, self.batches_per_epoch) or state["epoch"] < 0:
+        rows_done = int(state["batch_index"]) * int(state["batch_size"]) * int(state["world_size"])
+        index, remainder = divmod(rows_done, self.global_batch_rows)
+        if remainder:
+            raise DataError(
+                f"cannot resume the data position: {rows_done} rows of the epoch were consumed in global "
+                f"batches of {state['batch_size']} x {state['world_size']} rows, which is no whole number of "
+                f"batches of {self.batch_size} x {self.world_size}; keep train.global_batch_tokens a multiple "
+                "of train.micro_batch_size x data.seq_len x the number of processes"
+            )
+        if not 0 <= index < max(1, self.batches_per_epoch) or state["epoch"] < 0:
             raise DataError(f"invalid data position: epoch {state['epoch']}, batch {state['batch_index']}")
-        self.epoch, self.batch_index = int(state["epoch"]), int(state["batch_index"])
+        self.seek(int(state["epoch"]), index)
 
     # -- building batches ---------------------------------------------------------------
     def _row_order(self, epoch: int) -> np.ndarray:
@@ -170,7 +223,10 @@ class BatchLoader:
         global_size = self.batch_size * self.world_size
         global_rows = self._row_order(epoch)[index * global_size : (index + 1) * global_size]
         mine = global_rows[self.rank :: self.world_size]
-        return self._make_batch([self.rows[r] for r in mine])
+        batch = self._make_batch([self.rows[r] for r in mine])
+        batch.n_loss_tokens_all_ranks = int(self._row_loss_tokens[global_rows].sum())
+        batch.n_tokens_all_ranks = int(self._row_tokens[global_rows].sum())
+        return batch
 
     def _make_batch(self, rows: list[list[int]]) -> Batch:
         shape = (self.batch_size, self.seq_len)

@@ -3,12 +3,17 @@
 RUN/
   run_config.yaml            the resolved config
   metrics.jsonl              see metrics.py
-  checkpoints/step-000123/   model.safetensors, config.json, tokenizer.json, trainer_state.pt
+  checkpoints/step-000123/   model.safetensors, config.json, tokenizer.json: the model, for users
+                             trainer_state.pt: progress, schedule, data position, RNG (no tensors of the model)
+                             distributed/: model and optimizer through torch.distributed.checkpoint,
+                               one shard per rank, readable at any other world size
   latest                     text pointer to the newest complete step directory (replaced atomically)
   best/                      model files of the lowest validation loss so far, plus best.json
 
-Every directory is written with `checkpoint.write_atomic_dir`, so a process killed mid-save leaves
-the previous checkpoint intact and `latest` still pointing at it.
+Every directory is filled in a temporary sibling, fsynced and renamed (`checkpoint.commit_dir`), so a
+process killed mid-save leaves the previous checkpoint intact and `latest` still pointing at it.
+Under torchrun every rank writes its shard into the same temporary directory (the run directory
+must be on a file system all nodes see); rank 0 writes the rest and renames it once all are done.
 """
 
 from __future__ import annotations
@@ -20,15 +25,20 @@ import random
 import re
 import shutil
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from reasoning_llama.checkpoint import write_atomic_dir, write_model_files
+from reasoning_llama.checkpoint import commit_dir, temporary_sibling, write_atomic_dir, write_model_files
 from reasoning_llama.errors import CheckpointError
-from reasoning_llama.model import Transformer
+from reasoning_llama.loss import ModelWithLoss
+from reasoning_llama.training.distributed import SINGLE, World, barrier, on_main
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +47,8 @@ LATEST = "latest"
 BEST = "best"
 BEST_INFO = "best.json"
 TRAINER_STATE = "trainer_state.pt"
+DISTRIBUTED = "distributed"
+TRAINER_STATE_FORMAT = 2  # 1: the optimizer inside trainer_state.pt, no distributed/ (still read)
 # Test hook: seconds to sleep inside a checkpoint write, so a test can kill the process mid-save.
 SAVE_SLEEP_ENV = "REASONING_LLAMA_TEST_SAVE_SLEEP"
 
@@ -92,33 +104,121 @@ def _write_pointer(path: Path, target: str) -> None:
     os.replace(tmp, path)
 
 
+def _model_and_optimizer(loss_model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Their state dicts keyed by parameter name, sharded as they are: what DCP saves and loads."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {
+        "model": get_model_state_dict(loss_model),
+        "optimizer": get_optimizer_state_dict(loss_model, optimizer),
+    }
+
+
+@contextmanager
+def _single_process_is_fine() -> Iterator[None]:
+    """DCP warns each time it runs without a process group; for a one-process run that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+        )
+        yield
+
+
+def full_model_state(loss_model: ModelWithLoss, world: World) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on rank 0 (gathered from shards under FSDP), None on other ranks."""
+    if world.mode != "fsdp":
+        return loss_model.model.state_dict() if world.is_main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(loss_model, options=options)  # collective: every rank calls it
+    prefix = "model."
+    return {k.removeprefix(prefix): v for k, v in state.items()} if world.is_main else None
+
+
 def save_checkpoint(
-    run_dir: str | Path, step: int, model: Transformer, trainer_state: dict[str, Any], keep_last: int
+    run_dir: str | Path,
+    step: int,
+    loss_model: ModelWithLoss,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep_last: int,
+    world: World = SINGLE,
 ) -> Path:
-    """Write RUN/checkpoints/step-N atomically, point RUN/latest at it, keep only the last `keep_last`."""
+    """Write RUN/checkpoints/step-N atomically, point RUN/latest at it, keep only the last `keep_last`.
+
+    Every rank calls it; rank 0's `trainer_state` is the one saved.
+    """
+    import torch.distributed.checkpoint as dcp
+
     run_dir = Path(run_dir)
     target = step_dir(run_dir, step)
+    tmp = on_main(world, lambda: temporary_sibling(target))
+    assert tmp is not None
+    try:
+        with _single_process_is_fine():
+            dcp.save(_model_and_optimizer(loss_model, optimizer), checkpoint_id=tmp / DISTRIBUTED)
+        weights = full_model_state(loss_model, world)
+        if world.is_main:
+            write_model_files(tmp, loss_model.model, weights)
+            torch.save({**trainer_state, "format": TRAINER_STATE_FORMAT}, tmp / TRAINER_STATE)
+            if os.environ.get(SAVE_SLEEP_ENV):
+                time.sleep(float(os.environ[SAVE_SLEEP_ENV]))
+        barrier(world)
 
-    def fill(tmp: Path) -> None:
-        write_model_files(tmp, model)
-        torch.save(trainer_state, tmp / TRAINER_STATE)
-        if os.environ.get(SAVE_SLEEP_ENV):
-            time.sleep(float(os.environ[SAVE_SLEEP_ENV]))
+        def publish() -> None:
+            commit_dir(tmp, target)
+            _write_pointer(run_dir / LATEST, f"{CHECKPOINTS}/{target.name}")
+            prune_checkpoints(run_dir, keep_last)
 
-    write_atomic_dir(target, fill)
-    _write_pointer(run_dir / LATEST, f"{CHECKPOINTS}/{target.name}")
-    prune_checkpoints(run_dir, keep_last)
+        on_main(world, publish)
+    except BaseException:
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return target
 
 
-def save_best(run_dir: str | Path, model: Transformer, info: dict[str, Any]) -> Path:
-    """Write RUN/best (model files + best.json with the step and validation loss) atomically."""
+def restore_checkpoint(
+    directory: Path, loss_model: ModelWithLoss, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Load model and optimizer state from a step directory (at any world size); return the trainer state."""
+    trainer_state = load_trainer_state(directory)
+    if trainer_state.get("format", 1) == 1:  # written before checkpoints went through DCP
+        from reasoning_llama.checkpoint import load_model
+
+        loss_model.model.load_state_dict(load_model(directory).state_dict())
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        return trainer_state
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = _model_and_optimizer(loss_model, optimizer)
+    try:
+        with _single_process_is_fine():
+            dcp.load(state, checkpoint_id=directory / DISTRIBUTED)
+    except Exception as e:  # a missing or truncated shard: say where
+        raise CheckpointError(f"cannot read {directory / DISTRIBUTED}: {str(e).splitlines()[0]}") from None
+    set_model_state_dict(loss_model, state["model"])
+    set_optimizer_state_dict(loss_model, optimizer, state["optimizer"])
+    return trainer_state
+
+
+def save_best(
+    run_dir: str | Path,
+    loss_model: ModelWithLoss,
+    info: dict[str, Any],
+    world: World = SINGLE,
+) -> Path:
+    """Write RUN/best (model files + best.json with the step and validation loss) atomically; every rank calls it."""
+    weights = full_model_state(loss_model, world)
 
     def fill(tmp: Path) -> None:
-        write_model_files(tmp, model)
+        write_model_files(tmp, loss_model.model, weights)
         (tmp / BEST_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
-    return write_atomic_dir(Path(run_dir) / BEST, fill)
+    on_main(world, lambda: write_atomic_dir(Path(run_dir) / BEST, fill))
+    return Path(run_dir) / BEST
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:

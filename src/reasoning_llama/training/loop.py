@@ -2,8 +2,13 @@
 
 One optimizer step = `accum` micro-batches whose summed loss is divided by the step's total loss
 tokens, so the gradient is the token-level mean however the tokens fall into micro-batches. The
-head and the loss run only at loss positions (`select=loss_mask`): in a small model most of the
-compute is the 50,263-way head, and prompt tokens never need it.
+head and the loss run only at loss positions on a CPU (`select=loss_mask`): in a small model most of
+the compute is the 50,263-way head, and prompt tokens never need it. On a GPU every position goes
+through the head (static shapes, no host syncs), attention runs through FlexAttention, the decoder
+layers are compiled, and the loss is read back only at log steps.
+
+Under `torchrun` the same loop runs on every rank (see distributed.py): each rank trains on its share
+of every global batch, rank 0 alone logs, and checkpoints are written by all ranks together.
 """
 
 from __future__ import annotations
@@ -19,28 +24,26 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from reasoning_llama.config import ModelConfig, RunConfig, get_preset
 from reasoning_llama.data.batching import Batch, BatchLoader
+from reasoning_llama.data.prefetch import Prefetcher
 from reasoning_llama.data.prepare import PreparedData, prepare_data
 from reasoning_llama.errors import ConfigError, ReasoningLlamaError
-from reasoning_llama.evaluation import (
-    batch_loss_sum,
-    evaluate_generations,
-    evaluate_loss,
-    synthetic_test_rows,
-)
-from reasoning_llama.generation import Engine, resolve_device
+from reasoning_llama.evaluation import evaluate_generations, loss_report, summed_loss, synthetic_test_rows
+from reasoning_llama.generation import Engine
+from reasoning_llama.loss import ModelWithLoss, batch_loss
 from reasoning_llama.model import Transformer
 from reasoning_llama.tokenizer import ChatTokenizer, get_tokenizer
 from reasoning_llama.training import checkpointing as ckpt
-from reasoning_llama.training.loss import fused_batch_loss_sum
+from reasoning_llama.training import distributed as dist
+from reasoning_llama.training.distributed import World
 from reasoning_llama.training.metrics import MetricsWriter, truncate_after
 from reasoning_llama.training.optim import build_optimizer, lr_at, set_lr
 
@@ -65,6 +68,7 @@ class TrainResult:
     best_val_loss: float | None
     best_step: int | None
     final: dict[str, Any]  # the last validation / task metrics logged
+    rank: int = 0  # of the process that returned it (rank 0 reports to the user)
 
 
 @dataclass
@@ -113,10 +117,25 @@ def build_model(config: RunConfig, device: torch.device) -> Transformer:
     return Transformer(model_config_for(config)).to(device).train()
 
 
-def accumulation_steps(config: RunConfig) -> int:
-    """Micro-batches per optimizer step so a step sees about `global_batch_tokens` positions."""
-    per_micro = config.train.micro_batch_size * config.data.seq_len
+def accumulation_steps(config: RunConfig, world_size: int = 1) -> int:
+    """Micro-batches per optimizer step and rank so a step sees about `global_batch_tokens` positions."""
+    per_micro = config.train.micro_batch_size * config.data.seq_len * world_size
     return max(1, round(config.train.global_batch_tokens / per_micro))
+
+
+def use_flex_attention(setting: str, device: torch.device) -> bool:
+    """`train.attention`: auto = FlexAttention on CUDA; sdpa (dense mask) elsewhere, and always on a
+    CPU, where FlexAttention has no backward pass."""
+    if setting not in ("auto", "flex", "sdpa"):
+        raise ConfigError(f"train.attention must be auto, flex or sdpa, got {setting!r}")
+    if setting == "flex" and device.type == "cpu":
+        raise ConfigError("train.attention=flex needs a GPU (FlexAttention has no CPU backward); use sdpa")
+    return setting == "flex" or (setting == "auto" and device.type == "cuda")
+
+
+def use_compile(setting: bool | None, device: torch.device) -> bool:
+    """`train.compile`: unset = compile on CUDA only."""
+    return device.type == "cuda" if setting is None else bool(setting)
 
 
 def planned_steps(config: RunConfig, batches_per_epoch: int, accum: int) -> int:
@@ -154,13 +173,19 @@ def _save_run_config(run_dir: Path, config: RunConfig) -> None:
     tmp.replace(run_dir / RUN_CONFIG)
 
 
-def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> Path | None:
-    """Create or check RUN/; return the checkpoint to resume from (None for a fresh run)."""
-    if resume:
+def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, restarted: bool = False) -> Path | None:
+    """Create or check RUN/; return the checkpoint to resume from (None for a fresh run).
+
+    restarted: torchrun brought the group back after a failure: continue from the latest checkpoint,
+    or start over if the failed attempt saved none.
+    """
+    if resume or restarted:
         latest = ckpt.latest_checkpoint(run_dir)
-        if latest is None:
+        if latest is None and not restarted:
             raise ConfigError(f"--resume: {run_dir} has no resumable checkpoint; start without --resume")
         ckpt.remove_stale_temporaries(run_dir)
+        if latest is None:  # a restarted group whose first attempt saved nothing: start over
+            truncate_after(run_dir, 0)
     else:
         latest = None
         if (run_dir / ckpt.CHECKPOINTS).exists() or (run_dir / "metrics.jsonl").exists():
@@ -197,7 +222,10 @@ def _sigint_flag() -> Iterator[threading.Event]:
 
 
 class Trainer:
-    """One run: everything is built in __init__ (or restored, with --resume); `run()` trains."""
+    """One run: everything is built in __init__ (or restored, with --resume); `run()` trains.
+
+    Under torchrun each process builds its own Trainer; `close()` leaves the process group.
+    """
 
     def __init__(
         self,
@@ -210,44 +238,80 @@ class Trainer:
         data: PreparedData | None = None,
         echo: Callable[[str], None] | None = None,
     ) -> None:
-        self.config, self.run_dir, self.progress = config, Path(run_dir), progress
+        self.config, self.run_dir = config, Path(run_dir)
         t = self.t = config.train
-        self.say = echo or (lambda msg: tqdm.write(msg, file=sys.stderr) if progress else log.info(msg))
-        self.device = resolve_device(t.device)
+        self.world, self.device = dist.setup(t.distributed, t.device)
+        world = self.world
+        self.progress = progress and world.is_main
+        say = echo or (lambda msg: tqdm.write(msg, file=sys.stderr) if progress else log.info(msg))
+        self.say = say if world.is_main else (lambda msg: None)
         self.amp = amp_dtype_for(self.device, t.dtype)
-        check_config(config, model_config_for(config))
-        resume_from = prepare_run_dir(self.run_dir, config, resume)
+        model_config = model_config_for(config)
+        check_config(config, model_config)
+        restarted = dist.elastic_restart_count() > 0
+        resume_from = dist.on_main(world, lambda: prepare_run_dir(self.run_dir, config, resume, restarted))
+        if restarted:
+            self.say(f"restart {dist.elastic_restart_count()} of the process group")
 
         ckpt.seed_everything(t.seed)
         self.tokenizer = tokenizer or get_tokenizer()
-        data = data or prepare_data(config.data, self.tokenizer, progress=progress)
+        if data is None:  # rank 0 fills the cache, the others then read it
+            data = dist.on_main(world, lambda: prepare_data(config.data, self.tokenizer, progress=progress))
+            if not world.is_main:
+                data = prepare_data(config.data, self.tokenizer, progress=False)
+        assert data is not None
         shape = {
             "seq_len": config.data.seq_len,
             "batch_size": t.micro_batch_size,
             "packing": config.data.packing,
+            "rank": world.rank,
+            "world_size": world.world_size,
         }
         self.train_loader = BatchLoader(data.train, **shape, seed=t.seed)
         self.val_loader = (
             BatchLoader(data.val, **shape, seed=t.seed, shuffle=False) if len(data.val) else None
         )
-        self.accum = accumulation_steps(config)
+        self.accum = accumulation_steps(config, world.world_size)
         self.total_steps = planned_steps(config, self.train_loader.batches_per_epoch, self.accum)
         self.planned_max = self.total_steps
         self.task_rows = _task_rows(config)
 
         self.model = build_model(config, self.device)
-        self.optimizer = build_optimizer(self.model, t, self.device)
-        # torch.compile fuses the plain head + loss itself; eager mode uses the chunked fused loss.
-        self.forward_loss = (
-            torch.compile(batch_loss_sum) if t.compile else partial(fused_batch_loss_sum, amp_dtype=self.amp)
+        self.compiled = use_compile(t.compile, self.device)
+        on_gpu = self.device.type != "cpu"
+        # Under FSDP on a GPU the sharding policy casts to bf16 itself; elsewhere autocast does.
+        self.autocast = None if world.mode == "fsdp" and on_gpu else self.amp
+        self.loss_model = ModelWithLoss(
+            self.model,
+            select_positions=not on_gpu,
+            flex=use_flex_attention(t.attention, self.device),
+            amp_dtype=self.amp,
         )
+        if self.compiled:
+            for layer in self.model.layers:  # one graph serves every layer (torchtitan's way)
+                layer.compile(dynamic=False)
+        self.wrapped = dist.wrap(self.loss_model, self.model.layers, world, self.device)
+        self.optimizer = build_optimizer(self.loss_model, t, self.device)
         self.state = Progress()
         self._window = (0, time.perf_counter())  # tokens since the last log line, and when it started
+        self._loss_sum = torch.zeros((), device=self.device)  # train loss since the last log line
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._grad_norm = torch.zeros((), device=self.device)
         self.last_checkpoint = resume_from
         if resume_from is not None:
             self._restore(resume_from)
-            truncate_after(self.run_dir, self.state.step)
+            if world.is_main:
+                truncate_after(self.run_dir, self.state.step)
             self.say(f"resuming from {resume_from} (step {self.state.step} of {self.total_steps})")
+        if world.distributed:
+            self.say(
+                f"{world.mode} over {world.world_size} processes: {t.micro_batch_size} rows x "
+                f"{self.accum} micro-batches per process and step"
+            )
+
+    def close(self) -> None:
+        """Leave the process group (if this run joined one)."""
+        dist.teardown()
 
     def run(
         self,
@@ -263,7 +327,6 @@ class Trainer:
         depend on the machine's speed, so they do not resume bitwise-identically).
         """
         t, state = self.t, self.state
-        batches = iter(self.train_loader)
         stop_reason: StopReason = "finished"
         final: dict[str, Any] = {}
         self._window = (0, time.perf_counter())
@@ -274,36 +337,45 @@ class Trainer:
             unit="step",
             disable=not self.progress,
         )
-        with MetricsWriter(self.run_dir) as writer, bar, _sigint_flag() as interrupted:
+        pin = self.device.type == "cuda"
+        batches = Prefetcher(self.train_loader, depth=2 * self.accum, pin_memory=pin)
+        writer = MetricsWriter(self.run_dir) if self.world.is_main else nullcontext()
+        with writer, bar, batches, _sigint_flag() as interrupted:
             first_step, started = state.step, time.monotonic()
             while state.step < self.total_steps:
                 if time_budget and state.step > first_step and (state.step - first_step) % REPLAN_EVERY == 0:
                     self._replan(first_step, started, time_budget, bar)
                 lr = self.lr()
-                grad_norm = self.step([next(batches) for _ in range(self.accum)], lr)
+                self.step([next(batches) for _ in range(self.accum)], lr)
                 bar.update(1)
+                last = state.step == self.total_steps
+                # Ranks decide together, at log steps when distributed (each decision is a round trip).
+                sync_point = last or not self.world.distributed or state.step % t.log_every == 0
                 if state.step % t.log_every == 0 or state.step in (1, self.total_steps):
-                    record = self._train_record(lr, grad_norm)
-                    writer.log(record)
+                    record = self._train_record(lr)
+                    if self.world.is_main:
+                        writer.log(record)  # type: ignore[union-attr]
                     bar.set_postfix(
                         loss=f"{record['train_loss']:.4f}",
                         lr=f"{lr:.2e}",
                         tok_s=f"{record['tokens_per_s']:.0f}",
                     )
 
-                last = state.step == self.total_steps
-                out_of_time = deadline is not None and time.monotonic() >= deadline
+                out_of_time = sync_point and self._agree(
+                    deadline is not None and time.monotonic() >= deadline
+                )
                 due_val = (t.eval_every and state.step % t.eval_every == 0) or last or out_of_time
                 due_tasks = (t.task_eval_every and state.step % t.task_eval_every == 0) or last or out_of_time
                 if due_val or due_tasks:
                     record = self.evaluate(tasks=bool(due_tasks))
-                    writer.log(record)
+                    if self.world.is_main:
+                        writer.log(record)  # type: ignore[union-attr]
                     final |= record
                     if t.early_stopping_patience and state.evals_since_best >= t.early_stopping_patience:
                         stop_reason = "early_stopping"
                         self.say(f"early stopping: {state.evals_since_best} validations without improvement")
 
-                if interrupted.is_set() and not last:
+                if sync_point and self._agree(interrupted.is_set()) and not last:
                     stop_reason = "interrupted"
                 elif stop_at_step is not None and state.step >= stop_at_step and not last:
                     stop_reason = "stop_at_step"
@@ -315,7 +387,8 @@ class Trainer:
                 if stop_reason != "finished":
                     break
         if self.val_loader is None and stop_reason in ("finished", "deadline", "early_stopping"):
-            ckpt.save_best(self.run_dir, self.model, {"step": state.step, "val_loss": None})  # keep the last
+            info = {"step": state.step, "val_loss": None}
+            ckpt.save_best(self.run_dir, self.loss_model, info, self.world)  # keep the last
         best = state.best_val_loss if math.isfinite(state.best_val_loss) else None
         return TrainResult(
             self.run_dir,
@@ -326,14 +399,23 @@ class Trainer:
             best,
             state.best_step if best is not None else None,
             final,
+            self.world.rank,
         )
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (a stop must happen at the same step everywhere)."""
+        if not self.world.distributed:
+            return flag
+        value = torch.tensor(float(flag), device=self.device)
+        return bool(dist.all_reduce_sum(value, self.world).item() > 0)
 
     def _replan(self, first_step: int, started: float, time_budget: float, bar: tqdm) -> None:
         """Fit the planned steps to the time left at the speed measured so far (evaluations included)."""
         elapsed = time.monotonic() - started
         per_step = elapsed / (self.state.step - first_step)
         fitting = self.state.step + int((time_budget - elapsed) / per_step)
-        self.total_steps = max(self.state.step + 1, min(self.planned_max, fitting))
+        planned = max(self.state.step + 1, min(self.planned_max, fitting))
+        self.total_steps = dist.broadcast_from_main(planned, self.world)  # rank 0's clock decides
         bar.total = self.total_steps
         bar.refresh()
 
@@ -347,87 +429,139 @@ class Trainer:
             min_lr_ratio=t.min_lr_ratio,
         )
 
-    def step(self, micro: list[Batch], lr: float) -> float:
-        """One optimizer step; returns the gradient norm. A NaN or infinite loss stops the run unsaved."""
+    def step(self, micro: list[Batch], lr: float) -> None:
+        """One optimizer step over this rank's micro-batches.
+
+        On a CPU the loss and gradient norm are read every step (that costs nothing there), so a
+        non-finite one stops the run before its update; on a GPU they stay on the device until the
+        next log step, evaluation or save, which checks them (see `_check_finite`).
+        """
+        check_now = self.device.type == "cpu"
         loss, grad_norm = optimizer_step(
-            self.model, self.optimizer, self.forward_loss, micro, lr, self.t.grad_clip, self.amp, self.device
+            self.wrapped,
+            self.optimizer,
+            micro,
+            lr,
+            self.t.grad_clip,
+            self.autocast,
+            self.device,
+            world=self.world,
+            skip_nonfinite=check_now,
         )
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise TrainingDiverged(
-                _diverged_message(self.state.step + 1, loss, grad_norm, lr, self.last_checkpoint)
-            )
-        tokens = sum(b.n_tokens for b in micro)
+        self._loss_sum += loss
+        self._grad_norm = grad_norm
+        self._nonfinite |= ~torch.isfinite(grad_norm)
+        tokens = sum(b.n_tokens_all_ranks for b in micro)
         self.state.step += 1
         self.state.tokens += tokens
-        self.state.loss_sum += loss
         self.state.loss_steps += 1
         self._window = (self._window[0] + tokens, self._window[1])
-        return grad_norm
+        if check_now:
+            self._check_finite(lr)
 
-    def _train_record(self, lr: float, grad_norm: float) -> dict[str, Any]:
+    def _check_finite(self, lr: float | None = None) -> None:
+        """Stop the run (unsaved) if any step since the last check had a non-finite loss or gradient."""
+        if bool(self._nonfinite):
+            loss = float(dist.all_reduce_sum(self._loss_sum.clone(), self.world))
+            raise TrainingDiverged(
+                _diverged_message(
+                    self.state.step, loss, float(self._grad_norm), lr or self.lr(), self.last_checkpoint
+                )
+            )
+
+    def _train_record(self, lr: float) -> dict[str, Any]:
+        self._check_finite(lr)
         state, loader = self.state, self.train_loader
+        loss_sum = float(dist.all_reduce_sum(self._loss_sum.clone(), self.world))
         window_tokens, window_start = self._window
         elapsed = time.perf_counter() - window_start
         record = {
             "step": state.step,
-            "train_loss": state.loss_sum / state.loss_steps,
+            "train_loss": loss_sum / state.loss_steps,
             "lr": lr,
-            "grad_norm": grad_norm,
+            "grad_norm": float(self._grad_norm),
             "tokens": state.tokens,
             "epoch": loader.epoch + loader.batch_index / loader.batches_per_epoch,
             "tokens_per_s": window_tokens / elapsed if elapsed > 0 else 0.0,
         }
+        self._loss_sum.zero_()
         state.loss_sum, state.loss_steps = 0.0, 0
         self._window = (0, time.perf_counter())
         return record
 
     def evaluate(self, *, tasks: bool) -> dict[str, Any]:
         """Validation loss (tracking the best model) and, when asked, held-out task accuracy."""
+        self._check_finite()
         start = time.perf_counter()
         record: dict[str, Any] = {"step": self.state.step}
         if self.val_loader is not None:
-            batches = itertools.islice(self.val_loader.iter_epoch_once(), self.t.eval_batches)
-            record["val_loss"] = evaluate_loss(self.model, batches, amp_dtype=self.amp).loss
+            # Each rank takes its share of the first eval_batches x micro_batch_size validation rows.
+            per_rank = max(1, math.ceil(self.t.eval_batches / self.world.world_size))
+            batches = itertools.islice(self.val_loader.iter_epoch_once(), per_rank)
+            total, tokens = summed_loss(self.wrapped, batches, device=self.device, amp_dtype=self.autocast)
+            counts = torch.tensor([float(total), float(tokens)], dtype=torch.float64, device=self.device)
+            total_all, tokens_all = dist.all_reduce_sum(counts, self.world).tolist()
+            record["val_loss"] = loss_report(total_all, int(tokens_all)).loss
             if _track_best(self.state, record["val_loss"]):
-                ckpt.save_best(
-                    self.run_dir, self.model, {"step": self.state.step, "val_loss": record["val_loss"]}
-                )
+                info = {"step": self.state.step, "val_loss": record["val_loss"]}
+                ckpt.save_best(self.run_dir, self.loss_model, info, self.world)
             record["best_val_loss"] = self.state.best_val_loss
         if tasks and self.task_rows:
-            report = evaluate_generations(
-                Engine(self.model, self.tokenizer, max_batch_size=32), self.task_rows
-            )
-            self.model.train()
-            record["acc/overall"] = report.overall.exact_match
-            record["format"] = report.overall.format_adherence
-            record |= {f"acc/{name}": s.exact_match for name, s in report.families.items()}
+            model = self._plain_model()
+            if model is not None:  # rank 0
+                report = evaluate_generations(
+                    Engine(model, self.tokenizer, max_batch_size=32), self.task_rows
+                )
+                model.train()
+                record["acc/overall"] = report.overall.exact_match
+                record["format"] = report.overall.format_adherence
+                record |= {f"acc/{name}": s.exact_match for name, s in report.families.items()}
         self.say(_describe(record))
         tokens, window_start = self._window  # tokens/s counts training time only
         self._window = (tokens, window_start + time.perf_counter() - start)
         return record
 
+    def _plain_model(self) -> Transformer | None:
+        """The model as the engine needs it, on rank 0 (None elsewhere): itself, or a plain copy when
+        it is compiled (decoding shapes would recompile it) or sharded. Every rank calls it."""
+        weights = ckpt.full_model_state(self.loss_model, self.world) if self.world.mode == "fsdp" else None
+        if not self.world.is_main:
+            return None
+        if not self.compiled and weights is None:
+            return self.model
+        copy = Transformer(self.model.config).to(self.device)
+        copy.load_state_dict(self.model.state_dict() if weights is None else weights)
+        return copy
+
     def save(self) -> Path:
+        self._check_finite()
+        progress = dataclasses.asdict(self.state)
+        progress["loss_sum"] = float(dist.all_reduce_sum(self._loss_sum.clone(), self.world))
         trainer_state = {
-            "format": 1,
-            "progress": dataclasses.asdict(self.state),
+            "progress": progress,
             "total_steps": self.total_steps,
-            "optimizer": self.optimizer.state_dict(),
             "loader": self.train_loader.state_dict(),
             "rng": ckpt.capture_rng(),
+            "world_size": self.world.world_size,
         }
         return ckpt.save_checkpoint(
-            self.run_dir, self.state.step, self.model, trainer_state, self.t.keep_last
+            self.run_dir,
+            self.state.step,
+            self.loss_model,
+            self.optimizer,
+            trainer_state,
+            self.t.keep_last,
+            self.world,
         )
 
     def _restore(self, directory: Path) -> None:
-        from reasoning_llama.checkpoint import load_model
-
-        trainer_state = ckpt.load_trainer_state(directory)
-        self.model.load_state_dict(load_model(directory, device=self.device).state_dict())
-        self.optimizer.load_state_dict(trainer_state["optimizer"])
+        trainer_state = ckpt.restore_checkpoint(directory, self.loss_model, self.optimizer)
         self.train_loader.load_state_dict(trainer_state["loader"])
         ckpt.restore_rng(trainer_state["rng"])
         self.state = Progress(**trainer_state["progress"])
+        if self.world.is_main:  # the loss since the last log line; log steps sum it over ranks
+            self._loss_sum.fill_(self.state.loss_sum)
+        self.state.loss_sum = 0.0
 
 
 def train(
@@ -452,38 +586,48 @@ def train(
     trainer = Trainer(
         config, run_dir, resume=resume, progress=progress, tokenizer=tokenizer, data=data, echo=echo
     )
-    return trainer.run(stop_at_step=stop_at_step, deadline=deadline, time_budget=time_budget)
+    try:
+        return trainer.run(stop_at_step=stop_at_step, deadline=deadline, time_budget=time_budget)
+    finally:
+        trainer.close()
 
 
 def optimizer_step(
-    model: Transformer,
+    wrapped: nn.Module,
     optimizer: torch.optim.Optimizer,
-    forward_loss: Callable[[Transformer, Batch], torch.Tensor],
     micro: list[Batch],
     lr: float,
     grad_clip: float,
-    amp: torch.dtype | None,
+    autocast: torch.dtype | None,
     device: torch.device,
-) -> tuple[float, float]:
-    """Accumulate gradients over the micro-batches, clip, step; return (mean loss, grad norm).
+    *,
+    world: World = dist.SINGLE,
+    skip_nonfinite: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulate gradients over the micro-batches, clip, step; return (loss, grad norm) on the device.
 
-    A non-finite loss or gradient skips the update, so the weights stay those of the last good step.
+    `wrapped` is a ModelWithLoss or its DDP / FSDP form. The loss is this rank's share of the
+    token-level mean over the global batch: every rank divides by the loss tokens of the whole
+    global batch, and gradients, averaged over ranks, are scaled back by the world size.
+    skip_nonfinite: read the norm back and skip the update if it is not finite (a host sync).
     """
-    n_loss = max(1, sum(b.n_loss_tokens for b in micro))
+    n_loss = max(1, sum(b.n_loss_tokens_all_ranks for b in micro))
+    scale = world.world_size / n_loss
     total = torch.zeros((), device=device)
-    for batch in micro:
-        with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-            loss = forward_loss(model, batch.to(device, non_blocking=True)) / n_loss
-        loss.backward()
-        total += loss.detach()
-    params = [p for p in model.parameters() if p.grad is not None]
+    for i, batch in enumerate(micro):
+        with dist.gradient_sync(wrapped, world, enabled=i == len(micro) - 1):
+            with torch.autocast(device.type, dtype=autocast) if autocast else nullcontext():
+                loss = batch_loss(wrapped, batch.to(device, non_blocking=True)) * scale
+            loss.backward()
+        total += loss.detach().float() / world.world_size
+    params = [p for p in wrapped.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
-    loss_value, norm_value = total.item(), norm.item()
-    if math.isfinite(loss_value) and math.isfinite(norm_value):
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
+    if not skip_nonfinite or math.isfinite(norm.item()):
         set_lr(optimizer, lr)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, norm_value
+    return total, norm
 
 
 def _track_best(state: Progress, val_loss: float) -> bool:

@@ -7,13 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reasoning_llama.data.batching import BatchLoader
+from reasoning_llama import loss as loss_module
+from reasoning_llama.data.batching import Batch, BatchLoader
 from reasoning_llama.data.prepare import TokenizedSplit
-from reasoning_llama.evaluation import batch_loss_sum
+from reasoning_llama.loss import ModelWithLoss, batch_loss, linear_cross_entropy
 from reasoning_llama.model import Transformer
 from reasoning_llama.tokenizer import get_tokenizer
-from reasoning_llama.training import loss as loss_module
-from reasoning_llama.training.loss import fused_batch_loss_sum, linear_cross_entropy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -75,7 +74,26 @@ def test_no_loss_tokens_gives_zero_and_zero_gradients():
     assert loss.item() == 0.0 and torch.count_nonzero(weight.grad) == 0
 
 
-def test_fused_batch_loss_matches_the_model_logits_path(tiny_config):
+def test_row_weights_equal_selecting_the_rows(monkeypatch):
+    """The sync-free form (every row, weight 0 off the mask) against the selected rows alone."""
+    monkeypatch.setattr(loss_module, "KEEP_LOGITS_LIMIT", 0)  # the recomputing backward too
+    hidden = torch.randn(40, 16, requires_grad=True)
+    weight = torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (40,))
+    keep = torch.rand(40) < 0.6
+    selected = linear_cross_entropy(hidden[keep], weight, targets[keep], chunk=128)
+    selected.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    weighted = linear_cross_entropy(hidden, weight, targets, row_weights=keep, chunk=128)
+    weighted.backward()
+    torch.testing.assert_close(weighted, selected, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, grads[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(weight.grad, grads[1], rtol=1e-5, atol=1e-7)
+    assert torch.count_nonzero(hidden.grad[~keep]) == 0
+
+
+def packed_batch(seq_len: int = 64) -> Batch:
     tokenizer = get_tokenizer()
     examples = [
         tokenizer.render_example("What is 2 + 3?", "2 + 3 = 5", "5"),
@@ -86,15 +104,48 @@ def test_fused_batch_loss_matches_the_model_logits_path(tiny_config):
         ids=[np.array(e.ids, dtype=np.int32) for e in examples],
         loss_mask=[np.array(e.loss_mask, dtype=np.bool_) for e in examples],
     )
-    batch = next(iter(BatchLoader(split, seq_len=64, batch_size=2, packing=True, seed=0)))
-    model = Transformer(tiny_config)
-    fused = fused_batch_loss_sum(model, batch)
-    plain = batch_loss_sum(model, batch)
-    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-4)
-    fused.backward()
-    fused_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return next(iter(BatchLoader(split, seq_len=seq_len, batch_size=2, packing=True, seed=0)))
+
+
+def plain_loss(model: Transformer, batch: Batch) -> torch.Tensor:
+    """The unfused reference: full logits from the model's forward, then cross-entropy."""
+    logits = model(batch.inputs, batch.positions, doc_ids=batch.doc_ids)
+    return F.cross_entropy(logits[batch.loss_mask], batch.targets[batch.loss_mask], reduction="sum")
+
+
+def gradients(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     model.zero_grad()
-    plain.backward()
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(fused_grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
-    assert isinstance(model.head, torch.nn.Linear)  # the head is back in place
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("select_positions", [True, False])
+def test_model_with_loss_matches_the_model_logits_path(tiny_config, select_positions):
+    batch = packed_batch()
+    model = Transformer(tiny_config)
+    fused = batch_loss(ModelWithLoss(model, select_positions=select_positions), batch)
+    fused_grads = gradients(model, fused)
+    plain = plain_loss(model, batch)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-4)
+    for name, grad in gradients(model, plain).items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert isinstance(model.head, torch.nn.Linear)
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_config):
+    """What training does on a GPU by default (compiled decoder layers), checked on the CPU."""
+    batch = packed_batch()
+    eager = Transformer(tiny_config)
+    compiled = Transformer(tiny_config)
+    compiled.load_state_dict(eager.state_dict())
+    for layer in compiled.layers:
+        layer.compile(dynamic=False)
+    results = []
+    for model in (eager, compiled):
+        loss = batch_loss(ModelWithLoss(model, select_positions=False), batch)
+        results.append((loss.detach(), gradients(model, loss)))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert set(compiled.state_dict()) == set(eager.state_dict())  # compiling in place keeps the names
