@@ -7,7 +7,7 @@ import torch
 
 from reasoning_llama.config import PRESETS, ModelConfig, get_preset
 from reasoning_llama.errors import ConfigError
-from reasoning_llama.model import KVCache, Transformer, default_positions
+from reasoning_llama.model import KVCache, Transformer, default_positions, document_block_mask
 
 
 def test_small_100m_parameter_count():
@@ -157,3 +157,23 @@ def test_config_json_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text('{"dim": 64, "wings": 2}')
     with pytest.raises(ConfigError, match="unknown model config keys: wings"):
         ModelConfig.load(tmp_path / "bad.json")
+
+
+@pytest.mark.slow
+def test_flex_attention_document_mask_gives_the_dense_mask_outputs():
+    """The GPU path (FlexAttention block mask, compiled kernel) against SDPA with the dense mask, on
+    packed rows with padding, over several blocks (FlexAttention has no CPU backward: forward only)."""
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=256)
+    model = Transformer(config).eval()
+    length = 200  # not a multiple of the 128-token block
+    doc_ids = torch.zeros(2, length, dtype=torch.long)
+    for row, starts in enumerate(([0, 37, 90, 170], [0, 130, 185])):
+        for doc, start in enumerate(starts):
+            doc_ids[row, start:] = doc
+    doc_ids[1, 190:] = 3  # padding: a doc id of its own
+    ids = torch.randint(0, config.vocab_size, (2, length))
+    positions = default_positions(2, length, ids.device, doc_ids=doc_ids)
+    with torch.no_grad():
+        dense = model.hidden_states(ids, positions, doc_ids=doc_ids)
+        flex = model.hidden_states(ids, positions, block_mask=document_block_mask(doc_ids))
+    assert (flex - dense).abs().max().item() <= 1e-4

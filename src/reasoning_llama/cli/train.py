@@ -35,6 +35,12 @@ def train(
         int | None,
         typer.Option(help="CPU threads (default: torch's choice; on a busy machine 1 is often fastest)."),
     ] = None,
+    stop_at_step: Annotated[
+        int | None,
+        typer.Option(
+            help="Save and stop after this step, as Ctrl-C would; the schedule still plans the whole run."
+        ),
+    ] = None,
 ) -> None:
     """Train a model (--preset P or --config F, with --set key=value overrides) into --out RUN."""
     from reasoning_llama.config import load_run_config
@@ -59,15 +65,18 @@ def train(
         import torch
 
         torch.set_num_threads(threads)
-    result = run_training(run_config, out, resume=resume, progress=progress)
+    result = run_training(run_config, out, resume=resume, progress=progress, stop_at_step=stop_at_step)
     if result.rank != 0:  # under torchrun, rank 0 reports for every process
         return
-    if result.stop_reason == "interrupted":
+    if result.stop_reason in ("interrupted", "stop_at_step"):
+        what = "interrupted" if result.stop_reason == "interrupted" else "stopped"
         _err(
-            f"interrupted at step {result.step} of {result.total_steps}; saved {result.checkpoint}\n"
+            f"{what} at step {result.step} of {result.total_steps}; saved {result.checkpoint}\n"
             f"resume with: reasoning-llama train --out {out} --resume"
         )
-        raise typer.Exit(INTERRUPTED_EXIT)
+        if result.stop_reason == "interrupted":
+            raise typer.Exit(INTERRUPTED_EXIT)
+        return
     best = (
         f"; best validation loss {result.best_val_loss:.4f} at step {result.best_step}"
         if result.best_val_loss is not None

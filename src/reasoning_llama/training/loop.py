@@ -243,7 +243,7 @@ class Trainer:
         self.world, self.device = dist.setup(t.distributed, t.device)
         world = self.world
         self.progress = progress and world.is_main
-        say = echo or (lambda msg: tqdm.write(msg, file=sys.stderr) if progress else log.info(msg))
+        say = echo or (lambda msg: tqdm.write(msg, file=sys.stderr))
         self.say = say if world.is_main else (lambda msg: None)
         self.amp = amp_dtype_for(self.device, t.dtype)
         model_config = model_config_for(config)

@@ -1,0 +1,162 @@
+"""Data-parallel training with real `torchrun` processes on gloo: DDP and FSDP2 give the one-process
+run, a killed rank comes back from its checkpoint, and a run moves between world sizes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from reasoning_llama.config import RunConfig
+from reasoning_llama.training import checkpointing as ckpt
+from reasoning_llama.training import train
+from reasoning_llama.training.metrics import read_metrics
+from test_training_loop import tiny_run
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+
+TOLERANCE = 1e-5  # relative, per step loss and per weight tensor
+
+
+def run_config(tmp_path: Path, *overrides: str) -> RunConfig:
+    # 4 rows of 128 a micro-batch, 1024 tokens a step: 2 micro-batches in one process, 1 in each of two.
+    return tiny_run(tmp_path, "train.task_eval_size=0", *overrides)
+
+
+def torchrun(
+    tmp_path: Path, run: Path, config: RunConfig, *args: str, nproc: int = 2, restarts: int = 0
+) -> subprocess.Popen:
+    """`torchrun --standalone --nproc_per_node N -m reasoning_llama train --config F --out RUN ...`."""
+    path = tmp_path / f"config-{time.monotonic_ns()}.yaml"
+    OmegaConf.save(OmegaConf.structured(config), path)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        f"--max-restarts={restarts}",
+        "-m",
+        "reasoning_llama",
+        "train",
+        "--config",
+        str(path),
+        "--out",
+        str(run),
+        "--no-progress",
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> str:
+    _, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == 0, stderr[-4000:]
+    return stderr
+
+
+def losses(run: Path) -> list[float]:
+    return [r["train_loss"] for r in read_metrics(run) if "train_loss" in r]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(ckpt.latest_checkpoint(run) / "model.safetensors")
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    got, expected = losses(run), losses(reference)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert abs(a - b) <= TOLERANCE * abs(b), (got, expected)
+    a, b = final_weights(run), final_weights(reference)
+    assert a.keys() == b.keys()
+    for name in b:
+        error = (a[name] - b[name]).abs().max() / b[name].abs().max()
+        assert error <= TOLERANCE, f"{name}: relative difference {error:.2e}"
+    assert expected[-1] < expected[0]  # the reference learned: these are not two untouched inits
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The one-process run every distributed run is compared with."""
+    tmp_path = tmp_path_factory.mktemp("reference")
+    torch.set_num_threads(1)
+    train(run_config(tmp_path), tmp_path / "run", progress=False)
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_give_the_one_process_run(tmp_path, reference, mode):
+    run = tmp_path / "run"
+    stderr = finish(torchrun(tmp_path, run, run_config(tmp_path, f"train.distributed={mode}")))
+    assert f"{mode} over 2 processes" in stderr
+    assert stderr.count("finished at step 6 of 6") == 1  # rank 0 alone reports
+    assert_same_run(run, reference)
+    validation = [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]
+    expected = [r["val_loss"] for r in read_metrics(reference) if "val_loss" in r]
+    assert validation == pytest.approx(expected, rel=TOLERANCE)
+    assert (run / "best/model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_a_run_resumes_at_another_world_size(tmp_path, reference, first, then):
+    """k steps at one world size, the rest at another: the run of one process throughout (FSDP shards)."""
+    run = tmp_path / "run"
+    for nproc, args in ((first, ["--stop-at-step", "3"]), (then, ["--resume"])):
+        config = run_config(tmp_path, "train.distributed=" + ("fsdp" if nproc > 1 else "none"))
+        if nproc > 1:
+            finish(torchrun(tmp_path, run, config, *args, nproc=nproc))
+        else:
+            train(
+                config,
+                run,
+                progress=False,
+                resume="--resume" in args,
+                stop_at_step=3 if "--stop-at-step" in args else None,
+            )
+    assert ckpt.load_trainer_state(ckpt.latest_checkpoint(run))["world_size"] == then
+    assert_same_run(run, reference)
+
+
+def test_a_killed_rank_brings_the_group_back_from_the_last_checkpoint(tmp_path, reference):
+    """SIGKILL one of two ranks mid-run under --max-restarts 1: the run finishes as if never hit."""
+    run = tmp_path / "run"
+    config = run_config(tmp_path, "train.distributed=ddp", "train.max_steps=6", "train.save_every=2")
+    process = torchrun(tmp_path, run, config, restarts=1)
+    deadline = time.monotonic() + 120
+    while ckpt.latest_checkpoint(run) is None:
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    os.kill(worker_pid(process.pid, rank=1), signal.SIGKILL)
+    stderr = finish(process)
+    assert "resuming from" in stderr, stderr[-3000:]
+    assert_same_run(run, reference)
+
+
+def worker_pid(agent_pid: int, rank: int) -> int:
+    """The pid of the torchrun worker with RANK=rank (a child of the agent)."""
+    children = Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()
+    for child in children:
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    raise AssertionError(f"no worker with RANK={rank} among {children}")
+
+
+def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
+    config = run_config(
+        tmp_path, "train.distributed=ddp", "data.source=local", f"data.path={tmp_path / 'missing.jsonl'}"
+    )
+    process = torchrun(tmp_path, tmp_path / "run", config)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert "error:" in stderr and "missing.jsonl" in stderr
