@@ -1,6 +1,7 @@
 """The benchmarks run and print their JSON (their figures are for docs/BENCHMARKS.md, never asserted)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,51 @@ def test_serve_load_benchmark_drives_a_real_server():
     assert [r["clients"] for r in report["results"]] == [1, 2]
     for result in report["results"]:
         assert result["completion_tokens"] == 16 * result["requests"]
+
+
+@pytest.mark.slow
+def test_train_throughput_benchmark_compares_against_transformers_and_padding():
+    report = run_benchmark("train_throughput.py", "--quick", "--threads", "1")
+    assert set(report["tokens_per_s"]) == {"ours", "transformers"}
+    assert all(rate > 0 for rate in report["tokens_per_s"].values())
+    flops = report["flops_per_token"]
+    assert flops["total"] == flops["dense"] + flops["attention"] > 0
+    assert "mfu" not in report  # no peak for a CPU unless one is given
+    variable = report["variable_length"]
+    assert variable["packed"]["loss_tokens_per_s"] > 0 and variable["padded"]["loss_tokens_per_s"] > 0
+
+
+def test_flops_per_token_of_small_100m_written_out():
+    sys.path.insert(0, str(BENCHMARKS))
+    from reasoning_llama.config import get_preset
+    from train_throughput import flops_per_token
+
+    config = get_preset("small-100m")
+    flops = flops_per_token(config, 1280)
+    # 6 layers x (2 x 768^2 + 2 x 768 x 384 + 3 x 768^2) + final block 3 x 768^2 + head 50263 x 768
+    assert flops["matmul_parameters"] == 6 * 3_538_944 + 1_769_472 + 38_601_984
+    assert flops["attention"] == 12 * 6 * 8 * 96 * 1280
+
+
+@pytest.mark.slow
+def test_gpu_suite_runs_every_step_and_writes_one_report(tmp_path):
+    """The suite's plumbing, with tiny shapes on the CPU (its figures come from a GPU machine)."""
+    env = {**os.environ, "QUICK": "1", "DEVICE": "cpu", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_suite.sh"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (
+        report["throughput"]["status"] == "ok" and report["throughput"]["result"]["tokens_per_s"]["ours"] > 0
+    )
+    assert report["gpu_tests"]["status"] == "ok"  # skipped without a GPU, never failed
+    for mode in ("ddp", "fsdp"):
+        assert report["data_parallel"][mode]["status"] == "ok", (tmp_path / f"dp_{mode}.log").read_text()[
+            -2000:
+        ]
+    assert report["short_run"]["status"] == "ok" and report["short_run"]["loss_fell"] is True

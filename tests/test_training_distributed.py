@@ -55,11 +55,24 @@ def torchrun(
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
 
 
-def finish(process: subprocess.Popen, timeout: float = 300) -> str:
-    _, stderr = process.communicate(timeout=timeout)
+def wait(process: subprocess.Popen, timeout: float = 180) -> str:
+    """torchrun's stderr once it and its workers exit; on a hang, kill them all and fail."""
+    try:
+        return process.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError(
+            f"torchrun did not finish in {timeout} s: {process.communicate()[1][-4000:]}"
+        ) from None
+
+
+def finish(process: subprocess.Popen) -> str:
+    stderr = wait(process)
     assert process.returncode == 0, stderr[-4000:]
     return stderr
 
@@ -157,6 +170,6 @@ def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
         tmp_path, "train.distributed=ddp", "data.source=local", f"data.path={tmp_path / 'missing.jsonl'}"
     )
     process = torchrun(tmp_path, tmp_path / "run", config)
-    _, stderr = process.communicate(timeout=120)
+    stderr = wait(process)
     assert process.returncode != 0
     assert "error:" in stderr and "missing.jsonl" in stderr

@@ -1,4 +1,4 @@
-"""Data-parallel training through PyTorch's own engine: DDP or FSDP2 under `torchrun` (DESIGN.md §5).
+"""Data-parallel training through PyTorch's own engine: DDP or FSDP2 under `torchrun`.
 
 `torchrun` starts one process per device and sets RANK, WORLD_SIZE and LOCAL_RANK; `setup` joins the
 group (NCCL on CUDA, gloo on CPU) and says which device this process owns. `wrap` then gives the
@@ -93,8 +93,28 @@ def setup(requested: str, device_name: str) -> tuple[World, torch.device]:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         # A rank that dies mid-collective must not leave the others waiting for the default 30 minutes.
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+        timeout = datetime.timedelta(minutes=10)
+        store = _attempt_store(rank, timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return World(mode, rank, world_size, local_rank), device
+
+
+def _attempt_store(rank: int, timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's key-value store, with keys of their own for this restart attempt.
+
+    With the default `env://` set-up, a group restarted by `torchrun --max-restarts` found the
+    previous attempt's gloo addresses in the store and tried to connect to the dead processes
+    (torch 2.13: "connectFullMesh failed ... Connection refused"), so every attempt gets a prefix.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        is_master=rank == 0 and not agent_hosts_store,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"reasoning-llama/attempt-{elastic_restart_count()}", store)
 
 
 def teardown() -> None:
