@@ -149,3 +149,10 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_config):
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
     assert set(compiled.state_dict()) == set(eager.state_dict())  # compiling in place keeps the names
+
+    # Another batch of the same shape runs the graphs already compiled (and, with one layer index
+    # read only by the KV cache, every layer shares them).
+    other = packed_batch()
+    other.inputs = other.inputs.roll(1, dims=1)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        batch_loss(ModelWithLoss(compiled, select_positions=False), other).backward()
