@@ -186,3 +186,20 @@ def test_time_budget_refits_the_planned_steps(tmp_path, monkeypatch):
     assert 10 < result.step == result.total_steps < 1000
     last_lr = [r["lr"] for r in read_metrics(tmp_path / "run") if "lr" in r][-1]
     assert last_lr < 0.2 * config.train.lr  # annealed, not cut off at the peak
+
+
+@pytest.mark.parametrize("micro_batch_size, world_size", [(16, 2), (5, 3), (16, 8)])
+def test_several_processes_need_an_exact_global_batch_and_are_told_one_that_fits(
+    micro_batch_size, world_size
+):
+    from reasoning_llama.training.loop import accumulation_steps
+
+    recipe = "configs/reasoning-base-20k.yaml"  # 48 rows of 1280 tokens a step
+    config = load_run_config(recipe, [f"train.micro_batch_size={micro_batch_size}"])
+    with pytest.raises(ConfigError, match="no whole number of micro-batches") as failure:
+        accumulation_steps(config, world_size)
+    suggested = str(failure.value).split("pass --set ")[1]
+    fixed = load_run_config(recipe, [f"train.micro_batch_size={micro_batch_size}", suggested])
+    steps = accumulation_steps(fixed, world_size)
+    t = fixed.train
+    assert steps * t.micro_batch_size * fixed.data.seq_len * world_size == t.global_batch_tokens

@@ -118,9 +118,26 @@ def build_model(config: RunConfig, device: torch.device) -> Transformer:
 
 
 def accumulation_steps(config: RunConfig, world_size: int = 1) -> int:
-    """Micro-batches per optimizer step and rank so a step sees about `global_batch_tokens` positions."""
-    per_micro = config.train.micro_batch_size * config.data.seq_len * world_size
-    return max(1, round(config.train.global_batch_tokens / per_micro))
+    """Micro-batches per optimizer step and rank so a step sees `global_batch_tokens` positions.
+
+    One process rounds to the nearest whole number; several must hit it exactly, so that the
+    global batch (and a resume at another world size) does not depend on how many there are.
+    """
+    t = config.train
+    per_micro = t.micro_batch_size * config.data.seq_len * world_size
+    if world_size > 1 and t.global_batch_tokens % per_micro:
+        rows = t.global_batch_tokens / (config.data.seq_len * world_size)  # rows per process and step
+        fitting = [m for m in range(t.micro_batch_size, 0, -1) if rows == int(rows) and int(rows) % m == 0]
+        hint = (
+            f"pass --set train.micro_batch_size={fitting[0]}"
+            if fitting
+            else f"pass --set train.global_batch_tokens={max(1, round(t.global_batch_tokens / per_micro)) * per_micro}"
+        )
+        raise ConfigError(
+            f"train.global_batch_tokens ({t.global_batch_tokens}) is no whole number of micro-batches of "
+            f"{t.micro_batch_size} rows x {config.data.seq_len} tokens x {world_size} processes ({per_micro}); {hint}"
+        )
+    return max(1, round(t.global_batch_tokens / per_micro))
 
 
 def use_flex_attention(setting: str, device: torch.device) -> bool:
