@@ -272,11 +272,12 @@ class Trainer:
 
         ckpt.seed_everything(t.seed)
         self.tokenizer = tokenizer or get_tokenizer()
-        if data is None:  # rank 0 fills the cache, the others then read it
-            data = dist.on_main(world, lambda: prepare_data(config.data, self.tokenizer, progress=progress))
-            if not world.is_main:
-                data = prepare_data(config.data, self.tokenizer, progress=False)
-        assert data is not None
+        if data is None:  # rank 0 fills the cache (its errors reach every rank), the others then read it
+            prepared: list[PreparedData] = []
+            dist.on_main(
+                world, lambda: prepared.append(prepare_data(config.data, self.tokenizer, progress=progress))
+            )
+            data = prepared[0] if prepared else prepare_data(config.data, self.tokenizer, progress=False)
         shape = {
             "seq_len": config.data.seq_len,
             "batch_size": t.micro_batch_size,
