@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from reasoning_llama.checkpoint import load_model, save_model, write_atomic_dir
+from reasoning_llama.atomic import write_dir
+from reasoning_llama.checkpoint import load_model, save_model
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.errors import CheckpointError
 from reasoning_llama.model import Transformer
@@ -47,7 +48,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, tiny_config):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        write_atomic_dir(tmp_path / "ckpt", crash)
+        write_dir(tmp_path / "ckpt", crash)
     assert torch.equal(load_model(tmp_path / "ckpt").head.weight, first.head.weight)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 

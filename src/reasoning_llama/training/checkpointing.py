@@ -10,7 +10,7 @@ RUN/
   latest                     text pointer to the newest complete step directory (replaced atomically)
   best/                      model files of the lowest validation loss so far, plus best.json
 
-Every directory is filled in a temporary sibling, fsynced and renamed (`checkpoint.commit_dir`), so a
+Every directory is filled in a temporary sibling, fsynced and renamed (`atomic.commit_dir`), so a
 process killed mid-save leaves the previous checkpoint intact and `latest` still pointing at it.
 Under torchrun every rank writes its shard into the same temporary directory (the run directory
 must be on a file system all nodes see); rank 0 writes the rest and renames it once all are done.
@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from reasoning_llama.checkpoint import commit_dir, temporary_sibling, write_atomic_dir, write_model_files
+from reasoning_llama import atomic
+from reasoning_llama.checkpoint import write_model_files
 from reasoning_llama.errors import CheckpointError
 from reasoning_llama.loss import ModelWithLoss
 from reasoning_llama.training.distributed import SINGLE, World, barrier, on_main
@@ -94,16 +95,6 @@ def seed_everything(seed: int) -> None:
 # --- writing ----------------------------------------------------------------------------
 
 
-def _write_pointer(path: Path, target: str) -> None:
-    """Replace the text file `path` atomically with `target`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(target + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _model_and_optimizer(loss_model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Their state dicts keyed by parameter name, sharded as they are: what DCP saves and loads."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -153,7 +144,7 @@ def save_checkpoint(
 
     run_dir = Path(run_dir)
     target = step_dir(run_dir, step)
-    tmp = on_main(world, lambda: temporary_sibling(target))
+    tmp = on_main(world, lambda: atomic.temporary_sibling(target))
     assert tmp is not None
     try:
         with _single_process_is_fine():
@@ -167,8 +158,8 @@ def save_checkpoint(
         barrier(world)
 
         def publish() -> None:
-            commit_dir(tmp, target)
-            _write_pointer(run_dir / LATEST, f"{CHECKPOINTS}/{target.name}")
+            atomic.commit_dir(tmp, target)
+            atomic.write_text(run_dir / LATEST, f"{CHECKPOINTS}/{target.name}\n")
             prune_checkpoints(run_dir, keep_last)
 
         on_main(world, publish)
@@ -217,7 +208,7 @@ def save_best(
         write_model_files(tmp, loss_model.model, weights)
         (tmp / BEST_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
-    on_main(world, lambda: write_atomic_dir(Path(run_dir) / BEST, fill))
+    on_main(world, lambda: atomic.write_dir(Path(run_dir) / BEST, fill))
     return Path(run_dir) / BEST
 
 

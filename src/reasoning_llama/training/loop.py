@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from reasoning_llama import atomic
 from reasoning_llama.config import ModelConfig, RunConfig, get_preset
 from reasoning_llama.data.batching import Batch, BatchLoader
 from reasoning_llama.data.prefetch import Prefetcher
@@ -185,9 +186,7 @@ def check_config(config: RunConfig, model_config: ModelConfig) -> None:
 def _save_run_config(run_dir: Path, config: RunConfig) -> None:
     from omegaconf import OmegaConf
 
-    tmp = run_dir / f".{RUN_CONFIG}.tmp"
-    OmegaConf.save(OmegaConf.structured(config), tmp)
-    tmp.replace(run_dir / RUN_CONFIG)
+    atomic.write_text(run_dir / RUN_CONFIG, OmegaConf.to_yaml(OmegaConf.structured(config)))
 
 
 def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, restarted: bool = False) -> Path | None:

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from reasoning_llama import atomic
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -72,6 +74,4 @@ def truncate_after(run_dir: str | Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_metrics(run_dir) if r.get("step", math.inf) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    tmp.replace(path)
+    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
