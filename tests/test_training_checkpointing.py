@@ -89,26 +89,36 @@ def test_unreadable_trainer_state_is_a_checkpoint_error(tmp_path):
 # --- real processes ------------------------------------------------------------------------
 
 
-def start_training(tmp_path: Path, run: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:
+# `reasoning-llama train` with every checkpoint write slowed down inside its temporary directory, so a
+# test can kill the process mid-save.
+SLOW_SAVES = """
+import sys, time
+from reasoning_llama.training import checkpointing
+write = checkpointing.write_model_files
+def slow_write(*args, **kwargs):
+    write(*args, **kwargs)
+    time.sleep(SECONDS)
+checkpointing.write_model_files = slow_write
+from reasoning_llama.cli import main
+main(sys.argv[1:])
+"""
+
+
+def start_training(
+    tmp_path: Path, run: Path, *overrides: str, slow_saves: float | None = None
+) -> subprocess.Popen:
     """`reasoning-llama train --config F --out RUN` in its own process."""
     config = tmp_path / "config.yaml"
     OmegaConf.save(OmegaConf.structured(tiny_run(tmp_path, *overrides)), config)
+    entry = ["-m", "reasoning_llama"]
+    if slow_saves is not None:
+        entry = ["-c", SLOW_SAVES.replace("SECONDS", str(slow_saves))]
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "reasoning_llama",
-            "train",
-            "--config",
-            str(config),
-            "--out",
-            str(run),
-            "--no-progress",
-        ],
+        [sys.executable, *entry, "train", "--config", str(config), "--out", str(run), "--no-progress"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
 
 
@@ -127,7 +137,7 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> No
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
     run = tmp_path / "run"
     # Every save sleeps inside the atomic write, so the second one is caught half-written.
-    process = start_training(tmp_path, run, env={ckpt.SAVE_SLEEP_ENV: "1.5"})
+    process = start_training(tmp_path, run, slow_saves=1.5)
     wait_for(lambda: (run / "latest").is_file(), process)
     wait_for(lambda: any(p.name.startswith(".step-000004") for p in (run / "checkpoints").iterdir()), process)
     process.send_signal(signal.SIGKILL)

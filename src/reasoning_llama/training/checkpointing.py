@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import shutil
-import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,8 +48,6 @@ BEST_INFO = "best.json"
 TRAINER_STATE = "trainer_state.pt"
 DISTRIBUTED = "distributed"
 TRAINER_STATE_FORMAT = 2  # 1: the optimizer inside trainer_state.pt, no distributed/ (still read)
-# Test hook: seconds to sleep inside a checkpoint write, so a test can kill the process mid-save.
-SAVE_SLEEP_ENV = "REASONING_LLAMA_TEST_SAVE_SLEEP"
 
 _STEP_DIR = re.compile(r"step-(\d+)")
 
@@ -153,8 +149,6 @@ def save_checkpoint(
         if world.is_main:
             write_model_files(tmp, loss_model.model, weights)
             torch.save({**trainer_state, "format": TRAINER_STATE_FORMAT}, tmp / TRAINER_STATE)
-            if os.environ.get(SAVE_SLEEP_ENV):
-                time.sleep(float(os.environ[SAVE_SLEEP_ENV]))
         barrier(world)
 
         def publish() -> None:
