@@ -39,7 +39,7 @@ def test_tokenize_json():
     [
         (["info", "--preset", "huge"], "unknown preset 'huge'"),
         (["info"], "exactly one of --preset or --checkpoint"),
-        (["info", "--checkpoint", "/no/such/dir"], "model config not found"),
+        (["info", "--checkpoint", "/no/such/dir"], "checkpoint directory /no/such/dir does not exist"),
     ],
 )
 def test_errors_are_one_line_without_traceback(args, message):

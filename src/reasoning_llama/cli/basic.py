@@ -8,13 +8,17 @@ from typing import Annotated
 
 import typer
 
-from reasoning_llama.config import ModelConfig, get_preset
+from reasoning_llama.checkpoint import load_config
+from reasoning_llama.cli.model_dir import resolve_model_dir
+from reasoning_llama.config import get_preset
 from reasoning_llama.errors import ConfigError
 
 
 def info(
     preset: Annotated[str | None, typer.Option(help="A named preset, e.g. small-100m or tiny.")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="A checkpoint directory.")] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="A checkpoint directory, or a run directory (its best model).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Print a model's config and its parameter count broken down by part."""
@@ -24,7 +28,7 @@ def info(
 
     if (preset is None) == (checkpoint is None):
         raise ConfigError("give exactly one of --preset or --checkpoint")
-    config = get_preset(preset) if preset else ModelConfig.load(checkpoint / "config.json")
+    config = get_preset(preset) if preset else load_config(resolve_model_dir(checkpoint))
     with torch.device("meta"):  # shapes only: no memory, no init time
         model = Transformer(config)
     report = {

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from reasoning_llama.cli.model_dir import ModelDir, resolve_model_dir
 from reasoning_llama.errors import ConfigError
 
 FORMATS = ("hf",)
@@ -19,7 +20,7 @@ def _check_format(value: str) -> None:
 
 def export(
     out: Annotated[Path, typer.Argument(metavar="OUT", help="The directory to write.")],
-    checkpoint: Annotated[Path, typer.Option(help="A reasoning-llama checkpoint directory.")],
+    checkpoint: ModelDir,
     to: Annotated[
         str, typer.Option("--to", help="Target format: hf (transformers LlamaForCausalLM).")
     ] = "hf",
@@ -32,7 +33,7 @@ def export(
     from reasoning_llama.interop.export import export_hf
 
     _check_format(to)
-    path = export_hf(checkpoint, out, dtype=dtype, overwrite=overwrite)
+    path = export_hf(resolve_model_dir(checkpoint), out, dtype=dtype, overwrite=overwrite)
     typer.echo(f"exported {checkpoint} to {path} (LlamaForCausalLM, {dtype})", err=True)
 
 

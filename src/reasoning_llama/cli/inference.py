@@ -14,11 +14,11 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from reasoning_llama.cli.model_dir import ModelDir, resolve_model_dir
 from reasoning_llama.errors import RequestError
 
 if TYPE_CHECKING:
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 DEFAULT_MAX_NEW_TOKENS = 512  # when not given: this many, or what fits in the context
 
 # Options shared by both commands.
-Checkpoint = Annotated[Path, typer.Option(help="A checkpoint directory (model.safetensors + config.json).")]
 System = Annotated[str | None, typer.Option(help="A system message, prepended to the first user turn.")]
 MaxNewTokens = Annotated[
     int | None,
@@ -69,7 +68,7 @@ def _sampling_params(options: dict[str, object]) -> SamplingParams:
 
 
 def generate(
-    checkpoint: Checkpoint,
+    checkpoint: ModelDir,
     prompt: Annotated[str, typer.Option(help="The user message.")],
     system: System = None,
     max_new_tokens: MaxNewTokens = None,
@@ -95,7 +94,7 @@ def generate(
     params = _sampling_params(locals())  # the options named like SamplingParams fields
     if not prompt.strip():
         raise RequestError("--prompt is empty; give the text to answer")
-    engine = Engine.from_checkpoint(checkpoint, device=device, max_batch_size=1)
+    engine = Engine.from_checkpoint(resolve_model_dir(checkpoint), device=device, max_batch_size=1)
     prompt_ids = engine.tokenizer.render_prompt(_with_system(system, [{"role": "user", "content": prompt}]))
     if max_new_tokens is None:  # the default shrinks to fit; an explicit value must fit
         room = max(1, engine.max_context - len(prompt_ids))
@@ -369,7 +368,7 @@ def _line_reader() -> Callable[[], str]:
 
 
 def chat(
-    checkpoint: Checkpoint,
+    checkpoint: ModelDir,
     system: System = None,
     max_new_tokens: MaxNewTokens = None,
     temperature: Temperature = 0.0,
@@ -392,7 +391,7 @@ def chat(
     # Ctrl-C is how a chat stops an answer, so it must raise KeyboardInterrupt even when a parent
     # (a background job, a script) started us with SIGINT ignored, which Python would keep.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    engine = Engine.from_checkpoint(checkpoint, device=device, max_batch_size=1)
+    engine = Engine.from_checkpoint(resolve_model_dir(checkpoint), device=device, max_batch_size=1)
     console = Console(highlight=False)
     session = ChatSession(engine, params, console, system=system, hide_reasoning=hide_reasoning)
     console.print(

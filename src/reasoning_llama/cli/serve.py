@@ -6,20 +6,18 @@ import errno
 import ipaddress
 import logging
 import socket
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from reasoning_llama.cli.model_dir import ModelDir, resolve_model_dir
 from reasoning_llama.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 def serve(
-    checkpoint: Annotated[
-        Path, typer.Option(help="A checkpoint directory (model.safetensors + config.json).")
-    ],
+    checkpoint: ModelDir,
     host: Annotated[str, typer.Option(help="Address to bind; loopback by default.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[
@@ -66,7 +64,9 @@ def serve(
         default_max_tokens=default_max_tokens,
     )
     listener = _bind(host, port)  # fail with a clear message before the model loads
-    engine = Engine.from_checkpoint(checkpoint, device=device, max_batch_size=max_concurrency)
+    engine = Engine.from_checkpoint(
+        resolve_model_dir(checkpoint), device=device, max_batch_size=max_concurrency
+    )
     if api_key is None and not _is_loopback(host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     app = create_app(engine, settings)

@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from reasoning_llama.errors import CheckpointError, ConfigError
+from reasoning_llama.cli.model_dir import ModelDir, resolve_model_dir
+from reasoning_llama.errors import ConfigError
 
 INTERRUPTED_EXIT = 130
 
@@ -88,26 +89,8 @@ def train(
     )
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint directory, or a run directory (its best model, else its latest checkpoint)."""
-    from reasoning_llama.training import checkpointing as ckpt
-
-    if (path / "config.json").is_file():
-        return path
-    if (path / ckpt.BEST / "config.json").is_file():
-        return path / ckpt.BEST
-    latest = ckpt.latest_checkpoint(path) if path.is_dir() else None
-    if latest is not None:
-        return latest
-    if not path.exists():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
-    raise CheckpointError(f"{path} is neither a checkpoint (no config.json) nor a run directory with one")
-
-
 def eval_command(
-    checkpoint: Annotated[
-        Path, typer.Option(help="A checkpoint directory (or a run directory: its best model).")
-    ],
+    checkpoint: ModelDir,
     task: Annotated[
         str | None,
         typer.Option(help="synthetic or synthetic:FAMILY,...: held-out problems of the TEST split."),
@@ -140,7 +123,7 @@ def eval_command(
         raise ConfigError("give exactly one of --task synthetic[:family,...] or --data FILE")
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {limit}")
-    directory = resolve_checkpoint(checkpoint)
+    directory = resolve_model_dir(checkpoint)
     if task is not None:
         families = evaluation.parse_task_spec(task)
         rows = evaluation.synthetic_test_rows(families, limit or 100, seed=seed, difficulty=difficulty)

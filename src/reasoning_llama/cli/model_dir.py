@@ -1,0 +1,36 @@
+"""How every command names a model: a checkpoint directory, or a run directory (its best model, else
+its latest checkpoint)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from reasoning_llama.checkpoint import CONFIG
+from reasoning_llama.errors import CheckpointError
+
+ModelDir = Annotated[
+    Path,
+    typer.Option(
+        "--checkpoint",
+        help="A checkpoint directory, or a run directory (its best model, else its latest checkpoint).",
+    ),
+]
+
+
+def resolve_model_dir(path: Path) -> Path:
+    """The checkpoint directory `path` names (see the module docstring)."""
+    from reasoning_llama.training import checkpointing as ckpt
+
+    if (path / CONFIG).is_file():
+        return path
+    if (path / ckpt.BEST / CONFIG).is_file():
+        return path / ckpt.BEST
+    latest = ckpt.latest_checkpoint(path) if path.is_dir() else None
+    if latest is not None:
+        return latest
+    if not path.exists():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    raise CheckpointError(f"{path} is neither a checkpoint (no {CONFIG}) nor a run directory with one")

@@ -1,0 +1,67 @@
+"""Every command that reads a model takes a checkpoint directory or a run directory, the same way."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cli_helpers import run_cli
+from reasoning_llama.checkpoint import save_model
+from reasoning_llama.cli.model_dir import resolve_model_dir
+from reasoning_llama.config import ModelConfig
+from reasoning_llama.errors import CheckpointError
+from reasoning_llama.model import Transformer
+from reasoning_llama.training import checkpointing as ckpt
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run directory as training leaves it: a best model and a latest step checkpoint."""
+    config = ModelConfig(
+        dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=64, final_block=False
+    )
+    run = tmp_path / "run"
+    save_model(run / ckpt.BEST, Transformer(config))
+    save_model(ckpt.step_dir(run, 3), Transformer(config))
+    (ckpt.step_dir(run, 3) / ckpt.TRAINER_STATE).write_bytes(b"")
+    return run
+
+
+def test_a_run_directory_means_its_best_model_else_its_latest_checkpoint(run_dir, tmp_path):
+    assert resolve_model_dir(run_dir) == run_dir / ckpt.BEST
+    assert resolve_model_dir(run_dir / ckpt.BEST) == run_dir / ckpt.BEST
+    import shutil
+
+    shutil.rmtree(run_dir / ckpt.BEST)
+    assert resolve_model_dir(run_dir) == ckpt.step_dir(run_dir, 3)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_model_dir(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither a checkpoint"):
+        resolve_model_dir(tmp_path / "empty")
+
+
+@pytest.mark.slow
+def test_generate_info_and_export_take_a_run_directory(run_dir, tmp_path):
+    done = run_cli(
+        "generate",
+        "--checkpoint",
+        run_dir,
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "3",
+        "--json",
+        one_thread=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["usage"]["completion_tokens"] <= 3
+    done = run_cli("info", "--checkpoint", run_dir, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["config"]["dim"] == 32
+    done = run_cli("export", tmp_path / "hf", "--checkpoint", run_dir)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "hf" / "config.json").is_file()
+    done = run_cli("chat", "--checkpoint", tmp_path / "nowhere")
+    assert done.returncode == 2 and "does not exist" in done.stderr
