@@ -9,19 +9,21 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import run_cli
-from reasoning_llama.config import load_run_config
+from reasoning_llama.config import RECIPES, load_run_config, recipe_names
+from reasoning_llama.errors import ConfigError
 from reasoning_llama.quickstart import quickstart_config
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
-
-def test_configs_quickstart_yaml_is_the_quickstart_recipe():
-    from_file = load_run_config(CONFIGS / "quickstart.yaml")
-    assert dataclasses.asdict(from_file) == dataclasses.asdict(quickstart_config())
+def test_the_quickstart_recipe_is_the_packaged_yaml_that_train_config_names():
+    from_name = load_run_config("quickstart")
+    assert dataclasses.asdict(from_name) == dataclasses.asdict(quickstart_config())
+    assert (RECIPES / "quickstart.yaml").is_file() and recipe_names() == ["quickstart", "reasoning-base-20k"]
+    with pytest.raises(ConfigError, match="packaged recipe: quickstart, reasoning-base-20k"):
+        load_run_config("quickstrat")
 
 
 def test_reasoning_base_recipe_is_the_seed_run_with_early_stopping():
-    config = load_run_config(CONFIGS / "reasoning-base-20k.yaml")
+    config = load_run_config("reasoning-base-20k")
     t, d = config.train, config.data
     assert (t.preset, d.seq_len, d.source, d.path) == (
         "small-100m",

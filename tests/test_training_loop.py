@@ -194,7 +194,7 @@ def test_several_processes_need_an_exact_global_batch_and_are_told_one_that_fits
 ):
     from reasoning_llama.training.loop import accumulation_steps
 
-    recipe = "configs/reasoning-base-20k.yaml"  # 48 rows of 1280 tokens a step
+    recipe = "reasoning-base-20k"  # 48 rows of 1280 tokens a step
     config = load_run_config(recipe, [f"train.micro_batch_size={micro_batch_size}"])
     with pytest.raises(ConfigError, match="no whole number of micro-batches") as failure:
         accumulation_steps(config, world_size)
@@ -203,3 +203,22 @@ def test_several_processes_need_an_exact_global_batch_and_are_told_one_that_fits
     steps = accumulation_steps(fixed, world_size)
     t = fixed.train
     assert steps * t.micro_batch_size * fixed.data.seq_len * world_size == t.global_batch_tokens
+
+
+def test_timing_steps_leaves_weights_optimizer_and_data_position_as_they_were(tmp_path):
+    from reasoning_llama.training.loop import Trainer
+
+    trainer = Trainer(tiny_run(tmp_path), tmp_path / "run", progress=False)
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert trainer.seconds_per_step(steps=2) > 0
+    assert all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())
+    assert not trainer.optimizer.state and (trainer.train_loader.epoch, trainer.train_loader.batch_index) == (
+        0,
+        0,
+    )
+    result = trainer.run()
+    trainer.close()
+    reference = train(tiny_run(tmp_path), tmp_path / "reference", progress=False)
+    a = load_file(tmp_path / "run/checkpoints/step-000006/model.safetensors")
+    b = load_file(tmp_path / "reference/checkpoints/step-000006/model.safetensors")
+    assert result.step == reference.step == 6 and all(torch.equal(a[k], b[k]) for k in a)

@@ -160,23 +160,42 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a `reasoning-llama train` run needs; YAML recipes in configs/ fill it."""
+    """Everything a `reasoning-llama train` run needs; YAML recipes (recipes/, or a file of your own) fill it."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
 
+RECIPES = Path(__file__).parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    """The recipes shipped with the package (`--config NAME`)."""
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A YAML file given by path, or a packaged recipe given by name (e.g. `quickstart`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    packaged = RECIPES / f"{name_or_path}.yaml"
+    if path.parent == Path(".") and packaged.is_file():
+        return packaged
+    raise ConfigError(
+        f"config file {name_or_path} does not exist; give a YAML file or a packaged recipe: {', '.join(recipe_names())}"
+    )
+
+
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults <- YAML file <- `key=value` overrides (e.g. `train.lr=3e-4`), type-checked by OmegaConf."""
+    """Defaults <- YAML file or packaged recipe <- `key=value` overrides (e.g. `train.lr=3e-4`), type-checked by OmegaConf."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         merged = OmegaConf.structured(RunConfig)
         if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file {path} does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, OmegaConf.load(recipe_path(path)))
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]

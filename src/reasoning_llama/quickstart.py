@@ -2,20 +2,19 @@
 what it learned: exact match per family before and after training on held-out problems, one sample
 conversation, and where the checkpoint and the plot are.
 
-The recipe (`quickstart_config`, mirrored by configs/quickstart.yaml) is shaped for a 2-core CPU:
+The recipe (`recipes/quickstart.yaml`, loaded by `quickstart_config`) is shaped for a 2-core CPU:
 - tasks whose reasoning moves one digit per token (chain_sum, sort_digits, max_digit);
 - a narrow trunk, because the untied 50,263-way embedding and head dominate the cost, and the head
   runs only at the positions that carry loss;
-- the number of steps is planned from a short speed probe so the cosine schedule ends within the
-  time budget, and a deadline stops the run (saving, evaluating) if the machine slows down.
+- the thread count is picked by timing the run's own steps, the run fits its planned steps to the
+  time budget as it goes (so the cosine ends within it), and a deadline stops the run (saving,
+  evaluating) if the machine slows down.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,53 +23,16 @@ from typing import Any
 import torch
 
 from reasoning_llama.config import RunConfig, load_run_config
-from reasoning_llama.data.batching import BatchLoader
-from reasoning_llama.data.prepare import PreparedData, prepare_data
+from reasoning_llama.data.prepare import prepare_data
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.evaluation import GenerationReport, evaluate_generations, synthetic_test_rows
 from reasoning_llama.generation import Engine
-from reasoning_llama.loss import ModelWithLoss
 from reasoning_llama.tokenizer import get_tokenizer
 from reasoning_llama.training import checkpointing as ckpt
-from reasoning_llama.training.loop import (
-    RUN_CONFIG,
-    TrainResult,
-    accumulation_steps,
-    amp_dtype_for,
-    build_model,
-    optimizer_step,
-    train,
-)
-from reasoning_llama.training.optim import build_optimizer
+from reasoning_llama.training.loop import RUN_CONFIG, Trainer, TrainResult
 from reasoning_llama.training.plot import plot_run
 
-# Keep in step with configs/quickstart.yaml (a test checks they agree); the reasons are written there.
-RECIPE: list[str] = [
-    "train.preset=tiny",
-    "train.model_overrides={dim: 64, n_layers: 4, n_heads: 2, n_kv_heads: 2, ffn_dim: 256, max_seq_len: 256, final_block: false}",
-    "train.global_batch_tokens=512",
-    "train.micro_batch_size=2",
-    "train.max_steps=6000",
-    "train.lr=3e-3",
-    "train.min_lr_ratio=0.05",
-    "train.warmup_steps=30",
-    "train.weight_decay=0.0",
-    "train.grad_clip=1.0",
-    "train.eval_every=500",
-    "train.eval_batches=8",
-    "train.task_eval_every=2000",
-    "train.task_eval_size=60",
-    "train.save_every=1000",
-    "train.keep_last=1",
-    "train.log_every=50",
-    "data.source=synthetic",
-    "data.families=[chain_sum,sort_digits,max_digit]",
-    "data.difficulty=4",
-    "data.synthetic_train_size=12000",
-    "data.synthetic_val_size=150",
-    "data.seq_len=256",
-    "data.packing=true",
-]
+RECIPE = "quickstart"  # src/reasoning_llama/recipes/quickstart.yaml, where its reasons are written
 # --fast: a smoke run of the same path in well under a minute (it learns little).
 FAST: list[str] = [
     "train.max_steps=12",
@@ -85,12 +47,14 @@ FAST: list[str] = [
     "data.synthetic_val_size=30",
 ]
 EVAL_PER_FAMILY = 100
+BUDGETED_MAX_STEPS = 100_000  # a bound the time budget always reaches first
 FAST_EVAL_PER_FAMILY = 4
 EVAL_SEED_OFFSET = 1  # held-out problems other than the validation ones that pick the best checkpoint
 
 
 def quickstart_config(*, fast: bool = False, extra: list[str] | None = None) -> RunConfig:
-    return load_run_config(None, [*RECIPE, *(FAST if fast else []), *(extra or [])])
+    """The packaged recipe `recipes/quickstart.yaml` (what `--config quickstart` loads), plus overrides."""
+    return load_run_config(RECIPE, [*(FAST if fast else []), *(extra or [])])
 
 
 @dataclass
@@ -116,38 +80,6 @@ class QuickstartReport:
         return "" if self.difficulty is None else f" --difficulty {self.difficulty}"
 
 
-def probe_seconds_per_step(
-    config: RunConfig, data: PreparedData, steps: int = 5, give_up_after: float = math.inf
-) -> float:
-    """Median time of a few optimizer steps of a throwaway copy of the run, after one warm-up step.
-
-    Stops early (returning that step's time) once a step takes longer than `give_up_after` seconds.
-    """
-    t = config.train
-    cpu = torch.device("cpu")
-    model = build_model(config, cpu)
-    optimizer = build_optimizer(model, t, cpu)
-    loader = BatchLoader(
-        data.train,
-        seq_len=config.data.seq_len,
-        batch_size=t.micro_batch_size,
-        packing=config.data.packing,
-        seed=t.seed + 1,
-    )
-    batches, accum = iter(loader), accumulation_steps(config)
-    amp = amp_dtype_for(cpu, t.dtype)
-    loss_model = ModelWithLoss(model, amp_dtype=amp)
-    timings = []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        micro = [next(batches) for _ in range(accum)]
-        optimizer_step(loss_model, optimizer, micro, t.lr, t.grad_clip, amp, cpu)
-        timings.append(time.perf_counter() - start)
-        if len(timings) > 1 and timings[-1] > give_up_after:
-            return timings[-1]
-    return statistics.median(timings[1:])
-
-
 def bf16_matmul_is_faster() -> bool:
     """Whether this CPU multiplies in bf16 clearly faster than in fp32 (native bf16 instructions)."""
     a, b = torch.randn(256, 128), torch.randn(128, 8192)
@@ -162,33 +94,22 @@ def bf16_matmul_is_faster() -> bool:
     return timings[torch.bfloat16] < 0.7 * timings[torch.float32]
 
 
-def tune_for_this_cpu(config: RunConfig, data: PreparedData, say: Any) -> float:
-    """Pick bf16 or fp32 matmuls and 1, 2 or 4 threads by measurement; return the seconds per step.
+def tune_threads(trainer: Trainer, say: Any) -> float:
+    """Pick 1, 2 or 4 threads by timing the run's own steps; return the seconds per step.
 
     On a CPU shared with other work one thread often beats two, by far: threads spin waiting for
     each other while another process holds the core they need.
     """
     torch.set_num_threads(1)
-    config.train.dtype = "bfloat16" if bf16_matmul_is_faster() else "float32"
-    speed = {1: probe_seconds_per_step(config, data)}
+    speed = {1: trainer.seconds_per_step()}
     for threads in (2, 4):
         if threads <= (os.cpu_count() or 1):
             torch.set_num_threads(threads)
-            speed[threads] = probe_seconds_per_step(config, data, give_up_after=min(speed.values()))
+            speed[threads] = trainer.seconds_per_step(give_up_after=min(speed.values()))
     threads = min(speed, key=speed.__getitem__)
     torch.set_num_threads(threads)
-    say(
-        f"speed probe: {speed[threads]:.2f} s per step with {threads} thread(s), {config.train.dtype} matmuls"
-    )
+    say(f"speed probe: {speed[threads]:.2f} s per step with {threads} thread(s), {trainer.t.dtype} matmuls")
     return speed[threads]
-
-
-def plan_steps(seconds_per_step: float, budget_s: float, config: RunConfig) -> int:
-    """Steps that fit the training budget, leaving room for the periodic evaluations and saves."""
-    t = config.train
-    overhead = 1.05
-    fitting = int(budget_s / (seconds_per_step * overhead))
-    return max(t.warmup_steps + 10, min(t.max_steps, fitting))
 
 
 def run_quickstart(
@@ -204,7 +125,8 @@ def run_quickstart(
     started = time.monotonic()
     out = Path(out)
     _clear_previous(out, overwrite)
-    config = quickstart_config(fast=fast)
+    # With a time budget the run plans its own steps; the recipe's max_steps is for runs by hand.
+    config = quickstart_config(fast=fast, extra=None if fast else [f"train.max_steps={BUDGETED_MAX_STEPS}"])
     config.train.device = "cpu"  # small model, small batches: the CPU wins over a GPU's launch overhead
     tokenizer = get_tokenizer()
     say("preparing the synthetic tasks ...")
@@ -217,27 +139,24 @@ def run_quickstart(
 
     budget = minutes * 60
     if not fast:
-        per_step = tune_for_this_cpu(config, data, say)
-        # A first guess for the schedule; the loop refits it to the measured speed every 100 steps.
-        config.train.max_steps = 2 * plan_steps(per_step, budget, config)
-
-    say(f"evaluating the untrained model on {len(test_rows)} held-out problems ...")
-    before = evaluate_generations(
-        _engine(build_model(config, torch.device("cpu"))), test_rows, progress=progress
-    )
-    say(f"training for about {minutes:g} minutes ...")
-    train_start = time.monotonic()
-    result: TrainResult = train(
-        config,
-        out,
-        progress=progress,
-        tokenizer=tokenizer,
-        data=data,
-        time_budget=None if fast else budget,
-        deadline=train_start + budget + 30,
-        echo=say,
-    )
-    train_seconds = time.monotonic() - train_start
+        torch.set_num_threads(1)
+        config.train.dtype = "bfloat16" if bf16_matmul_is_faster() else "float32"
+    trainer = Trainer(config, out, progress=progress, tokenizer=tokenizer, data=data, echo=say)
+    try:
+        if not fast:
+            tune_threads(trainer, say)
+        say(f"evaluating the untrained model on {len(test_rows)} held-out problems ...")
+        before = evaluate_generations(_engine(trainer.model), test_rows, progress=progress)
+        trainer.model.train()
+        say(f"training for about {minutes:g} minutes ...")
+        train_start = time.monotonic()
+        # The run fits its planned steps (and so the cosine) to the budget as it goes.
+        result: TrainResult = trainer.run(
+            time_budget=None if fast else budget, deadline=train_start + budget + 30
+        )
+        train_seconds = time.monotonic() - train_start
+    finally:
+        trainer.close()
 
     best = out / ckpt.BEST
     say(f"evaluating the trained model ({best}) on the same {len(test_rows)} problems ...")

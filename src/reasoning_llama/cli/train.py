@@ -22,7 +22,12 @@ def _err(message: str) -> None:
 def train(
     out: Annotated[Path, typer.Option(help="The run directory (checkpoints, metrics, best model).")],
     preset: Annotated[str | None, typer.Option(help="Model preset, e.g. tiny or small-100m.")] = None,
-    config: Annotated[Path | None, typer.Option(help="A YAML recipe, e.g. configs/quickstart.yaml.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="A YAML recipe: a file, or a packaged one by name (quickstart, reasoning-base-20k)."
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override a config value, e.g. --set train.lr=3e-4 (repeatable)."),

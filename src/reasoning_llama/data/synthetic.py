@@ -505,7 +505,7 @@ FAMILIES: dict[str, Family] = {
 
 DEFAULT_FAMILIES: tuple[str, ...] = ("chain_sum", "sort_digits", "count_letter")
 """The families used when none are named (training, `eval --task synthetic`): easy ones, single-digit or
-letter tokens, tens of tokens per example. The quickstart names its own (see configs/quickstart.yaml)."""
+letter tokens, tens of tokens per example. The quickstart names its own (see recipes/quickstart.yaml)."""
 
 
 def families_or_default(names: Sequence[str]) -> list[str]:

@@ -13,11 +13,13 @@ of every global batch, rank 0 alone logs, and checkpoints are written by all ran
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import logging
 import math
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.yaml"
 REPLAN_EVERY = 100  # steps between refits of the plan to a time budget
+FIRST_REPLAN = 20  # the first refit, still inside a typical warmup, so the cosine starts from a fitted plan
 StopReason = Literal["finished", "early_stopping", "interrupted", "deadline", "stop_at_step"]
 
 
@@ -339,9 +342,10 @@ class Trainer:
     ) -> TrainResult:
         """Train to the planned step; stop early on Ctrl-C, `stop_at_step`, `deadline` or early stopping.
 
-        time_budget: seconds for this call; every REPLAN_EVERY steps the planned number of steps (and
-        so the cosine) is refitted to the measured speed, at most `max_steps` (runs planned this way
-        depend on the machine's speed, so they do not resume bitwise-identically).
+        time_budget: seconds for this call; after FIRST_REPLAN steps and every REPLAN_EVERY steps the
+        planned number of steps (and so the cosine) is refitted to the measured speed, evaluations
+        included, at most `max_steps`: the one planner of a budgeted run (runs planned this way depend
+        on the machine's speed, so they do not resume bitwise-identically).
         """
         t, state = self.t, self.state
         stop_reason: StopReason = "finished"
@@ -360,7 +364,8 @@ class Trainer:
         with writer, bar, batches, _sigint_flag() as interrupted:
             first_step, started = state.step, time.monotonic()
             while state.step < self.total_steps:
-                if time_budget and state.step > first_step and (state.step - first_step) % REPLAN_EVERY == 0:
+                done = state.step - first_step
+                if time_budget and done and (done == FIRST_REPLAN or done % REPLAN_EVERY == 0):
                     self._replan(first_step, started, time_budget, bar)
                 lr = self.lr()
                 self.step([next(batches) for _ in range(self.accum)], lr)
@@ -418,6 +423,41 @@ class Trainer:
             final,
             self.world.rank,
         )
+
+    def seconds_per_step(self, steps: int = 5, give_up_after: float = math.inf) -> float:
+        """Median time of a few optimizer steps, after one warm-up step, on batches from the start of
+        the data; the weights, the optimizer state and the data position are put back afterwards.
+
+        Stops early (returning that step's time) once a step takes longer than `give_up_after` seconds.
+        """
+        weights = copy.deepcopy(self.loss_model.state_dict())
+        optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+        batches = (batch for batch, _ in self.train_loader.batches_from(0, 0))
+        timings: list[float] = []
+        try:
+            for _ in range(steps + 1):
+                start = time.perf_counter()
+                micro = [next(batches) for _ in range(self.accum)]
+                optimizer_step(
+                    self.wrapped,
+                    self.optimizer,
+                    micro,
+                    self.t.lr,
+                    self.t.grad_clip,
+                    self.autocast,
+                    self.device,
+                    world=self.world,
+                    skip_nonfinite=False,
+                )
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                timings.append(time.perf_counter() - start)
+                if len(timings) > 1 and timings[-1] > give_up_after:
+                    return timings[-1]
+        finally:
+            self.loss_model.load_state_dict(weights)
+            self.optimizer.load_state_dict(optimizer_state)
+        return statistics.median(timings[1:])
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank if it is true on any (a stop must happen at the same step everywhere)."""
