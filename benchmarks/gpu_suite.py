@@ -82,6 +82,10 @@ def write_config(out: Path, name: str, overrides: dict[str, Any]) -> Path:
     return path
 
 
+def train_args(config: Path, run_dir: Path) -> list[str]:
+    return ["-m", "reasoning_llama", "train", "--config", str(config), "--out", str(run_dir), "--no-progress"]
+
+
 def final_losses(run_dir: Path) -> dict[str, Any]:
     records = [
         json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
@@ -150,17 +154,8 @@ def main() -> None:
         tiny["train"]["distributed"] = mode
         config = write_config(out, f"dp_{mode}", tiny)
         run_dir = out / f"run_{mode}"
-        command = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
-        command += [
-            "-m",
-            "reasoning_llama",
-            "train",
-            "--config",
-            str(config),
-            "--out",
-            str(run_dir),
-            "--no-progress",
-        ]
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
+        command = [python, *launcher, *train_args(config, run_dir)]
         step = run(f"dp_{mode}", command, out, timeout=180)
         if step["status"] == "ok":
             step |= final_losses(run_dir)
@@ -193,17 +188,7 @@ def main() -> None:
     }
     config = write_config(out, "short_run", real)
     run_dir = out / "run_short"
-    command = [
-        python,
-        "-m",
-        "reasoning_llama",
-        "train",
-        "--config",
-        str(config),
-        "--out",
-        str(run_dir),
-        "--no-progress",
-    ]
+    command = [python, *train_args(config, run_dir)]
     step = run("short_run", command, out, timeout=240)
     if step["status"] == "ok":
         step |= final_losses(run_dir)

@@ -16,6 +16,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -191,33 +192,9 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def forward(
-        self,
-        ids: Tensor,
-        positions: Tensor | None = None,
-        *,
-        attention_mask: Tensor | None = None,
-        doc_ids: Tensor | None = None,
-        block_mask: BlockMask | None = None,
-        kv_cache: KVCache | None = None,
-        cache_rows: Tensor | None = None,
-        cache_length: int | None = None,
-        select: Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, ids: Tensor, positions: Tensor | None = None, **options: Any) -> Tensor:
         """Logits for `ids` (B, T): the head applied to `hidden_states` (same arguments)."""
-        return self.head(
-            self.hidden_states(
-                ids,
-                positions,
-                attention_mask=attention_mask,
-                doc_ids=doc_ids,
-                block_mask=block_mask,
-                kv_cache=kv_cache,
-                cache_rows=cache_rows,
-                cache_length=cache_length,
-                select=select,
-            )
-        )
+        return self.head(self.hidden_states(ids, positions, **options))
 
     def hidden_states(
         self,
