@@ -117,8 +117,12 @@ def _attempt_store(rank: int, timeout: datetime.timedelta) -> dist.Store:
     return dist.PrefixStore(f"reasoning-llama/attempt-{elastic_restart_count()}", store)
 
 
-def teardown() -> None:
+def teardown(*, together: bool = True) -> None:
+    """Leave the group; `together` first waits for every rank (a rank that tears its connections down
+    while another still uses them can make gloo abort the process at exit). After an error, don't wait."""
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -329,9 +329,9 @@ class Trainer:
                 f"{self.accum} micro-batches per process and step"
             )
 
-    def close(self) -> None:
-        """Leave the process group (if this run joined one)."""
-        dist.teardown()
+    def close(self, *, together: bool = True) -> None:
+        """Leave the process group (if this run joined one); see `distributed.teardown`."""
+        dist.teardown(together=together)
 
     def run(
         self,
@@ -644,9 +644,12 @@ def train(
         config, run_dir, resume=resume, progress=progress, tokenizer=tokenizer, data=data, echo=echo
     )
     try:
-        return trainer.run(stop_at_step=stop_at_step, deadline=deadline, time_budget=time_budget)
-    finally:
-        trainer.close()
+        result = trainer.run(stop_at_step=stop_at_step, deadline=deadline, time_budget=time_budget)
+    except BaseException:
+        trainer.close(together=False)
+        raise
+    trainer.close()
+    return result
 
 
 def optimizer_step(
