@@ -10,18 +10,12 @@ import torch
 from reasoning_llama.checkpoint import save_model
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.errors import ConfigError, RequestError
-from reasoning_llama.generation import (
-    ASSISTANT_HEADER,
-    Delta,
-    Engine,
-    GenerationResult,
-    SamplingParams,
-    decode,
-    prefill,
-)
+from reasoning_llama.generation import Delta, Engine, GenerationResult, decode, prefill
 from reasoning_llama.model import KVCache, Transformer
+from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.tokenizer import (
     ASSISTANT,
+    ASSISTANT_HEADER,
     EOT,
     IM_END,
     IM_START,
@@ -282,6 +276,7 @@ def test_early_im_end_gets_the_assistant_header_and_an_answer(model, tokenizer, 
     assert result.completion_tokens == len(result.token_ids)
     parsed = tokenizer.parse(result.token_ids)
     assert parsed.well_formed and (parsed.reasoning, parsed.answer) == ("Add them.", " 5")
+    assert result.well_formed
 
 
 def test_answer_may_end_with_endoftext(model, tokenizer, prompts):
@@ -295,6 +290,7 @@ def test_answer_may_end_with_endoftext(model, tokenizer, prompts):
     )
     assert result.token_ids == [IM_END, *ASSISTANT_HEADER, 11, EOT]
     assert (result.reasoning, result.answer, result.finish_reason) == ("", ",", "stop")
+    assert result.well_formed
 
 
 @pytest.mark.parametrize("budget", [0, 4])
@@ -321,6 +317,7 @@ def test_max_new_tokens_bounds_reasoning_and_answer_together(model, tokenizer, p
     assert result.completion_tokens == 8 and result.finish_reason == "length"
     assert result.token_ids[4:8] == [IM_END, *ASSISTANT_HEADER[:3]]  # cut inside the header
     assert (result.reasoning, result.answer) == ("a b c d", "")
+    assert not result.well_formed and not tokenizer.parse(result.token_ids).well_formed
 
 
 def test_special_ids_never_reach_the_text(model, tokenizer, prompts):
@@ -407,6 +404,52 @@ def test_stream_cancel_event_stops_between_tokens(model, tokenizer, prompts):
     assert result.completion_tokens < 10
     assert "".join(texts["reasoning"]) == result.reasoning
     assert not engine.has_work()
+
+
+def test_interleaved_streams_on_one_engine_each_get_all_their_events(model, tokenizer, prompts):
+    """Each stream's step also advances the other: no caller may swallow another's events."""
+    engine = Engine(model, tokenizer, max_batch_size=2)
+    params = SamplingParams(max_new_tokens=12)
+    alone = [engine.generate(p, params) for p in prompts[:2]]
+    streams = [engine.stream(p, params) for p in prompts[:2]]
+    collected: list[list] = [[], []]
+    live = {0, 1}
+    while live:
+        for i in sorted(live):
+            event = next(streams[i], None)
+            if event is None:
+                live.discard(i)
+            else:
+                collected[i].append(event)
+    for events, reference in zip(collected, alone, strict=True):
+        *deltas, result = events
+        assert isinstance(result, GenerationResult) and result.token_ids == reference.token_ids
+        assert "".join(d.text for d in deltas if d.kind == "reasoning") == reference.reasoning
+        assert "".join(d.text for d in deltas if d.kind == "answer") == reference.answer
+    assert not engine.has_work()
+
+
+def test_streams_from_two_threads_on_one_engine(model, tokenizer, prompts):
+    engine = Engine(model, tokenizer, max_batch_size=2)
+    params = SamplingParams(max_new_tokens=12)
+    alone = [engine.generate(p, params) for p in prompts[:2]]
+    got: dict[int, tuple] = {}
+
+    def consume(i: int) -> None:
+        got[i] = run_stream(engine, prompts[i], params)
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i, reference in enumerate(alone):
+        texts, result = got[i]
+        assert result.token_ids == reference.token_ids
+        assert ("".join(texts["reasoning"]), "".join(texts["answer"])) == (
+            reference.reasoning,
+            reference.answer,
+        )
 
 
 def test_abandoned_stream_frees_its_slot(model, tokenizer, prompts):

@@ -7,8 +7,13 @@ decodes one token for every active row at its own position: continuous batching.
 
 Turn structure (DESIGN.md §1): the prompt ends with `<|im_start|>reasoning\\n`. When the reasoning
 ends (the model emits `<|im_end|>`, or the reasoning budget is spent and the engine emits it), the
-engine feeds `\\n<|im_start|>assistant\\n` through the model itself and the answer follows, ending
-at `<|im_end|>` or `<|endoftext|>`.
+engine feeds the assistant header through the model itself and the answer follows, ending at
+`<|im_end|>` or `<|endoftext|>`. Each request's `tokenizer.Turn` knows the phase and the forced ids;
+the engine only follows it.
+
+Events reach each request's own `on_event` callback whoever steps the engine, and `step()` is
+serialised by a lock, so several callers (threads, or interleaved `stream` iterators) can share
+one engine without losing each other's events.
 
 Raw mode (`SamplingParams(raw=True)`, plain text continuation) has no turns: the request starts
 in the answer phase, so every generated token is answer text, ending at `<|im_end|>` or
@@ -23,7 +28,6 @@ ever reaches the text. Stop strings apply to the answer only; they are cut from 
 from __future__ import annotations
 
 import codecs
-import copy
 import itertools
 import math
 import threading
@@ -44,14 +48,13 @@ from reasoning_llama.sampling import SamplingParams, apply_repetition_penalty, s
 from reasoning_llama.tokenizer import (
     ASSISTANT,
     EOT,
-    IM_END,
     IM_START,
     N_VOCAB,
-    NEWLINE,
     PAD,
     REASONING,
     USER,
     ChatTokenizer,
+    Turn,
     get_tokenizer,
 )
 
@@ -60,13 +63,11 @@ __all__ = [
     "Engine",
     "GenerationResult",
     "Request",
-    "SamplingParams",
     "decode",
     "prefill",
     "resolve_device",
 ]
 
-ASSISTANT_HEADER = (NEWLINE, IM_START, ASSISTANT, NEWLINE)  # fed after the reasoning's <|im_end|>
 NEVER_SAMPLED = (IM_START, USER, REASONING, ASSISTANT, PAD)
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -90,6 +91,9 @@ class GenerationResult:
     completion_tokens: int  # every generated id, the forced assistant header included
     reasoning_tokens: int
     token_ids: list[int]
+    well_formed: (
+        bool  # reasoning closed, full assistant header, answer closed by an end id (Turn.well_formed)
+    )
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -124,17 +128,10 @@ def decode(
     """Feed one token (B,) at `positions` (B,) into cache rows 0..B-1; logits of the `active` rows (n, V)."""
     rows = tokens.shape[0]
     if rows < cache.batch_size:
-        cache = _leading_rows(cache, rows)
+        cache = cache.leading_rows(rows)
     select = None if active is None else active.unsqueeze(1)
     logits = model(tokens.unsqueeze(1), positions.unsqueeze(1), kv_cache=cache, select=select)
     return logits.reshape(-1, logits.shape[-1]).float()
-
-
-def _leading_rows(cache: KVCache, rows: int) -> KVCache:
-    """A view of the first `rows` cache rows: the model then slices the cache instead of gathering it."""
-    view = copy.copy(cache)
-    view.k, view.v = cache.k[:, :rows], cache.v[:, :rows]
-    return view
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -173,24 +170,42 @@ class _TextStream:
 
 
 class Request:
-    """One generation in the engine. `cancel()` is thread-safe; the rest is the engine's to update."""
+    """One generation: the engine's per-request state, written by the engine only (others read it).
 
-    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, device: torch.device):
+    `cancel()` is the one method for other threads. `on_event`, if given, receives every Delta and
+    then the GenerationResult, on the thread that steps the engine.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        device: torch.device,
+        on_event: Callable[[Delta | GenerationResult], None] | None = None,
+    ) -> None:
         self.id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
+        self.on_event = on_event
+        self.turn = Turn(raw=params.raw, reasoning_budget=params.reasoning_budget)
         self.output_ids: list[int] = []
-        self.phase: Literal["reasoning", "header", "answer"] = "answer" if params.raw else "reasoning"
-        self.reasoning_tokens = 0
         self.result: GenerationResult | None = None
+        self.texts = {"reasoning": _TextStream(()), "answer": _TextStream(params.stop)}
+        self.generator = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
+        self.seen: Tensor | None = None  # ids in prompt + output, for the repetition penalty
+        self.slot: int | None = None  # the cache row while running
+        self.times = {"submitted": time.perf_counter()}  # perf_counter readings of its milestones
+        self.prefill_s = 0.0
         self._cancel = threading.Event()
-        self._forced: deque[int] = deque()  # ids the engine feeds instead of sampling
-        self._texts = {"reasoning": _TextStream(()), "answer": _TextStream(params.stop)}
-        self._generator = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
-        self._seen: Tensor | None = None  # ids in prompt + output, for the repetition penalty
-        self._slot: int | None = None
-        self._times = {"submitted": time.perf_counter()}
-        self._prefill_s = 0.0
+
+    @property
+    def phase(self) -> str:
+        return self.turn.phase
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return self.turn.reasoning_tokens
 
     @property
     def prompt_tokens(self) -> int:
@@ -205,7 +220,7 @@ class Request:
         return self._cancel.is_set()
 
     def cancel(self) -> None:
-        """Ask the engine to stop this request at its next step (finish_reason "cancelled")."""
+        """Ask the engine to stop this request at its next step (finish_reason "cancelled"); thread-safe."""
         self._cancel.set()
 
     def __repr__(self) -> str:
@@ -267,6 +282,7 @@ class Engine:
         self._slots: list[Request | None] = [None] * max_batch_size
         self._waiting: deque[Request] = deque()
         self._lock = threading.Lock()  # guards _waiting: add_request may come from other threads
+        self._step_lock = threading.Lock()  # one step at a time, whoever drives the loop
         self._ids = itertools.count()
 
     @classmethod
@@ -308,12 +324,18 @@ class Engine:
             )
 
     def add_request(
-        self, prompt_ids: Sequence[int], params: SamplingParams, *, request_id: str | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        on_event: Callable[[Delta | GenerationResult], None] | None = None,
     ) -> Request:
         """Queue a request (thread-safe); it joins the running batch at the next step."""
         prompt_ids = [int(i) for i in prompt_ids]
         self.check_request(prompt_ids, params)
-        request = Request(request_id or f"req-{next(self._ids)}", prompt_ids, params, self.device)
+        request_id = request_id or f"req-{next(self._ids)}"
+        request = Request(request_id, prompt_ids, params, self.device, on_event)
         with self._lock:
             self._waiting.append(request)
         return request
@@ -334,31 +356,41 @@ class Engine:
     def step(self) -> list[tuple[Request, list[Delta | GenerationResult]]]:
         """Admit waiting requests into free slots, then decode one token for every active slot.
 
-        Returns each request's events of this step; a request's last event is its GenerationResult.
+        Returns each request's events of this step (also handed to its `on_event`); a request's last
+        event is its GenerationResult. Thread-safe: concurrent callers take turns.
         """
+        with self._step_lock:
+            events = self._step()
+        for request, request_events in events:
+            if request.on_event is not None:
+                for event in request_events:
+                    request.on_event(event)
+        return events
+
+    def _step(self) -> list[tuple[Request, list[Delta | GenerationResult]]]:
         events: dict[Request, list[Delta | GenerationResult]] = {}
         self._finish_cancelled(events)
         admitted = self._admit()
         if admitted:
             start = time.perf_counter()
             logits = prefill(
-                self.model, self.cache, [r.prompt_ids for r in admitted], [r._slot for r in admitted]
+                self.model, self.cache, [r.prompt_ids for r in admitted], [r.slot for r in admitted]
             )
             elapsed = time.perf_counter() - start
             for request in admitted:
-                request._prefill_s = elapsed
+                request.prefill_s = elapsed
             self._advance(admitted, logits, events)
         active = [r for r in self._slots if r is not None]
         if active:
-            rows = active[-1]._slot + 1  # rows 0..rows-1 go through the model; free ones idle at slot 0
+            rows = active[-1].slot + 1  # rows 0..rows-1 go through the model; free ones idle at slot 0
             tokens, positions = [PAD] * rows, [0] * rows
             for r in active:
-                tokens[r._slot] = r.output_ids[-1]
-                positions[r._slot] = r.prompt_tokens + len(r.output_ids) - 1
+                tokens[r.slot] = r.output_ids[-1]
+                positions[r.slot] = r.prompt_tokens + len(r.output_ids) - 1
             mask = None
             if len(active) < rows:
                 mask = torch.zeros(rows, dtype=torch.bool, device=self.device)
-                mask[[r._slot for r in active]] = True
+                mask[[r.slot for r in active]] = True
             logits = decode(
                 self.model,
                 self.cache,
@@ -387,19 +419,15 @@ class Engine:
                     break
                 if self._slots[slot] is None:
                     request = self._waiting.popleft()
-                    request._slot = slot
+                    request.slot = slot
                     self._slots[slot] = request
                     admitted.append(request)
         now = time.perf_counter()
         for request in admitted:
-            request._times["admitted"] = now
+            request.times["admitted"] = now
             if request.params.repetition_penalty != 1.0:
-                request._seen = torch.zeros(
-                    self.model.config.vocab_size, dtype=torch.bool, device=self.device
-                )
-                request._seen[torch.tensor(request.prompt_ids, device=self.device)] = True
-            if request.params.reasoning_budget == 0:
-                request._forced.append(IM_END)
+                request.seen = torch.zeros(self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+                request.seen[torch.tensor(request.prompt_ids, device=self.device)] = True
         return admitted
 
     def _advance(self, requests: list[Request], logits: Tensor, events: dict) -> None:
@@ -409,11 +437,12 @@ class Engine:
             self._accept(request, token, events.setdefault(request, []))
 
     def _choose(self, requests: list[Request], logits: Tensor) -> list[int]:
+        forced = [r.turn.forced for r in requests]
         for i, r in enumerate(requests):
-            if r._forced:
+            if forced[i] is not None:
                 continue
-            if r._seen is not None:
-                logits[i] = apply_repetition_penalty(logits[i], r._seen, r.params.repetition_penalty)
+            if r.seen is not None:
+                logits[i] = apply_repetition_penalty(logits[i], r.seen, r.params.repetition_penalty)
             if self.logits_hook is not None:
                 hooked = self.logits_hook(r, logits[i])
                 if hooked is not None:
@@ -425,75 +454,68 @@ class Engine:
         best = logits.argmax(dim=-1).tolist()  # one pass serves every greedy row
         tokens = []
         for i, r in enumerate(requests):
-            if r._forced:
-                tokens.append(r._forced.popleft())
+            if forced[i] is not None:
+                tokens.append(forced[i])
             elif r.params.greedy:
                 tokens.append(best[i])
             else:
-                tokens.append(sample(logits[i], r.params, r._generator))
+                tokens.append(sample(logits[i], r.params, r.generator))
         return tokens
 
     def _accept(self, r: Request, token: int, out: list[Delta | GenerationResult]) -> None:
         r.output_ids.append(token)
-        r._times.setdefault("first_token", time.perf_counter())
-        if r._seen is not None:
-            r._seen[token] = True
-        if r.phase == "reasoning":
-            if token == IM_END:
-                self._emit(r, "reasoning", b"", out, final=True)
-                r.phase = "header"
-                r._forced.extend(ASSISTANT_HEADER)
-            else:
-                r.reasoning_tokens += 1
-                self._emit(r, "reasoning", self.tokenizer.token_bytes(token), out)
-                budget = r.params.reasoning_budget
-                if budget is not None and r.reasoning_tokens >= budget and not r._forced:
-                    r._forced.append(IM_END)
-        elif r.phase == "header":
-            if not r._forced:
-                r.phase = "answer"
-        elif token in (IM_END, EOT):
+        r.times.setdefault("first_token", time.perf_counter())
+        if r.seen is not None:
+            r.seen[token] = True
+        was_reasoning = r.turn.phase == "reasoning"
+        kind = r.turn.feed(token)
+        if kind is not None:
+            self._emit(r, kind, self.tokenizer.token_bytes(token), out)
+        if was_reasoning and r.turn.phase != "reasoning":
+            self._emit(r, "reasoning", b"", out, final=True)
+        if r.turn.phase == "done" or r.texts["answer"].stopped:
             return self._finish(r, "stop", out)
-        else:
-            self._emit(r, "answer", self.tokenizer.token_bytes(token), out)
-            if r._texts["answer"].stopped:
-                return self._finish(r, "stop", out)
         if len(r.output_ids) >= r.params.max_new_tokens:
             self._finish(r, "length", out)
 
     @staticmethod
     def _emit(r: Request, kind: str, data: bytes, out: list, *, final: bool = False) -> None:
-        text = r._texts[kind].push(data, final=final)
+        text = r.texts[kind].push(data, final=final)
         if text:
+            r.times.setdefault("first_text", time.perf_counter())
             out.append(Delta(kind, text))  # type: ignore[arg-type]
 
     def _finish(self, r: Request, reason: FinishReason, out: list[Delta | GenerationResult]) -> None:
-        for kind, stream in r._texts.items():
+        for kind, stream in r.texts.items():
             if not stream.stopped:
                 self._emit(r, kind, b"", out, final=True)
-        if r._slot is not None:
-            self._slots[r._slot] = None
-            r._slot = None
+        if r.slot is not None:
+            self._slots[r.slot] = None
+            r.slot = None
         now = time.perf_counter()
-        times = r._times
+        times = r.times
         first = times.get("first_token", now)
         decode_s = now - first
+        timings = {
+            "queue_s": times.get("admitted", now) - times["submitted"],
+            "prefill_s": r.prefill_s,
+            "time_to_first_token_s": first - times["submitted"],
+            "decode_s": decode_s,
+            "decode_tokens_per_s": (len(r.output_ids) - 1) / decode_s if decode_s > 0 else 0.0,
+            "total_s": now - times["submitted"],
+        }
+        if "first_text" in times:
+            timings["time_to_first_text_s"] = times["first_text"] - times["submitted"]
         r.result = GenerationResult(
-            reasoning=r._texts["reasoning"].text,
-            answer=r._texts["answer"].text,
+            reasoning=r.texts["reasoning"].text,
+            answer=r.texts["answer"].text,
             finish_reason=reason,
             prompt_tokens=r.prompt_tokens,
             completion_tokens=len(r.output_ids),
             reasoning_tokens=r.reasoning_tokens,
             token_ids=list(r.output_ids),
-            timings={
-                "queue_s": times.get("admitted", now) - times["submitted"],
-                "prefill_s": r._prefill_s,
-                "time_to_first_token_s": first - times["submitted"],
-                "decode_s": decode_s,
-                "decode_tokens_per_s": (len(r.output_ids) - 1) / decode_s if decode_s > 0 else 0.0,
-                "total_s": now - times["submitted"],
-            },
+            well_formed=r.turn.well_formed,
+            timings=timings,
         )
         out.append(r.result)
 
@@ -501,15 +523,23 @@ class Engine:
     def stream(
         self, prompt_ids: Sequence[int], params: SamplingParams, *, cancel: threading.Event | None = None
     ) -> Iterator[Delta | GenerationResult]:
-        """Deltas as they are decoded, then the GenerationResult. Setting `cancel` stops it between tokens."""
-        request = self.add_request(prompt_ids, params)
+        """Deltas as they are decoded, then the GenerationResult. Setting `cancel` stops it between tokens.
+
+        Other callers may drive the same engine meanwhile: this request's events reach this iterator
+        whoever steps.
+        """
+        events: deque[Delta | GenerationResult] = deque()
+        request = self.add_request(prompt_ids, params, on_event=events.append)
         try:
-            while not request.finished:
+            while True:
+                while events:
+                    event = events.popleft()
+                    yield event
+                    if isinstance(event, GenerationResult):
+                        return
                 if cancel is not None and cancel.is_set():
                     request.cancel()
-                for owner, owner_events in self.step():
-                    if owner is request:
-                        yield from owner_events
+                self.step()
         finally:
             if not request.finished:  # the consumer stopped early: free the slot
                 request.cancel()

@@ -12,6 +12,7 @@ the blocks an example cannot see, built once per batch by `document_block_mask`)
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Callable
@@ -90,6 +91,12 @@ class KVCache:
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]
+
+    def leading_rows(self, rows: int) -> KVCache:
+        """A view of the first `rows` rows (same memory): attention then slices the cache instead of gathering."""
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, :rows], self.v[:, :rows]
+        return view
 
     def update(
         self, layer: int, positions: Tensor, k: Tensor, v: Tensor, rows: Tensor | None, length: int

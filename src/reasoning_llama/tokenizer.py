@@ -1,4 +1,4 @@
-"""GPT-2 BPE plus the chat ids; the one renderer and the one parser of the chat format.
+"""GPT-2 BPE plus the chat ids; the one renderer and the one parser (`Turn`) of the chat format.
 
 Special ids come only from structure, never from text: `encode` is tiktoken's
 `encode_ordinary`, so a typed `<|im_end|>` or the word `user` stays plain BPE.
@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from reasoning_llama.errors import TokenizerError
 from reasoning_llama.gpt2_ranks import gpt2_encoding
@@ -22,8 +23,9 @@ USER = 50259
 REASONING = 50260
 ASSISTANT = 50261
 PAD = 50262
-N_VOCAB = 50263
+N_VOCAB = PAD + 1  # the model's vocabulary: GPT-2's 50257 ids, then the chat ids
 NEWLINE = 198  # GPT-2's id for "\n"
+ASSISTANT_HEADER = (NEWLINE, IM_START, ASSISTANT, NEWLINE)  # follows the reasoning's <|im_end|>
 
 SPECIAL_TOKENS: dict[str, int] = {
     "<|endoftext|>": EOT,
@@ -55,6 +57,76 @@ class ParsedOutput:
     answer: str
     finished: bool  # the answer was closed by <|im_end|> or <|endoftext|>
     well_formed: bool  # reasoning closed, full assistant header, answer closed, no stray special ids
+
+
+Phase = Literal["reasoning", "header", "answer", "done"]
+
+
+class Turn:
+    """The grammar of one generated turn, fed one id at a time: reasoning, assistant header, answer.
+
+    `feed` says which text an id belongs to; `forced` is the id that must come next (the rest of
+    the assistant header, or the `<|im_end|>` that closes a spent reasoning budget), None when the
+    model chooses. The engine drives one per request and `ChatTokenizer.parse` feeds it saved ids,
+    so generation and parsing cannot disagree. Parsing tolerates what the engine never produces: a
+    missing or partial header (the answer starts at the first id that breaks it), stray special
+    ids (dropped), and `<|endoftext|>` inside the reasoning (the turn ends without an answer).
+    A raw turn (plain text continuation) starts in the answer and has no header to match.
+    """
+
+    def __init__(self, *, raw: bool = False, reasoning_budget: int | None = None) -> None:
+        self.raw = raw
+        self.reasoning_budget = reasoning_budget
+        self.phase: Phase = "answer" if raw else "reasoning"
+        self.reasoning_tokens = 0  # text ids of the reasoning
+        self.header_matched = 0  # ids of ASSISTANT_HEADER seen in order
+        self.finished = False  # the answer was closed by <|im_end|> or <|endoftext|>
+        self.stray = False  # a special id appeared where text belongs
+
+    @property
+    def forced(self) -> int | None:
+        """The id that must be fed next, or None when any allowed id may follow."""
+        if self.phase == "header":
+            return ASSISTANT_HEADER[self.header_matched]
+        budget = self.reasoning_budget
+        if self.phase == "reasoning" and budget is not None and self.reasoning_tokens >= budget:
+            return IM_END
+        return None
+
+    @property
+    def well_formed(self) -> bool:
+        """Reasoning closed, the full assistant header, the answer closed, no stray special ids."""
+        header_ok = self.raw or self.header_matched == len(ASSISTANT_HEADER)
+        return self.finished and header_ok and not self.stray
+
+    def feed(self, token: int) -> Literal["reasoning", "answer"] | None:
+        """Advance by one generated id; the text it carries (None for structure ids and dropped ones)."""
+        if self.phase == "reasoning":
+            if token == IM_END:
+                self.phase = "header"
+            elif token == EOT:
+                self.phase, self.finished = "done", True
+            elif token in SPECIAL_BY_ID:
+                self.stray = True
+            else:
+                self.reasoning_tokens += 1
+                return "reasoning"
+            return None
+        if self.phase == "header":
+            if token == ASSISTANT_HEADER[self.header_matched]:
+                self.header_matched += 1
+                if self.header_matched == len(ASSISTANT_HEADER):
+                    self.phase = "answer"
+                return None
+            self.phase = "answer"  # a broken header: this id is the answer's first
+        if self.phase == "answer":
+            if token in (IM_END, EOT):
+                self.phase, self.finished = "done", True
+            elif token in SPECIAL_BY_ID:
+                self.stray = True
+            else:
+                return "answer"
+        return None  # "done": whatever follows the closed answer is not part of the turn
 
 
 class ChatTokenizer:
@@ -94,8 +166,10 @@ class ChatTokenizer:
     def _turn(self, role: str, text: str) -> list[int]:
         return [IM_START, ROLE_IDS[role], NEWLINE, *self.encode(text), IM_END, NEWLINE]
 
-    def render_prompt(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        """Ids the engine feeds: the conversation, ending with `<|im_start|>reasoning\\n`."""
+    def render_prompt(self, messages: Sequence[Mapping[str, str]], *, system: str | None = None) -> list[int]:
+        """Ids the engine feeds: the conversation (after `system`, if given), ending with `<|im_start|>reasoning\\n`."""
+        if system:
+            messages = [{"role": "system", "content": system}, *messages]
         messages = _merge_system(messages)
         if not messages or messages[-1]["role"] != "user":
             raise TokenizerError("a prompt must end with a user message")
@@ -106,17 +180,7 @@ class ChatTokenizer:
 
     def render_generation(self, reasoning: str, answer: str) -> list[int]:
         """The ids the engine must generate after the prompt, through the final <|endoftext|>."""
-        return [
-            *self.encode(reasoning),
-            IM_END,
-            NEWLINE,
-            IM_START,
-            ASSISTANT,
-            NEWLINE,
-            *self.encode(answer),
-            IM_END,
-            EOT,
-        ]
+        return [*self.encode(reasoning), IM_END, *ASSISTANT_HEADER, *self.encode(answer), IM_END, EOT]
 
     def render_example(
         self,
@@ -129,9 +193,9 @@ class ChatTokenizer:
     ) -> RenderedExample:
         """One training sequence; the loss covers the generated part (and the prompt if asked)."""
         messages = [{"role": "user", "content": user}]
-        if system:
-            messages.insert(0, {"role": "system", "content": system})
-        return self.render_conversation(messages, reasoning, assistant, train_on_prompt=train_on_prompt)
+        return self.render_conversation(
+            messages, reasoning, assistant, system=system, train_on_prompt=train_on_prompt
+        )
 
     def render_conversation(
         self,
@@ -139,10 +203,11 @@ class ChatTokenizer:
         reasoning: str,
         answer: str,
         *,
+        system: str | None = None,
         train_on_prompt: bool = False,
     ) -> RenderedExample:
         """A multi-turn history ending in a user turn, plus the final reasoning and answer to learn."""
-        prompt = self.render_prompt(messages)
+        prompt = self.render_prompt(messages, system=system)
         target = self.render_generation(reasoning, answer)
         mask = [train_on_prompt] * len(prompt) + [True] * len(target)
         if train_on_prompt:
@@ -150,36 +215,19 @@ class ChatTokenizer:
         return RenderedExample(prompt + target, mask)
 
     def parse(self, ids: Sequence[int]) -> ParsedOutput:
-        """Split generated ids (everything after the prompt) into reasoning and answer.
+        """Split generated ids (everything after the prompt) into reasoning and answer: feed a `Turn`.
 
         Tolerates truncation, a missing or partial assistant header and stray special ids.
         """
-        reasoning: list[int] = []
-        answer: list[int] = []
-        stray = False
-        pos, n = 0, len(ids)
-        while pos < n and ids[pos] not in (IM_END, EOT):
-            stray |= _keep_text(ids[pos], reasoning)
-            pos += 1
-        if pos == n:  # cut off inside the reasoning
-            return ParsedOutput(self.decode(reasoning), "", False, False)
-        if ids[pos] == EOT:  # the sequence ended without an answer
-            return ParsedOutput(self.decode(reasoning), "", True, False)
-        pos += 1
-        header = (NEWLINE, IM_START, ASSISTANT, NEWLINE)
-        matched = 0
-        while matched < len(header) and pos < n and ids[pos] == header[matched]:
-            matched += 1
-            pos += 1
-        finished = False
-        while pos < n:
-            if ids[pos] in (IM_END, EOT):
-                finished = True
-                break
-            stray |= _keep_text(ids[pos], answer)
-            pos += 1
-        well_formed = finished and matched == len(header) and not stray
-        return ParsedOutput(self.decode(reasoning), self.decode(answer), finished, well_formed)
+        turn = Turn()
+        text: dict[str, list[int]] = {"reasoning": [], "answer": []}
+        for token in ids:
+            kind = turn.feed(token)
+            if kind is not None:
+                text[kind].append(token)
+        return ParsedOutput(
+            self.decode(text["reasoning"]), self.decode(text["answer"]), turn.finished, turn.well_formed
+        )
 
     # -- persistence ----------------------------------------------------------------
     @staticmethod
@@ -197,14 +245,6 @@ class ChatTokenizer:
         info = json.loads(path.read_text())
         if info.get("base_encoding") != "gpt2" or info.get("special_tokens") != SPECIAL_TOKENS:
             raise TokenizerError(f"{path} describes a different tokenizer than GPT-2 + the chat ids")
-
-
-def _keep_text(token_id: int, out: list[int]) -> bool:
-    """Append a text id to `out`; return True for a stray special id (which is dropped)."""
-    if token_id in SPECIAL_BY_ID:
-        return True
-    out.append(token_id)
-    return False
 
 
 def _merge_system(messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
