@@ -18,8 +18,9 @@ from reasoning_llama.checkpoint import save_model
 from reasoning_llama.cli.inference import apply_setting
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.errors import RequestError
-from reasoning_llama.generation import Engine, SamplingParams
+from reasoning_llama.generation import Engine
 from reasoning_llama.model import Transformer
+from reasoning_llama.sampling import SamplingParams
 
 # A long context so the chat test can still be generating when it presses Ctrl-C.
 CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=4096)
@@ -38,9 +39,7 @@ def expected(checkpoint, params: SamplingParams, system: str | None = None):
     """The same generation, in-process through the engine."""
     engine = Engine.from_checkpoint(checkpoint, device="cpu", max_batch_size=1)
     messages = [{"role": "user", "content": QUESTION}]
-    if system:
-        messages.insert(0, {"role": "system", "content": system})
-    return engine.generate(engine.tokenizer.render_prompt(messages), params)
+    return engine.generate(engine.tokenizer.render_prompt(messages, system=system), params)
 
 
 # -- generate ---------------------------------------------------------------------------------

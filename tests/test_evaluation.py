@@ -71,10 +71,12 @@ def test_unfinished_output_is_neither_correct_nor_well_formed(tiny_config):
 
 
 def test_answer_matching():
-    assert evaluation.answer_matches({"assistant": "7", "family": "chain_sum"}, " 07 ")
-    assert evaluation.answer_matches({"assistant": "1 2 5", "family": "sort_digits"}, "1, 2, 5")
-    assert not evaluation.answer_matches({"assistant": "7", "family": "chain_sum"}, "8")
-    assert evaluation.answer_matches({"assistant": "Paris."}, "  paris")  # no family: normalised text
+    assert evaluation.row_is_correct({"assistant": "7", "family": "chain_sum"}, " 07 ")
+    assert evaluation.row_is_correct({"assistant": "1 2 5", "family": "sort_digits"}, "1, 2, 5")
+    assert not evaluation.row_is_correct({"assistant": "7", "family": "chain_sum"}, "8")
+    assert evaluation.row_is_correct({"assistant": "Paris."}, "  paris")  # no family: normalised text
+    assert evaluation.row_is_correct({"assistant": "Paris.", "family": "geo"}, "paris")  # not synthetic
+    assert not evaluation.row_is_correct({"assistant": "Paris."}, "Lyon")
 
 
 def test_task_spec_and_test_split_rows():

@@ -154,5 +154,5 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_config):
     # read only by the KV cache, every layer shares them).
     other = packed_batch()
     other.inputs = other.inputs.roll(1, dims=1)
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    with torch._dynamo.config.patch(error_on_recompile=True):  # noqa: SLF001 (no public switch)
         batch_loss(ModelWithLoss(compiled, select_positions=False), other).backward()

@@ -90,6 +90,7 @@ def test_repetition_penalty_matches_transformers():
         ("max_new_tokens", 2.5),
         ("temperature", -0.1),
         ("temperature", math.nan),
+        ("temperature", 2.5),  # the API schema's limit too: sampling.MAX_TEMPERATURE
         ("top_k", -1),
         ("top_p", 0.0),
         ("top_p", 1.5),

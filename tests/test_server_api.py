@@ -19,7 +19,7 @@ import openai
 import pytest
 import torch
 
-from reasoning_llama.generation import SamplingParams
+from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.server import ServerSettings
 from reasoning_llama.tokenizer import EOT, get_tokenizer
 from server_fixtures import MODEL, make_checkpoint, make_engine, scripted_hook, serve

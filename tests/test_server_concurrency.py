@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from reasoning_llama.generation import SamplingParams
+from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.server import ServerSettings
 from reasoning_llama.server.worker import EngineWorker, QueueFull
 from reasoning_llama.tokenizer import get_tokenizer

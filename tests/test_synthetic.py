@@ -254,6 +254,8 @@ def test_check_answer_tolerances_are_principled() -> None:
     assert check_answer("sort_digits", "1 2 5 8", "1258")
     assert not check_answer("sort_digits", "1 2 5 8", "1 2 8 5")
     assert not check_answer("sort_digits", "1 2 5 8", "1 2 5")
+    assert check_answer(None, "Paris.", "  paris")  # no family: normalised text
+    assert not check_answer(None, "7", "07")
 
 
 def test_check_answer_rejects_unknown_family_and_mismatched_example() -> None:

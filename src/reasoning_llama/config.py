@@ -9,16 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from reasoning_llama.errors import ConfigError
-
-# GPT-2's 50,257 ids plus the six chat ids of DESIGN.md §1.
-DEFAULT_VOCAB_SIZE = 50263
+from reasoning_llama.tokenizer import N_VOCAB
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of the decoder-only transformer (DESIGN.md §2)."""
 
-    vocab_size: int = DEFAULT_VOCAB_SIZE
+    vocab_size: int = N_VOCAB  # the tokenizer's ids (DESIGN.md §1)
     dim: int = 768
     n_layers: int = 6
     n_heads: int = 8

@@ -42,7 +42,8 @@ def store_linear_weights_transposed(model: nn.Module) -> None:
 
 
 def _onednn_linear(x: Tensor, weight: Tensor) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    # torch registers this oneDNN op under a private name and has no public one.
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")  # noqa: SLF001
 
 
 @functools.cache

@@ -19,7 +19,7 @@ from torch import nn
 
 from reasoning_llama.data.batching import Batch, BatchLoader
 from reasoning_llama.data.prepare import TokenizedSplit
-from reasoning_llama.data.synthetic import FAMILIES, families_or_default, generate_examples, normalize_answer
+from reasoning_llama.data.synthetic import FAMILIES, check_answer, families_or_default, generate_examples
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.generation import Engine, GenerationResult
 from reasoning_llama.loss import ModelWithLoss, batch_loss
@@ -141,12 +141,10 @@ class GenerationReport:
         return out
 
 
-def answer_matches(row: dict[str, str], predicted: str) -> bool:
-    """Exact match with the family's checker (e.g. `07` == `7`), else on normalised text."""
-    family = FAMILIES.get(row.get("family") or "")
-    if family is not None:
-        return family.check(row["assistant"], predicted)
-    return normalize_answer(row["assistant"]) == normalize_answer(predicted)
+def row_is_correct(row: dict[str, str], predicted: str) -> bool:
+    """`check_answer` with the row's synthetic family; rows of other data have none (normalised text)."""
+    family = row.get("family")
+    return check_answer(family if family in FAMILIES else None, row["assistant"], predicted)
 
 
 def default_max_new_tokens(rows: Sequence[dict[str, str]], tokenizer: ChatTokenizer) -> int:
@@ -183,10 +181,7 @@ def evaluate_generations(
     budget = max_new_tokens or default_max_new_tokens(rows, tokenizer)
     prompts, params, fits = [], [], []
     for row in rows:
-        messages = [{"role": "user", "content": row["user"]}]
-        if system:
-            messages.insert(0, {"role": "system", "content": system})
-        prompt = tokenizer.render_prompt(messages)
+        prompt = tokenizer.render_prompt([{"role": "user", "content": row["user"]}], system=system)
         room = min(budget, engine.max_context - len(prompt))
         fits.append(room >= 1)
         if room >= 1:
@@ -196,7 +191,6 @@ def evaluate_generations(
     items = []
     for row, fit in zip(rows, fits, strict=True):
         result: GenerationResult | None = next(results) if fit else None
-        parsed = tokenizer.parse(result.token_ids) if result else None
         items.append(
             {
                 "family": row.get("family") or NO_FAMILY,
@@ -204,8 +198,8 @@ def evaluate_generations(
                 "reference": row["assistant"],
                 "reasoning": result.reasoning if result else "",
                 "answer": result.answer if result else "",
-                "correct": bool(result and answer_matches(row, result.answer)),
-                "well_formed": bool(parsed and parsed.well_formed),
+                "correct": bool(result and row_is_correct(row, result.answer)),
+                "well_formed": bool(result and result.well_formed),
                 "finished": bool(result and result.finish_reason == "stop"),
                 "reasoning_tokens": result.reasoning_tokens if result else 0,
                 "prompt_fits": fit,

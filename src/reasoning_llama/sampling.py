@@ -13,6 +13,10 @@ from torch import Tensor
 
 from reasoning_llama.errors import RequestError
 
+# OpenAI's range, so the API schema and the sampler accept the same values; above 2 a sample is
+# close to uniform noise anyway.
+MAX_TEMPERATURE = 2.0
+
 
 @dataclass
 class SamplingParams:
@@ -37,8 +41,8 @@ class SamplingParams:
 
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise bad("max_new_tokens", "must be an integer >= 1")
-        if not _is_number(self.temperature) or not 0.0 <= self.temperature <= 100.0:
-            raise bad("temperature", "must be a number in [0, 100]")
+        if not _is_number(self.temperature) or not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise bad("temperature", f"must be a number in [0, {MAX_TEMPERATURE:g}]")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise bad("top_k", "must be an integer >= 0 (0 = off)")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:

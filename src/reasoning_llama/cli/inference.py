@@ -24,7 +24,8 @@ from reasoning_llama.errors import RequestError
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from reasoning_llama.generation import Delta, Engine, GenerationResult, SamplingParams
+    from reasoning_llama.generation import Delta, Engine, GenerationResult
+    from reasoning_llama.sampling import SamplingParams
 
 DEFAULT_MAX_NEW_TOKENS = 512  # when not given: this many, or what fits in the context
 
@@ -95,7 +96,7 @@ def generate(
     if not prompt.strip():
         raise RequestError("--prompt is empty; give the text to answer")
     engine = Engine.from_checkpoint(resolve_model_dir(checkpoint), device=device, max_batch_size=1)
-    prompt_ids = engine.tokenizer.render_prompt(_with_system(system, [{"role": "user", "content": prompt}]))
+    prompt_ids = engine.tokenizer.render_prompt([{"role": "user", "content": prompt}], system=system)
     if max_new_tokens is None:  # the default shrinks to fit; an explicit value must fit
         room = max(1, engine.max_context - len(prompt_ids))
         params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, room))
@@ -207,10 +208,6 @@ class _StreamView:
             style="dim",
             markup=False,
         )
-
-
-def _with_system(system: str | None, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    return [{"role": "system", "content": system}, *messages] if system else messages
 
 
 # -- chat ------------------------------------------------------------------------------------
@@ -330,10 +327,10 @@ class ChatSession:
         """Drop the oldest exchanges until the prompt leaves room to answer; cap max_new_tokens to the room."""
         tokenizer, context = self.engine.tokenizer, self.engine.max_context
         wanted = min(self.params.max_new_tokens, context // 2)
-        prompt_ids = tokenizer.render_prompt(_with_system(self.system, messages))
+        prompt_ids = tokenizer.render_prompt(messages, system=self.system)
         while len(prompt_ids) + wanted > context and len(messages) > 1:
             messages = messages[2:]  # the oldest user + assistant exchange
-            prompt_ids = tokenizer.render_prompt(_with_system(self.system, messages))
+            prompt_ids = tokenizer.render_prompt(messages, system=self.system)
         room = context - len(prompt_ids)
         if room < 1:
             self.console.print(

@@ -61,9 +61,6 @@ class SyntheticExample:
         }
 
 
-Problem = SyntheticExample
-"""What :meth:`Family.generate` returns (a problem always comes with its worked solution)."""
-
 _Generator = Callable[[random.Random, int], tuple[str, str, str]]
 _Canonicalizer = Callable[[str], str]
 
@@ -80,7 +77,7 @@ class Family:
     make: _Generator
     canonical: _Canonicalizer
 
-    def generate(self, rng: random.Random, difficulty: int | None = None) -> Problem:
+    def generate(self, rng: random.Random, difficulty: int | None = None) -> SyntheticExample:
         """Draw one problem (with reasoning and answer) at ``difficulty`` (the family default if None)."""
         level = self.validate_difficulty(self.default_difficulty if difficulty is None else difficulty)
         user, reasoning, assistant = self.make(rng, level)
@@ -606,13 +603,18 @@ def generate_examples(
     return [per_family[names[i % len(names)]][i // len(names)] for i in range(n)]
 
 
-def check_answer(family: str, example_or_expected: SyntheticExample | str, predicted: str) -> bool:
-    """Whether ``predicted`` matches the expected answer (a string or an example) of a ``family`` problem."""
-    task = get_family(family)
+def check_answer(family: str | None, example_or_expected: SyntheticExample | str, predicted: str) -> bool:
+    """Whether ``predicted`` matches the expected answer (a string or an example); the one answer checker.
+
+    A ``family`` problem uses that family's checker (e.g. ``07`` == ``7``); ``family=None`` (an answer
+    that belongs to no synthetic family) compares :func:`normalize_answer` texts.
+    """
+    task = None if family is None else get_family(family)
+    expected = example_or_expected
     if isinstance(example_or_expected, SyntheticExample):
         if example_or_expected.family != family:
             raise ValueError(f"example belongs to family {example_or_expected.family!r}, not {family!r}")
         expected = example_or_expected.assistant
-    else:
-        expected = example_or_expected
+    if task is None:
+        return normalize_answer(expected) == normalize_answer(predicted)
     return task.check(expected, predicted)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import time
 import uuid
@@ -19,7 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reasoning_llama.errors import RequestError
-from reasoning_llama.generation import Delta, Engine, GenerationResult, SamplingParams
+from reasoning_llama.generation import Delta, Engine, GenerationResult
+from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.server.errors import APIError, bad_request, from_request_error, install_error_handlers
 from reasoning_llama.server.metrics import ServerMetrics
 from reasoning_llama.server.schemas import (
@@ -70,7 +72,13 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             state.worker.stop()
 
     # No /docs or /redoc: FastAPI's pages load their scripts from a CDN; /openapi.json stays.
-    app = FastAPI(title="reasoning-llama", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="reasoning-llama",
+        version=importlib.metadata.version("reasoning-llama"),
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.server = state
     install_error_handlers(app)
     app.include_router(
@@ -150,12 +158,7 @@ class _ServerState:
         return job
 
     def record(self, job: Job, result: GenerationResult) -> None:
-        self.metrics.record_generation(
-            result,
-            submitted_at=job.submitted_at,
-            first_text_at=job.first_text_at,
-            finish_reason=result.finish_reason,
-        )
+        self.metrics.record_generation(result)
 
 
 def _usage(result: GenerationResult) -> Usage:

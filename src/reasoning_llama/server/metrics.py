@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -63,22 +62,15 @@ class ServerMetrics:
         self.queue_depth.set_function(queue_depth)
         self.active_slots.set_function(active)
 
-    def record_generation(
-        self,
-        result: GenerationResult,
-        *,
-        submitted_at: float,
-        first_text_at: float | None,
-        finish_reason: str,
-    ) -> None:
-        """One finished generation; times are `time.perf_counter()` readings."""
-        now = time.perf_counter()
+    def record_generation(self, result: GenerationResult) -> None:
+        """One finished generation, timed by the engine (`result.timings`)."""
+        timings = result.timings
         self.completion_tokens.inc(result.completion_tokens)
-        self.finished.labels(finish_reason).inc()
-        self.request_duration.observe(now - submitted_at)
-        if first_text_at is not None:
-            self.time_to_first_token.observe(first_text_at - submitted_at)
-        rate = result.timings.get("decode_tokens_per_s")
+        self.finished.labels(result.finish_reason).inc()
+        self.request_duration.observe(timings["total_s"])
+        if "time_to_first_text_s" in timings:
+            self.time_to_first_token.observe(timings["time_to_first_text_s"])
+        rate = timings.get("decode_tokens_per_s")
         if rate:
             self.decode_rate.observe(rate)
 

@@ -19,6 +19,8 @@ from pydantic import (
     model_serializer,
 )
 
+from reasoning_llama.sampling import MAX_TEMPERATURE
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -52,7 +54,7 @@ class _Sampling(_Request):
     """Fields shared by chat and raw completions; extra fields (top_k ...) are this server's own."""
 
     model: str
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
