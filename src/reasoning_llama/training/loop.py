@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import logging
 import math
 import signal
 import statistics
@@ -50,8 +49,6 @@ from reasoning_llama.training.distributed import World
 from reasoning_llama.training.metrics import MetricsWriter, truncate_after
 from reasoning_llama.training.optim import build_optimizer, lr_at, set_lr
 
-log = logging.getLogger(__name__)
-
 RUN_CONFIG = "run_config.yaml"
 REPLAN_EVERY = 100  # steps between refits of the plan to a time budget
 FIRST_REPLAN = 20  # the first refit, still inside a typical warmup, so the cosine starts from a fitted plan
@@ -84,7 +81,7 @@ class Progress:
     best_val_loss: float = math.inf
     best_step: int = -1
     evals_since_best: int = 0
-    loss_sum: float = 0.0  # train loss accumulated since the last log line
+    loss_sum: float = 0.0  # train loss since the last log line, as saved (the run keeps it on the device)
     loss_steps: int = 0
 
 
