@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from reasoning_llama.config import RunConfig, load_run_config
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.training import TrainingDiverged, train
-from reasoning_llama.training import checkpointing as ckpt
+from reasoning_llama.training import run_checkpoints as ckpt
 from reasoning_llama.training.metrics import read_metrics
 
 TIMING_KEYS = {"tokens_per_s", "elapsed_s"}

@@ -28,7 +28,7 @@ from reasoning_llama.errors import ConfigError
 from reasoning_llama.evaluation import GenerationReport, evaluate_generations, synthetic_test_rows
 from reasoning_llama.generation import Engine
 from reasoning_llama.tokenizer import get_tokenizer
-from reasoning_llama.training import checkpointing as ckpt
+from reasoning_llama.training import run_checkpoints as ckpt
 from reasoning_llama.training.loop import RUN_CONFIG, Trainer, TrainResult
 from reasoning_llama.training.plot import plot_run
 
@@ -160,7 +160,7 @@ def run_quickstart(
 
     best = out / ckpt.BEST
     say(f"evaluating the trained model ({best}) on the same {len(test_rows)} problems ...")
-    from reasoning_llama.checkpoint import load_model
+    from reasoning_llama.model_files import load_model
 
     after = evaluate_generations(_engine(load_model(best)), test_rows, progress=progress)
     plot = plot_run(out)

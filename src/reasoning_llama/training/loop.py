@@ -38,13 +38,13 @@ from reasoning_llama.data.batching import Batch, BatchLoader
 from reasoning_llama.data.prefetch import Prefetcher
 from reasoning_llama.data.prepare import PreparedData, prepare_data
 from reasoning_llama.errors import ConfigError, ReasoningLlamaError
-from reasoning_llama.evaluation import evaluate_generations, loss_report, summed_loss, synthetic_test_rows
+from reasoning_llama.evaluation import evaluate_generations, synthetic_test_rows
 from reasoning_llama.generation import Engine
-from reasoning_llama.loss import ModelWithLoss, batch_loss
+from reasoning_llama.loss import ModelWithLoss, batch_loss, loss_report, summed_loss
 from reasoning_llama.model import Transformer
 from reasoning_llama.tokenizer import ChatTokenizer, get_tokenizer
-from reasoning_llama.training import checkpointing as ckpt
 from reasoning_llama.training import distributed as dist
+from reasoning_llama.training import run_checkpoints as ckpt
 from reasoning_llama.training.distributed import World
 from reasoning_llama.training.metrics import MetricsWriter, truncate_after
 from reasoning_llama.training.optim import build_optimizer, lr_at, set_lr
@@ -102,7 +102,7 @@ def model_config_for(config: RunConfig) -> ModelConfig:
     """The preset with `model_overrides` applied, or the config of the `init_from` checkpoint."""
     train = config.train
     if train.init_from:
-        from reasoning_llama.checkpoint import load_config
+        from reasoning_llama.model_files import load_config
 
         return load_config(train.init_from)
     return ModelConfig.from_dict({**get_preset(train.preset).to_dict(), **dict(train.model_overrides)})
@@ -111,7 +111,7 @@ def model_config_for(config: RunConfig) -> ModelConfig:
 def build_model(config: RunConfig, device: torch.device) -> Transformer:
     """A freshly initialised model (seeded), or the weights of `train.init_from`."""
     if config.train.init_from:
-        from reasoning_llama.checkpoint import load_model
+        from reasoning_llama.model_files import load_model
 
         return load_model(config.train.init_from, device=device).train()
     torch.manual_seed(config.train.seed)
@@ -699,7 +699,7 @@ def _task_rows(config: RunConfig) -> list[dict[str, str]]:
     """Held-out synthetic problems scored during training (none for other sources)."""
     if config.data.source != "synthetic" or config.train.task_eval_size <= 0:
         return []
-    from reasoning_llama.data.synthetic import families_or_default
+    from reasoning_llama.tasks import families_or_default
 
     names = families_or_default(config.data.families)
     per_family = max(1, config.train.task_eval_size // len(names))
