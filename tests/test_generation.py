@@ -12,7 +12,7 @@ from reasoning_llama.errors import ConfigError, RequestError
 from reasoning_llama.generation import Delta, Engine, GenerationResult, decode, prefill
 from reasoning_llama.model import KVCache, Transformer
 from reasoning_llama.model_files import save_model
-from reasoning_llama.sampling import SamplingParams
+from reasoning_llama.sampling import SamplingParams, apply_repetition_penalty
 from reasoning_llama.tokenizer import (
     ASSISTANT,
     ASSISTANT_HEADER,
@@ -22,6 +22,7 @@ from reasoning_llama.tokenizer import (
     PAD,
     REASONING,
     USER,
+    Turn,
     get_tokenizer,
 )
 
@@ -562,6 +563,92 @@ def test_repetition_penalty_avoids_every_seen_token(model, tokenizer, prompts):
     text_ids = [t for t in penalised.token_ids if t < EOT]
     assert len(set(text_ids)) == len(text_ids)
     assert not set(text_ids) & set(prompts[0])
+
+
+# -- log-probabilities ------------------------------------------------------------------------
+
+
+def sampled_positions(token_ids: list[int]) -> list[int]:
+    """Positions of the generated ids the model chose (not the engine's forced header)."""
+    turn, positions = Turn(), []
+    for position, token in enumerate(token_ids):
+        if turn.forced is None:
+            positions.append(position)
+        turn.feed(token)
+    return positions
+
+
+def test_logprobs_are_the_penalised_distribution_before_the_special_mask(model, tokenizer, prompts):
+    engine = Engine(model, tokenizer)
+    params = SamplingParams(max_new_tokens=24, repetition_penalty=1.3, logprobs=5)
+    result = engine.generate(prompts[0], params)
+    entries = result.logprobs["reasoning"] + result.logprobs["answer"]
+    positions = sampled_positions(result.token_ids)
+    assert [e.token for e in entries] == [result.token_ids[p] for p in positions]
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompts[0] + result.token_ids]))[0]
+    for entry, position in zip(entries, positions, strict=True):
+        seen = torch.tensor(sorted(set(prompts[0] + result.token_ids[:position])))
+        row = apply_repetition_penalty(logits[len(prompts[0]) + position - 1], seen, 1.3)
+        expected = torch.log_softmax(row, dim=-1)
+        assert entry.logprob == pytest.approx(float(expected[entry.token]), abs=1e-4)
+        best = torch.topk(expected, 5)
+        assert [i for i, _ in entry.top] == best.indices.tolist()
+        assert [lp for _, lp in entry.top] == pytest.approx(best.values.tolist(), abs=1e-4)
+    # greedy: the chosen id is the best of those the sampler may pick
+    assert all(e.logprob >= max(lp for i, lp in e.top if i < EOT) - 1e-5 for e in entries)
+
+
+def test_logprobs_travel_with_their_text_and_end_ids_come_last(model, tokenizer, prompts):
+    text = "Emoji 😀 and 你好 done"
+    ids = tokenizer.encode(text)
+    engine = Engine(model, tokenizer, logits_hook=script(ids, ids))
+    deltas = []
+    for event in engine.stream(prompts[0], SamplingParams(max_new_tokens=100, logprobs=2)):
+        if isinstance(event, Delta):
+            deltas.append(event)
+        else:
+            result = event
+    for kind in ("reasoning", "answer"):
+        mine = [d for d in deltas if d.kind == kind]
+        carried = [e for d in mine for e in d.logprobs]
+        assert carried == result.logprobs[kind]
+        assert [e.token for e in carried] == [*ids, IM_END]  # the sampled <|im_end|> closes each part
+        assert all(e.logprob == 0.0 and len(e.top) == 2 for e in carried)  # the hook leaves one choice
+        assert "".join(d.text for d in mine) == text
+        # a delta's ids are those whose bytes begin in its text; the end id comes with no text
+        for delta in mine[:-1]:
+            assert delta.text and delta.logprobs
+        assert mine[-1].text == "" and [e.token for e in mine[-1].logprobs] == [IM_END]
+
+
+def test_logprobs_of_ids_cut_by_a_stop_string_are_dropped(model, tokenizer, prompts):
+    kept = tokenizer.encode("The answer is ")
+    answer = kept + tokenizer.encode("ST") + tokenizer.encode("OP") + tokenizer.encode(" hidden")
+    engine = Engine(model, tokenizer, logits_hook=script([], answer))
+    result = engine.generate(prompts[0], SamplingParams(max_new_tokens=60, stop=("STOP",), logprobs=0))
+    assert result.answer == "The answer is "
+    assert [e.token for e in result.logprobs["answer"]] == kept
+    assert [e.token for e in result.logprobs["reasoning"]] == [IM_END]
+
+
+def test_without_logprobs_nothing_is_reported(model, tokenizer, prompts):
+    engine = Engine(model, tokenizer)
+    events = list(engine.stream(prompts[1], SamplingParams(max_new_tokens=10)))
+    assert events[-1].logprobs is None
+    assert all(e.text and not e.logprobs for e in events[:-1])
+
+
+def test_prompt_logprobs_are_the_models_next_token_distribution(model, tokenizer):
+    ids = tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    entries = Engine(model, tokenizer).prompt_logprobs(ids, top=3)
+    with torch.inference_mode():
+        expected = torch.log_softmax(model(torch.tensor([ids]))[0, :-1], dim=-1)
+    assert [e.token for e in entries] == ids[1:]
+    for position, entry in enumerate(entries):
+        assert entry.logprob == pytest.approx(float(expected[position, entry.token]), abs=1e-4)
+        assert [i for i, _ in entry.top] == torch.topk(expected[position], 3).indices.tolist()
+    assert Engine(model, tokenizer).prompt_logprobs(ids[:1]) == []
 
 
 # -- bad requests ---------------------------------------------------------------------------

@@ -12,7 +12,13 @@ from transformers.generation.logits_process import (
 )
 
 from reasoning_llama.errors import RequestError
-from reasoning_llama.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample
+from reasoning_llama.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    filter_logits,
+    sample,
+    token_logprobs,
+)
 
 PROBS = torch.tensor([0.05, 0.40, 0.10, 0.25, 0.20])  # ranked: 1, 3, 4, 2, 0
 LOGITS = PROBS.log()
@@ -102,6 +108,9 @@ def test_repetition_penalty_matches_transformers():
         ("stop", "STOP"),
         ("stop", ("",)),
         ("raw", 1),
+        ("logprobs", -1),
+        ("logprobs", 21),
+        ("logprobs", True),
     ],
 )
 def test_validate_names_the_bad_value(field, value):
@@ -123,3 +132,16 @@ def test_validate_refuses_a_reasoning_budget_in_raw_mode():
     with pytest.raises(RequestError, match="leave it unset") as info:
         SamplingParams(raw=True, reasoning_budget=0).validate()
     assert info.value.param == "reasoning_budget"
+
+
+def test_token_logprobs_are_the_log_softmax_with_the_best_ids_first():
+    rows = torch.stack([LOGITS, LOGITS.flip(0) + 3.0])  # a shifted row has the same distribution
+    first, second = token_logprobs(rows, [2, 0], top=3)
+    assert (first.token, second.token) == (2, 0)
+    assert first.logprob == pytest.approx(math.log(0.10), abs=1e-6)
+    assert second.logprob == pytest.approx(math.log(0.20), abs=1e-6)  # LOGITS[4] after the flip
+    assert [i for i, _ in first.top] == [1, 3, 4]
+    assert [lp for _, lp in first.top] == pytest.approx([math.log(p) for p in (0.40, 0.25, 0.20)], abs=1e-6)
+    assert [i for i, _ in second.top] == [3, 1, 0]
+    (alone,) = token_logprobs(LOGITS.unsqueeze(0), [1])
+    assert alone.top == [] and alone.logprob == pytest.approx(math.log(0.40), abs=1e-6)

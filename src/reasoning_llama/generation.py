@@ -23,6 +23,12 @@ Special ids the sampler may pick: `<|im_end|>` in the reasoning, `<|im_end|>` an
 in the answer. Everything else special (`<|im_start|>`, role ids, `<|PAD|>`, and `<|endoftext|>`
 in the reasoning, so a finished generation always has an answer) gets logit -inf, so no special id
 ever reaches the text. Stop strings apply to the answer only; they are cut from it and never emitted.
+
+Log-probabilities (`SamplingParams.logprobs`): every sampled id's, from the row the sampler drew it
+from after the repetition penalty (and `logits_hook`) and before that special-id mask, at
+temperature 1 (`sampling.token_logprobs`). Each travels with the Delta that first carries any of its
+text; a sampled end id (`<|im_end|>`, `<|endoftext|>`) with the last Delta of its part; ids cut by
+a stop string are dropped with their text. Forced ids have none.
 """
 
 from __future__ import annotations
@@ -44,7 +50,13 @@ from torch import Tensor
 from reasoning_llama.cpu_layout import prepare_for_cpu_decode
 from reasoning_llama.errors import ConfigError, RequestError
 from reasoning_llama.model import KVCache, Transformer
-from reasoning_llama.sampling import SamplingParams, apply_repetition_penalty, sample
+from reasoning_llama.sampling import (
+    SamplingParams,
+    TokenLogprob,
+    apply_repetition_penalty,
+    sample,
+    token_logprobs,
+)
 from reasoning_llama.tokenizer import (
     ASSISTANT,
     EOT,
@@ -80,6 +92,7 @@ class Delta:
 
     kind: Literal["reasoning", "answer"]
     text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the sampled ids behind it (if asked)
 
 
 @dataclass
@@ -95,6 +108,8 @@ class GenerationResult:
         bool  # reasoning closed, full assistant header, answer closed by an end id (Turn.well_formed)
     )
     timings: dict[str, float] = field(default_factory=dict)
+    # With SamplingParams.logprobs: the Deltas' logprobs, by kind ("reasoning", "answer").
+    logprobs: dict[str, list[TokenLogprob]] | None = None
 
 
 # -- the two model calls -------------------------------------------------------------------
@@ -138,16 +153,33 @@ def decode(
 
 
 class _TextStream:
-    """Token bytes in, text out: whole UTF-8 characters only; stop strings cut, partial matches held back."""
+    """Token bytes in, text out: whole UTF-8 characters only; stop strings cut, partial matches held back.
+
+    Items attached to the bytes pushed next (a sampled id's logprob) are released once any of those
+    bytes is emitted as text, all at the end, and never when a stop string cut them off.
+    """
 
     def __init__(self, stops: Sequence[str]) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stops = tuple(stops)
         self._held = ""
+        self._bytes_in = 0
+        self._bytes_out = 0
+        self._attached: deque[tuple[int, TokenLogprob]] = deque()  # (offset of its first byte, item)
         self.text = ""  # everything emitted so far
         self.stopped = False
 
+    def attach(self, item: TokenLogprob) -> None:
+        self._attached.append((self._bytes_in, item))
+
+    def released(self, *, final: bool = False) -> list[TokenLogprob]:
+        items = []
+        while self._attached and (self._attached[0][0] < self._bytes_out or (final and not self.stopped)):
+            items.append(self._attached.popleft()[1])
+        return items
+
     def push(self, data: bytes, *, final: bool = False) -> str:
+        self._bytes_in += len(data)
         pending = self._held + self._decoder.decode(data, final=final)
         found = [i for i in (pending.find(s) for s in self._stops) if i >= 0]
         if found:
@@ -156,6 +188,7 @@ class _TextStream:
             keep = 0 if final else self._partial_stop_length(pending)
             out, self._held = pending[: len(pending) - keep], pending[len(pending) - keep :]
         self.text += out
+        self._bytes_out += len(out.encode("utf-8", errors="replace"))
         return out
 
     def _partial_stop_length(self, text: str) -> int:
@@ -192,6 +225,7 @@ class Request:
         self.output_ids: list[int] = []
         self.result: GenerationResult | None = None
         self.texts = {"reasoning": _TextStream(()), "answer": _TextStream(params.stop)}
+        self.logprobs: dict[str, list[TokenLogprob]] = {"reasoning": [], "answer": []}  # as emitted
         self.generator = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
         self.seen: Tensor | None = None  # ids in prompt + output, for the repetition penalty
         self.slot: int | None = None  # the cache row while running
@@ -340,6 +374,21 @@ class Engine:
             self._waiting.append(request)
         return request
 
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt_ids: Sequence[int], top: int = 0) -> list[TokenLogprob]:
+        """Each prompt id's log-probability given the ids before it (from the second id on), with its
+        `top` most likely alternatives: the model's distribution, no penalty (nothing was sampled).
+
+        One forward pass over the prompt, between steps (it takes the step lock).
+        """
+        ids = [int(i) for i in prompt_ids]
+        self.check_request(ids, SamplingParams(max_new_tokens=1, logprobs=top))
+        if len(ids) < 2:
+            return []
+        with self._step_lock:
+            logits = self.model(torch.tensor([ids[:-1]], device=self.device))[0]
+        return token_logprobs(logits, ids[1:], top)
+
     @property
     def num_active(self) -> int:
         return sum(r is not None for r in self._slots)
@@ -432,11 +481,11 @@ class Engine:
 
     def _advance(self, requests: list[Request], logits: Tensor, events: dict) -> None:
         """Pick the next id of every request (forced or sampled) and act on it."""
-        tokens = self._choose(requests, logits)
-        for request, token in zip(requests, tokens, strict=True):
-            self._accept(request, token, events.setdefault(request, []))
+        tokens, logprobs = self._choose(requests, logits)
+        for request, token, logprob in zip(requests, tokens, logprobs, strict=True):
+            self._accept(request, token, events.setdefault(request, []), logprob)
 
-    def _choose(self, requests: list[Request], logits: Tensor) -> list[int]:
+    def _choose(self, requests: list[Request], logits: Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
         forced = [r.turn.forced for r in requests]
         for i, r in enumerate(requests):
             if forced[i] is not None:
@@ -447,6 +496,8 @@ class Engine:
                 hooked = self.logits_hook(r, logits[i])
                 if hooked is not None:
                     logits[i] = hooked
+        reported = [i for i, r in enumerate(requests) if forced[i] is None and r.params.logprobs is not None]
+        unmasked = logits[reported] if reported else None  # a copy: logprobs come from before the mask
         logits.index_fill_(1, self._never_sampled, -math.inf)
         in_reasoning = [i for i, r in enumerate(requests) if r.phase == "reasoning"]
         if in_reasoning:
@@ -460,9 +511,20 @@ class Engine:
                 tokens.append(best[i])
             else:
                 tokens.append(sample(logits[i], r.params, r.generator))
-        return tokens
+        logprobs: list[TokenLogprob | None] = [None] * len(requests)
+        if unmasked is not None:
+            tops = [requests[i].params.logprobs or 0 for i in reported]
+            entries = token_logprobs(unmasked, [tokens[i] for i in reported], max(tops))
+            for i, top, entry in zip(reported, tops, entries, strict=True):
+                entry.top = entry.top[:top]
+                logprobs[i] = entry
+        return tokens, logprobs
 
-    def _accept(self, r: Request, token: int, out: list[Delta | GenerationResult]) -> None:
+    def _accept(
+        self, r: Request, token: int, out: list[Delta | GenerationResult], logprob: TokenLogprob | None = None
+    ) -> None:
+        if logprob is not None:
+            r.texts["reasoning" if r.turn.phase == "reasoning" else "answer"].attach(logprob)
         r.output_ids.append(token)
         r.times.setdefault("first_token", time.perf_counter())
         if r.seen is not None:
@@ -480,10 +542,14 @@ class Engine:
 
     @staticmethod
     def _emit(r: Request, kind: str, data: bytes, out: list, *, final: bool = False) -> None:
-        text = r.texts[kind].push(data, final=final)
+        stream = r.texts[kind]
+        text = stream.push(data, final=final)
+        logprobs = stream.released(final=final)
         if text:
             r.times.setdefault("first_text", time.perf_counter())
-            out.append(Delta(kind, text))  # type: ignore[arg-type]
+        if text or logprobs:  # an end id's logprob may come without text
+            r.logprobs[kind] += logprobs
+            out.append(Delta(kind, text, logprobs))  # type: ignore[arg-type]
 
     def _finish(self, r: Request, reason: FinishReason, out: list[Delta | GenerationResult]) -> None:
         for kind, stream in r.texts.items():
@@ -516,6 +582,7 @@ class Engine:
             token_ids=list(r.output_ids),
             well_formed=r.turn.well_formed,
             timings=timings,
+            logprobs=None if r.params.logprobs is None else r.logprobs,
         )
         out.append(r.result)
 

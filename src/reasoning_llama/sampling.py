@@ -1,12 +1,15 @@
 """Sampling parameters and the logits transforms behind them (one row of logits at a time).
 
 The order follows transformers: repetition penalty, then temperature, top-k, top-p, min-p.
+Log-probabilities reported to callers (`SamplingParams.logprobs`) are the log-softmax of the row
+after the repetition penalty, at temperature 1 and before any filter (see `token_logprob`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -16,6 +19,8 @@ from reasoning_llama.errors import RequestError
 # OpenAI's range, so the API schema and the sampler accept the same values; above 2 a sample is
 # close to uniform noise anyway.
 MAX_TEMPERATURE = 2.0
+# OpenAI's limit for top_logprobs: alternatives reported per token.
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -32,6 +37,8 @@ class SamplingParams:
     reasoning_budget: int | None = None  # max reasoning tokens before the engine closes the reasoning
     stop: tuple[str, ...] = ()  # text stop strings, matched in the answer (or the raw text) only
     raw: bool = False  # plain text continuation: no reasoning, no assistant header, no chat turns
+    # Report each sampled id's log-probability and this many most likely alternatives (None = off).
+    logprobs: int | None = None
 
     def validate(self) -> None:
         """Raise RequestError naming the first out-of-range value."""
@@ -67,6 +74,10 @@ class SamplingParams:
             raise bad("stop", "must be a sequence of strings")
         if any(s == "" for s in self.stop):
             raise bad("stop", "must not contain an empty string")
+        if self.logprobs is not None and (
+            not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or None")
 
     @property
     def greedy(self) -> bool:
@@ -124,3 +135,28 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     )
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass
+class TokenLogprob:
+    """One id's log-probability, with the most likely ids at its position (best first)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def token_logprobs(logits: Tensor, tokens: Sequence[int], top: int = 0) -> list[TokenLogprob]:
+    """Each row's log-probability of its token (`logits` (n, V), `tokens` n ids), with its `top` best ids.
+
+    The engine passes the rows it samples from, after the repetition penalty and before the mask of
+    ids it never samples: the model's distribution as the sampler sees it, at temperature 1 and
+    before top-k/top-p/min-p, so the figures do not depend on those settings.
+    """
+    scores = torch.log_softmax(logits.float(), dim=-1)
+    chosen = scores.gather(-1, torch.tensor(tokens, device=scores.device).unsqueeze(-1)).squeeze(-1)
+    best: list[list[tuple[int, float]]] = [[] for _ in tokens]
+    if top:
+        values, ids = torch.topk(scores, min(top, scores.shape[-1]), dim=-1)
+        best = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    return [TokenLogprob(t, lp, b) for t, lp, b in zip(tokens, chosen.tolist(), best, strict=True)]
