@@ -106,8 +106,11 @@ def prompt_ids(messages: list[dict]) -> list[int]:
 
 
 def reasoning_of(obj) -> str | None:
-    """`reasoning_content` is our extension: the client keeps it among the extra fields."""
-    return (obj.model_extra or {}).get("reasoning_content")
+    """The reasoning, sent under two names (`reasoning_content` and `reasoning`) that must agree;
+    the client keeps both among the extra fields."""
+    extra = obj.model_extra or {}
+    assert extra.get("reasoning_content") == extra.get("reasoning")
+    return extra.get("reasoning_content")
 
 
 # --- chat completions -------------------------------------------------------------------------
@@ -204,9 +207,11 @@ def test_raw_sse_wire_format(scripted):
     assert all("usage" in p and p["usage"] is None for p in payloads[:-1])
     assert payloads[-2]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}
     assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["total_tokens"] > 0
-    # a delta carries only what changed
+    # a delta carries only what changed: the reasoning under both its names, or the answer
     for p in payloads[1:-2]:
-        assert len(p["choices"][0]["delta"]) == 1
+        delta = p["choices"][0]["delta"]
+        assert set(delta) in ({"reasoning_content", "reasoning"}, {"content"})
+        assert delta.get("reasoning_content") == delta.get("reasoning")
 
 
 def test_stop_string_cuts_the_answer_and_is_never_streamed(scripted):
@@ -338,12 +343,12 @@ def test_completion_stream_wire_format(scripted):
     assert payloads[-1]["choices"][0] == {"index": 0, "text": "", "finish_reason": "stop", "logprobs": None}
 
 
-def test_completion_refuses_a_reasoning_budget(scripted):
+def test_completion_has_no_reasoning_budget(scripted):
     with pytest.raises(openai.BadRequestError) as caught:
         client(scripted).completions.create(
             model=MODEL, prompt="Say:", max_tokens=5, extra_body={"reasoning_budget": 2}
         )
-    assert caught.value.param == "reasoning_budget" and "raw text" in caught.value.message
+    assert caught.value.param == "reasoning_budget" and "unrecognized" in caught.value.message
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -371,8 +376,11 @@ def bad_request(server, **body) -> openai.BadRequestError:
         ({"messages": [{"role": "user"}]}, "messages.0.content"),
         ({"messages": [{"role": "assistant", "content": "no question"}]}, "messages"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ({"n": 2}, "n"),
-        ({"logprobs": True}, "logprobs"),
+        ({"n": 0}, "n"),
+        ({"n": 17}, "n"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"function_call": "auto"}, "function_call"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"response_format": {"type": "json_object"}}, "response_format"),

@@ -21,9 +21,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reasoning_llama.errors import RequestError
 from reasoning_llama.generation import Delta, Engine, GenerationResult
-from reasoning_llama.sampling import SamplingParams
+from reasoning_llama.sampling import SamplingParams, TokenLogprob
 from reasoning_llama.server.errors import APIError, bad_request, from_request_error, install_error_handlers
+from reasoning_llama.server.logprobs import CompletionLogprobsBuilder, chat_logprobs, joined
 from reasoning_llama.server.metrics import ServerMetrics
+from reasoning_llama.server.openapi import error_responses, generation_responses, install_openapi
 from reasoning_llama.server.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -33,8 +35,10 @@ from reasoning_llama.server.schemas import (
     ChunkChoice,
     ChunkDelta,
     Completion,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionTokensDetails,
+    Health,
     ModelCard,
     ModelList,
     TextChoice,
@@ -86,6 +90,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     )
     app.include_router(_service_router(state))
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+    install_openapi(app, settings)
     # The last added runs first: count every answer (413s too); refuse big bodies before parsing.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(_CountRequests, metrics=state.metrics)
@@ -129,24 +134,30 @@ class _ServerState:
             )
 
     def sampling_params(
-        self, body: ChatCompletionRequest | CompletionRequest, prompt_len: int
+        self, body: ChatCompletionRequest | CompletionRequest, prompt_len: int, **own: Any
     ) -> SamplingParams:
+        """The request's sampling fields, plus `own` (what only one route has)."""
         max_tokens = body.token_limit()
         if max_tokens is None:  # as much as fits, up to the server's default
             max_tokens = max(1, min(self.settings.default_max_tokens, self.engine.max_context - prompt_len))
         values: dict[str, Any] = {"max_new_tokens": max_tokens, "stop": body.stop_list(), "seed": body.seed}
-        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "reasoning_budget"):
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
             if getattr(body, name) is not None:
                 values[name] = getattr(body, name)
-        return SamplingParams(**values)
+        return SamplingParams(**values, **own)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Job:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, n: int = 1) -> list[Job]:
+        """One engine request per choice, all queued or none; choice i samples with seed + i."""
+        choices = [params]
+        for i in range(1, n):
+            seed = None if params.seed is None else (params.seed + i) % 2**63
+            choices.append(dataclasses.replace(params, seed=seed))
         try:
             self.engine.check_request(prompt_ids, params)  # sampling values, empty prompt, context
         except RequestError as e:
             raise from_request_error(e) from None
         try:
-            job = self.worker.submit(prompt_ids, params)
+            jobs = self.worker.submit_all(prompt_ids, choices)
         except QueueFull as e:
             raise APIError(
                 503,
@@ -154,19 +165,24 @@ class _ServerState:
                 code="server_overloaded",
                 headers={"Retry-After": str(self.settings.retry_after_s)},
             ) from None
-        self.metrics.prompt_tokens.inc(len(prompt_ids))
-        return job
+        self.metrics.prompt_tokens.inc(len(prompt_ids) * n)
+        return jobs
 
     def record(self, job: Job, result: GenerationResult) -> None:
         self.metrics.record_generation(result)
 
 
-def _usage(result: GenerationResult) -> Usage:
+def _usage(results: Sequence[GenerationResult]) -> Usage:
+    """The prompt once (as OpenAI counts it), the completions of every choice together."""
+    prompt = results[0].prompt_tokens
+    completion = sum(r.completion_tokens for r in results)
     return Usage(
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens,
-        total_tokens=result.prompt_tokens + result.completion_tokens,
-        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=result.reasoning_tokens),
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        completion_tokens_details=CompletionTokensDetails(
+            reasoning_tokens=sum(r.reasoning_tokens for r in results)
+        ),
     )
 
 
@@ -179,12 +195,13 @@ def _chunk_json(chunk: ChatCompletionChunk | Completion, include_usage: bool) ->
     return chunk.model_dump_json(exclude=None if include_usage else {"usage"})
 
 
-async def _until_disconnect(request: Request, job: Job) -> None:
-    """Cancel `job` when the client goes away (the body has been read, so the next message says so)."""
+async def _until_disconnect(request: Request, jobs: Sequence[Job]) -> None:
+    """Cancel `jobs` when the client goes away (the body has been read, so the next message says so)."""
     while True:
         message: Message = await request.receive()
         if message["type"] == "http.disconnect":
-            job.cancel()
+            for job in jobs:
+                job.cancel()
             return
 
 
@@ -195,78 +212,153 @@ def _failure(error: EngineFailed | QueueFull, settings: ServerSettings) -> APIEr
     return APIError(500, str(error))
 
 
-async def _collect(state: _ServerState, request: Request, job: Job) -> GenerationResult:
-    """Wait for the job's result, cancelling it if the client disconnects first."""
-    watcher = asyncio.create_task(_until_disconnect(request, job))
+async def _merged(jobs: Sequence[Job]) -> AsyncIterator[tuple[int, Delta | GenerationResult]]:
+    """The events of the choices' jobs as they come, with each one's index; ends after the last result.
+
+    Leaving early (or a failure) cancels the jobs still running.
+    """
+    queue: asyncio.Queue[tuple[int, Delta | GenerationResult | BaseException]] = asyncio.Queue()
+
+    async def forward(index: int, job: Job) -> None:
+        try:
+            async for event in job.results():
+                queue.put_nowait((index, event))
+        except (EngineFailed, QueueFull) as e:
+            queue.put_nowait((index, e))
+
+    tasks = [asyncio.create_task(forward(i, job)) for i, job in enumerate(jobs)]
     try:
-        async for event in job.results():
+        running = len(jobs)
+        while running:
+            index, event = await queue.get()
+            if isinstance(event, BaseException):
+                raise event
+            yield index, event
             if isinstance(event, GenerationResult):
-                return event
+                running -= 1
+    finally:
+        for task in tasks:
+            task.cancel()
+        for job in jobs:
+            job.cancel()
+
+
+async def _collect(state: _ServerState, request: Request, jobs: Sequence[Job]) -> list[GenerationResult]:
+    """Wait for every choice's result, cancelling the jobs if the client disconnects first."""
+    watcher = asyncio.create_task(_until_disconnect(request, jobs))
+    results: dict[int, GenerationResult] = {}
+    try:
+        async for index, event in _merged(jobs):
+            if isinstance(event, GenerationResult):
+                results[index] = event
     except (EngineFailed, QueueFull) as e:
         raise _failure(e, state.settings) from None
     finally:
         watcher.cancel()
-    raise APIError(500, "the generation ended without a result")
+    return [results[i] for i in range(len(jobs))]
 
 
 def _api_router(state: _ServerState) -> APIRouter:
     router = APIRouter()
     settings = state.settings
 
-    @router.get("/models")
+    @router.get("/models", responses=error_responses(401))
     async def list_models() -> ModelList:
         return ModelList(data=[_model_card(state)])
 
-    @router.get("/models/{model_id}")
+    @router.get("/models/{model_id}", responses=error_responses(401, 404))
     async def get_model(model_id: str) -> ModelCard:
         state.check_model(model_id)
         return _model_card(state)
 
-    @router.post("/chat/completions", response_model=None)
+    @router.post("/chat/completions", response_model=None, responses=generation_responses(ChatCompletion))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | Response:
         state.check_model(body.model)
         messages = [{"role": m.chat_role(), "content": m.text()} for m in body.messages]
         state.check_size(len(messages), sum(len(m["content"]) for m in messages))
         prompt_ids = state.tokenizer.render_prompt(messages)  # a TokenizerError is a 400
-        job = state.submit(prompt_ids, state.sampling_params(body, len(prompt_ids)))
+        params = state.sampling_params(
+            body, len(prompt_ids), reasoning_budget=body.reasoning_budget, logprobs=body.logprobs_wanted()
+        )
+        jobs = state.submit(prompt_ids, params, body.n)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            events = _chat_stream(state, job, completion_id, created, body.include_usage())
+            events = _chat_stream(state, jobs, completion_id, created, body.include_usage())
             return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-        result = await _collect(state, request, job)
-        message = AssistantMessage(content=result.answer, reasoning_content=result.reasoning)
+        results = await _collect(state, request, jobs)
+        choices = [
+            ChatChoice(
+                index=index,
+                message=AssistantMessage(
+                    content=result.answer, reasoning_content=result.reasoning, reasoning=result.reasoning
+                ),
+                finish_reason=result.finish_reason,
+                logprobs=None if result.logprobs is None else chat_logprobs(state.tokenizer, result.logprobs),
+            )
+            for index, result in enumerate(results)
+        ]
         return ChatCompletion(
             id=completion_id,
             created=created,
             model=settings.model_name,
-            choices=[ChatChoice(message=message, finish_reason=result.finish_reason)],
-            usage=_usage(result),
+            choices=choices,
+            usage=_usage(results),
         )
 
-    @router.post("/completions", response_model=None)
+    @router.post("/completions", response_model=None, responses=generation_responses(Completion))
     async def completions(body: CompletionRequest, request: Request) -> Completion | Response:
         state.check_model(body.model)
-        text = body.text()
-        state.check_size(1, len(text))
-        prompt_ids = state.tokenizer.encode(text)  # plain BPE: never a special id
-        if not prompt_ids:
-            raise bad_request("the prompt is empty", param="prompt")
-        params = dataclasses.replace(state.sampling_params(body, len(prompt_ids)), raw=True)
-        job = state.submit(prompt_ids, params)
+        prompt = body.single_prompt()
+        if isinstance(prompt, str):
+            prompt_ids, prompt_text = state.tokenizer.encode(prompt), prompt  # plain BPE: never a special id
+        else:
+            prompt_ids, prompt_text = list(prompt), state.tokenizer.decode(prompt)
+        state.check_size(1, len(prompt_text))
+        params = state.sampling_params(body, len(prompt_ids), raw=True, logprobs=body.logprobs)
+        jobs = state.submit(prompt_ids, params, body.n)
+        echo = None
+        if body.echo:
+            entries = None
+            if body.logprobs is not None:
+                scored = await asyncio.to_thread(state.engine.prompt_logprobs, prompt_ids, body.logprobs)
+                entries = [None, *scored]  # nothing predicts the first token
+            echo = _Echo(prompt_text, prompt_ids, entries)
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            events = _completion_stream(state, job, completion_id, created, body.include_usage())
+            events = _completion_stream(state, jobs, completion_id, created, body.include_usage(), echo)
             return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-        result = await _collect(state, request, job)
+        results = await _collect(state, request, jobs)
+        choices = []
+        for index, result in enumerate(results):
+            builder = CompletionLogprobsBuilder(state.tokenizer)
+            parts = [] if echo is None else echo.logprobs(builder)
+            text = result.answer if echo is None else echo.text + result.answer
+            logprobs = None
+            if result.logprobs is not None:
+                answer = result.logprobs["answer"]
+                logprobs = joined([*parts, builder.add([e.token for e in answer], answer)])
+            choices.append(
+                TextChoice(index=index, text=text, finish_reason=result.finish_reason, logprobs=logprobs)
+            )
         return Completion(
             id=completion_id,
             created=created,
             model=settings.model_name,
-            choices=[TextChoice(text=result.answer, finish_reason=result.finish_reason)],
-            usage=_usage(result),
+            choices=choices,
+            usage=_usage(results),
         )
 
     return router
+
+
+class _Echo:
+    """The prompt a completion echoes before its text, with its tokens' logprobs when asked for."""
+
+    def __init__(self, text: str, ids: list[int], entries: list[TokenLogprob | None] | None) -> None:
+        self.text, self.ids, self.entries = text, ids, entries
+
+    def logprobs(self, builder: CompletionLogprobsBuilder) -> list[CompletionLogprobs]:
+        return [] if self.entries is None else [builder.add(self.ids, self.entries)]
 
 
 def _model_card(state: _ServerState) -> ModelCard:
@@ -276,45 +368,59 @@ def _model_card(state: _ServerState) -> ModelCard:
 
 
 async def _chat_stream(
-    state: _ServerState, job: Job, completion_id: str, created: int, include_usage: bool
+    state: _ServerState, jobs: Sequence[Job], completion_id: str, created: int, include_usage: bool
 ) -> AsyncIterator[str]:
-    """OpenAI's chunk sequence: role first, then reasoning/content deltas, finish, usage, [DONE]."""
+    """OpenAI's chunk sequence: each choice's role, then reasoning/content deltas, each choice's
+    finish, the usage of all, [DONE]."""
 
-    def chunk(delta: ChunkDelta, finish_reason: str | None = None) -> str:
-        choice = ChunkChoice(delta=delta, finish_reason=finish_reason)
+    def chunk(index: int, delta: ChunkDelta, finish_reason: str | None = None, **extra: Any) -> str:
+        choice = ChunkChoice(index=index, delta=delta, finish_reason=finish_reason, **extra)
         body = ChatCompletionChunk(
             id=completion_id, created=created, model=state.settings.model_name, choices=[choice]
         )
         return _sse(_chunk_json(body, include_usage))
 
-    yield chunk(ChunkDelta(role="assistant", content=""))
+    for index in range(len(jobs)):
+        yield chunk(index, ChunkDelta(role="assistant", content=""))
+    results = []
     try:
-        async for event in job.results():
+        async for index, event in _merged(jobs):
             if isinstance(event, Delta):
+                logprobs = {}
+                if event.logprobs:
+                    logprobs["logprobs"] = chat_logprobs(state.tokenizer, {event.kind: event.logprobs})
                 if event.kind == "reasoning":
-                    yield chunk(ChunkDelta(reasoning_content=event.text))
+                    delta = ChunkDelta(reasoning_content=event.text, reasoning=event.text)
                 else:
-                    yield chunk(ChunkDelta(content=event.text))
+                    delta = ChunkDelta(content=event.text)
+                yield chunk(index, delta, **logprobs)
                 continue
-            yield chunk(ChunkDelta(), event.finish_reason)
-            if include_usage:
-                usage = ChatCompletionChunk(
-                    id=completion_id,
-                    created=created,
-                    model=state.settings.model_name,
-                    choices=[],
-                    usage=_usage(event),
-                )
-                yield _sse(usage.model_dump_json())
+            results.append(event)
+            yield chunk(index, ChunkDelta(), event.finish_reason)
+        if include_usage:
+            usage = ChatCompletionChunk(
+                id=completion_id,
+                created=created,
+                model=state.settings.model_name,
+                choices=[],
+                usage=_usage(results),
+            )
+            yield _sse(usage.model_dump_json())
     except (EngineFailed, QueueFull) as e:
         yield _sse(_failure(e, state.settings).body())
     yield _sse("[DONE]")
 
 
 async def _completion_stream(
-    state: _ServerState, job: Job, completion_id: str, created: int, include_usage: bool
+    state: _ServerState,
+    jobs: Sequence[Job],
+    completion_id: str,
+    created: int,
+    include_usage: bool,
+    echo: _Echo | None,
 ) -> AsyncIterator[str]:
-    """OpenAI's text_completion chunks: the raw continuation's pieces, finish, usage, [DONE]."""
+    """OpenAI's text_completion chunks: each choice's echoed prompt (if asked), the raw continuation's
+    pieces, each choice's finish, the usage of all, [DONE]."""
 
     def chunk(choices: list[TextChoice], usage: Usage | None = None) -> str:
         body = Completion(
@@ -322,14 +428,24 @@ async def _completion_stream(
         )
         return _sse(_chunk_json(body, include_usage))
 
+    builders = [CompletionLogprobsBuilder(state.tokenizer) for _ in jobs]
+    if echo is not None:
+        for index, builder in enumerate(builders):
+            logprobs = echo.logprobs(builder)
+            yield chunk([TextChoice(index=index, text=echo.text, logprobs=logprobs[0] if logprobs else None)])
+    results = []
     try:
-        async for event in job.results():
+        async for index, event in _merged(jobs):
             if isinstance(event, Delta):  # raw mode: every delta is continuation text
-                yield chunk([TextChoice(text=event.text)])
+                logprobs = None
+                if event.logprobs:
+                    logprobs = builders[index].add([e.token for e in event.logprobs], event.logprobs)
+                yield chunk([TextChoice(index=index, text=event.text, logprobs=logprobs)])
                 continue
-            yield chunk([TextChoice(text="", finish_reason=event.finish_reason)])
-            if include_usage:
-                yield chunk([], _usage(event))
+            results.append(event)
+            yield chunk([TextChoice(index=index, text="", finish_reason=event.finish_reason)])
+        if include_usage:
+            yield chunk([], _usage(results))
     except (EngineFailed, QueueFull) as e:
         yield _sse(_failure(e, state.settings).body())
     yield _sse("[DONE]")
@@ -342,24 +458,26 @@ def _service_router(state: _ServerState) -> APIRouter:
     async def index() -> FileResponse:
         return FileResponse(str(STATIC_DIR / "index.html"), headers=PAGE_HEADERS)
 
-    @router.get("/health")
+    @router.get(
+        "/health",
+        response_model=Health,
+        responses={503: {"model": Health, "description": "The engine's worker is not running."}},
+    )
     async def health() -> JSONResponse:
         """503 only when the engine worker is not running; a past engine error is reported, not fatal."""
         worker = state.worker
-        return JSONResponse(
-            status_code=200 if worker.alive else 503,
-            content={
-                "status": "ok" if worker.alive else "stopped",
-                "model": state.settings.model_name,
-                "max_context": state.engine.max_context,
-                "slots": state.engine.max_batch_size,
-                "active_slots": worker.active,
-                "waiting": worker.waiting,
-                "in_flight": worker.outstanding,
-                "api_key_required": state.settings.api_key is not None,
-                "last_error": worker.last_error,
-            },
+        report = Health(
+            status="ok" if worker.alive else "stopped",
+            model=state.settings.model_name,
+            max_context=state.engine.max_context,
+            slots=state.engine.max_batch_size,
+            active_slots=worker.active,
+            waiting=worker.waiting,
+            in_flight=worker.outstanding,
+            api_key_required=state.settings.api_key is not None,
+            last_error=worker.last_error,
         )
+        return JSONResponse(status_code=200 if worker.alive else 503, content=report.model_dump())
 
     @router.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

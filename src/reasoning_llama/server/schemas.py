@@ -1,13 +1,14 @@
 """Request and response bodies of the OpenAI-compatible API (the subset this server implements).
 
 Requests forbid unknown fields: an option the server does not implement is a clear 400,
-never silently ignored. Options OpenAI defines but this server does not support are
-accepted only at their neutral value (`n=1`, `logprobs=false`, ...).
+never silently ignored. Options OpenAI defines but this server supports only at their neutral
+value (`frequency_penalty=0`, no tools, ...) say so in the schema (`maximum: 0`, `maxItems: 0`,
+`const`), so the OpenAPI document never advertises a value the server refuses.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -19,7 +20,11 @@ from pydantic import (
     model_serializer,
 )
 
-from reasoning_llama.sampling import MAX_TEMPERATURE
+from reasoning_llama.sampling import MAX_LOGPROBS, MAX_TEMPERATURE
+from reasoning_llama.tokenizer import N_VOCAB
+
+MAX_CHOICES = 16  # n: choices per request, each its own request in the engine's batch
+MAX_STOPS = 4
 
 
 class _Request(BaseModel):
@@ -36,6 +41,10 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None  # accepted, not rendered
+    # An earlier answer's reasoning as servers send it back (llama.cpp's name, and vLLM's/OpenRouter's):
+    # accepted and not rendered, as the chat format drops earlier turns' reasoning (DESIGN.md §1).
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -50,56 +59,70 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class ResponseFormat(_Request):
+    type: Literal["text"] = Field(description="Only plain text: there is no JSON mode.")
+
+
 class _Sampling(_Request):
     """Fields shared by chat and raw completions; extra fields (top_k ...) are this server's own."""
 
-    model: str
+    model: str = Field(description="The served model's id (GET /v1/models).")
     temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Generated tokens at most (reasoning, the assistant header and the answer together); "
+        "the prompt plus this must fit in the model's context (else 400 context_length_exceeded).",
+    )
+    stop: str | list[str] | None = Field(
+        default=None, description=f"Up to {MAX_STOPS} non-empty strings; applied to the answer."
+    )
+    seed: int | None = Field(
+        default=None, ge=0, lt=2**63, description="Choice i of n samples with seed + i (mod 2**63)."
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)
-    reasoning_budget: int | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0)
     user: str | None = None  # an end-user id for the operator's logs; not used
-    # OpenAI options only supported at their neutral value.
-    n: int = 1
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    n: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_CHOICES,
+        description="Choices to generate, each its own request in the continuous batch.",
+    )
+    # OpenAI options this server supports only at their neutral value.
+    frequency_penalty: float = Field(
+        default=0.0, ge=0.0, le=0.0, description="Only 0: use repetition_penalty."
+    )
+    presence_penalty: float = Field(
+        default=0.0, ge=0.0, le=0.0, description="Only 0: use repetition_penalty."
+    )
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=0, description="Not supported.")
 
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
         stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > 4:
-            raise ValueError(f"at most 4 stop sequences, got {len(stops)}")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
         return value
 
-    @field_validator("n")
+    @field_validator("frequency_penalty", "presence_penalty", mode="before")
     @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported: this server returns one choice per request")
-        return value
-
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float) -> float:
-        if value:
+    def _no_penalty(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value:
             raise ValueError("frequency and presence penalties are not supported; use repetition_penalty")
         return value
 
-    @field_validator("logit_bias")
+    @field_validator("logit_bias", mode="before")
     @classmethod
-    def _no_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
+    def _no_bias(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value:
             raise ValueError("logit_bias is not supported")
         return value
 
@@ -113,85 +136,144 @@ class _Sampling(_Request):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
-    function_call: Any = None
-    response_format: dict[str, Any] | None = None
+    messages: list[ChatMessage] = Field(
+        min_length=1,
+        description="The conversation; it must end with a user message (else 400). System messages "
+        "join the first user message; assistant messages' reasoning is not rendered.",
+    )
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="The same as max_tokens.")
+    reasoning_budget: int | None = Field(
+        default=None, ge=0, description="Reasoning tokens at most; then the engine closes the reasoning."
+    )
+    logprobs: bool = Field(
+        default=False,
+        description="Return each sampled token's log-probability: logprobs.content for the answer, "
+        "logprobs.reasoning for the reasoning.",
+    )
+    top_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="With logprobs: this many most likely tokens at each position.",
+    )
+    # OpenAI options this server supports only at their neutral value.
+    tools: list[Any] | None = Field(default=None, max_length=0, description="Not supported.")
+    tool_choice: Literal["none"] | None = None
+    functions: list[Any] | None = Field(default=None, max_length=0, description="Not supported.")
+    function_call: Literal["none"] | None = None
+    response_format: ResponseFormat | None = None
 
-    @field_validator("logprobs", "top_logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: Any) -> Any:
-        if value:
-            raise ValueError("logprobs are not supported")
-        return value
-
-    @field_validator("tools", "functions")
+    @field_validator("tools", "functions", mode="before")
     @classmethod
     def _no_tools(cls, value: Any) -> Any:
-        if value:
+        if isinstance(value, list) and value:
             raise ValueError("tools and function calling are not supported by this model")
         return value
 
-    @field_validator("tool_choice", "function_call")
+    @field_validator("tool_choice", "function_call", mode="before")
     @classmethod
     def _no_tool_choice(cls, value: Any) -> Any:
         if value not in (None, "none"):
             raise ValueError("tools and function calling are not supported by this model")
         return value
 
-    @field_validator("response_format")
+    @field_validator("response_format", mode="before")
     @classmethod
-    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value and value.get("type") != "text":
+    def _text_only(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("type") != "text":
             raise ValueError("only response_format {'type': 'text'} is supported")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
         return value
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def logprobs_wanted(self) -> int | None:
+        """SamplingParams.logprobs: None when off, else the alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+PromptText = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=N_VOCAB)]], Field(min_length=1)]
+
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: (
+        PromptText
+        | Annotated[list[PromptText], Field(min_length=1, max_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=1)]
+    ) = Field(
+        description="One prompt: text (encoded as plain text, never special ids) or token ids; a list "
+        "holding one of either is the same prompt."
+    )
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for raw completions
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
-    logprobs: int | None = None
+    echo: bool = Field(default=False, description="Return the prompt before the completion.")
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Return each token's log-probability and this many most likely tokens at each "
+        "position (the prompt's too with echo; its first token has none).",
+    )
+    suffix: str | None = Field(default=None, max_length=0, description="Not supported.")
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("send exactly one prompt per request")
+    def _one_prompt(cls, value: Any) -> Any:
+        """Say what is wrong in words (the union's own errors list every branch)."""
+        one = value
+        if isinstance(value, list) and value and isinstance(value[0], (str, list)):
+            if len(value) != 1:
+                raise ValueError("send exactly one prompt per request")
+            one = value[0]
+        if one in ("", []):
+            raise ValueError("the prompt is empty")
+        if isinstance(one, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in one):
+            if not all(0 <= i < N_VOCAB for i in one):
+                raise ValueError(f"token ids must be in [0, {N_VOCAB})")
+        elif not isinstance(one, str):
+            raise ValueError("give a string, a list of token ids, or a list holding one of either")
         return value
 
-    @field_validator("echo", "suffix", "logprobs")
+    @field_validator("suffix", mode="before")
     @classmethod
-    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+    def _no_suffix(cls, value: Any) -> Any:
         if value:
-            raise ValueError(f"{info.field_name} is not supported")
+            raise ValueError("suffix is not supported")
         return value
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of_one(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError("only best_of=1 is supported")
-        return value
-
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
     def token_limit(self) -> int | None:
         return self.max_tokens
 
+    def single_prompt(self) -> str | list[int]:
+        """The prompt: text or token ids, out of its one-element list if sent in one."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and isinstance(prompt[0], (str, list)):
+            return prompt[0]
+        return prompt  # type: ignore[return-value]
+
 
 # --- responses ------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope: every status other than 200."""
+
+    error: ErrorDetail
 
 
 class CompletionTokensDetails(BaseModel):
@@ -199,23 +281,48 @@ class CompletionTokensDetails(BaseModel):
 
 
 class Usage(BaseModel):
+    """Tokens of the prompt (counted once) and of every choice together."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     completion_tokens_details: CompletionTokensDetails
 
 
+class TopLogprob(BaseModel):
+    token: str = Field(
+        description="The token's text; `bytes:\\xNN` for part of a character; a special id's name."
+    )
+    logprob: float
+    bytes: list[int] | None = Field(description="The token's UTF-8 bytes; null for a special id.")
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = Field(
+        default=None, description="The answer's sampled tokens, its closing end token included."
+    )
+    reasoning: list[ChatTokenLogprob] | None = Field(
+        default=None, description="The reasoning's sampled tokens (this server's extension)."
+    )
+    refusal: None = None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
-    reasoning_content: str
+    reasoning_content: str = Field(description="The reasoning (llama.cpp's name for it).")
+    reasoning: str = Field(description="The reasoning again (vLLM's and OpenRouter's name).")
 
 
 class ChatChoice(BaseModel):
-    index: int = 0
+    index: int
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -231,6 +338,7 @@ class ChunkDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None
 
     @model_serializer(mode="wrap")
     def _only_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -239,10 +347,10 @@ class ChunkDelta(BaseModel):
 
 
 class ChunkChoice(BaseModel):
-    index: int = 0
+    index: int
     delta: ChunkDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -254,11 +362,20 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class TextChoice(BaseModel):
-    index: int = 0
+    index: int
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -281,3 +398,15 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "stopped"]
+    model: str
+    max_context: int
+    slots: int
+    active_slots: int
+    waiting: int
+    in_flight: int
+    api_key_required: bool
+    last_error: str | None

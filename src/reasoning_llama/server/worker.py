@@ -15,7 +15,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from reasoning_llama.generation import Delta, Engine, GenerationResult, Request
 from reasoning_llama.sampling import SamplingParams
@@ -98,18 +98,31 @@ class EngineWorker:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Job:
         """Queue a generation in the engine; raises QueueFull at capacity, RequestError for bad input."""
-        job = Job(asyncio.get_running_loop())
+        return self.submit_all(prompt_ids, [params])[0]
+
+    def submit_all(self, prompt_ids: list[int], params: Sequence[SamplingParams]) -> list[Job]:
+        """Queue one generation of the prompt per SamplingParams, all or none (QueueFull, RequestError)."""
+        for p in params:
+            self.engine.check_request(prompt_ids, p)
+        loop = asyncio.get_running_loop()
+        jobs = [Job(loop) for _ in params]
         with self._cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            if self.outstanding >= self.capacity:
-                raise QueueFull(f"all {self.capacity} places (slots + queue) are taken")
-            job.request = self.engine.add_request(
-                prompt_ids, params, on_event=lambda event: self._on_event(job, event)
-            )
-            self._jobs.add(job)
+            if self.outstanding + len(jobs) > self.capacity:
+                raise QueueFull(
+                    f"{len(jobs)} more requests do not fit: {self.outstanding} of the {self.capacity} "
+                    "places (slots + queue) are taken"
+                    if len(jobs) > 1
+                    else f"all {self.capacity} places (slots + queue) are taken"
+                )
+            for job, p in zip(jobs, params, strict=True):
+                job.request = self.engine.add_request(
+                    prompt_ids, p, on_event=lambda event, job=job: self._on_event(job, event)
+                )
+                self._jobs.add(job)
             self._cond.notify()
-        return job
+        return jobs
 
     @property
     def alive(self) -> bool:
