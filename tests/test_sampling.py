@@ -102,6 +102,8 @@ def test_repetition_penalty_matches_transformers():
         ("top_p", 1.5),
         ("min_p", -0.2),
         ("repetition_penalty", 0.0),
+        ("repetition_penalty", 0.005),  # logits divided by it overflow
+        ("repetition_penalty", 101.0),
         ("seed", -3),
         ("seed", True),
         ("reasoning_budget", -1),
@@ -145,3 +147,11 @@ def test_token_logprobs_are_the_log_softmax_with_the_best_ids_first():
     assert [i for i, _ in second.top] == [3, 1, 0]
     (alone,) = token_logprobs(LOGITS.unsqueeze(0), [1])
     assert alone.top == [] and alone.logprob == pytest.approx(math.log(0.40), abs=1e-6)
+
+
+def test_a_temperature_too_small_to_divide_by_samples_greedily():
+    params = SamplingParams(temperature=5e-324)
+    params.validate()
+    assert params.greedy and not SamplingParams(temperature=1e-3).greedy
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
+    assert sample(logits, params) == 1

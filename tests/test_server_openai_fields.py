@@ -203,15 +203,17 @@ def test_n_choices_each_sample_with_a_seed_derived_from_the_requests(greedy, ref
 
 
 def test_n_completions_and_capacity(checkpoint):
-    # 4 slots and no queue: 4 choices fit, 5 never do.
+    # 4 slots and no queue: 4 choices fit, 5 never do (a 400, as the schema says).
     settings = ServerSettings(model_name=MODEL, max_queue=0)
     with serve(make_engine(checkpoint, max_batch_size=4), settings) as server:
         reply = client(server).completions.create(model=MODEL, prompt="Once", max_tokens=5, n=4)
         assert len({c.text for c in reply.choices}) == 1  # greedy: four times the same
         assert reply.usage.completion_tokens % 4 == 0
-        with pytest.raises(openai.APIStatusError) as caught:
+        with pytest.raises(openai.BadRequestError) as caught:
             client(server).completions.create(model=MODEL, prompt="Once", max_tokens=5, n=5)
-        assert caught.value.status_code == 503 and caught.value.response.headers["retry-after"] == "1"
+        assert caught.value.param == "n" and "at most 4 choices" in caught.value.message
+        schema = httpx.get(f"{server.url}/openapi.json").json()["components"]["schemas"]
+        assert schema["CompletionRequest"]["properties"]["n"]["maximum"] == 4
         assert server.wait_idle()["in_flight"] == 0
 
 
@@ -282,6 +284,41 @@ def test_logprobs_of_an_end_id_are_reported_without_text(scripted):
     ]
     assert choice.logprobs.top_logprobs == [{}] * len(choice.logprobs.tokens)
     assert choice.logprobs.text_offset[-1] == len(THINK)
+
+
+# --- values as the schema types them -------------------------------------------------------------
+
+
+def post(server, route: str, **body) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/{route}", json={"model": MODEL, **body}, timeout=60)
+
+
+def test_integers_are_json_integers(greedy):
+    ok = post(greedy, "completions", prompt="Hi", max_tokens=3.0)  # JSON Schema: 3.0 is an integer
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 3
+    for value in ("3", True, 2.5):
+        refused = post(greedy, "completions", prompt="Hi", max_tokens=value)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens", value
+    refused = post(greedy, "completions", prompt="Hi", logprobs=False)  # not "0 alternatives"
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
+
+
+def test_any_integer_is_a_seed_taken_modulo_2_to_the_63(greedy):
+    def sample(seed: int) -> str:
+        body = {"messages": ask("Pick."), "max_tokens": 8, "temperature": 1.0, "seed": seed}
+        return post(greedy, "chat/completions", **body).json()["choices"][0]["message"]["reasoning"]
+
+    assert sample(1234) == sample(1234 + 2**63) == sample(1234 - 2**63)
+
+
+def test_max_tokens_and_max_completion_tokens_both_count(greedy):
+    both = {"messages": ask("Go on."), "max_tokens": 3, "max_completion_tokens": 9}
+    assert post(greedy, "chat/completions", **both).json()["usage"]["completion_tokens"] == 3  # the smaller
+    too_long = post(
+        greedy, "chat/completions", messages=ask("Go on."), max_tokens=3, max_completion_tokens=10**6
+    )
+    error = too_long.json()["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "max_completion_tokens")
 
 
 # --- the schema ---------------------------------------------------------------------------------------

@@ -21,6 +21,10 @@ from reasoning_llama.errors import RequestError
 MAX_TEMPERATURE = 2.0
 # OpenAI's limit for top_logprobs: alternatives reported per token.
 MAX_LOGPROBS = 20
+# Below this a temperature samples greedily (as vLLM does): dividing by it would overflow the logits.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# A penalty p divides or multiplies logits by p; beyond these the logits overflow to +-inf.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 
 
 @dataclass
@@ -28,7 +32,7 @@ class SamplingParams:
     """How one request is decoded."""
 
     max_new_tokens: int = 512  # bounds reasoning + assistant header + answer together
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW_TEMPERATURE) = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     min_p: float = 0.0
@@ -56,8 +60,13 @@ class SamplingParams:
             raise bad("top_p", "must be a number in (0, 1]")
         if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "must be a number in [0, 1]")
-        if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 100.0:
-            raise bad("repetition_penalty", "must be a number in (0, 100]")
+        if not _is_number(self.repetition_penalty) or not (
+            MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY
+        ):
+            raise bad(
+                "repetition_penalty",
+                f"must be a number in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}]",
+            )
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise bad("seed", "must be an integer in [0, 2**63) or None")
         if self.reasoning_budget is not None and (
@@ -81,7 +90,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 def _is_int(value: object) -> bool:

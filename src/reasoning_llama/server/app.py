@@ -27,6 +27,7 @@ from reasoning_llama.server.logprobs import CompletionLogprobsBuilder, chat_logp
 from reasoning_llama.server.metrics import ServerMetrics
 from reasoning_llama.server.openapi import error_responses, generation_responses, install_openapi
 from reasoning_llama.server.schemas import (
+    SEED_MODULUS,
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
@@ -90,7 +91,13 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     )
     app.include_router(_service_router(state))
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
-    install_openapi(app, settings)
+    install_openapi(
+        app,
+        settings,
+        max_context=engine.max_context,
+        shortest_chat_prompt=len(state.tokenizer.render_prompt([{"role": "user", "content": ""}])),
+        capacity=state.worker.capacity,
+    )
     # The last added runs first: count every answer (413s too); refuse big bodies before parsing.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(_CountRequests, metrics=state.metrics)
@@ -125,22 +132,39 @@ class _ServerState:
             raise bad_request(
                 f"too many messages: {n_messages} > the server's limit of {limits.max_messages}",
                 param="messages",
+                code="too_many_messages",
             )
         if n_chars > limits.max_total_chars:
             raise bad_request(
                 f"the prompt text is too long: {n_chars} characters > the server's limit of "
                 f"{limits.max_total_chars}",
                 param="messages",
+                code="prompt_too_long",
             )
 
     def sampling_params(
         self, body: ChatCompletionRequest | CompletionRequest, prompt_len: int, **own: Any
     ) -> SamplingParams:
         """The request's sampling fields, plus `own` (what only one route has)."""
-        max_tokens = body.token_limit()
-        if max_tokens is None:  # as much as fits, up to the server's default
-            max_tokens = max(1, min(self.settings.default_max_tokens, self.engine.max_context - prompt_len))
-        values: dict[str, Any] = {"max_new_tokens": max_tokens, "stop": body.stop_list(), "seed": body.seed}
+        limits = body.token_limits()
+        context = self.engine.max_context
+        for name, value in limits.items():  # each one given must fit, not only the one that applies
+            if prompt_len + value > context:
+                raise bad_request(
+                    f"the prompt ({prompt_len} tokens) plus {name} ({value}) is {prompt_len + value} "
+                    f"tokens, beyond the model's context of {context}; shorten the prompt or lower {name}",
+                    param=name,
+                    code="context_length_exceeded",
+                )
+        # Without a limit: as much as fits, up to the server's default.
+        max_tokens = min(
+            limits.values(), default=max(1, min(self.settings.default_max_tokens, context - prompt_len))
+        )
+        values: dict[str, Any] = {
+            "max_new_tokens": max_tokens,
+            "stop": body.stop_list(),
+            "seed": body.sampler_seed(),
+        }
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
             if getattr(body, name) is not None:
                 values[name] = getattr(body, name)
@@ -148,9 +172,14 @@ class _ServerState:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, n: int = 1) -> list[Job]:
         """One engine request per choice, all queued or none; choice i samples with seed + i."""
+        if n > self.worker.capacity:  # never fits, however idle the server: a 400, as the schema says
+            raise bad_request(
+                f"n: at most {self.worker.capacity} choices on this server (its slots plus queue places)",
+                param="n",
+            )
         choices = [params]
         for i in range(1, n):
-            seed = None if params.seed is None else (params.seed + i) % 2**63
+            seed = None if params.seed is None else (params.seed + i) % SEED_MODULUS
             choices.append(dataclasses.replace(params, seed=seed))
         try:
             self.engine.check_request(prompt_ids, params)  # sampling values, empty prompt, context
@@ -271,7 +300,11 @@ def _api_router(state: _ServerState) -> APIRouter:
         state.check_model(model_id)
         return _model_card(state)
 
-    @router.post("/chat/completions", response_model=None, responses=generation_responses(ChatCompletion))
+    @router.post(
+        "/chat/completions",
+        response_model=None,
+        responses=generation_responses(ChatCompletion, ChatCompletionChunk),
+    )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | Response:
         state.check_model(body.model)
         messages = [{"role": m.chat_role(), "content": m.text()} for m in body.messages]
@@ -305,7 +338,7 @@ def _api_router(state: _ServerState) -> APIRouter:
             usage=_usage(results),
         )
 
-    @router.post("/completions", response_model=None, responses=generation_responses(Completion))
+    @router.post("/completions", response_model=None, responses=generation_responses(Completion, Completion))
     async def completions(body: CompletionRequest, request: Request) -> Completion | Response:
         state.check_model(body.model)
         prompt = body.single_prompt()

@@ -125,7 +125,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(TokenizerError)
     async def _tokenizer_error(_: Request, error: TokenizerError) -> JSONResponse:
-        return bad_request(str(error), param="messages").response()
+        # Raised by the chat format's rules on the conversation's roles and order.
+        return bad_request(str(error), param="messages", code="invalid_conversation").response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, error: RequestValidationError) -> JSONResponse:

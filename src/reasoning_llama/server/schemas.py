@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
@@ -20,15 +21,45 @@ from pydantic import (
     model_serializer,
 )
 
-from reasoning_llama.sampling import MAX_LOGPROBS, MAX_TEMPERATURE
+from reasoning_llama.sampling import (
+    MAX_LOGPROBS,
+    MAX_REPETITION_PENALTY,
+    MAX_TEMPERATURE,
+    MIN_REPETITION_PENALTY,
+)
 from reasoning_llama.tokenizer import N_VOCAB
 
 MAX_CHOICES = 16  # n: choices per request, each its own request in the engine's batch
 MAX_STOPS = 4
+SEED_MODULUS = 2**63  # SamplingParams' seeds are [0, 2**63); the API takes any integer
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's integers include 5.0; strict validation would refuse it."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Constraints first, then the validator: pydantic then writes them into the schema as JSON Schema's.
+_WHOLE = BeforeValidator(_integral)
+AnyInt = Annotated[int, _WHOLE]
+PositiveInt = Annotated[int, Field(ge=1), _WHOLE]
+NonNegativeInt = Annotated[int, Field(ge=0), _WHOLE]
+LogprobCount = Annotated[int, Field(ge=0, le=MAX_LOGPROBS), _WHOLE]
+TokenId = Annotated[int, Field(ge=0, lt=N_VOCAB), _WHOLE]
+StopString = Annotated[str, Field(min_length=1)]
+
+
+def _is_integer(value: Any) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and value.is_integer()
+    )
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: JSON's own types only (no "5" or true for an integer), as the schema says.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextPart(_Request):
@@ -69,25 +100,27 @@ class _Sampling(_Request):
     model: str = Field(description="The served model's id (GET /v1/models).")
     temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(
+    max_tokens: PositiveInt | None = Field(
         default=None,
-        ge=1,
         description="Generated tokens at most (reasoning, the assistant header and the answer together); "
         "the prompt plus this must fit in the model's context (else 400 context_length_exceeded).",
     )
-    stop: str | list[str] | None = Field(
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = Field(
         default=None, description=f"Up to {MAX_STOPS} non-empty strings; applied to the answer."
     )
-    seed: int | None = Field(
-        default=None, ge=0, lt=2**63, description="Choice i of n samples with seed + i (mod 2**63)."
+    seed: AnyInt | None = Field(
+        default=None,
+        description="Any integer; the sampler uses it modulo 2**63, and choice i of n uses seed + i.",
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: NonNegativeInt | None = None
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0)
+    repetition_penalty: float | None = Field(
+        default=None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY
+    )
     user: str | None = None  # an end-user id for the operator's logs; not used
-    n: int = Field(
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES), _WHOLE] = Field(
         default=1,
         ge=1,
         le=MAX_CHOICES,
@@ -102,10 +135,10 @@ class _Sampling(_Request):
     )
     logit_bias: dict[str, float] | None = Field(default=None, max_length=0, description="Not supported.")
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else value or []
+    def _check_stop(cls, value: Any) -> Any:
+        stops = [value] if isinstance(value, str) else value if isinstance(value, list) else []
         if len(stops) > MAX_STOPS:
             raise ValueError(f"at most {MAX_STOPS} stop sequences, got {len(stops)}")
         if any(not s for s in stops):
@@ -126,6 +159,9 @@ class _Sampling(_Request):
             raise ValueError("logit_bias is not supported")
         return value
 
+    def sampler_seed(self) -> int | None:
+        return None if self.seed is None else self.seed % SEED_MODULUS
+
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
@@ -136,24 +172,37 @@ class _Sampling(_Request):
 
 
 class ChatCompletionRequest(_Sampling):
+    # top_logprobs >= 1 needs logprobs: true, in the schema as in `_needs_logprobs`.
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "if": {
+                "properties": {"top_logprobs": {"type": "integer", "minimum": 1}},
+                "required": ["top_logprobs"],
+            },
+            "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+        },
+    )
+
     messages: list[ChatMessage] = Field(
         min_length=1,
         description="The conversation; it must end with a user message (else 400). System messages "
         "join the first user message; assistant messages' reasoning is not rendered.",
     )
-    max_completion_tokens: int | None = Field(default=None, ge=1, description="The same as max_tokens.")
-    reasoning_budget: int | None = Field(
-        default=None, ge=0, description="Reasoning tokens at most; then the engine closes the reasoning."
+    max_completion_tokens: PositiveInt | None = Field(
+        default=None, description="max_tokens' newer name; with both, the smaller applies."
+    )
+    reasoning_budget: NonNegativeInt | None = Field(
+        default=None, description="Reasoning tokens at most; then the engine closes the reasoning."
     )
     logprobs: bool = Field(
         default=False,
         description="Return each sampled token's log-probability: logprobs.content for the answer, "
         "logprobs.reasoning for the reasoning.",
     )
-    top_logprobs: int | None = Field(
+    top_logprobs: LogprobCount | None = Field(
         default=None,
-        ge=0,
-        le=MAX_LOGPROBS,
         description="With logprobs: this many most likely tokens at each position.",
     )
     # OpenAI options this server supports only at their neutral value.
@@ -191,8 +240,9 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("top_logprobs needs logprobs: true")
         return value
 
-    def token_limit(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    def token_limits(self) -> dict[str, int]:
+        limits = {"max_tokens": self.max_tokens, "max_completion_tokens": self.max_completion_tokens}
+        return {name: value for name, value in limits.items() if value is not None}
 
     def logprobs_wanted(self) -> int | None:
         """SamplingParams.logprobs: None when off, else the alternatives per token."""
@@ -200,7 +250,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 PromptText = Annotated[str, Field(min_length=1)]
-TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=N_VOCAB)]], Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class CompletionRequest(_Sampling):
@@ -213,12 +263,10 @@ class CompletionRequest(_Sampling):
         description="One prompt: text (encoded as plain text, never special ids) or token ids; a list "
         "holding one of either is the same prompt."
     )
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for raw completions
+    max_tokens: PositiveInt | None = 16  # OpenAI's default for raw completions
     echo: bool = Field(default=False, description="Return the prompt before the completion.")
-    logprobs: int | None = Field(
+    logprobs: LogprobCount | None = Field(
         default=None,
-        ge=0,
-        le=MAX_LOGPROBS,
         description="Return each token's log-probability and this many most likely tokens at each "
         "position (the prompt's too with echo; its first token has none).",
     )
@@ -235,7 +283,7 @@ class CompletionRequest(_Sampling):
             one = value[0]
         if one in ("", []):
             raise ValueError("the prompt is empty")
-        if isinstance(one, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in one):
+        if isinstance(one, list) and all(_is_integer(i) for i in one):
             if not all(0 <= i < N_VOCAB for i in one):
                 raise ValueError(f"token ids must be in [0, {N_VOCAB})")
         elif not isinstance(one, str):
@@ -249,8 +297,8 @@ class CompletionRequest(_Sampling):
             raise ValueError("suffix is not supported")
         return value
 
-    def token_limit(self) -> int | None:
-        return self.max_tokens
+    def token_limits(self) -> dict[str, int]:
+        return {} if self.max_tokens is None else {"max_tokens": self.max_tokens}
 
     def single_prompt(self) -> str | list[int]:
         """The prompt: text or token ids, out of its one-element list if sent in one."""
