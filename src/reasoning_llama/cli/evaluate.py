@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from reasoning_llama import atomic
 from reasoning_llama.cli.model_dir import ModelDir, resolve_model_dir
 from reasoning_llama.cli.options import echo_err
 from reasoning_llama.errors import ConfigError
@@ -38,6 +39,12 @@ def eval_command(
         int | None, typer.Option(help="Difficulty of the synthetic problems (default: each family's).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    examples: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write one JSON line per problem: family, user, reference, reasoning, answer, correct ..."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Exact match, format adherence and reasoning length per family; loss and perplexity."""
@@ -48,6 +55,8 @@ def eval_command(
         raise ConfigError("give exactly one of --task synthetic[:family,...] or --data FILE")
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {limit}")
+    if examples is not None and task is None and not generate:
+        raise ConfigError("--examples lists generations: use it with --task, or with --data and --generate")
     directory = resolve_model_dir(checkpoint)
     if task is not None:
         families = evaluation.parse_task_spec(task)
@@ -67,6 +76,9 @@ def eval_command(
             engine, rows, max_new_tokens=max_new_tokens, progress=progress
         )
         report |= scores.to_dict()
+        if examples is not None:
+            lines = "".join(json.dumps(example) + "\n" for example in scores.examples)
+            atomic.write_text(examples, lines)
     loss = evaluation.loss_on_rows(engine.model, engine.tokenizer, rows)
     report |= {"loss": loss.loss, "perplexity": loss.perplexity, "loss_tokens": loss.loss_tokens}
     if as_json:
