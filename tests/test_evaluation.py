@@ -157,6 +157,7 @@ def test_eval_cli_json_on_tasks_and_on_a_data_file(tmp_path, tiny_config):
     [
         (["--task", "synthetic", "--data", "x.jsonl"], "exactly one of --task"),
         (["--task", "synthetic:nope"], "unknown synthetic family"),
+        (["--data", "x.jsonl", "--examples", "e.jsonl"], "--examples lists generations"),
     ],
 )
 def test_eval_cli_errors_are_one_line(tmp_path, tiny_config, args, message):
