@@ -2,7 +2,7 @@
 
 The order follows transformers: repetition penalty, then temperature, top-k, top-p, min-p.
 Log-probabilities reported to callers (`SamplingParams.logprobs`) are the log-softmax of the row
-after the repetition penalty, at temperature 1 and before any filter (see `token_logprob`).
+after the repetition penalty, at temperature 1 and before any filter (see `token_logprobs`).
 """
 
 from __future__ import annotations

@@ -353,7 +353,12 @@ def _api_router(state: _ServerState) -> APIRouter:
         if body.echo:
             entries = None
             if body.logprobs is not None:
-                scored = await asyncio.to_thread(state.engine.prompt_logprobs, prompt_ids, body.logprobs)
+                try:
+                    scored = await asyncio.to_thread(state.engine.prompt_logprobs, prompt_ids, body.logprobs)
+                except BaseException:  # the choices already queued would run for nobody
+                    for job in jobs:
+                        job.cancel()
+                    raise
                 entries = [None, *scored]  # nothing predicts the first token
             echo = _Echo(prompt_text, prompt_ids, entries)
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
