@@ -31,7 +31,7 @@ import torch
 from reasoning_llama.config import get_preset
 from reasoning_llama.cpu_layout import prepare_for_cpu_decode
 from reasoning_llama.generation import Engine, resolve_device
-from reasoning_llama.interop.hf import to_hf_config, to_hf_state_dict
+from reasoning_llama.interop.names import to_hf_config, to_hf_state_dict
 from reasoning_llama.model import Transformer
 from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.tokenizer import PAD, get_tokenizer

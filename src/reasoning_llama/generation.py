@@ -290,7 +290,7 @@ class Engine:
         cls, directory: str | Path, *, device: str | torch.device = "auto", max_batch_size: int = 8
     ) -> Engine:
         """Load a checkpoint directory: bf16 weights and cache on CUDA when supported, the CPU decode layout on CPU."""
-        from reasoning_llama.checkpoint import load_model
+        from reasoning_llama.model_files import load_model
 
         resolved = resolve_device(device)
         dtype = None

@@ -1,4 +1,5 @@
-"""The training loss: masked next-token cross-entropy with the head fused in, chunked over the vocabulary.
+"""The loss: masked next-token cross-entropy with the head fused in (chunked over the vocabulary), and its
+sum over batches for validation and evaluation.
 
 In a small model the 50,263-way head dominates training. Computing `logits = hidden @ head.T` and then
 the cross-entropy materialises an (N, vocab) tensor several times over (logits, fp32 copy, log-softmax,
@@ -15,6 +16,10 @@ never waits on it.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -170,3 +175,54 @@ class ModelWithLoss(nn.Module):
 def batch_loss(module: nn.Module, batch: Batch) -> Tensor:
     """The summed loss of a `ModelWithLoss` (or its DDP / FSDP wrapper) on one batch."""
     return module(batch.inputs, batch.targets, batch.loss_mask, batch.positions, batch.doc_ids)
+
+
+# --- summed over batches: validation and evaluation ------------------------------------
+
+
+@dataclass
+class LossReport:
+    loss: float  # mean cross-entropy over the loss tokens (nats per token)
+    perplexity: float
+    loss_tokens: int
+
+
+def summed_loss(
+    loss_model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, int]:
+    """(summed loss, loss tokens) of a `ModelWithLoss` over `batches`, without gradients.
+
+    The sum stays on the device (one read at the end, by the caller); the mode is restored afterwards.
+    Every batch is computed, even one without loss tokens, so sharded models stay in step across ranks.
+    """
+    was_training = loss_model.training
+    loss_model.eval()
+    total, tokens = torch.zeros((), device=device), 0
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    try:
+        with torch.no_grad(), autocast:
+            for batch in batches:
+                total += batch_loss(loss_model, batch.to(device, non_blocking=True)).float()
+                tokens += batch.n_loss_tokens
+    finally:
+        loss_model.train(was_training)
+    return total, tokens
+
+
+def loss_report(total: float, tokens: int) -> LossReport:
+    loss = total / tokens if tokens else math.nan
+    return LossReport(loss, math.exp(min(loss, 700.0)), tokens)
+
+
+def evaluate_loss(
+    model: Transformer, batches: Iterable[Batch], *, amp_dtype: torch.dtype | None = None
+) -> LossReport:
+    """Token-weighted mean loss of `model` over `batches` (the head fused into the loss)."""
+    device = next(model.parameters()).device
+    loss_model = ModelWithLoss(model, amp_dtype=amp_dtype)
+    total, tokens = summed_loss(loss_model, batches, device=device, amp_dtype=amp_dtype)
+    return loss_report(total.item(), tokens)
