@@ -305,15 +305,21 @@ def test_llama_cpp_logits_match_ours_in_f32(
 
 
 @pytest.mark.slow
-def test_q8_0_keeps_the_greedy_choice(trained: Path, trained_q8_0: Path):
+def test_f16_and_q8_0_keep_the_greedy_choice(trained: Path, trained_q8_0: Path):
     ids = [t for i in range(3) for t in a_conversation(i)]
-    ours, q8 = our_logits(trained, ids), llama_logits(trained_q8_0, ids)
-    agreement = (q8.argmax(-1) == ours.argmax(-1)).float().mean().item()
-    diff = (q8 - ours).abs().max().item()
-    print(
-        f"\ngguf q8_0: greedy choice kept at {agreement:.1%} of {len(ids)} positions, max |logit diff| {diff:.3f}"
-    )
-    assert agreement >= 0.95
+    ours = our_logits(trained, ids)
+    files = {
+        "q8_0": trained_q8_0,
+        "f16": export_gguf(trained, trained.parent / "trained-f16.gguf", dtype="f16"),
+    }
+    for dtype, path in files.items():
+        theirs = llama_logits(path, ids)
+        agreement = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
+        diff = (theirs - ours).abs().max().item()
+        print(
+            f"\ngguf {dtype}: greedy choice kept at {agreement:.1%} of {len(ids)} positions, max |logit diff| {diff:.3f}"
+        )
+        assert agreement >= 0.95
 
 
 def suppressed_ids(llama) -> list[int]:
