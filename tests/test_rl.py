@@ -176,8 +176,13 @@ def digit_model(tmp_path_factory):
             "train.device=cpu",
         ],
     )
-    with torch.random.fork_rng():
-        train(config, root / "sft", progress=False)
+    threads = torch.get_num_threads()  # module fixtures run before the per-test thread setting
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            train(config, root / "sft", progress=False)
+    finally:
+        torch.set_num_threads(threads)
     prompts = write_rows(root / "sevens.jsonl", [{"user": "Say a digit.", "assistant": "7"}] * 50)
     return root / "sft/checkpoints/step-000150", prompts
 
