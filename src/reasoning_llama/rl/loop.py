@@ -136,6 +136,35 @@ def load_task_rows(config: RLConfig) -> tuple[list[dict[str, str]], list[dict[st
     return rows[held:], rows[:held]
 
 
+def held_out_report(
+    engine: Engine,
+    rows: Sequence[dict[str, str]],
+    checker: Checker,
+    params: SamplingParams,
+    group_size: int,
+    *,
+    seed: int,
+) -> dict[str, float]:
+    """Per family: `acc/F`, greedy exact match, and `pass@G/F`, the share of rows that one of G samples
+    drawn with `params` answers correctly (the same samples for the same seed)."""
+    if not rows:
+        return {}
+    prompts = [engine.tokenizer.render_prompt([{"role": "user", "content": r["user"]}]) for r in rows]
+    greedy = engine.generate_batch(prompts, SamplingParams(max_new_tokens=params.max_new_tokens))
+    seeds = step_seeds(seed, -1, len(rows) * group_size)
+    groups = sample_groups(engine, rows, group_size, params, seeds, checker)
+    by_family: dict[str, list[tuple[float, bool]]] = {}
+    for row, result, group in zip(rows, greedy, groups, strict=True):
+        by_family.setdefault(row.get("family") or "data", []).append(
+            (checker(row, result.answer), any(s.correct for s in group))
+        )
+    report = {}
+    for family, scores in sorted(by_family.items()):
+        report[f"acc/{family}"] = sum(s for s, _ in scores) / len(scores)
+        report[f"pass@{group_size}/{family}"] = sum(g for _, g in scores) / len(scores)
+    return report
+
+
 class RLTrainer:
     """One RL run: everything is built (or restored, with resume) in __init__; `run()` trains."""
 
@@ -306,28 +335,10 @@ class RLTrainer:
 
     def evaluate(self) -> dict[str, float]:
         """Held-out exact match (greedy) per family, and pass@G of samples at the training temperature."""
-        if not self.held_out:
-            return {}
         c = self.config
-        prompts = [
-            self.tokenizer.render_prompt([{"role": "user", "content": r["user"]}]) for r in self.held_out
-        ]
-        greedy = self.engine.generate_batch(prompts, SamplingParams(max_new_tokens=c.max_new_tokens))
-        seeds = step_seeds(c.seed + 1, -1, len(prompts) * c.samples_per_prompt)  # the same samples every time
-        groups = sample_groups(
-            self.engine, self.held_out, c.samples_per_prompt, self.params, seeds, self.checker
+        return held_out_report(
+            self.engine, self.held_out, self.checker, self.params, c.samples_per_prompt, seed=c.seed + 1
         )
-        by_family: dict[str, list[tuple[float, bool]]] = {}
-        for row, result, group in zip(self.held_out, greedy, groups, strict=True):
-            family = row.get("family") or "data"
-            by_family.setdefault(family, []).append(
-                (self.checker(row, result.answer), any(s.correct for s in group))
-            )
-        report = {}
-        for family, scores in sorted(by_family.items()):
-            report[f"acc/{family}"] = sum(s for s, _ in scores) / len(scores)
-            report[f"pass@{c.samples_per_prompt}/{family}"] = sum(g for _, g in scores) / len(scores)
-        return report
 
     # -- the run -----------------------------------------------------------------------------
 
