@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from reasoning_llama.cli.model_dir import resolve_model_dir
-from reasoning_llama.cli.options import INTERRUPTED_EXIT, echo_err
+from reasoning_llama.cli.options import INTERRUPTED_EXIT, Threads, echo_err, set_threads
 from reasoning_llama.errors import ConfigError
 
 
@@ -43,6 +43,7 @@ def rl(
         bool, typer.Option(help="Delete the run already in --out and start it over.")
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    threads: Threads = None,
 ) -> None:
     """Sample answers, reward the correct ones, and train the model towards them (RL with verifiable rewards)."""
     from reasoning_llama.config import RLConfig, load_config
@@ -50,6 +51,7 @@ def rl(
     from reasoning_llama.rl.loop import run_rl
     from reasoning_llama.training.loop import RUN_CONFIG
 
+    set_threads(threads)
     if resume and overwrite:
         raise ConfigError(
             "give --resume (continue the run in --out) or --overwrite (start it over), not both"
