@@ -51,7 +51,7 @@ def parse_args() -> argparse.Namespace:
 def supervised(out: Path, steps: int | None, minutes: float | None, init_from: Path | None = None) -> Path:
     overrides = [
         f"data.families={FAMILIES}",
-        "data.difficulty=2",
+        "data.difficulty=null",
         "train.device=cpu",
         "train.task_eval_size=0",
     ]
