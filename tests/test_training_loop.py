@@ -132,7 +132,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(tmp_p
     command = shlex.split(message.split("resume it with a lower learning rate: ")[1].split(". Lower")[0])
     assert command[:2] == ["reasoning-llama", "train"] and "train.lr=5e+29" in command
     resumed = run_cli(*command[1:], "--no-progress", one_thread=True)
-    assert "resuming from" in resumed.stderr and "step-000002 (step 2 of 20)" in resumed.stderr, resumed.stderr
+    assert "step-000002 (step 2 of 20)" in resumed.stderr, resumed.stderr
     assert "training diverged" in resumed.stderr and "--set train.lr=2.5e+29" in resumed.stderr
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from reasoning_llama.cli.options import INTERRUPTED_EXIT, echo_err
+from reasoning_llama.cli.options import INTERRUPTED_EXIT, Threads, echo_err, set_threads
 from reasoning_llama.errors import ConfigError
 
 
@@ -32,10 +32,7 @@ def train(
     ] = False,
     init_from: Annotated[Path | None, typer.Option(help="Start from this checkpoint's weights.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
-    threads: Annotated[
-        int | None,
-        typer.Option(help="CPU threads (default: torch's choice; on a busy machine 1 is often fastest)."),
-    ] = None,
+    threads: Threads = None,
     stop_at_step: Annotated[
         int | None,
         typer.Option(
@@ -68,12 +65,7 @@ def train(
                 f"--resume: {out} holds no training run to resume; start one with --preset P or --config FILE"
             )
     run_config = load_run_config(config, overrides)
-    if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads)
     result = run_training(
         run_config, out, resume=resume, overwrite=overwrite, progress=progress, stop_at_step=stop_at_step
     )

@@ -184,7 +184,7 @@ def check_config(config: RunConfig, model_config: ModelConfig) -> None:
         raise ConfigError("train.lr must be > 0, min_lr_ratio in [0, 1], grad_clip and weight_decay >= 0")
 
 
-def _save_run_config(run_dir: Path, config: RunConfig) -> None:
+def _save_run_config(run_dir: Path, config: Any) -> None:
     from omegaconf import OmegaConf
 
     atomic.write_text(run_dir / RUN_CONFIG, OmegaConf.to_yaml(OmegaConf.structured(config)))
@@ -207,9 +207,9 @@ def start_over(run_dir: Path) -> None:
 
 
 def prepare_run_dir(
-    run_dir: Path, config: RunConfig, resume: bool, restarted: bool = False, overwrite: bool = False
+    run_dir: Path, config: Any, resume: bool, restarted: bool = False, overwrite: bool = False
 ) -> Path | None:
-    """Create or check RUN/; return the checkpoint to resume from (None for a fresh run).
+    """Create or check RUN/ and save `config` (a config dataclass) in it; the checkpoint to resume from (None: fresh).
 
     resume: continue from the latest checkpoint, or start over if the run stopped before saving one.
     restarted: torchrun brought the group back after a failure (the same, and never an overwrite).
@@ -240,7 +240,7 @@ def prepare_run_dir(
 
 
 @contextmanager
-def _sigint_flag() -> Iterator[threading.Event]:
+def sigint_flag() -> Iterator[threading.Event]:
     """First Ctrl-C sets the flag (the loop saves and stops); a second one aborts at once."""
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
@@ -386,7 +386,7 @@ class Trainer:
         pin = self.device.type == "cuda"
         batches = Prefetcher(self.train_loader, depth=2 * self.accum, pin_memory=pin)
         writer = MetricsWriter(self.run_dir) if self.world.is_main else nullcontext()
-        with writer, bar, batches, _sigint_flag() as interrupted:
+        with writer, bar, batches, sigint_flag() as interrupted:
             first_step, started = state.step, time.monotonic()
             while state.step < self.total_steps:
                 done = state.step - first_step
