@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import gguf
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,16 +23,12 @@ from reasoning_llama.config import ModelConfig
 from reasoning_llama.errors import CheckpointError
 from reasoning_llama.evaluation import synthetic_test_rows
 from reasoning_llama.generation import NEVER_SAMPLED, Engine
-from reasoning_llama.interop.gguf import SUPPRESS_TOKENS_KEY, export_gguf, rope_pairs_adjacent
+from reasoning_llama.interop.gguf import SUPPRESS_TOKENS_KEY, export_gguf, gguf_tensors, rope_pairs_adjacent
 from reasoning_llama.interop.hf import export_hf
 from reasoning_llama.interop.hf_tokenizer import CHAT_TEMPLATE, HF_TOKEN_NAMES
 from reasoning_llama.model import Transformer
 from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.tokenizer import ASSISTANT_HEADER, EOT, IM_END, N_VOCAB, PAD, get_tokenizer
-
-gguf = pytest.importorskip(
-    "gguf", reason="the GGUF export needs gguf-py: pip install 'reasoning-llama[gguf]'"
-)
 
 # Random weights, grouped-query attention: every permuted and renamed tensor matters.
 GQA = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=128, final_block=False)
@@ -411,3 +408,14 @@ def test_the_readme_recipe_gives_our_engine_s_reasoning_and_answer(trained: Path
             assert (reasoning, answer) == (ours.reasoning, ours.answer)
     finally:
         llm.close()
+
+
+def test_a_matrix_with_partial_q8_0_blocks_falls_back_to_f16():
+    odd = ModelConfig(
+        dim=48, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32, final_block=False
+    )
+    kinds = {name: kind for name, _, kind in gguf_tensors(Transformer(odd).state_dict(), odd, "q8_0")}
+    q8, f16, f32 = (gguf.GGMLQuantizationType[k] for k in ("Q8_0", "F16", "F32"))
+    assert kinds["blk.0.ffn_down.weight"] == q8  # rows of 64: two blocks of 32
+    assert kinds["blk.0.attn_q.weight"] == kinds["token_embd.weight"] == f16  # rows of 48
+    assert kinds["blk.0.ffn_norm.weight"] == f32
