@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 LINT_DIRS := $(wildcard src tests benchmarks)
 
-.PHONY: setup quickstart test lint format browser clean
+.PHONY: setup quickstart test lint format browser llama-cpp clean
 
 setup: $(STAMP)
 
@@ -46,7 +46,27 @@ lint: setup
 	$(BIN)/ruff check $(LINT_DIRS)
 	$(BIN)/ruff format --check $(LINT_DIRS)
 
-test: setup browser lint
+# The real llama.cpp for the GGUF tests: llama-cpp-python built from its source package, which vendors
+# llama.cpp. Offline it builds only with scikit-build-core installed first and pip's build isolation off.
+# The build keeps what the Python bindings load: libllama and ggml's portable CPU backend, without the
+# multimodal library, the tools or llama.cpp's `common` library (tests/llama_cpp_skip_common.cmake).
+# pip keeps the wheel in its cache, so later set-ups on this machine (even after `make clean`) reuse it.
+LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
+LLAMA_CPP_STAMP := $(VENV)/.llama-cpp
+LLAMA_CPP_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF \
+	-DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/tests/llama_cpp_skip_common.cmake
+
+llama-cpp: $(LLAMA_CPP_STAMP)
+
+$(LLAMA_CPP_STAMP): $(STAMP) tests/llama_cpp_skip_common.cmake
+	$(BIN)/python -m pip install --quiet "scikit-build-core>=0.9.2"
+	command -v cmake > /dev/null || $(BIN)/python -m pip install --quiet "cmake>=3.21" ninja
+	@echo "installing $(LLAMA_CPP_SPEC); built from source once per machine (minutes), then from pip's cache"
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet --no-build-isolation "$(LLAMA_CPP_SPEC)"
+	touch $(LLAMA_CPP_STAMP)
+
+test: setup browser llama-cpp lint
 	@# pytest exits 5 when it collected no test: that is a failure here, like any other non-zero code.
 	$(BIN)/python -m pytest $(PYTEST_ARGS); code=$$?; \
 		if [ $$code -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$code

@@ -36,3 +36,17 @@ def test_a_directory_is_swapped_in_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     atomic.write_dir(target, lambda d: (d / "b").write_text("3"))
     assert sorted(p.name for p in target.iterdir()) == ["b"]
+
+
+def test_a_writer_that_wants_a_path_gets_a_temporary_one(tmp_path):
+    path = atomic.write_text(tmp_path / "model.gguf", "old")
+
+    def crash(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic.write_path(path, crash)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+    atomic.write_path(path, lambda tmp: tmp.write_text("new"))
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]

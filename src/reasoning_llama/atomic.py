@@ -24,21 +24,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_with(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Replace the file `path` with what `write(file)` writes (e.g. `np.savez`, `torch.save`)."""
+def write_path(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Replace the file `path` with the file `write(tmp)` creates at `tmp`, for writers that want a path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_with(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Replace the file `path` with what `write(file)` writes (e.g. `np.savez`, `torch.save`)."""
+
+    def fill(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    return write_path(path, fill)
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

@@ -179,7 +179,7 @@ def parse_task_spec(spec: str) -> list[str]:
 
 
 def synthetic_test_rows(
-    families: Sequence[str], per_family: int, *, seed: int = 0, difficulty: int | None = None
+    families: Sequence[str], per_family: int, *, seed: int = 0, difficulty: int | dict[str, int] | None = None
 ) -> list[dict[str, str]]:
     """`per_family` problems of each family from the synthetic TEST split (never trained on)."""
     try:

@@ -35,7 +35,10 @@ KEEP_LOGITS_LIMIT = 2**25
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i w_i [logsumexp(h_i W^T) - h_i . W[t_i]], matmuls in `dtype`, softmax in fp32, w_i in {0, 1}."""
+    """Per row i: w_i [logsumexp(h_i W^T) - h_i . W[t_i]], matmuls in `dtype`, softmax in fp32.
+
+    Returns the (N,) vector; its gradient may weight each row differently (a sum, or a policy gradient).
+    """
 
     @staticmethod
     def forward(
@@ -76,13 +79,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 losses = losses * row_weights
         ctx.save_for_backward(h, w, targets, lse, row_weights, *kept)
         ctx.chunk, ctx.hidden_dtype, ctx.weight_dtype = chunk, hidden.dtype, weight.dtype
-        return losses.sum()
+        return losses
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, None, None, None, None]:
         h, w, targets, lse, row_weights, *kept = ctx.saved_tensors
         chunk = ctx.chunk
-        scale = grad_out if row_weights is None else (row_weights * grad_out)[:, None]
+        scale = (grad_out if row_weights is None else row_weights * grad_out)[:, None]
         grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
         grad_w = torch.empty(w.shape, dtype=ctx.weight_dtype, device=w.device)
         for index, start in enumerate(range(0, w.shape[0], chunk)):
@@ -124,7 +127,27 @@ def linear_cross_entropy(
         return (hidden.sum() + weight.sum()) * 0.0  # keeps the graph for a batch without loss tokens
     chunk = chunk or (2048 if hidden.device.type == "cpu" else 16384)
     weights = None if row_weights is None else row_weights.to(torch.float32)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, weights, dtype or hidden.dtype, chunk)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, weights, dtype or hidden.dtype, chunk).sum()
+
+
+def token_log_probs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    dtype: torch.dtype | None = None,
+    chunk: int | None = None,
+) -> Tensor:
+    """log softmax(hidden @ weight.T / temperature)[targets] per row (N,), differentiable, without the full logits.
+
+    What a policy gradient needs: each sampled token's log-probability under the model that is trained.
+    """
+    if hidden.shape[0] == 0:
+        return (hidden.sum() + weight.sum()) * 0.0 + hidden.new_zeros(0, dtype=torch.float32)
+    chunk = chunk or (2048 if hidden.device.type == "cpu" else 16384)
+    scaled = hidden if temperature == 1.0 else hidden / temperature  # logits / T = (h / T) W^T
+    return -_LinearCrossEntropy.apply(scaled, weight, targets, None, dtype or hidden.dtype, chunk)
 
 
 class ModelWithLoss(nn.Module):

@@ -25,6 +25,7 @@ app = typer.Typer(
 COMMANDS = (
     "quickstart",
     "train",
+    "rl",
     "evaluate",  # eval
     "plot",
     "data",  # data stats

@@ -1,4 +1,5 @@
-"""`export` and `import`: move weights to and from the transformers (HF) Llama format."""
+"""`export` and `import`: move weights to and from the transformers (HF) Llama format, and out to
+llama.cpp's GGUF."""
 
 from __future__ import annotations
 
@@ -10,30 +11,49 @@ import typer
 from reasoning_llama.cli.model_dir import ModelDir, resolve_model_dir
 from reasoning_llama.errors import ConfigError
 
-FORMATS = ("hf",)
+EXPORT_FORMATS = ("hf", "gguf")
+IMPORT_FORMATS = ("hf",)
 
 
-def _check_format(value: str) -> None:
-    if value not in FORMATS:
-        raise ConfigError(f"unknown format {value!r}; supported: {', '.join(FORMATS)}")
+def _check_format(value: str, formats: tuple[str, ...]) -> None:
+    if value not in formats:
+        raise ConfigError(f"unknown format {value!r}; supported: {', '.join(formats)}")
 
 
 def export(
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="The directory to write.")],
+    out: Annotated[
+        Path, typer.Argument(metavar="OUT", help="The directory (hf) or the .gguf file (gguf) to write.")
+    ],
     checkpoint: ModelDir,
     to: Annotated[
-        str, typer.Option("--to", help="Target format: hf (transformers LlamaForCausalLM).")
+        str,
+        typer.Option("--to", help="Target format: hf (transformers LlamaForCausalLM) or gguf (llama.cpp)."),
     ] = "hf",
-    dtype: Annotated[str, typer.Option(help="Weight dtype: float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="Weights: float32 (default), bfloat16 or float16 for hf; f32 (default), f16 or q8_0 for gguf."
+        ),
+    ] = None,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace OUT if it is an existing model directory.")
+        bool,
+        typer.Option("--overwrite", help="Replace OUT if it is an existing model directory or GGUF file."),
     ] = False,
 ) -> None:
-    """Write a checkpoint (trained with final_block: false) as a transformers model directory."""
+    """Write a checkpoint (trained with final_block: false) as a transformers model directory or a GGUF file."""
+    _check_format(to, EXPORT_FORMATS)
+    source = resolve_model_dir(checkpoint)
+    if to == "gguf":
+        from reasoning_llama.interop.gguf import export_gguf
+
+        dtype = dtype or "f32"
+        path = export_gguf(source, out, dtype=dtype, overwrite=overwrite)
+        typer.echo(f"exported {checkpoint} to {path} (GGUF for llama.cpp, {dtype})", err=True)
+        return
     from reasoning_llama.interop.hf import export_hf
 
-    _check_format(to)
-    path = export_hf(resolve_model_dir(checkpoint), out, dtype=dtype, overwrite=overwrite)
+    dtype = dtype or "float32"
+    path = export_hf(source, out, dtype=dtype, overwrite=overwrite)
     typer.echo(f"exported {checkpoint} to {path} (LlamaForCausalLM, {dtype})", err=True)
 
 
@@ -50,7 +70,7 @@ def import_(
     """Convert a local safetensors LlamaForCausalLM directory into a reasoning-llama checkpoint."""
     from reasoning_llama.interop.hf import import_hf
 
-    _check_format(from_)
+    _check_format(from_, IMPORT_FORMATS)
     path = import_hf(source, out, overwrite=overwrite)
     typer.echo(f"imported {source} to {path}", err=True)
 

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from reasoning_llama.errors import ConfigError
+
 if TYPE_CHECKING:
     from reasoning_llama.sampling import SamplingParams
 
@@ -58,3 +60,20 @@ def sampling_params(options: dict[str, object]) -> SamplingParams:
     params = SamplingParams(**values)  # type: ignore[arg-type]
     params.validate()
     return params
+
+
+Threads = Annotated[
+    int | None,
+    typer.Option(help="CPU threads (default: torch's choice; on a busy machine 1 is often fastest)."),
+]
+
+
+def set_threads(threads: int | None) -> None:
+    """`--threads N`: torch's CPU thread count for this process."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)

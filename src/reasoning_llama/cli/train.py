@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from reasoning_llama.cli.options import INTERRUPTED_EXIT, echo_err
+from reasoning_llama.cli.options import INTERRUPTED_EXIT, Threads, echo_err, set_threads
 from reasoning_llama.errors import ConfigError
 
 
@@ -27,12 +27,12 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")
     ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Delete the training run already in --out and start it over.")
+    ] = False,
     init_from: Annotated[Path | None, typer.Option(help="Start from this checkpoint's weights.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
-    threads: Annotated[
-        int | None,
-        typer.Option(help="CPU threads (default: torch's choice; on a busy machine 1 is often fastest)."),
-    ] = None,
+    threads: Threads = None,
     stop_at_step: Annotated[
         int | None,
         typer.Option(
@@ -47,6 +47,10 @@ def train(
 
     if preset is not None and config is not None:
         raise ConfigError("give --preset or --config, not both")
+    if resume and overwrite:
+        raise ConfigError(
+            "give --resume (continue the run in --out) or --overwrite (start it over), not both"
+        )
     overrides = list(set_ or [])
     if preset is not None:
         overrides.insert(0, f"train.preset={preset}")
@@ -56,14 +60,15 @@ def train(
         if not resume:
             raise ConfigError("give --preset P or --config FILE (or --resume to continue the run in --out)")
         config = out / RUN_CONFIG  # resume with the run's own recipe
+        if not config.is_file():
+            raise ConfigError(
+                f"--resume: {out} holds no training run to resume; start one with --preset P or --config FILE"
+            )
     run_config = load_run_config(config, overrides)
-    if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)
-    result = run_training(run_config, out, resume=resume, progress=progress, stop_at_step=stop_at_step)
+    set_threads(threads)
+    result = run_training(
+        run_config, out, resume=resume, overwrite=overwrite, progress=progress, stop_at_step=stop_at_step
+    )
     if result.rank != 0:  # under torchrun, rank 0 reports for every process
         return
     if result.stop_reason in ("interrupted", "stop_at_step"):

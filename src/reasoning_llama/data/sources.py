@@ -203,7 +203,9 @@ def resolve_files(spec: str, suffixes: tuple[str, ...]) -> list[Path]:
         if path.suffix.lower() not in suffixes:
             raise DataError(f"{spec}: unsupported file type {path.suffix or '(none)'!r}; expected {kinds}")
         return [path]
-    raise DataError(f"data path {spec} does not exist; point data.path (--path) at a file, directory or glob")
+    raise DataError(
+        f"data path {spec} does not exist; point data.path at a file, directory or glob (train --set data.path=PATH, data stats --path PATH)"
+    )
 
 
 def read_file(path: Path, fields: tuple[str, ...], report: ValidationReport) -> list[dict[str, str]]:

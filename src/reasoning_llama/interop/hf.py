@@ -54,17 +54,7 @@ def export_hf(
     if dtype not in _DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose one of: {', '.join(_DTYPES)}")
     config = model_files.load_config(checkpoint_dir)
-    if config.final_block:
-        raise CheckpointError(
-            f"{checkpoint_dir} has the extra final SwiGLU block, which a plain LlamaForCausalLM cannot hold; "
-            "only models trained with `final_block: false` (train --set train.model_overrides.final_block=false) "
-            "can be exported"
-        )
-    if config.vocab_size != N_VOCAB:
-        raise CheckpointError(
-            f"{checkpoint_dir} has vocab_size {config.vocab_size}; the exported tokenizer is GPT-2 + "
-            f"the chat ids ({N_VOCAB}), so only models with that vocabulary can be exported"
-        )
+    check_exportable(checkpoint_dir, config)
     _check_target(out, overwrite, source=checkpoint_dir)
     model = model_files.load_model(checkpoint_dir)
     state = {
@@ -80,6 +70,22 @@ def export_hf(
         write_hf_tokenizer(tmp, config.max_seq_len)
 
     return atomic.write_dir(out, fill)
+
+
+def check_exportable(checkpoint_dir: Path, config: ModelConfig) -> None:
+    """Refuse what a plain Llama cannot hold (the final block) or our exported tokenizer cannot serve
+    (another vocabulary); the HF and GGUF exports share these messages."""
+    if config.final_block:
+        raise CheckpointError(
+            f"{checkpoint_dir} has the extra final SwiGLU block, which a plain LlamaForCausalLM cannot hold; "
+            "only models trained with `final_block: false` (train --set train.model_overrides.final_block=false) "
+            "can be exported"
+        )
+    if config.vocab_size != N_VOCAB:
+        raise CheckpointError(
+            f"{checkpoint_dir} has vocab_size {config.vocab_size}; the exported tokenizer is GPT-2 + "
+            f"the chat ids ({N_VOCAB}), so only models with that vocabulary can be exported"
+        )
 
 
 # -- import ---------------------------------------------------------------------------
