@@ -250,7 +250,7 @@ class Engine:
         self.cache = KVCache(config, max_batch_size, device=self.device, dtype=weight.dtype)
         if cuda_graphs and self.device.type != "cuda":
             raise ConfigError(f"CUDA graphs need a CUDA device, not {self.device}")
-        self._decode_step: DecodeStep = (
+        self.decode_step: DecodeStep = (
             StaticDecodeStep(self.model, self.cache, cuda_graphs=True)
             if cuda_graphs
             else EagerDecodeStep(self.model, self.cache)
@@ -392,7 +392,7 @@ class Engine:
             for r in active:
                 tokens[r.slot] = r.output_ids[-1]
                 positions[r.slot] = r.prompt_tokens + len(r.output_ids) - 1
-            logits = self._decode_step(tokens, positions, [r.slot for r in active])
+            logits = self.decode_step(tokens, positions, [r.slot for r in active])
             self._advance(active, logits, events)
         return list(events.items())
 
