@@ -38,13 +38,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from reasoning_llama.checkpoint import load_model
 from reasoning_llama.config import ModelConfig, get_preset
 from reasoning_llama.cpu_layout import prepare_for_cpu_decode
 from reasoning_llama.evaluation import synthetic_test_rows
 from reasoning_llama.generation import Engine, resolve_device
-from reasoning_llama.interop.hf import to_hf_config, to_hf_state_dict
+from reasoning_llama.interop.names import to_hf_config, to_hf_state_dict
 from reasoning_llama.model import Transformer
+from reasoning_llama.model_files import load_model
 from reasoning_llama.quantize import compare_decoding, quantize_int8
 from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.tokenizer import PAD, get_tokenizer

@@ -32,9 +32,9 @@ from pathlib import Path
 import httpx
 import torch
 
-from reasoning_llama.checkpoint import save_model
 from reasoning_llama.config import get_preset
 from reasoning_llama.model import Transformer
+from reasoning_llama.model_files import save_model
 
 MODEL = "bench"
 

@@ -38,10 +38,10 @@ import torch
 from reasoning_llama.config import ModelConfig, TrainConfig, get_preset
 from reasoning_llama.data.batching import Batch, BatchLoader
 from reasoning_llama.data.prepare import TokenizedSplit
-from reasoning_llama.data.synthetic import generate_examples
 from reasoning_llama.generation import resolve_device
 from reasoning_llama.loss import ModelWithLoss
 from reasoning_llama.model import Transformer
+from reasoning_llama.tasks import generate_examples
 from reasoning_llama.tokenizer import get_tokenizer
 from reasoning_llama.training.loop import optimizer_step, use_flex_attention
 from reasoning_llama.training.optim import build_optimizer
@@ -151,7 +151,7 @@ def ours(config: ModelConfig, device: torch.device, *, compiled: bool) -> Callab
 def transformers_llama(config: ModelConfig, device: torch.device) -> Callable[[Batch], None]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from reasoning_llama.interop.hf import to_hf_config
+    from reasoning_llama.interop.names import to_hf_config
 
     torch.manual_seed(0)
     hf_config = LlamaConfig(**to_hf_config(config), attn_implementation="sdpa")

@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from reasoning_llama import gpt2_ranks
 from reasoning_llama.config import ModelConfig
+from reasoning_llama.tokenizer import gpt2_ranks
 
 TIKTOKEN_URLS = {
     "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",

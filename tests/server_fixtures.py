@@ -14,10 +14,10 @@ import httpx
 import torch
 import uvicorn
 
-from reasoning_llama.checkpoint import save_model
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.generation import Engine
 from reasoning_llama.model import Transformer
+from reasoning_llama.model_files import save_model
 from reasoning_llama.server import ServerSettings, create_app
 from reasoning_llama.tokenizer import EOT, IM_END, get_tokenizer
 
@@ -32,7 +32,7 @@ def make_checkpoint(directory: Path, config: ModelConfig = TINY, seed: int = 0) 
 
 
 def make_engine(checkpoint: Path, *, max_batch_size: int = 4, logits_hook=None) -> Engine:
-    from reasoning_llama.checkpoint import load_model
+    from reasoning_llama.model_files import load_model
 
     model = load_model(checkpoint)
     return Engine(

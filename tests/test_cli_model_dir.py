@@ -7,12 +7,12 @@ import json
 import pytest
 
 from cli_helpers import run_cli
-from reasoning_llama.checkpoint import save_model
 from reasoning_llama.cli.model_dir import resolve_model_dir
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.errors import CheckpointError
 from reasoning_llama.model import Transformer
-from reasoning_llama.training import checkpointing as ckpt
+from reasoning_llama.model_files import save_model
+from reasoning_llama.training import run_checkpoints as ckpt
 
 
 @pytest.fixture

@@ -163,7 +163,7 @@ def test_split_is_seeded_disjoint_and_complete():
 
 
 def test_synthetic_validation_is_the_test_split(tmp_path, tokenizer):
-    from reasoning_llama.data.synthetic import generate_examples
+    from reasoning_llama.tasks import generate_examples
 
     cfg = DataConfig(synthetic_train_size=24, synthetic_val_size=6, seed=5, cache_dir=str(tmp_path))
     data = prepare_data(cfg, tokenizer, progress=False)

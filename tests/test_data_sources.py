@@ -303,7 +303,7 @@ def test_a_txt_file_without_separators_is_one_document(tmp_path):
 
 
 def test_synthetic_rows_come_with_a_held_out_test_split():
-    from reasoning_llama.data.synthetic import generate_examples
+    from reasoning_llama.tasks import generate_examples
 
     cfg = DataConfig(synthetic_train_size=30, synthetic_val_size=9, seed=7)
     loaded = load_rows(cfg)

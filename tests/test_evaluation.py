@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 from cli_helpers import run_cli
 from reasoning_llama import evaluation
-from reasoning_llama.checkpoint import save_model
-from reasoning_llama.data.synthetic import DEFAULT_FAMILIES, problem_split
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.generation import Engine
 from reasoning_llama.model import Transformer
+from reasoning_llama.model_files import save_model
+from reasoning_llama.tasks import DEFAULT_FAMILIES, problem_split
 from reasoning_llama.tokenizer import get_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

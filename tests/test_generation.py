@@ -7,11 +7,11 @@ import threading
 import pytest
 import torch
 
-from reasoning_llama.checkpoint import save_model
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.errors import ConfigError, RequestError
 from reasoning_llama.generation import Delta, Engine, GenerationResult, decode, prefill
 from reasoning_llama.model import KVCache, Transformer
+from reasoning_llama.model_files import save_model
 from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.tokenizer import (
     ASSISTANT,
@@ -141,7 +141,7 @@ def test_greedy_matches_transformers_generate_token_for_token(model, prompts, la
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from reasoning_llama.cpu_layout import onednn_linear_works, prepare_for_cpu_decode
-    from reasoning_llama.interop.hf import to_hf_config, to_hf_state_dict
+    from reasoning_llama.interop.names import to_hf_config, to_hf_state_dict
 
     if layout == "onednn" and not onednn_linear_works():
         pytest.skip("this torch build has no oneDNN linear")

@@ -10,12 +10,12 @@ import math
 import pytest
 import torch
 
-from reasoning_llama.checkpoint import save_model
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.decoding import StaticDecodeStep
 from reasoning_llama.generation import Engine
 from reasoning_llama.loss import ModelWithLoss, batch_loss
 from reasoning_llama.model import KVCache, Transformer
+from reasoning_llama.model_files import save_model
 from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.tokenizer import EOT, IM_END, get_tokenizer
 from reasoning_llama.training.loop import Trainer

@@ -14,11 +14,12 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from reasoning_llama import checkpoint
+from reasoning_llama import model_files
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.errors import CheckpointError
-from reasoning_llama.interop.export import HF_TOKEN_NAMES, export_hf, import_hf
-from reasoning_llama.interop.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
+from reasoning_llama.interop.hf import export_hf, import_hf
+from reasoning_llama.interop.hf_tokenizer import HF_TOKEN_NAMES
+from reasoning_llama.interop.names import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
 from reasoning_llama.model import Transformer
 from reasoning_llama.tokenizer import EOT, IM_END, PAD, get_tokenizer
 
@@ -176,7 +177,7 @@ def test_from_hf_config_refuses_what_we_cannot_express(change: dict, message: st
 def our_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Transformer, object]:
     directory = tmp_path_factory.mktemp("ours") / "ckpt"
     model = randomized(Transformer(REAL_VOCAB), seed=7)
-    checkpoint.save_model(directory, model)
+    model_files.save_model(directory, model)
     return model, directory
 
 
@@ -310,7 +311,7 @@ def test_hf_tokenizer_maps_special_ids_to_the_hf_names(hf_tokenizer) -> None:
 
 
 def test_export_then_import_gives_identical_weights(our_model, exported, tmp_path) -> None:
-    back = checkpoint.load_model(import_hf(exported, tmp_path / "back"))
+    back = model_files.load_model(import_hf(exported, tmp_path / "back"))
     assert back.config == our_model[0].config
     original = our_model[0].state_dict()
     assert all(torch.equal(t, original[k]) for k, t in back.state_dict().items())
@@ -322,7 +323,7 @@ def test_import_reads_sharded_safetensors(tmp_path) -> None:
     assert (tmp_path / "src" / "model.safetensors.index.json").is_file()
     shards = list((tmp_path / "src").glob("model-*.safetensors"))
     assert len(shards) > 1
-    ours = checkpoint.load_model(import_hf(tmp_path / "src", tmp_path / "out"))
+    ours = model_files.load_model(import_hf(tmp_path / "src", tmp_path / "out"))
     expected = from_hf_state_dict(hf.state_dict())
     assert all(torch.equal(t, expected[k]) for k, t in ours.state_dict().items())
 
@@ -331,7 +332,7 @@ def test_import_gpt2_vocabulary_adds_the_chat_rows(tmp_path) -> None:
     gpt2_vocab = ModelConfig(**{**REAL_VOCAB.to_dict(), "vocab_size": 50257})
     hf = randomized(hf_llama(gpt2_vocab), seed=13)
     hf.save_pretrained(tmp_path / "src")
-    ours = checkpoint.load_model(import_hf(tmp_path / "src", tmp_path / "out"))
+    ours = model_files.load_model(import_hf(tmp_path / "src", tmp_path / "out"))
     assert ours.config.vocab_size == 50263
     head = ours.head.weight.detach()
     assert torch.allclose(head[50257:], hf.lm_head.weight.detach().mean(0).expand(6, -1))
@@ -386,10 +387,10 @@ def test_import_refuses_our_own_checkpoint_and_mismatched_weights(our_model, exp
 
 def test_export_refuses_final_block_and_protects_existing_directories(our_model, tmp_path) -> None:
     with_block = ModelConfig(**{**SMALL.to_dict(), "final_block": True})
-    checkpoint.save_model(tmp_path / "block", Transformer(with_block))
+    model_files.save_model(tmp_path / "block", Transformer(with_block))
     with pytest.raises(CheckpointError, match="final_block: false"):
         export_hf(tmp_path / "block", tmp_path / "out")
-    checkpoint.save_model(tmp_path / "small", Transformer(SMALL))
+    model_files.save_model(tmp_path / "small", Transformer(SMALL))
     with pytest.raises(CheckpointError, match="vocab_size 97"):
         export_hf(tmp_path / "small", tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reasoning_llama.checkpoint import load_model, save_model
 from reasoning_llama.config import ModelConfig, load_run_config
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.evaluation import evaluate_generations, synthetic_test_rows
 from reasoning_llama.generation import Engine
 from reasoning_llama.model import Transformer
+from reasoning_llama.model_files import load_model, save_model
 from reasoning_llama.quantize import Int8Linear, compare_decoding, int8_linear_works, quantize_int8
 from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.tokenizer import get_tokenizer

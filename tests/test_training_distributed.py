@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from reasoning_llama.config import RunConfig
-from reasoning_llama.training import checkpointing as ckpt
+from reasoning_llama.training import run_checkpoints as ckpt
 from reasoning_llama.training import train
 from reasoning_llama.training.metrics import read_metrics
 from test_training_loop import tiny_run

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_helpers import run_cli
 from reasoning_llama.config import RunConfig, load_run_config
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.training import TrainingDiverged, train
-from reasoning_llama.training import checkpointing as ckpt
+from reasoning_llama.training import run_checkpoints as ckpt
 from reasoning_llama.training.metrics import read_metrics
 
 TIMING_KEYS = {"tokens_per_s", "elapsed_s"}
@@ -125,15 +127,34 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(tmp_p
     assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-000002"]
     after = load_file(run / "checkpoints/step-000002/model.safetensors")
     assert all(torch.equal(good[k], after[k]) for k in good)
+    # The command the message suggests works: it resumes from step 2 with the lower rate it names
+    # (5e29 here, still far too high, so it diverges again and suggests half of that in turn).
+    command = shlex.split(message.split("resume it with a lower learning rate: ")[1].split(". Lower")[0])
+    assert command[:2] == ["reasoning-llama", "train"] and "train.lr=5e+29" in command
+    resumed = run_cli(*command[1:], "--no-progress", one_thread=True)
+    assert "resuming from" in resumed.stderr and "step-000002 (step 2 of 20)" in resumed.stderr, (
+        resumed.stderr
+    )
+    assert "training diverged" in resumed.stderr and "--set train.lr=2.5e+29" in resumed.stderr
 
 
 def test_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path):
     run = tmp_path / "run"
-    with pytest.raises(ConfigError, match="no resumable checkpoint"):
+    with pytest.raises(ConfigError, match="holds no training run; start one without --resume"):
         train(tiny_run(tmp_path), run, resume=True, progress=False)
     train(tiny_run(tmp_path, "train.max_steps=1"), run, progress=False)
-    with pytest.raises(ConfigError, match="already holds a training run; pass --resume"):
+    with pytest.raises(ConfigError, match=r"already holds a training run; pass --resume .* --overwrite"):
         train(tiny_run(tmp_path), run, progress=False)
+    (run / "notes.txt").write_text("kept")
+    train(tiny_run(tmp_path, "train.max_steps=2"), run, overwrite=True, progress=False)
+    assert not (run / "notes.txt").exists()  # the whole earlier run is gone
+    assert [r["step"] for r in read_metrics(run) if "train_loss" in r] == [1, 2]
+    other = tmp_path / "not-a-run"
+    other.mkdir()
+    (other / "thesis.tex").write_text("precious")
+    with pytest.raises(ConfigError, match="does not look like a training run"):
+        train(tiny_run(tmp_path), other, overwrite=True, progress=False)
+    assert (other / "thesis.tex").read_text() == "precious"
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.tokenizer import N_VOCAB
@@ -164,6 +164,56 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
+@dataclass
+class RLConfig:
+    """A `reasoning-llama rl` run: GRPO-style policy gradient from a checkpoint against checkable answers."""
+
+    init_from: str | None = None  # the checkpoint (or run directory) to improve
+    # What to practise: synthetic task families (their train split), or a file of rows with `user` and
+    # `assistant` (no reasoning needed) scored by `checker`: exact, numeric or package.module:function.
+    families: list[str] = field(default_factory=list)
+    data: str | None = None
+    checker: str = "exact"
+    difficulty: dict[str, int] = field(default_factory=dict)  # per family; missing = the family's default
+    train_size: int = 5000  # distinct train-split problems drawn per family (the prompts cycle through them)
+    # Sampling: G answers to each of B prompts per step, through the engine.
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 8
+    temperature: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 128
+    reasoning_budget: int | None = None
+    # Rewards and objective.
+    format_reward: float = 0.0  # added for a well-formed reasoning -> answer turn
+    normalize_std: bool = False  # divide advantages by the group's standard deviation
+    updates_per_batch: int = 1  # optimizer steps per sampled batch; beyond 1 the PPO clip matters
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    kl_coef: float = 0.0  # penalty on the KL to the initial model (always measured)
+    micro_batch_size: int = 64  # sequences per forward pass when recomputing log-probabilities
+    # Optimisation.
+    lr: float = 1e-4
+    warmup_steps: int = 5
+    min_lr_ratio: float = 1.0  # 1 = constant after warmup
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    max_steps: int = 100
+    max_minutes: float | None = None  # save and stop after this much time
+    # Held-out evaluation (test split, greedy) of the trained families plus `eval_families`.
+    eval_every: int = 0  # 0 = at the start and the end only
+    eval_size: int = 100  # problems per family
+    eval_families: list[str] = field(default_factory=list)
+    save_every: int = 20
+    keep_last: int = 2
+    log_every: int = 1
+    seed: int = 0
+    device: str = "auto"
+
+
+T = TypeVar("T")
+
 RECIPES = Path(__file__).parent / "recipes"
 
 
@@ -187,11 +237,16 @@ def recipe_path(name_or_path: str | Path) -> Path:
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults <- YAML file or packaged recipe <- `key=value` overrides (e.g. `train.lr=3e-4`), type-checked by OmegaConf."""
+    return load_config(RunConfig, path, overrides)
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """A `schema` dataclass from its defaults <- a YAML file or packaged recipe <- `key=value` overrides."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        merged = OmegaConf.structured(RunConfig)
+        merged = OmegaConf.structured(schema)
         if path is not None:
             merged = OmegaConf.merge(merged, OmegaConf.load(recipe_path(path)))
         if overrides:

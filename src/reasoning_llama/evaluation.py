@@ -8,77 +8,27 @@ is exactly what `generate`, `chat` and the server would produce.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from reasoning_llama.data.batching import Batch, BatchLoader
+from reasoning_llama.data.batching import BatchLoader
 from reasoning_llama.data.prepare import TokenizedSplit
-from reasoning_llama.data.synthetic import FAMILIES, check_answer, families_or_default, generate_examples
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.generation import Engine, GenerationResult
-from reasoning_llama.loss import ModelWithLoss, batch_loss
+from reasoning_llama.loss import LossReport, evaluate_loss
 from reasoning_llama.model import Transformer
 from reasoning_llama.sampling import SamplingParams
+from reasoning_llama.tasks import FAMILIES, check_answer, families_or_default, generate_examples
 from reasoning_llama.tokenizer import ChatTokenizer
 
 NO_FAMILY = "data"  # the bucket of rows without a synthetic `family`
 
 
-# --- loss ----------------------------------------------------------------------------------
-
-
-@dataclass
-class LossReport:
-    loss: float  # mean cross-entropy over the loss tokens (nats per token)
-    perplexity: float
-    loss_tokens: int
-
-
-def summed_loss(
-    loss_model: nn.Module,
-    batches: Iterable[Batch],
-    *,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, int]:
-    """(summed loss, loss tokens) of a `ModelWithLoss` over `batches`, without gradients.
-
-    The sum stays on the device (one read at the end, by the caller); the mode is restored afterwards.
-    Every batch is computed, even one without loss tokens, so sharded models stay in step across ranks.
-    """
-    was_training = loss_model.training
-    loss_model.eval()
-    total, tokens = torch.zeros((), device=device), 0
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    try:
-        with torch.no_grad(), autocast:
-            for batch in batches:
-                total += batch_loss(loss_model, batch.to(device, non_blocking=True)).float()
-                tokens += batch.n_loss_tokens
-    finally:
-        loss_model.train(was_training)
-    return total, tokens
-
-
-def loss_report(total: float, tokens: int) -> LossReport:
-    loss = total / tokens if tokens else math.nan
-    return LossReport(loss, math.exp(min(loss, 700.0)), tokens)
-
-
-def evaluate_loss(
-    model: Transformer, batches: Iterable[Batch], *, amp_dtype: torch.dtype | None = None
-) -> LossReport:
-    """Token-weighted mean loss of `model` over `batches` (the head fused into the loss)."""
-    device = next(model.parameters()).device
-    loss_model = ModelWithLoss(model, amp_dtype=amp_dtype)
-    total, tokens = summed_loss(loss_model, batches, device=device, amp_dtype=amp_dtype)
-    return loss_report(total.item(), tokens)
+# --- loss on raw rows ------------------------------------------------------------------
 
 
 def tokenize_for_eval(
@@ -229,7 +179,7 @@ def parse_task_spec(spec: str) -> list[str]:
 
 
 def synthetic_test_rows(
-    families: Sequence[str], per_family: int, *, seed: int = 0, difficulty: int | None = None
+    families: Sequence[str], per_family: int, *, seed: int = 0, difficulty: int | dict[str, int] | None = None
 ) -> list[dict[str, str]]:
     """`per_family` problems of each family from the synthetic TEST split (never trained on)."""
     try:

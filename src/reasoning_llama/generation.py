@@ -279,7 +279,7 @@ class Engine:
         unless `cuda_graphs=False`. CPU: the decode layout (cpu_layout.py), or with
         `quantize="int8"` int8 linear layers (quantize.py).
         """
-        from reasoning_llama.checkpoint import load_model
+        from reasoning_llama.model_files import load_model
 
         resolved = resolve_device(device)
         if quantize not in (None, "int8"):

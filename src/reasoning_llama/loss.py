@@ -1,4 +1,5 @@
-"""The training loss: masked next-token cross-entropy with the head fused in, chunked over the vocabulary.
+"""The loss: masked next-token cross-entropy with the head fused in (chunked over the vocabulary), and its
+sum over batches for validation and evaluation.
 
 In a small model the 50,263-way head dominates training. Computing `logits = hidden @ head.T` and then
 the cross-entropy materialises an (N, vocab) tensor several times over (logits, fp32 copy, log-softmax,
@@ -15,6 +16,10 @@ never waits on it.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,7 +35,10 @@ KEEP_LOGITS_LIMIT = 2**25
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i w_i [logsumexp(h_i W^T) - h_i . W[t_i]], matmuls in `dtype`, softmax in fp32, w_i in {0, 1}."""
+    """Per row i: w_i [logsumexp(h_i W^T) - h_i . W[t_i]], matmuls in `dtype`, softmax in fp32.
+
+    Returns the (N,) vector; its gradient may weight each row differently (a sum, or a policy gradient).
+    """
 
     @staticmethod
     def forward(
@@ -71,13 +79,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 losses = losses * row_weights
         ctx.save_for_backward(h, w, targets, lse, row_weights, *kept)
         ctx.chunk, ctx.hidden_dtype, ctx.weight_dtype = chunk, hidden.dtype, weight.dtype
-        return losses.sum()
+        return losses
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, None, None, None, None]:
         h, w, targets, lse, row_weights, *kept = ctx.saved_tensors
         chunk = ctx.chunk
-        scale = grad_out if row_weights is None else (row_weights * grad_out)[:, None]
+        scale = (grad_out if row_weights is None else row_weights * grad_out)[:, None]
         grad_h = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
         grad_w = torch.empty(w.shape, dtype=ctx.weight_dtype, device=w.device)
         for index, start in enumerate(range(0, w.shape[0], chunk)):
@@ -119,7 +127,27 @@ def linear_cross_entropy(
         return (hidden.sum() + weight.sum()) * 0.0  # keeps the graph for a batch without loss tokens
     chunk = chunk or (2048 if hidden.device.type == "cpu" else 16384)
     weights = None if row_weights is None else row_weights.to(torch.float32)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, weights, dtype or hidden.dtype, chunk)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, weights, dtype or hidden.dtype, chunk).sum()
+
+
+def token_log_probs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    dtype: torch.dtype | None = None,
+    chunk: int | None = None,
+) -> Tensor:
+    """log softmax(hidden @ weight.T / temperature)[targets] per row (N,), differentiable, without the full logits.
+
+    What a policy gradient needs: each sampled token's log-probability under the model that is trained.
+    """
+    if hidden.shape[0] == 0:
+        return (hidden.sum() + weight.sum()) * 0.0 + hidden.new_zeros(0, dtype=torch.float32)
+    chunk = chunk or (2048 if hidden.device.type == "cpu" else 16384)
+    scaled = hidden if temperature == 1.0 else hidden / temperature  # logits / T = (h / T) W^T
+    return -_LinearCrossEntropy.apply(scaled, weight, targets, None, dtype or hidden.dtype, chunk)
 
 
 class ModelWithLoss(nn.Module):
@@ -170,3 +198,54 @@ class ModelWithLoss(nn.Module):
 def batch_loss(module: nn.Module, batch: Batch) -> Tensor:
     """The summed loss of a `ModelWithLoss` (or its DDP / FSDP wrapper) on one batch."""
     return module(batch.inputs, batch.targets, batch.loss_mask, batch.positions, batch.doc_ids)
+
+
+# --- summed over batches: validation and evaluation ------------------------------------
+
+
+@dataclass
+class LossReport:
+    loss: float  # mean cross-entropy over the loss tokens (nats per token)
+    perplexity: float
+    loss_tokens: int
+
+
+def summed_loss(
+    loss_model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, int]:
+    """(summed loss, loss tokens) of a `ModelWithLoss` over `batches`, without gradients.
+
+    The sum stays on the device (one read at the end, by the caller); the mode is restored afterwards.
+    Every batch is computed, even one without loss tokens, so sharded models stay in step across ranks.
+    """
+    was_training = loss_model.training
+    loss_model.eval()
+    total, tokens = torch.zeros((), device=device), 0
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    try:
+        with torch.no_grad(), autocast:
+            for batch in batches:
+                total += batch_loss(loss_model, batch.to(device, non_blocking=True)).float()
+                tokens += batch.n_loss_tokens
+    finally:
+        loss_model.train(was_training)
+    return total, tokens
+
+
+def loss_report(total: float, tokens: int) -> LossReport:
+    loss = total / tokens if tokens else math.nan
+    return LossReport(loss, math.exp(min(loss, 700.0)), tokens)
+
+
+def evaluate_loss(
+    model: Transformer, batches: Iterable[Batch], *, amp_dtype: torch.dtype | None = None
+) -> LossReport:
+    """Token-weighted mean loss of `model` over `batches` (the head fused into the loss)."""
+    device = next(model.parameters()).device
+    loss_model = ModelWithLoss(model, amp_dtype=amp_dtype)
+    total, tokens = summed_loss(loss_model, batches, device=device, amp_dtype=amp_dtype)
+    return loss_report(total.item(), tokens)

@@ -14,7 +14,6 @@ The recipe (`recipes/quickstart.yaml`, loaded by `quickstart_config`) is shaped 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,8 +27,8 @@ from reasoning_llama.errors import ConfigError
 from reasoning_llama.evaluation import GenerationReport, evaluate_generations, synthetic_test_rows
 from reasoning_llama.generation import Engine
 from reasoning_llama.tokenizer import get_tokenizer
-from reasoning_llama.training import checkpointing as ckpt
-from reasoning_llama.training.loop import RUN_CONFIG, Trainer, TrainResult
+from reasoning_llama.training import run_checkpoints as ckpt
+from reasoning_llama.training.loop import Trainer, TrainResult, start_over
 from reasoning_llama.training.plot import plot_run
 
 RECIPE = "quickstart"  # src/reasoning_llama/recipes/quickstart.yaml, where its reasons are written
@@ -160,7 +159,7 @@ def run_quickstart(
 
     best = out / ckpt.BEST
     say(f"evaluating the trained model ({best}) on the same {len(test_rows)} problems ...")
-    from reasoning_llama.checkpoint import load_model
+    from reasoning_llama.model_files import load_model
 
     after = evaluate_generations(_engine(load_model(best)), test_rows, progress=progress)
     plot = plot_run(out)
@@ -189,9 +188,7 @@ def _clear_previous(out: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise ConfigError(f"{out} is not empty; pass --overwrite to replace it or choose another --out")
-    if not (out / RUN_CONFIG).is_file():
-        raise ConfigError(f"{out} does not look like a training run (no {RUN_CONFIG}); refusing to delete it")
-    shutil.rmtree(out)
+    start_over(out)
 
 
 def _pick_sample(report: GenerationReport) -> dict[str, Any]:

@@ -1,13 +1,13 @@
 """The `reasoning-llama` command line: the only place that wires every part together.
 
-Every module of this package with a `register(app)` function adds its subcommands to `app`.
+Each command lives in the module of its name below; `COMMANDS` lists them in the order `--help` shows.
+A module adds its commands to `app` in its `register(app)`.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-import pkgutil
 import sys
 
 import typer
@@ -22,10 +22,22 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    _module = importlib.import_module(f"{__name__}.{_info.name}")
-    if hasattr(_module, "register"):
-        _module.register(app)
+COMMANDS = (
+    "quickstart",
+    "train",
+    "rl",
+    "evaluate",  # eval
+    "plot",
+    "data",  # data stats
+    "generate",
+    "chat",
+    "serve",
+    "interop",  # export, import
+    "info",  # info, tokenize
+)
+
+for _name in COMMANDS:
+    importlib.import_module(f"{__name__}.{_name}").register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from reasoning_llama.checkpoint import CONFIG
 from reasoning_llama.errors import CheckpointError
+from reasoning_llama.model_files import CONFIG
 
 ModelDir = Annotated[
     Path,
@@ -22,7 +22,7 @@ ModelDir = Annotated[
 
 def resolve_model_dir(path: Path) -> Path:
     """The checkpoint directory `path` names (see the module docstring)."""
-    from reasoning_llama.training import checkpointing as ckpt
+    from reasoning_llama.training import run_checkpoints as ckpt
 
     if (path / CONFIG).is_file():
         return path

@@ -1,1 +1,1 @@
-"""Data sources, validation, packing and batches; see synthetic.py for the built-in tasks."""
+"""Data sources, validation, preparation, packing, batches and prefetching; the built-in tasks are in `tasks/`."""

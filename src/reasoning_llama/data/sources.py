@@ -1,6 +1,6 @@
 """Where training rows come from, selected by `DataConfig.source`.
 
-- synthetic: the built-in verifiable tasks (data/synthetic.py), with their own test split;
+- synthetic: the built-in verifiable tasks (`reasoning_llama.tasks`), with their own test split;
 - hub: `datasets.load_dataset(path, split=split)`, a hub name or a local directory in the hub's
   file layout or saved with `save_to_disk`;
 - local: .json, .jsonl or .parquet files (a file, a directory or a glob) with user/reasoning/assistant;
@@ -61,7 +61,7 @@ def load_rows(cfg: DataConfig) -> LoadedRows:
 
 
 def _load_synthetic(cfg: DataConfig) -> LoadedRows:
-    from reasoning_llama.data.synthetic import families_or_default, generate_examples
+    from reasoning_llama.tasks import families_or_default, generate_examples
 
     families = families_or_default(cfg.families)
     splits = {}
@@ -203,7 +203,9 @@ def resolve_files(spec: str, suffixes: tuple[str, ...]) -> list[Path]:
         if path.suffix.lower() not in suffixes:
             raise DataError(f"{spec}: unsupported file type {path.suffix or '(none)'!r}; expected {kinds}")
         return [path]
-    raise DataError(f"data path {spec} does not exist; point data.path (--path) at a file, directory or glob")
+    raise DataError(
+        f"data path {spec} does not exist; point data.path at a file, directory or glob (train --set data.path=PATH, data stats --path PATH)"
+    )
 
 
 def read_file(path: Path, fields: tuple[str, ...], report: ValidationReport) -> list[dict[str, str]]:

@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import shutil
 import signal
 import statistics
 import sys
@@ -38,15 +39,15 @@ from reasoning_llama.data.batching import Batch, BatchLoader
 from reasoning_llama.data.prefetch import Prefetcher
 from reasoning_llama.data.prepare import PreparedData, prepare_data
 from reasoning_llama.errors import ConfigError, ReasoningLlamaError
-from reasoning_llama.evaluation import evaluate_generations, loss_report, summed_loss, synthetic_test_rows
+from reasoning_llama.evaluation import evaluate_generations, synthetic_test_rows
 from reasoning_llama.generation import Engine
-from reasoning_llama.loss import ModelWithLoss, batch_loss
+from reasoning_llama.loss import ModelWithLoss, batch_loss, loss_report, summed_loss
 from reasoning_llama.model import Transformer
 from reasoning_llama.tokenizer import ChatTokenizer, get_tokenizer
-from reasoning_llama.training import checkpointing as ckpt
 from reasoning_llama.training import distributed as dist
+from reasoning_llama.training import run_checkpoints as ckpt
 from reasoning_llama.training.distributed import World
-from reasoning_llama.training.metrics import MetricsWriter, truncate_after
+from reasoning_llama.training.metrics import METRICS_FILE, MetricsWriter, truncate_after
 from reasoning_llama.training.optim import build_optimizer, lr_at, set_lr
 
 RUN_CONFIG = "run_config.yaml"
@@ -102,7 +103,7 @@ def model_config_for(config: RunConfig) -> ModelConfig:
     """The preset with `model_overrides` applied, or the config of the `init_from` checkpoint."""
     train = config.train
     if train.init_from:
-        from reasoning_llama.checkpoint import load_config
+        from reasoning_llama.model_files import load_config
 
         return load_config(train.init_from)
     return ModelConfig.from_dict({**get_preset(train.preset).to_dict(), **dict(train.model_overrides)})
@@ -111,7 +112,7 @@ def model_config_for(config: RunConfig) -> ModelConfig:
 def build_model(config: RunConfig, device: torch.device) -> Transformer:
     """A freshly initialised model (seeded), or the weights of `train.init_from`."""
     if config.train.init_from:
-        from reasoning_llama.checkpoint import load_model
+        from reasoning_llama.model_files import load_model
 
         return load_model(config.train.init_from, device=device).train()
     torch.manual_seed(config.train.seed)
@@ -183,30 +184,52 @@ def check_config(config: RunConfig, model_config: ModelConfig) -> None:
         raise ConfigError("train.lr must be > 0, min_lr_ratio in [0, 1], grad_clip and weight_decay >= 0")
 
 
-def _save_run_config(run_dir: Path, config: RunConfig) -> None:
+def _save_run_config(run_dir: Path, config: Any) -> None:
     from omegaconf import OmegaConf
 
     atomic.write_text(run_dir / RUN_CONFIG, OmegaConf.to_yaml(OmegaConf.structured(config)))
 
 
-def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, restarted: bool = False) -> Path | None:
-    """Create or check RUN/; return the checkpoint to resume from (None for a fresh run).
+def holds_run(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a training run (its config, metrics or checkpoints), even one that saved nothing."""
+    return any((run_dir / name).exists() for name in (RUN_CONFIG, METRICS_FILE, ckpt.CHECKPOINTS))
 
-    restarted: torchrun brought the group back after a failure: continue from the latest checkpoint,
-    or start over if the failed attempt saved none.
+
+def start_over(run_dir: Path) -> None:
+    """Delete the training run in `run_dir`; a non-empty directory that holds none is never deleted."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    if not holds_run(run_dir):
+        raise ConfigError(
+            f"{run_dir} does not look like a training run (no {RUN_CONFIG}); refusing to delete it"
+        )
+    shutil.rmtree(run_dir)
+
+
+def prepare_run_dir(
+    run_dir: Path, config: Any, resume: bool, restarted: bool = False, overwrite: bool = False
+) -> Path | None:
+    """Create or check RUN/ and save `config` (a config dataclass) in it; the checkpoint to resume from (None: fresh).
+
+    resume: continue from the latest checkpoint, or start over if the run stopped before saving one.
+    restarted: torchrun brought the group back after a failure (the same, and never an overwrite).
+    overwrite: delete the run already in RUN/ first.
     """
+    if overwrite and not restarted:
+        start_over(run_dir)
     if resume or restarted:
         latest = ckpt.latest_checkpoint(run_dir)
-        if latest is None and not restarted:
-            raise ConfigError(f"--resume: {run_dir} has no resumable checkpoint; start without --resume")
+        if latest is None and not restarted and not holds_run(run_dir):
+            raise ConfigError(f"--resume: {run_dir} holds no training run; start one without --resume")
         ckpt.remove_stale_temporaries(run_dir)
-        if latest is None:  # a restarted group whose first attempt saved nothing: start over
+        if latest is None:  # the run stopped before its first checkpoint: start it over
             truncate_after(run_dir, 0)
     else:
         latest = None
-        if (run_dir / ckpt.CHECKPOINTS).exists() or (run_dir / "metrics.jsonl").exists():
+        if holds_run(run_dir):
             raise ConfigError(
-                f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out"
+                f"{run_dir} already holds a training run; pass --resume to continue it, --overwrite to "
+                "start it over, or choose another --out"
             )
     run_dir.mkdir(parents=True, exist_ok=True)
     _save_run_config(run_dir, config)
@@ -217,7 +240,7 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, restarted: b
 
 
 @contextmanager
-def _sigint_flag() -> Iterator[threading.Event]:
+def sigint_flag() -> Iterator[threading.Event]:
     """First Ctrl-C sets the flag (the loop saves and stops); a second one aborts at once."""
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
@@ -249,6 +272,7 @@ class Trainer:
         run_dir: str | Path,
         *,
         resume: bool = False,
+        overwrite: bool = False,
         progress: bool = True,
         tokenizer: ChatTokenizer | None = None,
         data: PreparedData | None = None,
@@ -265,9 +289,13 @@ class Trainer:
         model_config = model_config_for(config)
         check_config(config, model_config)
         restarted = dist.elastic_restart_count() > 0
-        resume_from = dist.on_main(world, lambda: prepare_run_dir(self.run_dir, config, resume, restarted))
+        resume_from = dist.on_main(
+            world, lambda: prepare_run_dir(self.run_dir, config, resume, restarted, overwrite)
+        )
         if restarted:
             self.say(f"restart {dist.elastic_restart_count()} of the process group")
+        elif resume and resume_from is None:
+            self.say(f"{self.run_dir} stopped before its first checkpoint; starting it over from step 0")
 
         ckpt.seed_everything(t.seed)
         self.tokenizer = tokenizer or get_tokenizer()
@@ -358,7 +386,7 @@ class Trainer:
         pin = self.device.type == "cuda"
         batches = Prefetcher(self.train_loader, depth=2 * self.accum, pin_memory=pin)
         writer = MetricsWriter(self.run_dir) if self.world.is_main else nullcontext()
-        with writer, bar, batches, _sigint_flag() as interrupted:
+        with writer, bar, batches, sigint_flag() as interrupted:
             first_step, started = state.step, time.monotonic()
             while state.step < self.total_steps:
                 done = state.step - first_step
@@ -519,7 +547,13 @@ class Trainer:
             loss = float(dist.all_reduce_sum(self._loss_sum.clone(), self.world))
             raise TrainingDiverged(
                 _diverged_message(
-                    self.state.step, loss, float(self._grad_norm), lr or self.lr(), self.last_checkpoint
+                    self.state.step,
+                    loss,
+                    float(self._grad_norm),
+                    lr or self.lr(),
+                    self.t.lr,
+                    self.run_dir,
+                    self.last_checkpoint,
                 )
             )
 
@@ -623,6 +657,7 @@ def train(
     run_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     stop_at_step: int | None = None,
     deadline: float | None = None,
@@ -638,7 +673,14 @@ def train(
     the run should take, to which the planned steps are refitted as it goes (see `Trainer.run`).
     """
     trainer = Trainer(
-        config, run_dir, resume=resume, progress=progress, tokenizer=tokenizer, data=data, echo=echo
+        config,
+        run_dir,
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress,
+        tokenizer=tokenizer,
+        data=data,
+        echo=echo,
     )
     try:
         result = trainer.run(stop_at_step=stop_at_step, deadline=deadline, time_budget=time_budget)
@@ -699,7 +741,7 @@ def _task_rows(config: RunConfig) -> list[dict[str, str]]:
     """Held-out synthetic problems scored during training (none for other sources)."""
     if config.data.source != "synthetic" or config.train.task_eval_size <= 0:
         return []
-    from reasoning_llama.data.synthetic import families_or_default
+    from reasoning_llama.tasks import families_or_default
 
     names = families_or_default(config.data.families)
     per_family = max(1, config.train.task_eval_size // len(names))
@@ -718,10 +760,19 @@ def _describe(record: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def _diverged_message(step: int, loss: float, grad_norm: float, lr: float, checkpoint: Path | None) -> str:
+def _diverged_message(
+    step: int,
+    loss: float,
+    grad_norm: float,
+    lr: float,
+    base_lr: float,
+    run_dir: Path,
+    checkpoint: Path | None,
+) -> str:
     what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
     where = (
-        f"the last good checkpoint is {checkpoint} (resume it with --resume after lowering train.lr)"
+        f"the last good checkpoint is {checkpoint}; resume it with a lower learning rate: "
+        f"reasoning-llama train --out {run_dir} --resume --set train.lr={base_lr / 2:.3g}"
         if checkpoint
         else "no checkpoint was written yet"
     )

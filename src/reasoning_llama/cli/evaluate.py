@@ -1,0 +1,112 @@
+"""`eval`: score a checkpoint on held-out synthetic problems or a data file."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from reasoning_llama.cli.model_dir import ModelDir, resolve_model_dir
+from reasoning_llama.cli.options import echo_err
+from reasoning_llama.errors import ConfigError
+
+
+def eval_command(
+    checkpoint: ModelDir,
+    task: Annotated[
+        str | None,
+        typer.Option(help="synthetic or synthetic:FAMILY,...: held-out problems of the TEST split."),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="A .json/.jsonl/.parquet file with user/reasoning/assistant.")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Problems per family (--task; default 100) or rows (--data).")
+    ] = None,
+    generate: Annotated[
+        bool, typer.Option(help="With --data: also generate answers and score them (slower).")
+    ] = False,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Generation budget (default: 2x the longest reference).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences decoded together.")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic problems drawn.")] = 0,
+    difficulty: Annotated[
+        int | None, typer.Option(help="Difficulty of the synthetic problems (default: each family's).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Exact match, format adherence and reasoning length per family; loss and perplexity."""
+    from reasoning_llama import evaluation
+    from reasoning_llama.generation import Engine
+
+    if (task is None) == (data is None):
+        raise ConfigError("give exactly one of --task synthetic[:family,...] or --data FILE")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {limit}")
+    directory = resolve_model_dir(checkpoint)
+    if task is not None:
+        families = evaluation.parse_task_spec(task)
+        rows = evaluation.synthetic_test_rows(families, limit or 100, seed=seed, difficulty=difficulty)
+        level = "" if difficulty is None else f" at difficulty {difficulty}"
+        source = f"synthetic test split{level}: {', '.join(families)}"
+        generate = True
+    else:
+        rows = _read_rows(data)  # type: ignore[arg-type]
+        rows = rows[:limit] if limit else rows
+        source = str(data)
+    engine = Engine.from_checkpoint(directory, device=device, max_batch_size=batch_size)
+    progress = not as_json and sys.stderr.isatty()
+    report: dict = {"checkpoint": str(directory), "source": source, "rows": len(rows)}
+    if generate:
+        scores = evaluation.evaluate_generations(
+            engine, rows, max_new_tokens=max_new_tokens, progress=progress
+        )
+        report |= scores.to_dict()
+    loss = evaluation.loss_on_rows(engine.model, engine.tokenizer, rows)
+    report |= {"loss": loss.loss, "perplexity": loss.perplexity, "loss_tokens": loss.loss_tokens}
+    if as_json:
+        print(json.dumps(report))
+    else:
+        _print_eval(report)
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    from reasoning_llama.config import DataConfig
+    from reasoning_llama.data.sources import load_rows
+
+    loaded = load_rows(DataConfig(source="local", path=str(path)))
+    if loaded.report.rows_skipped:
+        echo_err(f"warning: {loaded.report.summary()}")
+    return loaded.train + (loaded.val or [])
+
+
+def _print_eval(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    console.print(f"[bold]{report['checkpoint']}[/bold] on {report['source']} ({report['rows']} rows)")
+    if "families" in report:
+        table = Table("family", "n", "exact match", "format", "finished", "reasoning tokens")
+        for name, s in [*report["families"].items(), ("all", report["overall"])]:
+            table.add_row(
+                name,
+                str(s["n"]),
+                f"{s['exact_match']:.1%}",
+                f"{s['format_adherence']:.1%}",
+                f"{s['finished']:.1%}",
+                f"{s['mean_reasoning_tokens']:.1f}",
+            )
+        console.print(table)
+    console.print(
+        f"loss {report['loss']:.4f} nats/token, perplexity {report['perplexity']:.3f} ({report['loss_tokens']} tokens)"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)

@@ -1,0 +1,60 @@
+"""Options and conventions shared by several commands: the sampling flags of `generate` and `chat`,
+and the exit code of an interrupted command."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from reasoning_llama.sampling import SamplingParams
+
+INTERRUPTED_EXIT = 130  # what a shell reports for Ctrl-C
+
+
+def echo_err(message: str) -> None:
+    """A message for the person at the terminal (stderr, so stdout stays the command's output)."""
+    typer.echo(message, err=True)
+
+
+DEFAULT_MAX_NEW_TOKENS = 512  # when not given: this many, or what fits in the context
+
+# Options shared by both commands.
+System = Annotated[str | None, typer.Option(help="A system message, prepended to the first user turn.")]
+MaxNewTokens = Annotated[
+    int | None,
+    typer.Option(
+        help=f"Most tokens to generate, reasoning and answer together (default: {DEFAULT_MAX_NEW_TOKENS}, or what fits)."
+    ),
+]
+Temperature = Annotated[float, typer.Option(help="0 = greedy.")]
+TopK = Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = off).")]
+TopP = Annotated[
+    float, typer.Option(help="Nucleus sampling: the smallest set holding this much probability.")
+]
+MinP = Annotated[float, typer.Option(help="Drop tokens below this fraction of the best token's probability.")]
+RepetitionPenalty = Annotated[
+    float, typer.Option(help="Penalise tokens already in the prompt or output (1 = off).")
+]
+Seed = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
+ReasoningBudget = Annotated[
+    int | None, typer.Option(help="Most reasoning tokens before the answer is forced.")
+]
+Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop the answer at this text (repeatable).")]
+HideReasoning = Annotated[bool, typer.Option("--hide-reasoning", help="Do not show the reasoning.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
+
+
+def sampling_params(options: dict[str, object]) -> SamplingParams:
+    """SamplingParams from a command's options of the same names, checked before the model loads."""
+    from reasoning_llama.sampling import SamplingParams
+
+    names = {f.name for f in dataclasses.fields(SamplingParams)}
+    values = {name: value for name, value in options.items() if name in names}
+    values["max_new_tokens"] = values.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
+    values["stop"] = tuple(values.get("stop") or ())  # type: ignore[arg-type]
+    params = SamplingParams(**values)  # type: ignore[arg-type]
+    params.validate()
+    return params

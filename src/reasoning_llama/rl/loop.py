@@ -1,0 +1,403 @@
+"""The `reasoning-llama rl` run: sample groups, score them, take a clipped policy-gradient step, repeat.
+
+A run lives in a run directory like a training run's (DESIGN.md §4): the resolved config, metrics.jsonl,
+atomic step checkpoints with the optimizer and the run's progress, `latest`, exact `--resume`. Nothing
+random is carried between steps: step s draws its prompts from a seeded permutation of the train rows
+and seeds every sample from (seed, s, i), so a resumed run samples exactly what an uninterrupted one
+would have.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from reasoning_llama.config import RLConfig
+from reasoning_llama.data.sources import read_file, resolve_files
+from reasoning_llama.data.validation import ValidationReport
+from reasoning_llama.errors import ConfigError
+from reasoning_llama.evaluation import synthetic_test_rows
+from reasoning_llama.generation import Engine, resolve_device
+from reasoning_llama.loss import ModelWithLoss
+from reasoning_llama.model import Transformer
+from reasoning_llama.model_files import load_model
+from reasoning_llama.rl.objective import (
+    clipped_policy_loss,
+    group_advantages,
+    kl_estimate,
+    zero_signal_groups,
+)
+from reasoning_llama.rl.rewards import Checker, make_checker
+from reasoning_llama.rl.rollout import Sample, sample_groups, sampled_log_probs
+from reasoning_llama.sampling import SamplingParams
+from reasoning_llama.tasks import FAMILIES, generate_examples
+from reasoning_llama.tokenizer import get_tokenizer
+from reasoning_llama.training import run_checkpoints as ckpt
+from reasoning_llama.training.loop import prepare_run_dir, sigint_flag
+from reasoning_llama.training.metrics import MetricsWriter, truncate_after
+from reasoning_llama.training.optim import lr_at, param_groups, set_lr
+
+EVAL_SEED = 7  # the held-out problems: the test split, drawn with a seed of their own
+
+
+@dataclass
+class RLResult:
+    step: int
+    stop_reason: str  # max_steps, time_budget, interrupted
+    checkpoint: Path | None
+    evaluations: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> metric -> value
+
+
+def check_rl_config(config: RLConfig) -> None:
+    if config.init_from is None:
+        raise ConfigError("rl needs a model to start from: --init-from CHECKPOINT")
+    if bool(config.families) == bool(config.data):
+        raise ConfigError(
+            "give the task as synthetic families (--task synthetic:FAMILY) or a file (--data), one"
+        )
+    unknown = [f for f in [*config.families, *config.eval_families, *config.difficulty] if f not in FAMILIES]
+    if unknown:
+        raise ConfigError(f"unknown synthetic family {', '.join(unknown)}; known: {', '.join(FAMILIES)}")
+    positive = ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "updates_per_batch", "max_steps")
+    for name in (*positive, "micro_batch_size", "train_size", "save_every", "log_every"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.samples_per_prompt < 2:
+        raise ConfigError("samples_per_prompt must be >= 2: advantages compare samples of one prompt")
+    if not (config.temperature > 0 and config.lr > 0 and 0 <= config.min_lr_ratio <= 1):
+        raise ConfigError("temperature and lr must be > 0 and min_lr_ratio in [0, 1]")
+
+
+def step_seeds(seed: int, step: int, count: int) -> list[int]:
+    """The sampler seed of every sample of `step`: fixed by the run's seed, so a resume samples the same."""
+    rng = random.Random(f"reasoning-llama/rl/{seed}/{step}")
+    return [rng.getrandbits(63) for _ in range(count)]
+
+
+class PromptStream:
+    """Train rows in a fresh seeded order every epoch; `rows_for(step)` depends on the step alone."""
+
+    def __init__(self, rows: Sequence[dict[str, str]], per_step: int, seed: int) -> None:
+        if len(rows) < per_step:
+            raise ConfigError(f"{len(rows)} train rows are fewer than prompts_per_step ({per_step})")
+        self.rows, self.per_step, self.seed = list(rows), per_step, seed
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(len(self.rows)))
+            random.Random(f"reasoning-llama/rl/order/{self.seed}/{epoch}").shuffle(order)
+            self._orders = {epoch: order}  # one epoch is read at a time
+        return self._orders[epoch]
+
+    def rows_for(self, step: int) -> list[dict[str, str]]:
+        picked = []
+        for k in range(step * self.per_step, (step + 1) * self.per_step):
+            epoch, index = divmod(k, len(self.rows))
+            picked.append(self.rows[self._order(epoch)[index]])
+        return picked
+
+
+def load_task_rows(config: RLConfig) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(train rows, held-out rows): the families' train and test splits, or a file split by a seeded draw."""
+    if config.families:
+        examples = generate_examples(
+            config.families,
+            config.train_size * len(config.families),
+            split="train",
+            seed=config.seed,
+            difficulty=dict(config.difficulty) or None,
+        )
+        families = list(dict.fromkeys([*config.families, *config.eval_families]))
+        held_out = synthetic_test_rows(
+            families, config.eval_size, seed=EVAL_SEED, difficulty=dict(config.difficulty) or None
+        )
+        return [e.as_row() for e in examples], held_out
+    report = ValidationReport()
+    rows = [
+        row
+        for path in resolve_files(str(config.data), (".json", ".jsonl", ".parquet"))
+        for row in read_file(path, ("user", "assistant"), report)
+    ]
+    if report.rows_skipped:
+        print(f"warning: {report.summary()}", file=sys.stderr)
+    random.Random(f"reasoning-llama/rl/split/{config.seed}").shuffle(rows)
+    held = min(config.eval_size, len(rows) // 5)
+    return rows[held:], rows[:held]
+
+
+class RLTrainer:
+    """One RL run: everything is built (or restored, with resume) in __init__; `run()` trains."""
+
+    def __init__(
+        self,
+        config: RLConfig,
+        run_dir: str | Path,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+        echo: Callable[[str], None] | None = None,
+    ) -> None:
+        check_rl_config(config)
+        self.config, self.run_dir = config, Path(run_dir)
+        self.say = echo or (lambda msg: tqdm.write(msg, file=sys.stderr))
+        self.progress = progress
+        self.device = resolve_device(config.device)
+        ckpt.seed_everything(config.seed)
+        resume_from = prepare_run_dir(self.run_dir, config, resume, overwrite=overwrite)
+        if resume and resume_from is None:
+            self.say(f"{self.run_dir} stopped before its first checkpoint; starting it over from step 0")
+
+        self.checker: Checker = make_checker(config.checker)
+        train_rows, self.held_out = load_task_rows(config)
+        self.prompts = PromptStream(train_rows, config.prompts_per_step, config.seed)
+
+        assert config.init_from is not None
+        self.policy: Transformer = load_model(config.init_from, device=self.device, dtype=torch.float32)
+        self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)  # the initial model, for KL
+        self.container = ModelWithLoss(self.policy)  # what checkpoints save: the model under `model.`
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.policy, config.weight_decay),
+            lr=config.lr,
+            betas=(config.beta1, config.beta2),
+            fused=self.device.type in ("cpu", "cuda"),
+        )
+        self.tokenizer = get_tokenizer()
+        group = config.prompts_per_step * config.samples_per_prompt
+        self.engine = Engine(self.policy, self.tokenizer, max_batch_size=group, device=self.device)
+        self.params = SamplingParams(
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            reasoning_budget=config.reasoning_budget,
+        )
+        self.params.validate()
+        self.step, self.elapsed = 0, 0.0
+        self.last_checkpoint = resume_from
+        if resume_from is not None:
+            state = ckpt.restore_checkpoint(resume_from, self.container, self.optimizer)
+            self.step, self.elapsed = state["progress"]["step"], state["progress"]["elapsed_s"]
+            truncate_after(self.run_dir, self.step)
+            self.say(f"resuming from {resume_from} (step {self.step} of {config.max_steps})")
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def lr(self) -> float:
+        c = self.config
+        return lr_at(
+            self.step,
+            peak=c.lr,
+            warmup_steps=c.warmup_steps,
+            total_steps=c.max_steps,
+            min_lr_ratio=c.min_lr_ratio,
+        )
+
+    def _log_probs(self, model: Transformer, samples: list[Sample]) -> torch.Tensor:
+        """Sampled-token log-probabilities of every sample, by micro-batches, without gradients."""
+        size = self.config.micro_batch_size
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    sampled_log_probs(model, samples[i : i + size], temperature=self.config.temperature)
+                    for i in range(0, len(samples), size)
+                ]
+            )
+
+    def train_step(self) -> dict[str, Any]:
+        """Sample a batch of groups, score it, update the policy; the step's metrics."""
+        c = self.config
+        started = time.perf_counter()
+        rows = self.prompts.rows_for(self.step)
+        seeds = step_seeds(c.seed, self.step, len(rows) * c.samples_per_prompt)
+        groups = sample_groups(
+            self.engine,
+            rows,
+            c.samples_per_prompt,
+            self.params,
+            seeds,
+            self.checker,
+            format_reward=c.format_reward,
+        )
+        sampled_at = time.perf_counter()
+        samples = [s for group in groups for s in group]
+        rewards = torch.tensor([[s.reward for s in group] for group in groups])
+        advantages = group_advantages(rewards, normalize_std=c.normalize_std).flatten().tolist()
+        token_advantages = torch.tensor(
+            [a for s, a in zip(samples, advantages, strict=True) for _ in range(s.n_sampled)],
+            device=self.device,
+        )
+        n_tokens = len(token_advantages)
+
+        no_signal = zero_signal_groups(rewards)
+        # A batch in which every group is uniform has no gradient, and an optimizer step on nothing
+        # would still move the weights (Adam's momentum): skip the update.
+        updates = 0 if bool(no_signal.all()) else c.updates_per_batch
+        self.policy.train()
+        reference = self._log_probs(self.reference, samples)
+        old = self._log_probs(self.policy, samples) if updates > 1 else None
+        lr = self.lr()
+        set_lr(self.optimizer, lr)
+        loss_total, clipped_total, kl_total, grad_norm = 0.0, 0.0, 0.0, 0.0
+        if updates == 0:  # the KL is still measured
+            kl_total = kl_estimate(self._log_probs(self.policy, samples), reference).sum().item()
+        for update in range(updates):
+            self.optimizer.zero_grad(set_to_none=True)
+            done = 0
+            for i in range(0, len(samples), c.micro_batch_size):
+                piece = samples[i : i + c.micro_batch_size]
+                count = sum(s.n_sampled for s in piece)
+                log_probs = sampled_log_probs(self.policy, piece, temperature=c.temperature)
+                span = slice(done, done + count)
+                before = log_probs.detach() if old is None else old[span]
+                loss, clipped = clipped_policy_loss(
+                    log_probs,
+                    before,
+                    token_advantages[span],
+                    n_tokens,
+                    clip_low=c.clip_low,
+                    clip_high=c.clip_high,
+                )
+                kl = kl_estimate(log_probs, reference[span])
+                if c.kl_coef:
+                    loss = loss + c.kl_coef * kl.sum() / max(n_tokens, 1)
+                loss.backward()
+                if update == 0:
+                    loss_total += loss.item()
+                    clipped_total += clipped.item()
+                    kl_total += kl.detach().sum().item()
+                done += count
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.grad_clip))
+            if math.isfinite(grad_norm):
+                self.optimizer.step()
+        self.policy.eval()
+        self.step += 1
+        finished = time.perf_counter()
+        correct = torch.tensor([[s.correct for s in group] for group in groups], dtype=torch.float32)
+        return {
+            "step": self.step,
+            "reward_mean": rewards.mean().item(),
+            "pass@1": correct.mean().item(),
+            f"pass@{c.samples_per_prompt}": correct.amax(dim=1).mean().item(),
+            "zero_signal_groups": no_signal.float().mean().item(),
+            "well_formed": sum(s.well_formed for s in samples) / len(samples),
+            "response_tokens": sum(len(s.completion_ids) for s in samples) / len(samples),
+            "kl": kl_total / max(n_tokens, 1),
+            "loss": loss_total,
+            "clipped": clipped_total,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "sample_s": sampled_at - started,
+            "update_s": finished - sampled_at,
+            "tokens_per_s": sum(len(s.completion_ids) for s in samples) / (finished - started),
+        }
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out exact match (greedy) per family, and pass@G of samples at the training temperature."""
+        if not self.held_out:
+            return {}
+        c = self.config
+        prompts = [
+            self.tokenizer.render_prompt([{"role": "user", "content": r["user"]}]) for r in self.held_out
+        ]
+        greedy = self.engine.generate_batch(prompts, SamplingParams(max_new_tokens=c.max_new_tokens))
+        seeds = step_seeds(c.seed + 1, -1, len(prompts) * c.samples_per_prompt)  # the same samples every time
+        groups = sample_groups(
+            self.engine, self.held_out, c.samples_per_prompt, self.params, seeds, self.checker
+        )
+        by_family: dict[str, list[tuple[float, bool]]] = {}
+        for row, result, group in zip(self.held_out, greedy, groups, strict=True):
+            family = row.get("family") or "data"
+            by_family.setdefault(family, []).append(
+                (self.checker(row, result.answer), any(s.correct for s in group))
+            )
+        report = {}
+        for family, scores in sorted(by_family.items()):
+            report[f"acc/{family}"] = sum(s for s, _ in scores) / len(scores)
+            report[f"pass@{c.samples_per_prompt}/{family}"] = sum(g for _, g in scores) / len(scores)
+        return report
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        state = {"progress": {"step": self.step, "elapsed_s": self.elapsed}}
+        self.last_checkpoint = ckpt.save_checkpoint(
+            self.run_dir, self.step, self.container, self.optimizer, state, self.config.keep_last
+        )
+        return self.last_checkpoint
+
+    def run(self) -> RLResult:
+        c = self.config
+        result = RLResult(self.step, "max_steps", self.last_checkpoint)
+        budget = None if c.max_minutes is None else c.max_minutes * 60
+        bar = tqdm(
+            total=c.max_steps,
+            initial=self.step,
+            disable=not self.progress,
+            desc="rl",
+            unit="step",
+            file=sys.stderr,
+        )
+        with MetricsWriter(self.run_dir) as writer, bar, sigint_flag() as interrupted:
+            if self.step == 0:
+                result.evaluations[0] = self._evaluate_and_log(writer)
+            while self.step < c.max_steps:
+                started = time.perf_counter()
+                record = self.train_step()
+                self.elapsed += time.perf_counter() - started
+                record["elapsed_s"] = self.elapsed
+                if self.step % c.log_every == 0 or self.step == c.max_steps:
+                    writer.log(record)
+                bar.update(1)
+                bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.4f}")
+                out_of_time = budget is not None and self.elapsed >= budget
+                last = self.step == c.max_steps or out_of_time or interrupted.is_set()
+                if c.eval_every and self.step % c.eval_every == 0 and not last:
+                    result.evaluations[self.step] = self._evaluate_and_log(writer)
+                if self.step % c.save_every == 0 or last:
+                    self.save()
+                if interrupted.is_set():
+                    result.stop_reason = "interrupted"
+                    break
+                if out_of_time:
+                    result.stop_reason = "time_budget"
+                    break
+            if result.stop_reason != "interrupted" and self.step not in result.evaluations:
+                result.evaluations[self.step] = self._evaluate_and_log(writer)
+        result.step, result.checkpoint = self.step, self.last_checkpoint
+        return result
+
+    def _evaluate_and_log(self, writer: MetricsWriter) -> dict[str, float]:
+        report = self.evaluate()
+        if report:
+            writer.log({"step": self.step, **report})
+            shown = ", ".join(
+                f"{k.removeprefix('acc/')} {v:.0%}" for k, v in report.items() if k.startswith("acc/")
+            )
+            self.say(f"step {self.step} | held-out exact match: {shown}")
+        return report
+
+
+def run_rl(
+    config: RLConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
+) -> RLResult:
+    """Improve `config.init_from` by RL against checkable answers; the run is written under `run_dir`."""
+    return RLTrainer(config, run_dir, resume=resume, overwrite=overwrite, progress=progress, echo=echo).run()

@@ -1,0 +1,71 @@
+"""Answer checkers: the verifiable half of RL with verifiable rewards.
+
+A synthetic row (one with a `family`) is scored by its family's own checker. Rows of a user's file
+(`user` + `assistant`, no reasoning needed) are scored by the checker the config names: `exact`
+(normalised text), `numeric` (the last number in the answer, by value) or `package.module:function`,
+a function of (expected, predicted) returning a bool or a reward in [0, 1].
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Callable
+
+from reasoning_llama.errors import ConfigError
+from reasoning_llama.tasks import FAMILIES, check_answer
+
+Checker = Callable[[dict[str, str], str], float]  # (row, predicted answer) -> reward in [0, 1]
+
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def last_number(text: str) -> float | None:
+    """The last number written in `text` (commas between digit groups allowed), or None."""
+    found = _NUMBER.findall(text.replace(",", ""))
+    return float(found[-1]) if found else None
+
+
+def numbers_match(expected: str, predicted: str) -> bool:
+    """The last numbers of both texts are equal (to 1e-9 relative), e.g. `x = 7.0` matches `7`."""
+    a, b = last_number(expected), last_number(predicted)
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def _imported(spec: str) -> Callable[[str, str], float | bool]:
+    module_name, _, attribute = spec.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(
+            f"checker {spec!r}: cannot import {attribute!r} from {module_name!r} ({e})"
+        ) from None
+    if not callable(function):
+        raise ConfigError(f"checker {spec!r} is not a function")
+    return function
+
+
+def make_checker(spec: str) -> Checker:
+    """The reward of a row's answer: its family's checker for synthetic rows, else the named one."""
+    if spec == "exact":
+        other: Callable[[str, str], float | bool] = lambda expected, predicted: check_answer(  # noqa: E731
+            None, expected, predicted
+        )
+    elif spec == "numeric":
+        other = numbers_match
+    elif ":" in spec:
+        other = _imported(spec)
+    else:
+        raise ConfigError(f"unknown checker {spec!r}; use exact, numeric or package.module:function")
+
+    def reward(row: dict[str, str], predicted: str) -> float:
+        family = row.get("family")
+        if family in FAMILIES:
+            return float(check_answer(family, row["assistant"], predicted))
+        value = float(other(row["assistant"], predicted))
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"checker {spec!r} returned {value}; a reward must lie in [0, 1]")
+        return value
+
+    return reward

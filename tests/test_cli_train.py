@@ -1,0 +1,109 @@
+"""`train` through the real command line: a run killed before its first checkpoint is never a dead end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cli_helpers import run_cli
+from reasoning_llama.training import run_checkpoints as ckpt
+from reasoning_llama.training.metrics import read_metrics
+
+TINY = [
+    "--preset",
+    "tiny",
+    "--set",
+    "train.model_overrides={dim: 32, n_layers: 1, n_heads: 2, n_kv_heads: 1, ffn_dim: 64, max_seq_len: 128}",
+    "--set",
+    "data.seq_len=128",
+    "--set",
+    "data.synthetic_train_size=200",
+    "--set",
+    "data.synthetic_val_size=8",
+    "--set",
+    "train.micro_batch_size=4",
+    "--set",
+    "train.global_batch_tokens=512",
+    "--set",
+    "train.max_steps=100000",  # far more than the test runs: only a kill or --stop-at-step ends it
+    "--set",
+    "train.save_every=100000",
+    "--set",
+    "train.eval_every=100000",
+    "--set",
+    "train.task_eval_size=0",
+    "--set",
+    "train.log_every=1",
+    "--no-progress",
+]
+
+
+def train_steps(run) -> list[int]:
+    return [r["step"] for r in read_metrics(run) if "train_loss" in r]
+
+
+def start_and_kill_before_the_first_checkpoint(run, cache) -> None:
+    command = [sys.executable, "-m", "reasoning_llama", "train", "--out", str(run), *TINY]
+    command += ["--set", f"data.cache_dir={cache}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((run / "metrics.jsonl").is_file() and train_steps(run)):
+            assert process.poll() is None, "the run ended by itself"
+            assert time.monotonic() < deadline, "the run logged no step in time"
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert ckpt.latest_checkpoint(run) is None
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_resumes_or_starts_over(tmp_path):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    start_and_kill_before_the_first_checkpoint(run, cache)
+
+    # Starting again without a flag names both ways forward ...
+    again = run_cli("train", "--out", run, *TINY, "--set", f"data.cache_dir={cache}", one_thread=True)
+    assert again.returncode == 2
+    assert "already holds a training run; pass --resume" in again.stderr and "--overwrite" in again.stderr
+
+    # ... and --resume works: nothing was saved, so the run starts over from step 0 with its own config.
+    resumed = run_cli(
+        "train", "--out", run, "--resume", "--stop-at-step", "3", "--no-progress", one_thread=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "starting it over from step 0" in resumed.stderr
+    assert train_steps(run) == [1, 2, 3]  # the killed attempt's records are gone
+    assert ckpt.latest_checkpoint(run).name == "step-000003"
+
+    # --overwrite is the other way: the earlier run is deleted and a new one starts.
+    replaced = run_cli(
+        "train",
+        "--out",
+        run,
+        *TINY,
+        "--set",
+        f"data.cache_dir={cache}",
+        "--overwrite",
+        "--stop-at-step",
+        "2",
+        one_thread=True,
+    )
+    assert replaced.returncode == 0, replaced.stderr
+    assert train_steps(run) == [1, 2]
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-000002"]
+
+
+def test_resume_of_nothing_says_how_to_start(tmp_path):
+    result = run_cli("train", "--out", tmp_path / "nothing", "--resume")
+    assert result.returncode == 2
+    assert "holds no training run to resume; start one with --preset P or --config FILE" in result.stderr
+    both = run_cli("train", "--out", tmp_path / "x", "--preset", "tiny", "--resume", "--overwrite")
+    assert both.returncode == 2 and "not both" in both.stderr

@@ -1,0 +1,261 @@
+"""RL with verifiable rewards: the objective by hand, the sampled-token mask, learning by reward alone,
+exact resume, and the `rl` command."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from cli_helpers import run_cli
+from reasoning_llama.config import RLConfig, load_config, load_run_config
+from reasoning_llama.errors import ConfigError
+from reasoning_llama.model import Transformer
+from reasoning_llama.rl.loop import PromptStream, RLTrainer, run_rl
+from reasoning_llama.rl.objective import (
+    clipped_policy_loss,
+    group_advantages,
+    kl_estimate,
+    zero_signal_groups,
+)
+from reasoning_llama.rl.rewards import make_checker, numbers_match
+from reasoning_llama.rl.rollout import Sample, sampled_log_probs, sampled_positions
+from reasoning_llama.tokenizer import ASSISTANT, IM_END, IM_START, NEWLINE, get_tokenizer
+from reasoning_llama.training import train
+from reasoning_llama.training.metrics import read_metrics
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+HEADER = [NEWLINE, IM_START, ASSISTANT, NEWLINE]
+
+
+# --- the objective, by hand ------------------------------------------------------------------
+
+
+def test_advantages_are_reward_minus_group_mean_optionally_over_the_std():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    assert torch.allclose(
+        group_advantages(rewards),
+        torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, -0.75]]),
+    )
+    scaled = group_advantages(rewards, normalize_std=True)
+    assert torch.allclose(scaled[0], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-5)
+    assert torch.allclose(scaled[2], torch.tensor([1, 1, 1, -3]) / math.sqrt(3), atol=1e-5)
+    assert torch.equal(scaled[1], torch.zeros(4))  # no signal stays no signal, never 0/0
+    assert zero_signal_groups(rewards).tolist() == [False, True, False]
+
+
+def test_the_clipped_objective_and_its_gradient_match_hand_computed_values():
+    log_probs = torch.tensor([math.log(1.5), math.log(0.5), math.log(1.1)], requires_grad=True)
+    old = torch.zeros(3)
+    advantages = torch.tensor([1.0, -1.0, -2.0])
+    loss, clipped = clipped_policy_loss(log_probs, old, advantages, n_tokens=4, clip_low=0.2, clip_high=0.2)
+    # ratios 1.5, 0.5, 1.1 -> clipped 1.2, 0.8, 1.1; min(r A, clip(r) A) = 1.2, -0.8, -2.2; -sum / 4.
+    assert loss.item() == pytest.approx(0.45)
+    assert clipped.item() == pytest.approx(0.5)  # two of four tokens' ratios were clipped
+    loss.backward()
+    # Clipped terms are constant in the ratio; the third term's gradient is -r A / n = 1.1 * 2 / 4.
+    assert log_probs.grad.tolist() == pytest.approx([0.0, 0.0, 0.55])
+
+
+def test_on_the_first_update_the_objective_is_the_plain_token_level_policy_gradient():
+    log_probs = torch.tensor([-1.0, -2.0, -0.5, -3.0], requires_grad=True)
+    advantages = torch.tensor([0.5, 0.5, -1.0, 2.0])
+    loss, clipped = clipped_policy_loss(log_probs, log_probs.detach(), advantages, n_tokens=8)
+    assert loss.item() == pytest.approx(-advantages.sum().item() / 8) and clipped.item() == 0.0
+    loss.backward()
+    assert torch.allclose(log_probs.grad, -advantages / 8)  # better than the group: its tokens go up
+
+
+def test_kl_estimate_is_schulmans_k3():
+    value = kl_estimate(torch.tensor([0.0, -1.0]), torch.tensor([math.log(0.5), -1.0]))
+    assert value.tolist() == pytest.approx([0.5 + math.log(2) - 1, 0.0])
+
+
+# --- rewards ---------------------------------------------------------------------------------
+
+
+def test_checkers():
+    exact, numeric = make_checker("exact"), make_checker("numeric")
+    assert exact({"user": "q", "assistant": "Paris."}, " paris ") == 1.0
+    assert exact({"user": "q", "assistant": "Paris"}, "Lyon") == 0.0
+    assert numeric({"user": "q", "assistant": "x = 7"}, "the answer is 7.0") == 1.0
+    assert numbers_match("1,250", "1250") and not numbers_match("12", "no number")
+    # Synthetic rows use their family's checker whatever the named one: `07` is `7` for chain_sum.
+    assert exact({"user": "q", "assistant": "7", "family": "chain_sum"}, "07") == 1.0
+    custom = make_checker("reasoning_llama.rl.rewards:numbers_match")
+    assert custom({"user": "q", "assistant": "3"}, "3.0") == 1.0
+    with pytest.raises(ConfigError, match="unknown checker"):
+        make_checker("fuzzy")
+    with pytest.raises(ConfigError, match="cannot import"):
+        make_checker("no.such.module:f")
+
+
+# --- which tokens carry gradient -------------------------------------------------------------
+
+
+def test_forced_header_and_budget_tokens_are_not_sampled_tokens():
+    tokenizer = get_tokenizer()
+    reasoning, answer = tokenizer.encode("one two"), tokenizer.encode("7")
+    ids = [*reasoning, IM_END, *HEADER, *answer, IM_END]
+    expected = [True] * (len(reasoning) + 1) + [False] * 4 + [True] * (len(answer) + 1)
+    assert sampled_positions(ids, None) == expected
+    # With a budget of 1 the engine itself closes the reasoning: that <|im_end|> was forced too.
+    budgeted = [reasoning[0], IM_END, *HEADER, *answer, IM_END]
+    assert sampled_positions(budgeted, 1) == [True, False] + [False] * 4 + [True] * (len(answer) + 1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_log_probs_are_the_models_own_at_the_sampled_tokens_only(tiny_config, temperature):
+    model = Transformer(tiny_config)
+    tokenizer = get_tokenizer()
+    samples = []
+    for user, completion in (("Hi", "a b"), ("A longer question here", "c")):
+        prompt = tokenizer.render_prompt([{"role": "user", "content": user}])
+        ids = [*tokenizer.encode(completion), IM_END, *HEADER, *tokenizer.encode("9"), IM_END]
+        samples.append(Sample(prompt, ids, sampled_positions(ids, None), "9", 1.0, True, True))
+    got = sampled_log_probs(model, samples, temperature=temperature)
+    expected = []
+    for s in samples:  # each sequence alone, the plain way: full logits, log-softmax, pick
+        sequence = torch.tensor([s.prompt_ids + s.completion_ids])
+        with torch.no_grad():
+            logits = model(sequence[:, :-1])[0] / temperature
+        picked = F.log_softmax(logits, -1).gather(1, sequence[0, 1:, None])[:, 0]
+        start = len(s.prompt_ids) - 1
+        expected += [picked[start + j] for j, chosen in enumerate(s.sampled) if chosen]
+    assert len(got) == sum(s.n_sampled for s in samples)  # no prompt or header position
+    assert torch.allclose(got, torch.stack(expected), atol=1e-4)
+    got.sum().backward()
+    assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
+
+
+def test_prompts_follow_a_seeded_order_that_depends_on_the_step_alone():
+    rows = [{"user": str(i), "assistant": str(i)} for i in range(10)]
+    stream = PromptStream(rows, per_step=4, seed=3)
+    epoch = [r["user"] for step in range(5) for r in stream.rows_for(step)][:10]
+    assert sorted(epoch) == sorted(r["user"] for r in rows)  # every row once per epoch
+    assert PromptStream(rows, 4, seed=3).rows_for(4) == stream.rows_for(4)
+    assert PromptStream(rows, 4, seed=4).rows_for(0) != stream.rows_for(0)
+
+
+# --- learning by reward alone ----------------------------------------------------------------
+
+
+def write_rows(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def digit_model(tmp_path_factory):
+    """A tiny model taught to answer "Say a digit." with any digit at random (so ~1 in 10 is a 7)."""
+    root = tmp_path_factory.mktemp("digits")
+    rows = [{"user": "Say a digit.", "reasoning": "ok", "assistant": str(i % 10)} for i in range(400)]
+    config = load_run_config(
+        None,
+        [
+            "train.model_overrides={dim: 32, n_layers: 1, n_heads: 2, n_kv_heads: 1, ffn_dim: 64, max_seq_len: 64}",
+            "data.source=local",
+            f"data.path={write_rows(root / 'sft.jsonl', rows)}",
+            "data.seq_len=64",
+            f"data.cache_dir={root / 'cache'}",
+            "train.micro_batch_size=8",
+            "train.global_batch_tokens=512",
+            "train.max_steps=150",
+            "train.warmup_steps=5",
+            "train.lr=1e-2",
+            "train.weight_decay=0",
+            "train.eval_every=1000",
+            "train.save_every=1000",
+            "train.task_eval_size=0",
+            "train.log_every=1000",
+            "train.device=cpu",
+        ],
+    )
+    with torch.random.fork_rng():
+        train(config, root / "sft", progress=False)
+    prompts = write_rows(root / "sevens.jsonl", [{"user": "Say a digit.", "assistant": "7"}] * 50)
+    return root / "sft/checkpoints/step-000150", prompts
+
+
+def digit_rl(checkpoint, prompts, *overrides: str) -> RLConfig:
+    return load_config(
+        RLConfig,
+        None,
+        [
+            f"init_from={checkpoint}",
+            f"data={prompts}",
+            "checker=exact",
+            "prompts_per_step=8",
+            "samples_per_prompt=8",
+            "max_new_tokens=8",
+            "lr=1e-3",
+            "warmup_steps=1",
+            "eval_size=4",
+            "save_every=2",
+            "device=cpu",
+            *overrides,
+        ],
+    )
+
+
+@pytest.mark.slow
+def test_reward_alone_teaches_the_answer_it_rewards(digit_model, tmp_path):
+    checkpoint, prompts = digit_model
+    run = tmp_path / "rl"
+    result = run_rl(digit_rl(checkpoint, prompts, "max_steps=15"), run, progress=False, echo=lambda _: None)
+    steps = [r for r in read_metrics(run) if "reward_mean" in r]
+    first, last = sum(r["reward_mean"] for r in steps[:3]) / 3, sum(r["reward_mean"] for r in steps[-3:]) / 3
+    assert first < 0.3, first  # about one sample in ten says 7 at the start
+    assert last > 0.9, (first, last)  # a flipped sign would drive it to 0; gradient on the prompt, nowhere
+    assert result.evaluations[15]["acc/data"] == 1.0  # greedy answers on held-out rows: 7
+    assert (
+        steps[-1]["kl"] > 0 and steps[-1]["zero_signal_groups"] == 1.0
+    )  # every sample right: no signal left
+
+
+@pytest.mark.slow
+def test_resume_gives_the_weights_of_an_uninterrupted_run(digit_model, tmp_path):
+    checkpoint, prompts = digit_model
+    quiet = {"progress": False, "echo": lambda _: None}
+    run_rl(digit_rl(checkpoint, prompts, "max_steps=4", "updates_per_batch=2"), tmp_path / "a", **quiet)
+    run_rl(digit_rl(checkpoint, prompts, "max_steps=2", "updates_per_batch=2"), tmp_path / "b", **quiet)
+    trainer = RLTrainer(
+        digit_rl(checkpoint, prompts, "max_steps=4", "updates_per_batch=2"),
+        tmp_path / "b",
+        resume=True,
+        **quiet,
+    )
+    assert trainer.step == 2
+    trainer.run()
+    a = load_file(tmp_path / "a/checkpoints/step-000004/model.safetensors")
+    b = load_file(tmp_path / "b/checkpoints/step-000004/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    records = [r for r in read_metrics(tmp_path / "b") if "reward_mean" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_the_rl_command_runs_plots_and_refuses_bad_setups(digit_model, tmp_path):
+    checkpoint, prompts = digit_model
+    run = tmp_path / "run"
+    done = run_cli(
+        "rl", "--init-from", checkpoint.parent.parent, "--data", prompts, "--checker", "exact", "--out", run,
+        "--set", "max_steps=2", "--set", "prompts_per_step=2", "--set", "samples_per_prompt=2",
+        "--set", "max_new_tokens=8", "--set", "eval_size=2", "--set", "device=cpu", "--no-progress",
+        one_thread=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "max_steps at step 2" in done.stderr and "acc/data" in done.stderr
+    assert (run / "checkpoints/step-000002/model.safetensors").is_file()
+    assert run_cli("plot", run).returncode == 0 and (run / "plot.png").is_file()
+    again = run_cli("rl", "--init-from", checkpoint, "--data", prompts, "--out", run)
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+    neither = run_cli("rl", "--init-from", checkpoint, "--out", tmp_path / "x")
+    assert neither.returncode == 2 and "--task synthetic:FAMILY" in neither.stderr
+    unknown = run_cli("rl", "--init-from", checkpoint, "--task", "synthetic:nope", "--out", tmp_path / "y")
+    assert unknown.returncode == 2 and "unknown synthetic family nope" in unknown.stderr
