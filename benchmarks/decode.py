@@ -5,10 +5,12 @@ weights, greedy. Every figure comes from one process, the implementations interl
 over repeats: decode tokens/s = (N - 1) / (time to generate N tokens - time to generate 1), which
 removes the prefill.
 
-- CPU: ours as `Engine.from_checkpoint` prepares it (fp32, `cpu_layout.py`), ours with int8 weights
-  (`quantize.py`, what `--quantize int8` gives), ours without the CPU layout, and transformers (fp32).
-- CUDA: ours (bf16) with the decode step replayed from CUDA graphs and without, and transformers
-  (bf16); batched figures at every size of `--batch` (default 8 and 64 on CUDA).
+- CPU: ours as `Engine.from_checkpoint` prepares it (fp32, `cpu_layout.py`), the same with the
+  decode step compiled (`--compile`), ours with int8 weights (`quantize.py`, `--quantize int8`),
+  ours without the CPU layout, and transformers (fp32).
+- CUDA: ours (bf16) with the decode step compiled and replayed from CUDA graphs, ours eager
+  without graphs, and transformers (bf16); batched figures at every size of `--batch` (default 8
+  and 64 on CUDA).
 
 Our batch-1 figure is also given as a fraction of the memory-bandwidth limit: bytes read per token
 (every weight but the embedding table, plus the KV cache) over a read bandwidth this script
@@ -165,11 +167,11 @@ def main() -> None:
     most = max(batches)
     engines: dict[str, Engine] = {}
     layout = None
-    capture_s = None
+    compile_s: dict[str, float] = {}  # compiling (and capturing) before the first token
     if cuda:
         start = time.perf_counter()
-        engines["ours"] = Engine(ours, tokenizer, max_batch_size=most, cuda_graphs=True)
-        capture_s = time.perf_counter() - start
+        engines["ours"] = Engine(ours, tokenizer, max_batch_size=most, compile=True, cuda_graphs=True)
+        compile_s["ours"] = time.perf_counter() - start
         engines["ours_without_cuda_graphs"] = Engine(ours, tokenizer, max_batch_size=most)
     else:
         # What Engine.from_checkpoint gives a CPU model, with and without --quantize int8, and the
@@ -179,6 +181,7 @@ def main() -> None:
         quantize_int8(int8)
         layout = prepare_for_cpu_decode(ours)
         engines["ours"] = Engine(ours, tokenizer, max_batch_size=most)
+        engines["ours_compiled"] = Engine(ours, tokenizer, max_batch_size=most, compile=True)
         engines["ours_int8"] = Engine(int8, tokenizer, max_batch_size=most)
         engines["ours_without_cpu_layout"] = Engine(plain, tokenizer, max_batch_size=1)
 
@@ -231,12 +234,15 @@ def main() -> None:
             rates[name] = batch * (new_tokens - 1) / decode_s
         return rates
 
+    if not cuda:  # the compiled step compiles at its first call
+        compile_s["ours_compiled"] = timed(lambda: run_engine("ours_compiled")(1, 2), device)
     batch1_tokens = run_engine("ours")(1, new_tokens)
     parity = {"same_greedy_tokens_as_transformers": batch1_tokens == run_hf(1, new_tokens)}
     if cuda:
         without = run_engine("ours_without_cuda_graphs")(1, new_tokens)
         parity["cuda_graphs_same_greedy_tokens_as_without"] = batch1_tokens == without
     else:
+        parity["compiled_same_greedy_tokens"] = run_engine("ours_compiled")(1, new_tokens) == batch1_tokens
         parity["int8_same_greedy_tokens_as_fp32"] = run_engine("ours_int8")(1, new_tokens) == batch1_tokens
     batch1 = decode_rate({**{name: run_engine(name) for name in engines}, "transformers": run_hf}, 1)
     batched = {}
@@ -257,9 +263,12 @@ def main() -> None:
         "limit_tokens_per_s": round(limit, 2),
         "ours_fraction_of_limit": round(batch1["ours"] / limit, 3),
     }
+    if not cuda:
+        bandwidth_limit["ours_compiled_fraction_of_limit"] = round(batch1["ours_compiled"] / limit, 3)
     report: dict = {
         "benchmark": "decode",
         "compares": "reasoning_llama Engine vs transformers LlamaForCausalLM.generate, greedy, same weights",
+        "compile_s": {name: round(s, 1) for name, s in compile_s.items()},
         "model": "small-100m, final_block=False",
         "batch1_tokens_per_s": {k: round(v, 2) for k, v in batch1.items()},
         "batch1_speedup_vs_transformers": round(batch1["ours"] / batch1["transformers"], 3),
@@ -270,7 +279,6 @@ def main() -> None:
     }
     if cuda:
         report["cuda_graphs"] = {
-            "capture_s": round(capture_s or 0.0, 1),
             "batch1_speedup_vs_without": round(batch1["ours"] / batch1["ours_without_cuda_graphs"], 3),
             "target_batch1_tokens_per_s": 3000,
         }

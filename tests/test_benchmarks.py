@@ -23,16 +23,14 @@ def run_benchmark(name: str, *args: str) -> dict:
 def test_decode_benchmark_compares_against_transformers_on_the_same_tokens():
     report = run_benchmark("decode.py", "--quick", "--threads", "2", "--batch", "2")
     assert report["same_greedy_tokens_as_transformers"] is True
-    assert set(report["batch1_tokens_per_s"]) == {
-        "ours",
-        "ours_int8",
-        "transformers",
-        "ours_without_cpu_layout",
-    }
+    ours = {"ours", "ours_compiled", "ours_int8"}
+    assert set(report["batch1_tokens_per_s"]) == {*ours, "transformers", "ours_without_cpu_layout"}
     assert all(rate > 0 for rate in report["batch1_tokens_per_s"].values())
-    assert set(report["batch2_tokens_per_s"]) == {"ours", "ours_int8", "transformers"}
+    assert set(report["batch2_tokens_per_s"]) == {*ours, "transformers"}
+    assert report["compiled_same_greedy_tokens"] is True and report["compile_s"]["ours_compiled"] > 0
     limit = report["bandwidth_limit"]
     assert limit["limit_tokens_per_s"] > 0 and limit["ours_fraction_of_limit"] > 0
+    assert limit["ours_compiled_fraction_of_limit"] > 0
     assert limit["int8_limit_tokens_per_s"] > limit["limit_tokens_per_s"]  # a quarter of the bytes, mostly
     int8 = report["int8"]
     assert int8["prompts"] == 3 and int8["random_weights"]["tokens"] == 3 * 16

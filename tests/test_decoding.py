@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from reasoning_llama.config import ModelConfig
-from reasoning_llama.decoding import EagerDecodeStep, StaticDecodeStep, decode, padded_batch_sizes, prefill
+from reasoning_llama.decoding import DynamicDecodeStep, StaticDecodeStep, decode, padded_batch_sizes, prefill
 from reasoning_llama.model import KVCache, Transformer
 from reasoning_llama.tokenizer import PAD
 
@@ -48,15 +48,13 @@ def run_against_decode(model, make_step, *, steps: int = 12, tolerance: float = 
             tokens, positions = [PAD] * rows, [0] * rows
             for row in active:
                 tokens[row], positions[row] = sequences[row][-1], len(sequences[row]) - 1
-            mask = torch.zeros(rows, dtype=torch.bool, device=device)
-            mask[active] = True
             as_tensor = torch.tensor
             expected = decode(
                 model,
                 reference_cache,
                 as_tensor(tokens, device=device),
                 as_tensor(positions, device=device),
-                mask,
+                as_tensor(active, device=device),
             )
             logits = step(tokens, positions, active)
             torch.testing.assert_close(logits, expected, atol=tolerance, rtol=tolerance)
@@ -65,7 +63,7 @@ def run_against_decode(model, make_step, *, steps: int = 12, tolerance: float = 
 
 
 def test_eager_step_gives_the_logits_of_decode(model):
-    run_against_decode(model, EagerDecodeStep)
+    run_against_decode(model, DynamicDecodeStep)
 
 
 def test_static_step_pads_rows_and_attends_over_the_whole_cache(model):
@@ -85,3 +83,15 @@ def test_compiled_static_step_matches_eager_on_a_cpu(model, one_torch_thread):
 def test_cuda_graphs_need_a_cuda_cache(model):
     with pytest.raises(ValueError, match="CUDA"):
         StaticDecodeStep(model, KVCache(CONFIG, 2), cuda_graphs=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", [1, 2])  # the transposed and the oneDNN layout (cpu_layout.py)
+def test_compiled_dynamic_step_matches_eager_in_the_cpu_layouts(model, torch_threads, threads):
+    from reasoning_llama.cpu_layout import prepare_for_cpu_decode
+
+    torch_threads(threads)
+    prepared = Transformer(CONFIG).eval()
+    prepared.load_state_dict(model.state_dict())
+    prepare_for_cpu_decode(prepared)
+    run_against_decode(prepared, lambda m, c: DynamicDecodeStep(m, c, compile=True))

@@ -128,7 +128,7 @@ def test_cached_decode_matches_full_recompute_single_beside_an_idle_row(model):
             # Row 0 idles on a PAD at slot 0; only row 1's logits come back.
             tokens = torch.tensor([PAD, sequence[-1]])
             positions = torch.tensor([0, len(sequence) - 1])
-            logits = decode(model, cache, tokens, positions, active=torch.tensor([False, True]))
+            logits = decode(model, cache, tokens, positions, active=torch.tensor([1]))
             assert logits.shape == (1, CONFIG.vocab_size)
 
 

@@ -3,8 +3,9 @@
 `prefill` writes prompts into cache rows; `decode` feeds one token per row. The engine calls
 `prefill` as requests arrive and a decode step once per token, through one of:
 
-- `EagerDecodeStep`: `decode` on rows 0..rows-1, the model's own forward, on any device. The
-  engine knows every row's position, so the step never reads one back from the device.
+- `DynamicDecodeStep`: `decode` on rows 0..rows-1, shapes following the batch, on any device,
+  eager or compiled. The engine knows every row's position, so the step never reads one back
+  from the device.
 - `StaticDecodeStep`: the same forward on fixed shapes (a few padded batch sizes, the whole
   cache), compiled by torch.compile; on CUDA captured in CUDA graphs once per size and replayed.
   A GPU runs a small model's step in far less time than the CPU takes to launch its hundreds of
@@ -21,7 +22,7 @@ from torch import Tensor
 from reasoning_llama.model import KVCache, Transformer
 from reasoning_llama.tokenizer import PAD
 
-__all__ = ["DecodeStep", "EagerDecodeStep", "StaticDecodeStep", "decode", "padded_batch_sizes", "prefill"]
+__all__ = ["DecodeStep", "DynamicDecodeStep", "StaticDecodeStep", "decode", "padded_batch_sizes", "prefill"]
 
 # tokens (rows,), positions (rows,), the active rows among them (ascending) -> their fp32 logits (n, V).
 DecodeStep = Callable[[Sequence[int], Sequence[int], Sequence[int]], Tensor]
@@ -59,41 +60,57 @@ def decode(
     *,
     cache_length: int | None = None,
 ) -> Tensor:
-    """Feed one token (B,) at `positions` (B,) into cache rows 0..B-1; logits of the `active` rows (n, V).
-
-    cache_length (the largest position + 1, or more) spares reading the positions back from the device.
-    """
+    """Feed one token (B,) at `positions` (B,) into cache rows 0..B-1; logits (n, V) of the rows
+    `active` (indices; default: all). cache_length (the largest position + 1, or more) spares
+    reading the positions back from the device."""
     rows = tokens.shape[0]
     if rows < cache.batch_size:
         cache = cache.leading_rows(rows)
-    select = None if active is None else active.unsqueeze(1)
-    logits = model(
-        tokens.unsqueeze(1), positions.unsqueeze(1), kv_cache=cache, cache_length=cache_length, select=select
-    )
-    return logits.reshape(-1, logits.shape[-1]).float()
+    return _decode_rows(model, cache, tokens, positions, active, cache_length)
 
 
-class EagerDecodeStep:
-    """`decode` on rows 0..rows-1, with the cache length taken from the host's positions."""
+def _decode_rows(
+    model: Transformer,
+    cache: KVCache,
+    tokens: Tensor,
+    positions: Tensor,
+    active: Tensor | None,
+    cache_length: int | None,
+) -> Tensor:
+    hidden = model.hidden_states(
+        tokens.unsqueeze(1), positions.unsqueeze(1), kv_cache=cache, cache_length=cache_length
+    )[:, 0]
+    if active is not None:
+        hidden = hidden[active]  # only these rows pay for the head
+    return model.head(hidden).float()
 
-    def __init__(self, model: Transformer, cache: KVCache) -> None:
+
+class DynamicDecodeStep:
+    """`decode` on rows 0..rows-1: shapes follow the rows in use and the context so far.
+
+    The cache length comes from the host's positions, so nothing is read back from the device.
+    `compile=True` runs it through torch.compile with dynamic shapes (one compilation serves every
+    batch and context length), which fuses the step's many small ops (norms, RoPE, cache writes).
+    """
+
+    def __init__(self, model: Transformer, cache: KVCache, *, compile: bool = False) -> None:
         self.model = model
         self.cache = cache
+        self.forward = torch.compile(_decode_rows, dynamic=True, fullgraph=True) if compile else _decode_rows
+        self.views = {cache.batch_size: cache}  # leading_rows views, made once per row count
 
     def __call__(self, tokens: Sequence[int], positions: Sequence[int], active: Sequence[int]) -> Tensor:
         device = self.cache.device
-        mask = None
-        if len(active) < len(tokens):
-            mask = torch.zeros(len(tokens), dtype=torch.bool)
-            mask[list(active)] = True
-            mask = mask.to(device)
-        return decode(
+        rows = len(tokens)
+        if rows not in self.views:
+            self.views[rows] = self.cache.leading_rows(rows)
+        return self.forward(
             self.model,
-            self.cache,
+            self.views[rows],
             torch.tensor(tokens, device=device),
             torch.tensor(positions, device=device),
-            mask,
-            cache_length=max(positions) + 1,
+            None if len(active) == rows else torch.tensor(active, device=device),
+            max(positions) + 1,
         )
 
 

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from reasoning_llama.cpu_layout import prepare_for_cpu_decode
-from reasoning_llama.decoding import DecodeStep, EagerDecodeStep, StaticDecodeStep, decode, prefill
+from reasoning_llama.decoding import DecodeStep, DynamicDecodeStep, StaticDecodeStep, decode, prefill
 from reasoning_llama.errors import ConfigError, RequestError
 from reasoning_llama.model import KVCache, Transformer
 from reasoning_llama.quantize import int8_linear_works, quantize_int8
@@ -219,8 +219,10 @@ class Engine:
     repetition penalty and before the special-id mask; it may edit them in place or return new ones.
     It is not called for ids the engine forces (the assistant header, a budget's <|im_end|>).
 
-    `cuda_graphs=True` (a CUDA model) replays the decode step from CUDA graphs (decoding.py),
-    captured here for every padded batch size up to `max_batch_size`.
+    The decode step (decoding.py): `compile=True` runs it through torch.compile (the small ops
+    fused; compiling takes seconds to tens of seconds, on the first step). `cuda_graphs=True` (a
+    CUDA model) replays it from CUDA graphs captured here for every padded batch size up to
+    `max_batch_size`.
     """
 
     def __init__(
@@ -231,6 +233,7 @@ class Engine:
         max_batch_size: int = 8,
         device: str | torch.device | None = None,
         logits_hook: LogitsHook | None = None,
+        compile: bool = False,
         cuda_graphs: bool = False,
     ) -> None:
         if max_batch_size < 1:
@@ -251,9 +254,9 @@ class Engine:
         if cuda_graphs and self.device.type != "cuda":
             raise ConfigError(f"CUDA graphs need a CUDA device, not {self.device}")
         self.decode_step: DecodeStep = (
-            StaticDecodeStep(self.model, self.cache, cuda_graphs=True)
+            StaticDecodeStep(self.model, self.cache, cuda_graphs=True, compile=compile)
             if cuda_graphs
-            else EagerDecodeStep(self.model, self.cache)
+            else DynamicDecodeStep(self.model, self.cache, compile=compile)
         )
         never = [*NEVER_SAMPLED, *range(N_VOCAB, config.vocab_size)]
         self._never_sampled = torch.tensor(never, device=self.device)
@@ -271,13 +274,15 @@ class Engine:
         device: str | torch.device = "auto",
         max_batch_size: int = 8,
         quantize: Quantize | None = None,
+        compile: bool | None = None,
         cuda_graphs: bool | None = None,
     ) -> Engine:
         """Load a checkpoint directory and prepare it for decoding on its device.
 
-        CUDA: bf16 weights and cache when supported, and the decode step replayed from CUDA graphs
-        unless `cuda_graphs=False`. CPU: the decode layout (cpu_layout.py), or with
-        `quantize="int8"` int8 linear layers (quantize.py).
+        CUDA: bf16 weights and cache when supported, and the decode step compiled and replayed from
+        CUDA graphs (unless `compile` / `cuda_graphs` is False). CPU: the decode layout
+        (cpu_layout.py), or with `quantize="int8"` int8 linear layers (quantize.py); the decode
+        step compiled only when `compile=True`, as compiling costs more than one reply saves.
         """
         from reasoning_llama.model_files import load_model
 
@@ -292,6 +297,8 @@ class Engine:
             raise ConfigError(
                 "this PyTorch build has no dynamic int8 linear kernel (fbgemm); run without --quantize"
             )
+        if quantize is not None and compile:
+            raise ConfigError("--compile does not apply to int8 weights; drop --compile or --quantize")
         dtype = None
         if resolved.type == "cuda" and torch.cuda.is_bf16_supported():
             dtype = torch.bfloat16
@@ -300,10 +307,14 @@ class Engine:
             quantize_int8(model)
         elif resolved.type == "cpu":
             prepare_for_cpu_decode(model)
-        if cuda_graphs is None:
-            cuda_graphs = resolved.type == "cuda"
+        cuda = resolved.type == "cuda"
         return cls(
-            model, get_tokenizer(), max_batch_size=max_batch_size, device=resolved, cuda_graphs=cuda_graphs
+            model,
+            get_tokenizer(),
+            max_batch_size=max_batch_size,
+            device=resolved,
+            compile=cuda if compile is None else compile,
+            cuda_graphs=cuda if cuda_graphs is None else cuda_graphs,
         )
 
     # -- requests --------------------------------------------------------------------------

@@ -57,6 +57,13 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.quantized.linear_dynamic(x, self.packed, REDUCE_RANGE)
 
+    @property
+    def weight(self) -> Tensor:
+        """The int8 weight times its scales, in fp32 (for code that multiplies by the weight itself,
+        such as the loss's fused head: it then sees int8's weights, with unrounded activations)."""
+        qweight, _ = torch.ops.quantized.linear_unpack(self.packed)
+        return qweight.dequantize()
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
