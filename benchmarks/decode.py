@@ -1,16 +1,27 @@
-"""Decode speed: our engine against transformers' `generate()` on the same random weights.
+"""Decode speed and int8 accuracy: our engine against transformers' `generate()` on the same weights.
 
-The `small-100m` shape without the final block (so it is exactly a LlamaForCausalLM), greedy.
-On CPU our model gets the layout `Engine.from_checkpoint` gives it (`cpu_layout.py`: oneDNN
-linear layers with two or more threads, else weights stored transposed); the figure without it is
-reported too.
-Both sides are timed the same way, interleaved, medians over repeats: decode tokens/s =
-(N - 1) / (time to generate N tokens - time to generate 1), which removes the prefill. Our
-batch-1 figure is also given as a fraction of the memory-bandwidth limit: bytes read per
-token (every weight but the embedding table, plus the KV cache) over a read bandwidth this
-script measures itself (summing a tensor far larger than the caches).
+The `small-100m` shape without the final block (so it is exactly a LlamaForCausalLM), random
+weights, greedy. Every figure comes from one process, the implementations interleaved, medians
+over repeats: decode tokens/s = (N - 1) / (time to generate N tokens - time to generate 1), which
+removes the prefill.
 
-    python benchmarks/decode.py [--quick] [--device cpu|cuda] [--threads N]
+- CPU: ours as `Engine.from_checkpoint` prepares it (fp32, `cpu_layout.py`), the same with the
+  decode step compiled (`--compile`), ours with int8 weights (`quantize.py`, `--quantize int8`),
+  ours without the CPU layout, and transformers (fp32).
+- CUDA: ours (bf16) with the decode step compiled and replayed from CUDA graphs, ours eager
+  without graphs, and transformers (bf16); batched figures at every size of `--batch` (default 8
+  and 64 on CUDA).
+
+Our batch-1 figure is also given as a fraction of the memory-bandwidth limit: bytes read per token
+(every weight but the embedding table, plus the KV cache) over a read bandwidth this script
+measures itself (summing a tensor far larger than the caches); int8 against its own limit.
+
+The int8 figures' accuracy cost (CPU): teacher-forced through the decode path, the fp32 model
+picks the tokens and at every position both models' argmax and logits are compared
+(`quantize.compare_decoding`), over fixed chat prompts (held-out synthetic problems): on this
+run's random weights and, with `--checkpoint DIR`, on a trained checkpoint.
+
+    python benchmarks/decode.py [--quick] [--device cpu|cuda] [--threads N] [--checkpoint DIR]
 
 Prints one JSON object.
 """
@@ -24,17 +35,25 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
-from reasoning_llama.config import get_preset
+from reasoning_llama.config import ModelConfig, get_preset
 from reasoning_llama.cpu_layout import prepare_for_cpu_decode
+from reasoning_llama.evaluation import synthetic_test_rows
 from reasoning_llama.generation import Engine, resolve_device
 from reasoning_llama.interop.names import to_hf_config, to_hf_state_dict
 from reasoning_llama.model import Transformer
+from reasoning_llama.model_files import load_model
+from reasoning_llama.quantize import compare_decoding, quantize_int8
 from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.tokenizer import PAD, get_tokenizer
+
+# The quickstart's families and difficulty: prompts a quickstart checkpoint knows how to answer.
+AGREEMENT_FAMILIES = ("chain_sum", "sort_digits", "max_digit")
+AGREEMENT_DIFFICULTY = 4
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,8 +66,25 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=None, help="Prompt length [128; quick 32].")
     parser.add_argument("--new-tokens", type=int, default=None, help="Tokens generated [128; quick 16].")
     parser.add_argument("--repeats", type=int, default=None, help="Timed repeats per figure [5; quick 1].")
-    parser.add_argument("--batch", type=int, default=8, help="Batch size of the batched figure.")
+    parser.add_argument(
+        "--batch", default=None, help="Batch sizes of the batched figures, comma-separated [8; CUDA 8,64]."
+    )
     parser.add_argument("--skip-hf-batched", action="store_true", help="Leave out transformers at batch > 1.")
+    parser.add_argument(
+        "--checkpoint", default=None, help="Also measure int8's accuracy cost on this trained checkpoint."
+    )
+    parser.add_argument(
+        "--agreement-prompts",
+        type=int,
+        default=None,
+        help="Prompts per family for int8 accuracy [4; quick 1].",
+    )
+    parser.add_argument(
+        "--agreement-tokens",
+        type=int,
+        default=None,
+        help="Tokens per prompt for int8 accuracy [64; quick 16].",
+    )
     return parser.parse_args()
 
 
@@ -73,6 +109,40 @@ def read_bandwidth(device: torch.device, repeats: int) -> float:
     return x.numel() * x.element_size() / best
 
 
+def copy_of(model: Transformer) -> Transformer:
+    copy = Transformer(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
+def agreement_prompts(per_family: int) -> list[list[int]]:
+    tokenizer = get_tokenizer()
+    rows = synthetic_test_rows(AGREEMENT_FAMILIES, per_family, difficulty=AGREEMENT_DIFFICULTY)
+    return [tokenizer.render_prompt([{"role": "user", "content": row["user"]}]) for row in rows]
+
+
+def int8_accuracy(reference: Transformer, prompts: Sequence[Sequence[int]], new_tokens: int) -> dict:
+    candidate = copy_of(reference)
+    quantize_int8(candidate)
+    return compare_decoding(reference, candidate, prompts, new_tokens).as_dict()
+
+
+def bytes_per_token(config: ModelConfig, kv_values: float, linear_bytes: int, other_bytes: int) -> float:
+    """Bytes one batch-1 decode step reads: the linear weights at `linear_bytes` each; the other
+    weights (of the embedding, one row) and the KV cache at `other_bytes`."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    embedding = model.embed
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    other = (
+        sum(p.numel() for p in model.parameters())
+        - linear
+        - embedding.weight.numel()
+        + embedding.embedding_dim
+    )
+    return linear * linear_bytes + (other + kv_values) * other_bytes
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -81,7 +151,9 @@ def main() -> None:
     new_tokens = args.new_tokens or (16 if args.quick else 128)
     repeats = args.repeats or (1 if args.quick else 5)
     device = resolve_device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cuda = device.type == "cuda"
+    batches = [int(b) for b in (args.batch or ("8,64" if cuda else "8")).split(",")]
+    dtype = torch.bfloat16 if cuda else torch.float32
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -91,32 +163,41 @@ def main() -> None:
         ours = Transformer(config).to(dtype).eval()
         hf = LlamaForCausalLM(LlamaConfig(**to_hf_config(config))).to(dtype).eval()
     hf.load_state_dict(to_hf_state_dict(ours.state_dict()))
+    tokenizer = get_tokenizer()
+    most = max(batches)
+    engines: dict[str, Engine] = {}
     layout = None
-    if device.type == "cpu":
-        # Engine.from_checkpoint prepares a CPU model for decoding; keep a plain copy to show what
-        # that is worth.
-        plain = Transformer(config).eval()
-        plain.load_state_dict(ours.state_dict())
-        plain_engine = Engine(plain, get_tokenizer(), max_batch_size=1, device=device)
+    compile_s: dict[str, float] = {}  # compiling (and capturing) before the first token
+    if cuda:
+        start = time.perf_counter()
+        engines["ours"] = Engine(ours, tokenizer, max_batch_size=most, compile=True, cuda_graphs=True)
+        compile_s["ours"] = time.perf_counter() - start
+        engines["ours_without_cuda_graphs"] = Engine(ours, tokenizer, max_batch_size=most)
+    else:
+        # What Engine.from_checkpoint gives a CPU model, with and without --quantize int8, and the
+        # plain model to show what the layout is worth.
+        plain = copy_of(ours)
+        int8 = copy_of(ours)
+        quantize_int8(int8)
         layout = prepare_for_cpu_decode(ours)
-    engine = Engine(ours, get_tokenizer(), max_batch_size=args.batch, device=device)
+        engines["ours"] = Engine(ours, tokenizer, max_batch_size=most)
+        engines["ours_compiled"] = Engine(ours, tokenizer, max_batch_size=most, compile=True)
+        engines["ours_int8"] = Engine(int8, tokenizer, max_batch_size=most)
+        engines["ours_without_cpu_layout"] = Engine(plain, tokenizer, max_batch_size=1)
 
     generator = torch.Generator().manual_seed(1)
-    shorter_by = max(1, prompt_len // (4 * args.batch))  # batched prompts differ in length by up to 25%
+    shorter_by = max(1, prompt_len // (4 * most))  # batched prompts differ in length by up to 25%
     prompts = [
         torch.randint(0, 50000, (prompt_len - shorter_by * i,), generator=generator).tolist()
-        for i in range(args.batch)
+        for i in range(most)
     ]
 
-    def run_ours(batch: int, n: int) -> list[list[int]]:
-        results = engine.generate_batch(prompts[:batch], SamplingParams(max_new_tokens=n))
-        return [r.token_ids for r in results]
+    def run_engine(name: str) -> Callable[[int, int], list[list[int]]]:
+        def run(batch: int, n: int) -> list[list[int]]:
+            results = engines[name].generate_batch(prompts[:batch], SamplingParams(max_new_tokens=n))
+            return [r.token_ids for r in results]
 
-    def run_ours_without_cpu_layout(batch: int, n: int) -> list[list[int]]:
-        return [
-            r.token_ids
-            for r in plain_engine.generate_batch(prompts[:batch], SamplingParams(max_new_tokens=n))
-        ]
+        return run
 
     def run_hf(batch: int, n: int) -> list[list[int]]:
         width = max(len(p) for p in prompts[:batch])
@@ -153,51 +234,95 @@ def main() -> None:
             rates[name] = batch * (new_tokens - 1) / decode_s
         return rates
 
-    same_tokens = run_ours(1, new_tokens) == run_hf(1, new_tokens)
-    batch1_runs = {"ours": run_ours, "transformers": run_hf}
-    if device.type == "cpu":
-        batch1_runs["ours_without_cpu_layout"] = run_ours_without_cpu_layout
-    batch1 = decode_rate(batch1_runs, 1)
-    batched_runs = {"ours": run_ours} if args.skip_hf_batched else {"ours": run_ours, "transformers": run_hf}
-    batched = decode_rate(batched_runs, args.batch)
+    if not cuda:  # the compiled step compiles at its first call
+        compile_s["ours_compiled"] = timed(lambda: run_engine("ours_compiled")(1, 2), device)
+    batch1_tokens = run_engine("ours")(1, new_tokens)
+    parity = {"same_greedy_tokens_as_transformers": batch1_tokens == run_hf(1, new_tokens)}
+    if cuda:
+        without = run_engine("ours_without_cuda_graphs")(1, new_tokens)
+        parity["cuda_graphs_same_greedy_tokens_as_without"] = batch1_tokens == without
+    else:
+        parity["compiled_same_greedy_tokens"] = run_engine("ours_compiled")(1, new_tokens) == batch1_tokens
+        parity["int8_same_greedy_tokens_as_fp32"] = run_engine("ours_int8")(1, new_tokens) == batch1_tokens
+    batch1 = decode_rate({**{name: run_engine(name) for name in engines}, "transformers": run_hf}, 1)
+    batched = {}
+    for batch in batches:
+        runs = {name: run_engine(name) for name in engines if engines[name].max_batch_size >= batch}
+        if not args.skip_hf_batched:
+            runs["transformers"] = run_hf
+        batched[f"batch{batch}_tokens_per_s"] = {k: round(v, 2) for k, v in decode_rate(runs, batch).items()}
 
     bandwidth = read_bandwidth(device, repeats)
+    kv_values = 2 * config.n_layers * config.n_kv_heads * config.head_dim * (prompt_len + new_tokens / 2)
     element = torch.finfo(dtype).bits // 8
-    weights_read = ours.num_parameters() - ours.embed.weight.numel() + config.dim  # one embedding row
-    mean_context = prompt_len + new_tokens / 2
-    kv_read = 2 * config.n_layers * config.n_kv_heads * config.head_dim * mean_context
-    bytes_per_token = (weights_read + kv_read) * element
-    limit = bandwidth / bytes_per_token
-
-    report = {
+    weight_bytes = bytes_per_token(config, kv_values, element, element)
+    limit = bandwidth / weight_bytes
+    bandwidth_limit = {
+        "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "bytes_per_token_mb": round(weight_bytes / 1e6, 1),
+        "limit_tokens_per_s": round(limit, 2),
+        "ours_fraction_of_limit": round(batch1["ours"] / limit, 3),
+    }
+    if not cuda:
+        bandwidth_limit["ours_compiled_fraction_of_limit"] = round(batch1["ours_compiled"] / limit, 3)
+    report: dict = {
         "benchmark": "decode",
         "compares": "reasoning_llama Engine vs transformers LlamaForCausalLM.generate, greedy, same weights",
+        "compile_s": {name: round(s, 1) for name, s in compile_s.items()},
         "model": "small-100m, final_block=False",
         "batch1_tokens_per_s": {k: round(v, 2) for k, v in batch1.items()},
         "batch1_speedup_vs_transformers": round(batch1["ours"] / batch1["transformers"], 3),
         "target_speedup": 1.5,
-        f"batch{args.batch}_tokens_per_s": {k: round(v, 2) for k, v in batched.items()},
-        "bandwidth_limit": {
-            "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
-            "bytes_per_token_mb": round(bytes_per_token / 1e6, 1),
-            "limit_tokens_per_s": round(limit, 2),
-            "ours_fraction_of_limit": round(batch1["ours"] / limit, 3),
-        },
-        "same_greedy_tokens_as_transformers": same_tokens,
-        "settings": {
-            "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."),
-            "threads": torch.get_num_threads(),
-            "cpu_layout": layout,
-            "prompt_tokens": prompt_len,
-            "new_tokens": new_tokens,
-            "repeats": repeats,
-            "batch": args.batch,
-            "quick": args.quick,
-            "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__,
-            "python": platform.python_version(),
-        },
+        **batched,
+        "bandwidth_limit": bandwidth_limit,
+        **parity,
+    }
+    if cuda:
+        report["cuda_graphs"] = {
+            "batch1_speedup_vs_without": round(batch1["ours"] / batch1["ours_without_cuda_graphs"], 3),
+            "target_batch1_tokens_per_s": 3000,
+        }
+    else:
+        int8_bytes = bytes_per_token(config, kv_values, 1, 4)
+        bandwidth_limit["int8_bytes_per_token_mb"] = round(int8_bytes / 1e6, 1)
+        bandwidth_limit["int8_limit_tokens_per_s"] = round(bandwidth / int8_bytes, 2)
+        bandwidth_limit["ours_int8_fraction_of_int8_limit"] = round(
+            batch1["ours_int8"] * int8_bytes / bandwidth, 3
+        )
+        per_family = args.agreement_prompts or (1 if args.quick else 4)
+        tokens = args.agreement_tokens or (16 if args.quick else 64)
+        chat_prompts = agreement_prompts(per_family)
+        int8_report = {
+            "speedup_vs_transformers": round(batch1["ours_int8"] / batch1["transformers"], 3),
+            "target_speedup_vs_transformers": 3.0,
+            "prompts": len(chat_prompts),
+            "random_weights": int8_accuracy(copy_of(plain), chat_prompts, tokens),
+        }
+        # The headline accuracy: the trained checkpoint's when given, else the random weights'.
+        headline = int8_report["random_weights"]
+        if args.checkpoint:
+            int8_report["checkpoint"] = {
+                "path": args.checkpoint,
+                **int8_accuracy(load_model(args.checkpoint), chat_prompts, tokens),
+            }
+            headline = int8_report["checkpoint"]
+        int8_report["greedy_agreement"] = headline["greedy_agreement"]
+        int8_report["max_logit_error"] = headline["max_logit_error"]
+        int8_report["mean_logit_error"] = headline["mean_logit_error"]
+        report["int8"] = int8_report
+    report["settings"] = {
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "cpu_layout": layout,
+        "prompt_tokens": prompt_len,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "batches": batches,
+        "quick": args.quick,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "python": platform.python_version(),
     }
     json.dump(report, sys.stdout)
     print()

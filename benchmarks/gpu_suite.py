@@ -4,10 +4,13 @@ Steps, each in its own process with a time limit, each reported whatever the oth
 1. environment: torch, CUDA, the device;
 2. throughput: `train_throughput.py` (tokens/s and MFU of ours compiled, ours uncompiled and
    transformers, small-100m at T 1280);
-3. tests: `tests/test_gpu.py` (no host sync inside a step; FlexAttention and compiled layers against
-   the dense path, gradients included);
-4. data parallel: DDP and FSDP2 smoke runs under torchrun on every GPU present;
-5. a short real training run (synthetic tasks) whose validation loss must fall.
+3. decode: `decode.py` (tokens/s of our engine with CUDA graphs, without, and transformers, at
+   batch 1, 8 and 64, small-100m in bf16);
+4. tests: `tests/test_gpu.py` (training: no host sync inside a step, FlexAttention and compiled
+   layers against the dense path, gradients included; decoding: CUDA graphs against eager, no host
+   sync, no recompilation);
+5. data parallel: DDP and FSDP2 smoke runs under torchrun on every GPU present;
+6. a short real training run (synthetic tasks) whose validation loss must fall.
 
     python benchmarks/gpu_suite.py --out DIR [--device cuda] [--quick]
 
@@ -120,6 +123,13 @@ def main() -> None:
     with contextlib.suppress(json.JSONDecodeError):
         step["result"] = json.loads(step["last_line"])
     report["throughput"] = step
+
+    decode = [python, "benchmarks/decode.py", "--device", args.device]
+    decode += ["--quick", "--batch", "2"] if args.quick else ["--repeats", "3", "--batch", "8,64"]
+    step = run("decode", decode, out, timeout=420)
+    with contextlib.suppress(json.JSONDecodeError):
+        step["result"] = json.loads(step["last_line"])
+    report["decode"] = step
 
     pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"]
     step = run("gpu_tests", pytest, out, timeout=240)

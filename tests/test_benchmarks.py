@@ -23,9 +23,19 @@ def run_benchmark(name: str, *args: str) -> dict:
 def test_decode_benchmark_compares_against_transformers_on_the_same_tokens():
     report = run_benchmark("decode.py", "--quick", "--threads", "2", "--batch", "2")
     assert report["same_greedy_tokens_as_transformers"] is True
-    assert set(report["batch1_tokens_per_s"]) == {"ours", "transformers", "ours_without_cpu_layout"}
+    ours = {"ours", "ours_compiled", "ours_int8"}
+    assert set(report["batch1_tokens_per_s"]) == {*ours, "transformers", "ours_without_cpu_layout"}
     assert all(rate > 0 for rate in report["batch1_tokens_per_s"].values())
-    assert report["bandwidth_limit"]["limit_tokens_per_s"] > 0
+    assert set(report["batch2_tokens_per_s"]) == {*ours, "transformers"}
+    assert report["compiled_same_greedy_tokens"] is True and report["compile_s"]["ours_compiled"] > 0
+    limit = report["bandwidth_limit"]
+    assert limit["limit_tokens_per_s"] > 0 and limit["ours_fraction_of_limit"] > 0
+    assert limit["ours_compiled_fraction_of_limit"] > 0
+    assert limit["int8_limit_tokens_per_s"] > limit["limit_tokens_per_s"]  # a quarter of the bytes, mostly
+    int8 = report["int8"]
+    assert int8["prompts"] == 3 and int8["random_weights"]["tokens"] == 3 * 16
+    assert 0 <= int8["greedy_agreement"] <= 1 and 0 <= int8["mean_logit_error"] <= int8["max_logit_error"]
+    assert isinstance(report["int8_same_greedy_tokens_as_fp32"], bool)  # reported, not required
 
 
 @pytest.mark.slow
@@ -75,6 +85,9 @@ def test_gpu_suite_runs_every_step_and_writes_one_report(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert (
         report["throughput"]["status"] == "ok" and report["throughput"]["result"]["tokens_per_s"]["ours"] > 0
+    )
+    assert (
+        report["decode"]["status"] == "ok" and report["decode"]["result"]["batch1_tokens_per_s"]["ours"] > 0
     )
     assert report["gpu_tests"]["status"] == "ok"  # skipped without a GPU, never failed
     for mode in ("ddp", "fsdp"):

@@ -96,6 +96,18 @@ def test_generate_json_is_the_engine_result(checkpoint, flags, params, system):
 
 
 @pytest.mark.slow
+def test_generate_with_int8_weights_is_the_int8_engines_result(checkpoint):
+    flags = ["--max-new-tokens", "16", "--quantize", "int8", "--json"]
+    result = run_cli("generate", "--checkpoint", checkpoint, "--prompt", QUESTION, "--device", "cpu", *flags)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    engine = Engine.from_checkpoint(checkpoint, device="cpu", max_batch_size=1, quantize="int8")
+    prompt = engine.tokenizer.render_prompt([{"role": "user", "content": QUESTION}])
+    want = engine.generate(prompt, SamplingParams(max_new_tokens=16))
+    assert (report["reasoning"], report["answer"]) == (want.reasoning, want.answer)
+
+
+@pytest.mark.slow
 def test_generate_streams_reasoning_to_stderr_and_answer_to_stdout(checkpoint):
     result = run_cli(
         "generate",

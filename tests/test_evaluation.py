@@ -152,12 +152,30 @@ def test_eval_cli_json_on_tasks_and_on_a_data_file(tmp_path, tiny_config):
 
 
 @pytest.mark.slow
+def test_eval_cli_with_int8_weights_scores_the_int8_engine(tmp_path, tiny_config):
+    checkpoint = save_model(tmp_path / "ckpt", Transformer(tiny_config))
+    result = run_cli(
+        "eval", "--checkpoint", str(checkpoint), "--task", "synthetic:chain_sum", "--limit", "2",
+        "--max-new-tokens", "8", "--device", "cpu", "--quantize", "int8", "--json", one_thread=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    engine = Engine.from_checkpoint(checkpoint, device="cpu", max_batch_size=32, quantize="int8")
+    rows = evaluation.synthetic_test_rows(["chain_sum"], 2)
+    expected = evaluation.evaluate_generations(engine, rows, max_new_tokens=8)
+    assert {k: report[k] for k in ("overall", "families")} == expected.to_dict()
+    loss = evaluation.loss_on_rows(engine.model, engine.tokenizer, rows)
+    assert report["loss"] == pytest.approx(loss.loss, rel=1e-4)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--task", "synthetic", "--data", "x.jsonl"], "exactly one of --task"),
         (["--task", "synthetic:nope"], "unknown synthetic family"),
         (["--data", "x.jsonl", "--examples", "e.jsonl"], "--examples lists generations"),
+        (["--task", "synthetic", "--quantize", "int4"], "unknown quantization 'int4'; use int8"),
     ],
 )
 def test_eval_cli_errors_are_one_line(tmp_path, tiny_config, args, message):

@@ -129,7 +129,7 @@ def test_cached_decode_matches_full_recompute_single_beside_an_idle_row(model):
             # Row 0 idles on a PAD at slot 0; only row 1's logits come back.
             tokens = torch.tensor([PAD, sequence[-1]])
             positions = torch.tensor([0, len(sequence) - 1])
-            logits = decode(model, cache, tokens, positions, active=torch.tensor([False, True]))
+            logits = decode(model, cache, tokens, positions, active=torch.tensor([1]))
             assert logits.shape == (1, CONFIG.vocab_size)
 
 
@@ -177,6 +177,35 @@ def test_greedy_matches_transformers_generate_token_for_token(model, prompts, la
         assert len(expected) == 64
         assert result.token_ids == expected
         assert result.finish_reason == "length"
+
+
+def greedy_by_recompute(model, prompt, n, banned):
+    """The plain model's greedy continuation: the whole sequence through the model for every token."""
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))[0, -1]
+            logits[banned] = -math.inf
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("threads", [1, 2])  # the transposed and the oneDNN layout (cpu_layout.py)
+def test_the_engines_cpu_decoding_gives_the_plain_models_greedy_tokens(
+    model, prompts, tmp_path, torch_threads, threads
+):
+    """64 tokens of raw continuation: batch 1, and a continuous batch of mixed prompt lengths with
+    two slots, so requests join and leave while others decode."""
+    banned = [IM_START, USER, REASONING, ASSISTANT, PAD, IM_END, EOT]
+    expected = [greedy_by_recompute(model, p, 64, banned) for p in prompts]
+    torch_threads(threads)
+    engine = Engine.from_checkpoint(save_model(tmp_path / "ckpt", model), device="cpu", max_batch_size=2)
+    engine.logits_hook = lambda request, logits: logits.index_fill_(0, torch.tensor([IM_END, EOT]), -math.inf)
+    alone = [engine.generate(p, SamplingParams(max_new_tokens=64, raw=True)).token_ids for p in prompts]
+    assert alone == expected
+    lengths = (64, 30, 64)
+    batched = engine.generate_batch(prompts, [SamplingParams(max_new_tokens=n, raw=True) for n in lengths])
+    assert [r.token_ids for r in batched] == [e[:n] for e, n in zip(expected, lengths, strict=True)]
 
 
 # -- batching -----------------------------------------------------------------------------

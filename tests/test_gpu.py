@@ -1,14 +1,23 @@
-"""The CUDA training path where a GPU is present (skipped elsewhere): no host sync inside a step, and
-FlexAttention and the compiled layers against the eager dense-mask path, gradients included."""
+"""The CUDA paths where a GPU is present (skipped elsewhere). Training: no host sync inside a step, and
+FlexAttention and the compiled layers against the eager dense-mask path, gradients included.
+Decoding: the CUDA-graph decode step against `decode` and the eager engine, without host syncs or
+recompilation, and bf16 through `Engine.from_checkpoint`."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from reasoning_llama.config import ModelConfig
+from reasoning_llama.decoding import StaticDecodeStep
+from reasoning_llama.generation import Engine
 from reasoning_llama.loss import ModelWithLoss, batch_loss
-from reasoning_llama.model import Transformer
+from reasoning_llama.model import KVCache, Transformer
+from reasoning_llama.model_files import save_model
+from reasoning_llama.sampling import SamplingParams
+from reasoning_llama.tokenizer import EOT, IM_END, get_tokenizer
 from reasoning_llama.training.loop import Trainer
 from test_loss import packed_batch
 from test_training_loop import tiny_run
@@ -49,3 +58,72 @@ def test_flex_attention_and_compiled_layers_match_the_dense_path_with_gradients(
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-4)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+# -- decoding ------------------------------------------------------------------------------
+
+DECODE_TEXTS = ["What is 2 + 3?", "hi", "Tell me a long story about dragons.", "Sort 3 1 2.", "Why?"]
+DECODE_CONFIG = ModelConfig(
+    dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256, final_block=False, init_std=0.1
+)
+
+
+def no_ends(request, logits):
+    """Keep raw continuations going for all their tokens."""
+    logits[[IM_END, EOT]] = -math.inf
+
+
+def decode_model() -> Transformer:
+    """fp32 on the GPU, so graph and eager runs must agree to rounding, not to bf16's luck."""
+    torch.manual_seed(0)
+    return Transformer(DECODE_CONFIG).cuda().eval()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_graph_decode_step_gives_the_logits_of_decode(compiled):
+    from test_decoding import run_against_decode
+
+    run_against_decode(
+        decode_model(),
+        lambda m, c: StaticDecodeStep(m, c, cuda_graphs=True, compile=compiled),
+        tolerance=1e-3,
+    )
+
+
+def test_a_graph_decode_step_never_waits_on_the_host():
+    model = decode_model()
+    step = StaticDecodeStep(model, KVCache(DECODE_CONFIG, 4, device="cuda"), cuda_graphs=True)
+    with torch.inference_mode():
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            logits = step([5, 6, 7, 8], [0, 0, 0, 0], [0, 1, 2, 3])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert logits.shape == (4, DECODE_CONFIG.vocab_size)
+
+
+def test_graph_engine_gives_the_eager_engines_tokens_and_never_recompiles():
+    """64 tokens, batch 1 and a continuous batch of mixed prompt lengths (requests joining and
+    leaving, so the padded size changes), with torch.compile forbidden to compile again."""
+    model = decode_model()
+    tokenizer = get_tokenizer()
+    prompts = [tokenizer.render_prompt([{"role": "user", "content": t}]) for t in DECODE_TEXTS]
+    params = [SamplingParams(max_new_tokens=n, raw=True) for n in (64, 20, 64, 40, 64)]
+    eager = Engine(model, tokenizer, max_batch_size=4, logits_hook=no_ends)
+    graphed = Engine(model, tokenizer, max_batch_size=4, cuda_graphs=True, logits_hook=no_ends)
+    alone = [eager.generate(p, q).token_ids for p, q in zip(prompts, params, strict=True)]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert [graphed.generate(p, q).token_ids for p, q in zip(prompts, params, strict=True)] == alone
+        assert [r.token_ids for r in graphed.generate_batch(prompts, params)] == alone
+    assert [len(ids) for ids in alone] == [64, 20, 64, 40, 64]
+
+
+def test_from_checkpoint_on_cuda_decodes_bf16_through_graphs(tmp_path):
+    save_model(tmp_path / "ckpt", decode_model().cpu())
+    engine = Engine.from_checkpoint(tmp_path / "ckpt", device="cuda", max_batch_size=2)
+    assert engine.cache.keys[0].dtype == torch.bfloat16
+    assert isinstance(engine.decode_step, StaticDecodeStep) and engine.decode_step.graphs
+    prompt = get_tokenizer().render_prompt([{"role": "user", "content": "What is 2 + 3?"}])
+    results = engine.generate_batch([prompt, prompt[:-3]], SamplingParams(max_new_tokens=16))
+    assert all(r.completion_tokens >= 1 and r.finish_reason in ("stop", "length") for r in results)

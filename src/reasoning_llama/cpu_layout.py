@@ -46,6 +46,18 @@ def _onednn_linear(x: Tensor, weight: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")  # noqa: SLF001
 
 
+# torch.compile lowers the private op above only for weights it has frozen into constants; as an
+# opaque op of our own it stays one call in the compiled step, the small ops around it fused.
+@torch.library.custom_op("reasoning_llama::onednn_linear", mutates_args=())
+def onednn_linear_op(x: Tensor, weight: Tensor) -> Tensor:
+    return _onednn_linear(x, weight)
+
+
+@onednn_linear_op.register_fake
+def _(x: Tensor, weight: Tensor) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 @functools.cache
 def onednn_linear_works() -> bool:
     """Whether this torch build has oneDNN's linear kernel and it computes what F.linear does."""
@@ -69,7 +81,9 @@ class OneDNNLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: Tensor) -> Tensor:
-        return _onednn_linear(x, self.weight)
+        if torch.compiler.is_compiling():
+            return onednn_linear_op(x, self.weight)
+        return _onednn_linear(x, self.weight)  # without the custom op's Python dispatch
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"

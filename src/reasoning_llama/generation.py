@@ -48,8 +48,10 @@ import torch
 from torch import Tensor
 
 from reasoning_llama.cpu_layout import prepare_for_cpu_decode
+from reasoning_llama.decoding import DecodeStep, DynamicDecodeStep, StaticDecodeStep, decode, prefill
 from reasoning_llama.errors import ConfigError, RequestError
 from reasoning_llama.model import KVCache, Transformer
+from reasoning_llama.quantize import int8_linear_works, quantize_int8
 from reasoning_llama.sampling import (
     SamplingParams,
     TokenLogprob,
@@ -74,6 +76,7 @@ __all__ = [
     "Delta",
     "Engine",
     "GenerationResult",
+    "Quantize",
     "Request",
     "decode",
     "prefill",
@@ -83,6 +86,7 @@ __all__ = [
 NEVER_SAMPLED = (IM_START, USER, REASONING, ASSISTANT, PAD)
 
 FinishReason = Literal["stop", "length", "cancelled"]
+Quantize = Literal["int8"]
 LogitsHook = Callable[["Request", Tensor], "Tensor | None"]
 
 
@@ -110,43 +114,6 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
     # With SamplingParams.logprobs: the Deltas' logprobs, by kind ("reasoning", "answer").
     logprobs: dict[str, list[TokenLogprob]] | None = None
-
-
-# -- the two model calls -------------------------------------------------------------------
-
-
-def prefill(
-    model: Transformer, cache: KVCache, prompts: Sequence[Sequence[int]], rows: Sequence[int]
-) -> Tensor:
-    """Write the prompts (right-padded together) into cache rows `rows`; logits at each prompt's end (n, V)."""
-    device = cache.k.device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        ids[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-    positions = torch.arange(width, device=device).expand(len(prompts), width)
-    last = torch.tensor([len(p) - 1 for p in prompts], device=device)
-    # Padding writes junk past each prompt's end; those slots are rewritten before any query sees them.
-    logits = model(
-        ids.to(device),
-        positions,
-        kv_cache=cache,
-        cache_rows=torch.tensor(list(rows), device=device),
-        select=positions == last.unsqueeze(1),
-    )
-    return logits.float()
-
-
-def decode(
-    model: Transformer, cache: KVCache, tokens: Tensor, positions: Tensor, active: Tensor | None = None
-) -> Tensor:
-    """Feed one token (B,) at `positions` (B,) into cache rows 0..B-1; logits of the `active` rows (n, V)."""
-    rows = tokens.shape[0]
-    if rows < cache.batch_size:
-        cache = cache.leading_rows(rows)
-    select = None if active is None else active.unsqueeze(1)
-    logits = model(tokens.unsqueeze(1), positions.unsqueeze(1), kv_cache=cache, select=select)
-    return logits.reshape(-1, logits.shape[-1]).float()
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -285,6 +252,11 @@ class Engine:
     `logits_hook(request, logits)` (optional) sees each sampled row's fp32 logits (vocab,) after the
     repetition penalty and before the special-id mask; it may edit them in place or return new ones.
     It is not called for ids the engine forces (the assistant header, a budget's <|im_end|>).
+
+    The decode step (decoding.py): `compile=True` runs it through torch.compile (the small ops
+    fused; compiling takes seconds to tens of seconds, on the first step). `cuda_graphs=True` (a
+    CUDA model) replays it from CUDA graphs captured here for every padded batch size up to
+    `max_batch_size`.
     """
 
     def __init__(
@@ -295,6 +267,8 @@ class Engine:
         max_batch_size: int = 8,
         device: str | torch.device | None = None,
         logits_hook: LogitsHook | None = None,
+        compile: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -311,6 +285,13 @@ class Engine:
         self.max_context = config.max_seq_len
         self.logits_hook = logits_hook
         self.cache = KVCache(config, max_batch_size, device=self.device, dtype=weight.dtype)
+        if cuda_graphs and self.device.type != "cuda":
+            raise ConfigError(f"CUDA graphs need a CUDA device, not {self.device}")
+        self.decode_step: DecodeStep = (
+            StaticDecodeStep(self.model, self.cache, cuda_graphs=True, compile=compile)
+            if cuda_graphs
+            else DynamicDecodeStep(self.model, self.cache, compile=compile)
+        )
         never = [*NEVER_SAMPLED, *range(N_VOCAB, config.vocab_size)]
         self._never_sampled = torch.tensor(never, device=self.device)
         self._slots: list[Request | None] = [None] * max_batch_size
@@ -321,19 +302,54 @@ class Engine:
 
     @classmethod
     def from_checkpoint(
-        cls, directory: str | Path, *, device: str | torch.device = "auto", max_batch_size: int = 8
+        cls,
+        directory: str | Path,
+        *,
+        device: str | torch.device = "auto",
+        max_batch_size: int = 8,
+        quantize: Quantize | None = None,
+        compile: bool | None = None,
+        cuda_graphs: bool | None = None,
     ) -> Engine:
-        """Load a checkpoint directory: bf16 weights and cache on CUDA when supported, the CPU decode layout on CPU."""
+        """Load a checkpoint directory and prepare it for decoding on its device.
+
+        CUDA: bf16 weights and cache when supported, and the decode step compiled and replayed from
+        CUDA graphs (unless `compile` / `cuda_graphs` is False). CPU: the decode layout
+        (cpu_layout.py), or with `quantize="int8"` int8 linear layers (quantize.py); the decode
+        step compiled only when `compile=True`, as compiling costs more than one reply saves.
+        """
         from reasoning_llama.model_files import load_model
 
         resolved = resolve_device(device)
+        if quantize not in (None, "int8"):
+            raise ConfigError(f"unknown quantization {quantize!r}; use int8")
+        if quantize is not None and resolved.type != "cpu":
+            raise ConfigError(
+                f"--quantize {quantize} runs on a CPU only (on {resolved.type} the engine uses bf16); use --device cpu"
+            )
+        if quantize is not None and not int8_linear_works():
+            raise ConfigError(
+                "this PyTorch build has no dynamic int8 linear kernel (fbgemm); run without --quantize"
+            )
+        if quantize is not None and compile:
+            raise ConfigError("--compile does not apply to int8 weights; drop --compile or --quantize")
         dtype = None
         if resolved.type == "cuda" and torch.cuda.is_bf16_supported():
             dtype = torch.bfloat16
         model = load_model(directory, device=resolved, dtype=dtype)
-        if resolved.type == "cpu":
+        if quantize == "int8":
+            quantize_int8(model)
+        elif resolved.type == "cpu":
             prepare_for_cpu_decode(model)
-        return cls(model, get_tokenizer(), max_batch_size=max_batch_size, device=resolved)
+        cuda = resolved.type == "cuda"
+        return cls(
+            model,
+            get_tokenizer(),
+            max_batch_size=max_batch_size,
+            device=resolved,
+            compile=cuda if compile is None else compile,
+            cuda_graphs=cuda if cuda_graphs is None else cuda_graphs,
+        )
 
     # -- requests --------------------------------------------------------------------------
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -429,24 +445,14 @@ class Engine:
             for request in admitted:
                 request.prefill_s = elapsed
             self._advance(admitted, logits, events)
-        active = [r for r in self._slots if r is not None]
+        active = [r for r in self._slots if r is not None]  # ascending slots
         if active:
             rows = active[-1].slot + 1  # rows 0..rows-1 go through the model; free ones idle at slot 0
             tokens, positions = [PAD] * rows, [0] * rows
             for r in active:
                 tokens[r.slot] = r.output_ids[-1]
                 positions[r.slot] = r.prompt_tokens + len(r.output_ids) - 1
-            mask = None
-            if len(active) < rows:
-                mask = torch.zeros(rows, dtype=torch.bool, device=self.device)
-                mask[[r.slot for r in active]] = True
-            logits = decode(
-                self.model,
-                self.cache,
-                torch.tensor(tokens, device=self.device),
-                torch.tensor(positions, device=self.device),
-                mask,
-            )
+            logits = self.decode_step(tokens, positions, [r.slot for r in active])
             self._advance(active, logits, events)
         return list(events.items())
 

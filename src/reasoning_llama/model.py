@@ -69,9 +69,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer, stored at the KV-head count.
+    """Preallocated keys and values, one (batch, KV heads, max_len, head_dim) tensor per layer.
 
-    Row b of the cache belongs to one sequence; token at position p lives in slot p.
+    Row b of the cache belongs to one sequence; token at position p lives in slot p. One tensor per
+    layer (not one for all) lets torch.compile write a step's keys into the cache in place: a
+    write into a slice of one larger input would be compiled as a copy of the whole of it.
     """
 
     def __init__(
@@ -84,25 +86,30 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.max_len = max_len or config.max_seq_len
-        shape = (config.n_layers, batch_size, config.n_kv_heads, self.max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_kv_heads, self.max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.keys[0].shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys[0].device
 
     def leading_rows(self, rows: int) -> KVCache:
         """A view of the first `rows` rows (same memory): attention then slices the cache instead of gathering."""
         view = copy.copy(self)
-        view.k, view.v = self.k[:, :rows], self.v[:, :rows]
+        view.keys = [k[:rows] for k in self.keys]
+        view.values = [v[:rows] for v in self.values]
         return view
 
     def update(
         self, layer: int, positions: Tensor, k: Tensor, v: Tensor, rows: Tensor | None, length: int
     ) -> tuple[Tensor, Tensor]:
         """Write k/v (B, H_kv, T, D) at `positions` (B, T); return the first `length` slots of the rows."""
-        k_cache, v_cache = self.k[layer], self.v[layer]
+        k_cache, v_cache = self.keys[layer], self.values[layer]
         row_index = (torch.arange(k.shape[0], device=k.device) if rows is None else rows).unsqueeze(1)
         # Advanced indices around a slice put their dims first: (B, T, H_kv, D).
         k_cache[row_index, :, positions] = k.transpose(1, 2).to(k_cache.dtype)

@@ -44,6 +44,8 @@ def chat(
     stop: options.Stop = None,
     hide_reasoning: options.HideReasoning = False,
     device: options.Device = "auto",
+    quantize: options.Quantize = None,
+    compile_step: options.Compile = None,
 ) -> None:
     """Chat in the terminal: streamed answers with their reasoning dimmed; /help lists the commands."""
     from rich.console import Console
@@ -55,7 +57,13 @@ def chat(
     # Ctrl-C is how a chat stops an answer, so it must raise KeyboardInterrupt even when a parent
     # (a background job, a script) started us with SIGINT ignored, which Python would keep.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    engine = Engine.from_checkpoint(resolve_model_dir(checkpoint), device=device, max_batch_size=1)
+    engine = Engine.from_checkpoint(
+        resolve_model_dir(checkpoint),
+        device=device,
+        max_batch_size=1,
+        quantize=quantize,
+        compile=compile_step,
+    )
     console = Console(highlight=False)
     session = ChatSession(engine, params, console, system=system, hide_reasoning=hide_reasoning)
     console.print(

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from reasoning_llama import atomic
+from reasoning_llama.cli import options
 from reasoning_llama.cli.model_dir import ModelDir, resolve_model_dir
 from reasoning_llama.cli.options import echo_err
 from reasoning_llama.errors import ConfigError
@@ -45,6 +46,8 @@ def eval_command(
             help="Also write one JSON line per problem: family, user, reference, reasoning, answer, correct ..."
         ),
     ] = None,
+    quantize: options.Quantize = None,
+    compile_step: options.Compile = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Exact match, format adherence and reasoning length per family; loss and perplexity."""
@@ -68,7 +71,9 @@ def eval_command(
         rows = _read_rows(data)  # type: ignore[arg-type]
         rows = rows[:limit] if limit else rows
         source = str(data)
-    engine = Engine.from_checkpoint(directory, device=device, max_batch_size=batch_size)
+    engine = Engine.from_checkpoint(
+        directory, device=device, max_batch_size=batch_size, quantize=quantize, compile=compile_step
+    )
     progress = not as_json and sys.stderr.isatty()
     report: dict = {"checkpoint": str(directory), "source": source, "rows": len(rows)}
     if generate:

@@ -37,6 +37,8 @@ def generate(
     stop: options.Stop = None,
     hide_reasoning: options.HideReasoning = False,
     device: options.Device = "auto",
+    quantize: options.Quantize = None,
+    compile_step: options.Compile = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of streaming.")
     ] = False,
@@ -50,7 +52,13 @@ def generate(
     params = sampling_params(locals())  # the options named like SamplingParams fields
     if not prompt.strip():
         raise RequestError("--prompt is empty; give the text to answer")
-    engine = Engine.from_checkpoint(resolve_model_dir(checkpoint), device=device, max_batch_size=1)
+    engine = Engine.from_checkpoint(
+        resolve_model_dir(checkpoint),
+        device=device,
+        max_batch_size=1,
+        quantize=quantize,
+        compile=compile_step,
+    )
     prompt_ids = engine.tokenizer.render_prompt([{"role": "user", "content": prompt}], system=system)
     if max_new_tokens is None:  # the default shrinks to fit; an explicit value must fit
         room = max(1, engine.max_context - len(prompt_ids))

@@ -47,6 +47,19 @@ ReasoningBudget = Annotated[
 Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop the answer at this text (repeatable).")]
 HideReasoning = Annotated[bool, typer.Option("--hide-reasoning", help="Do not show the reasoning.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
+Compile = Annotated[
+    bool | None,
+    typer.Option(
+        "--compile/--no-compile",
+        help="Compile the decode step (torch.compile): faster tokens after seconds of compiling (default: on CUDA only).",
+    ),
+]
+Quantize = Annotated[
+    str | None,
+    typer.Option(
+        help="int8: int8 weights on a CPU, for faster decoding at a small accuracy cost (docs/BENCHMARKS.md)."
+    ),
+]
 
 
 def sampling_params(options: dict[str, object]) -> SamplingParams:

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from reasoning_llama.cli import options
 from reasoning_llama.cli.model_dir import ModelDir, resolve_model_dir
 from reasoning_llama.errors import ConfigError
 
@@ -33,6 +34,8 @@ def serve(
         str | None, typer.Option(help="The model id clients send (default: the checkpoint's folder name).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    quantize: options.Quantize = None,
+    compile_step: options.Compile = None,
     max_body_bytes: Annotated[
         int, typer.Option(help="Largest request body accepted (413 above).")
     ] = 1_000_000,
@@ -65,7 +68,11 @@ def serve(
     )
     listener = _bind(host, port)  # fail with a clear message before the model loads
     engine = Engine.from_checkpoint(
-        resolve_model_dir(checkpoint), device=device, max_batch_size=max_concurrency
+        resolve_model_dir(checkpoint),
+        device=device,
+        max_batch_size=max_concurrency,
+        quantize=quantize,
+        compile=compile_step,
     )
     if api_key is None and not _is_loopback(host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)

@@ -1,0 +1,97 @@
+"""The decode steps give `decode`'s logits: the eager step, and the static step (padded batch sizes, the
+whole cache) eager and compiled on a CPU. Its CUDA-graph form is tested in test_gpu.py."""
+
+import pytest
+import torch
+
+from reasoning_llama.config import ModelConfig
+from reasoning_llama.decoding import DynamicDecodeStep, StaticDecodeStep, decode, padded_batch_sizes, prefill
+from reasoning_llama.model import KVCache, Transformer
+from reasoning_llama.tokenizer import PAD
+
+CONFIG = ModelConfig(
+    dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=128, final_block=False, init_std=0.1
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(CONFIG).eval()
+
+
+def test_padded_batch_sizes_are_powers_of_two_then_the_cache():
+    assert padded_batch_sizes(1) == [1]
+    assert padded_batch_sizes(8) == [1, 2, 4, 8]
+    assert padded_batch_sizes(6) == [1, 2, 4, 6]
+    assert padded_batch_sizes(64) == [1, 2, 4, 8, 16, 32, 64]
+
+
+def run_against_decode(model, make_step, *, steps: int = 12, tolerance: float = 1e-4) -> None:
+    """Rows 0 and 2 decode (prompts of different lengths), row 1 idles, row 3 is never used; one row
+    leaves half-way. Every step's logits must be those of plain `decode` on a cache of its own."""
+    device = next(model.parameters()).device
+    prompts = {0: [5, 17, 300, 2, 9, 44, 1000], 2: [7, 8, 9]}
+    reference_cache, cache = (KVCache(model.config, 4, device=device) for _ in range(2))
+    with torch.inference_mode():
+        step = make_step(model, cache)
+        for c in (reference_cache, cache):
+            logits = prefill(model, c, list(prompts.values()), list(prompts))
+        sequences = {
+            row: [*p, int(t)] for (row, p), t in zip(prompts.items(), logits.argmax(-1), strict=True)
+        }
+        for n in range(steps):
+            if n == steps // 2:
+                del sequences[2]  # row 2 finishes: the batch shrinks to row 0 alone
+            active = sorted(sequences)
+            rows = active[-1] + 1
+            tokens, positions = [PAD] * rows, [0] * rows
+            for row in active:
+                tokens[row], positions[row] = sequences[row][-1], len(sequences[row]) - 1
+            as_tensor = torch.tensor
+            expected = decode(
+                model,
+                reference_cache,
+                as_tensor(tokens, device=device),
+                as_tensor(positions, device=device),
+                as_tensor(active, device=device),
+            )
+            logits = step(tokens, positions, active)
+            torch.testing.assert_close(logits, expected, atol=tolerance, rtol=tolerance)
+            for row, token in zip(active, expected.argmax(-1).tolist(), strict=True):
+                sequences[row].append(token)
+
+
+def test_eager_step_gives_the_logits_of_decode(model):
+    run_against_decode(model, DynamicDecodeStep)
+
+
+def test_static_step_pads_rows_and_attends_over_the_whole_cache(model):
+    def make(model, cache):
+        step = StaticDecodeStep(model, cache, cuda_graphs=False, compile=False)
+        assert step.sizes == [1, 2, 4]
+        return step
+
+    run_against_decode(model, make)
+
+
+@pytest.mark.slow
+def test_compiled_static_step_matches_eager_on_a_cpu(model, one_torch_thread):
+    run_against_decode(model, lambda m, c: StaticDecodeStep(m, c, cuda_graphs=False, compile=True))
+
+
+def test_cuda_graphs_need_a_cuda_cache(model):
+    with pytest.raises(ValueError, match="CUDA"):
+        StaticDecodeStep(model, KVCache(CONFIG, 2), cuda_graphs=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", [1, 2])  # the transposed and the oneDNN layout (cpu_layout.py)
+def test_compiled_dynamic_step_matches_eager_in_the_cpu_layouts(model, torch_threads, threads):
+    from reasoning_llama.cpu_layout import prepare_for_cpu_decode
+
+    torch_threads(threads)
+    prepared = Transformer(CONFIG).eval()
+    prepared.load_state_dict(model.state_dict())
+    prepare_for_cpu_decode(prepared)
+    run_against_decode(prepared, lambda m, c: DynamicDecodeStep(m, c, compile=True))
