@@ -176,6 +176,7 @@ def test_eval_cli_with_int8_weights_scores_the_int8_engine(tmp_path, tiny_config
         (["--task", "synthetic:nope"], "unknown synthetic family"),
         (["--data", "x.jsonl", "--examples", "e.jsonl"], "--examples lists generations"),
         (["--task", "synthetic", "--quantize", "int4"], "unknown quantization 'int4'; use int8"),
+        (["--task", "synthetic", "--quantize", "int8", "--compile"], "--compile does not apply to int8"),
     ],
 )
 def test_eval_cli_errors_are_one_line(tmp_path, tiny_config, args, message):

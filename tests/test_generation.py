@@ -208,6 +208,17 @@ def test_the_engines_cpu_decoding_gives_the_plain_models_greedy_tokens(
     assert [r.token_ids for r in batched] == [e[:n] for e, n in zip(expected, lengths, strict=True)]
 
 
+@pytest.mark.slow
+def test_the_compiled_decode_step_gives_the_eager_engines_tokens(model, prompts, tmp_path, torch_threads):
+    torch_threads(2)
+    checkpoint = save_model(tmp_path / "ckpt", model)
+    eager = Engine.from_checkpoint(checkpoint, device="cpu", max_batch_size=2)
+    compiled = Engine.from_checkpoint(checkpoint, device="cpu", max_batch_size=2, compile=True)
+    params = [SamplingParams(max_new_tokens=n) for n in (40, 20, 40)]
+    expected = [r.token_ids for r in eager.generate_batch(prompts, params)]
+    assert [r.token_ids for r in compiled.generate_batch(prompts, params)] == expected
+
+
 # -- batching -----------------------------------------------------------------------------
 
 

@@ -111,7 +111,7 @@ def test_graph_engine_gives_the_eager_engines_tokens_and_never_recompiles():
     prompts = [tokenizer.render_prompt([{"role": "user", "content": t}]) for t in DECODE_TEXTS]
     params = [SamplingParams(max_new_tokens=n, raw=True) for n in (64, 20, 64, 40, 64)]
     eager = Engine(model, tokenizer, max_batch_size=4, logits_hook=no_ends)
-    graphed = Engine(model, tokenizer, max_batch_size=4, cuda_graphs=True, logits_hook=no_ends)
+    graphed = Engine(model, tokenizer, max_batch_size=4, compile=True, cuda_graphs=True, logits_hook=no_ends)
     alone = [eager.generate(p, q).token_ids for p, q in zip(prompts, params, strict=True)]
     with torch.compiler.set_stance("fail_on_recompile"):
         assert [graphed.generate(p, q).token_ids for p, q in zip(prompts, params, strict=True)] == alone

@@ -141,7 +141,7 @@ class StaticDecodeStep:
 
     That is what CUDA graphs need: with `cuda_graphs=True` (a CUDA cache) the step is captured once
     per size, here, and every call replays a graph, launching all its kernels at once. Capturing
-    runs the step, writing PAD at slot 0 of the rows, so it happens before the cache holds any
+    runs the step (PAD at position 0 of every row), so it happens before the cache holds any
     request. `compile=True` runs torch.compile's fused kernels (captured too, with graphs); it
     specialises on the first size and makes the batch dimension dynamic at the second, so two
     compilations serve every size. Without graphs the step runs on any device (the tests run
@@ -168,6 +168,7 @@ class StaticDecodeStep:
         self.step = torch.compile(_static_step, fullgraph=True) if compile else _static_step
         most = self.sizes[-1]
         self.inputs = torch.zeros(2, most, dtype=torch.long, device=device)  # tokens, positions
+        self.inputs[0] = PAD
         self.staging = torch.zeros(2, most, dtype=torch.long, pin_memory=cuda_graphs)
         self.caches = {s: cache.leading_rows(s) if s < cache.batch_size else cache for s in self.sizes}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
