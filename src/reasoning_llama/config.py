@@ -217,21 +217,25 @@ T = TypeVar("T")
 RECIPES = Path(__file__).parent / "recipes"
 
 
-def recipe_names() -> list[str]:
-    """The recipes shipped with the package (`--config NAME`)."""
-    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+RL_RECIPE_PREFIX = "rl-"  # recipes for `reasoning-llama rl` (RLConfig); the others are for `train`
 
 
-def recipe_path(name_or_path: str | Path) -> Path:
+def recipe_names(*, rl: bool = False) -> list[str]:
+    """The recipes shipped with the package (`--config NAME`): `train`'s, or with `rl` those of `rl`."""
+    names = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    return [n for n in names if n.startswith(RL_RECIPE_PREFIX) == rl]
+
+
+def recipe_path(name_or_path: str | Path, *, rl: bool = False) -> Path:
     """A YAML file given by path, or a packaged recipe given by name (e.g. `quickstart`)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
     packaged = RECIPES / f"{name_or_path}.yaml"
-    if path.parent == Path(".") and packaged.is_file():
+    if path.parent == Path(".") and path.name in recipe_names(rl=rl):
         return packaged
     raise ConfigError(
-        f"config file {name_or_path} does not exist; give a YAML file or a packaged recipe: {', '.join(recipe_names())}"
+        f"config file {name_or_path} does not exist; give a YAML file or a packaged recipe: {', '.join(recipe_names(rl=rl))}"
     )
 
 
@@ -248,7 +252,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
     try:
         merged = OmegaConf.structured(schema)
         if path is not None:
-            merged = OmegaConf.merge(merged, OmegaConf.load(recipe_path(path)))
+            merged = OmegaConf.merge(merged, OmegaConf.load(recipe_path(path, rl=schema is RLConfig)))
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
