@@ -57,9 +57,14 @@ def trained(tmp_path_factory) -> object:
             f"data.cache_dir={out / 'cache'}",
         ],
     )
-    trainer = Trainer(config, out / "run", progress=False)
-    result = trainer.run()
-    trainer.close()
+    threads = torch.get_num_threads()  # module fixtures run before the per-test thread setting
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(config, out / "run", progress=False)
+        result = trainer.run()
+        trainer.close()
+    finally:
+        torch.set_num_threads(threads)
     return result.checkpoint
 
 
