@@ -17,6 +17,7 @@ from reasoning_llama.sampling import (
     apply_repetition_penalty,
     filter_logits,
     sample,
+    sample_rows,
     token_logprobs,
 )
 
@@ -70,6 +71,35 @@ def test_sampling_draws_only_allowed_tokens_and_is_seeded():
     assert set(draws) == allowed  # 200 draws visit every allowed token, and nothing else
     again = [sample(LOGITS, params, torch.Generator().manual_seed(i)) for i in range(200)]
     assert draws == again
+
+
+def test_rows_sampled_together_draw_what_each_would_alone():
+    torch.manual_seed(3)
+    logits = torch.randn(6, 50) * 2
+    params = [
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.3, top_k=5),
+        SamplingParams(temperature=1.0, top_p=0.6),
+        SamplingParams(temperature=1.0, min_p=0.1),
+        SamplingParams(temperature=2.0),
+    ]
+    for seed in range(20):
+        alone = [
+            sample(row, p, torch.Generator().manual_seed(seed + i))
+            for i, (row, p) in enumerate(zip(logits, params, strict=True))
+        ]
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(6)]
+        assert sample_rows(logits, params, generators) == alone
+        # and in another batch composition: the rows reversed
+        generators = [torch.Generator().manual_seed(seed + i) for i in reversed(range(6))]
+        assert sample_rows(logits.flip(0), params[::-1], generators) == alone[::-1]
+
+
+def test_sampled_frequencies_follow_the_distribution():
+    draws = sample_rows(LOGITS.expand(8000, -1), [SamplingParams(temperature=1.0)] * 8000, [None] * 8000)
+    frequencies = torch.bincount(torch.tensor(draws), minlength=5) / 8000
+    assert torch.allclose(frequencies, PROBS, atol=0.02), frequencies  # 4 standard errors at most
 
 
 def test_greedy_takes_the_argmax():

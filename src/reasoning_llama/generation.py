@@ -56,7 +56,7 @@ from reasoning_llama.sampling import (
     SamplingParams,
     TokenLogprob,
     apply_repetition_penalty,
-    sample,
+    sample_rows,
     token_logprobs,
 )
 from reasoning_llama.tokenizer import (
@@ -508,15 +508,15 @@ class Engine:
         in_reasoning = [i for i, r in enumerate(requests) if r.phase == "reasoning"]
         if in_reasoning:
             logits[torch.tensor(in_reasoning, device=self.device), EOT] = -math.inf
-        best = logits.argmax(dim=-1).tolist()  # one pass serves every greedy row
-        tokens = []
-        for i, r in enumerate(requests):
-            if forced[i] is not None:
-                tokens.append(forced[i])
-            elif r.params.greedy:
-                tokens.append(best[i])
-            else:
-                tokens.append(sample(logits[i], r.params, r.generator))
+        free = [i for i in range(len(requests)) if forced[i] is None]
+        tokens = [forced[i] for i in range(len(requests))]
+        if free:
+            rows = logits if len(free) == len(requests) else logits[torch.tensor(free, device=self.device)]
+            drawn = sample_rows(
+                rows, [requests[i].params for i in free], [requests[i].generator for i in free]
+            )
+            for i, token in zip(free, drawn, strict=True):
+                tokens[i] = token
         logprobs: list[TokenLogprob | None] = [None] * len(requests)
         if unmasked is not None:
             tops = [requests[i].params.logprobs or 0 for i in reported]

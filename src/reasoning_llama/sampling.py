@@ -137,13 +137,38 @@ def filter_logits(logits: Tensor, *, top_k: int = 0, top_p: float = 1.0, min_p: 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
     """One token id from a row of logits (already penalised and masked)."""
-    if params.greedy:
-        return int(logits.argmax())
-    logits = filter_logits(
-        logits / params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p
-    )
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return sample_rows(logits[None], [params], [generator])[0]
+
+
+def sample_rows(
+    logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> list[int]:
+    """One token id per row of `logits` (n, V), each row with its own parameters and generator.
+
+    The rows are filtered and normalised together; each row then draws a single uniform number from
+    its own generator and takes the token where that number falls in its cumulative distribution
+    (what `torch.multinomial` does for one row). So a seeded request samples the same tokens whatever
+    else shares its batch, and a batch of n rows costs a few tensor operations, not n.
+    """
+    chosen = logits.argmax(dim=-1)
+    drawn = [i for i, p in enumerate(params) if not p.greedy]
+    if drawn:
+        rows = torch.tensor(drawn, device=logits.device)
+        temperatures = torch.tensor([params[i].temperature for i in drawn], device=logits.device)
+        scaled = logits[rows] / temperatures[:, None]
+        by_filter: dict[tuple[int, float, float], list[int]] = {}
+        for k, i in enumerate(drawn):
+            by_filter.setdefault((params[i].top_k, params[i].top_p, params[i].min_p), []).append(k)
+        for (top_k, top_p, min_p), members in by_filter.items():
+            if (top_k, top_p, min_p) != (0, 1.0, 0.0):
+                index = torch.tensor(members, device=logits.device)
+                scaled[index] = filter_logits(scaled[index], top_k=top_k, top_p=top_p, min_p=min_p)
+        cumulative = torch.softmax(scaled, dim=-1).cumsum(dim=-1)
+        uniform = torch.cat([torch.rand(1, generator=generators[i], device=logits.device) for i in drawn])
+        # A token of probability 0 adds nothing to the sum, so `right=True` can never land on it.
+        picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)
+        chosen[rows] = picked[:, 0].clamp_(max=logits.shape[-1] - 1)
+    return chosen.tolist()
 
 
 @dataclass
