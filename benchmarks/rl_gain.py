@@ -1,14 +1,17 @@
 """The RL gain on this machine: a supervised start, then `rl` for M minutes, against a control that
 spends the same minutes continuing supervised training from the same start. One JSON object.
 
-1. start: the quickstart recipe on chain_sum, sort_digits, max_digit and add, each at its family's
-   default difficulty, for --start-steps steps (add lands in the middle; the others higher);
-2. rl: the packaged `rl-add` recipe from that checkpoint for --minutes (RL on add alone);
-3. control: the quickstart recipe from the same checkpoint, same families, for the same minutes.
-All three are scored on the same held-out problems (the test split): greedy exact match (`acc`) and
-pass@G of G samples at the RL temperature, per family.
+1. start: the quickstart recipe (chain_sum, sort_digits and max_digit at difficulty 4) for
+   --start-steps steps, which leaves chain_sum in the middle and the other two higher;
+2. rl: the packaged `rl-chain-sum` recipe from that checkpoint for --minutes (RL on chain_sum alone);
+3. control: the quickstart recipe from the same checkpoint, same families, for the same minutes;
+4. without_reasoning: `rl --data` from the same start on a file of longer sums (chain_sum at
+   difficulty 6, which the start never saw) whose rows hold the question and the answer only, scored
+   numerically, for --minutes-without-reasoning: can rewards alone stretch a learned procedure?
+Arms 1-3 are scored on the same held-out problems (the test split): greedy exact match (`acc`) and
+pass@G of G samples at the RL temperature, per family; arm 4 on the file's held-out rows.
 
-    python benchmarks/rl_gain.py [--start-steps 1200] [--minutes 10] [--threads 2] [--quick] [--out DIR]
+    python benchmarks/rl_gain.py [--start-steps 1300] [--minutes 10] [--start CKPT] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -30,17 +33,24 @@ from reasoning_llama.model_files import load_model
 from reasoning_llama.rl.loop import held_out_report, load_task_rows, run_rl
 from reasoning_llama.rl.rewards import make_checker
 from reasoning_llama.sampling import SamplingParams
+from reasoning_llama.tasks import generate_examples
 from reasoning_llama.tokenizer import get_tokenizer
 from reasoning_llama.training import run_checkpoints as ckpt
 from reasoning_llama.training import train
 
-FAMILIES = "[chain_sum,sort_digits,max_digit,add]"
+RECIPE = "rl-chain-sum"
+TARGET = "chain_sum"
+LONGER = {"chain_sum": 6}  # the no-reasoning arm's problems: sums of up to 6 digits, not 4
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--start-steps", type=int, default=1200, help="Supervised steps of the start.")
+    parser.add_argument("--start-steps", type=int, default=1300, help="Supervised steps of the start.")
+    parser.add_argument("--start", type=Path, default=None, help="Reuse this start checkpoint instead.")
     parser.add_argument("--minutes", type=float, default=10.0, help="RL and control training minutes each.")
+    parser.add_argument(
+        "--minutes-without-reasoning", type=float, default=3.0, help="RL minutes of the no-reasoning arm."
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
     parser.add_argument("--quick", action="store_true", help="Seconds, not minutes: checks that it runs.")
     parser.add_argument("--out", type=Path, default=None, help="Keep the runs here (default: a temp dir).")
@@ -49,12 +59,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def supervised(out: Path, steps: int | None, minutes: float | None, init_from: Path | None = None) -> Path:
-    overrides = [
-        f"data.families={FAMILIES}",
-        "data.difficulty=null",
-        "train.device=cpu",
-        "train.task_eval_size=0",
-    ]
+    """The quickstart recipe for `steps` steps, or for `minutes` of training; its last checkpoint."""
+    overrides = ["train.device=cpu", "train.task_eval_size=0"]
     overrides += [f"train.max_steps={steps or 100000}", "train.save_every=100000", "train.eval_every=100000"]
     if init_from is not None:
         overrides.append(f"train.init_from={init_from}")
@@ -89,40 +95,78 @@ def scores(checkpoint: Path, config: RLConfig) -> dict[str, float]:
     )
 
 
+def write_question_answer_rows(path: Path, count: int) -> Path:
+    """Longer sums as a user's file would hold them: the question and the answer, no reasoning."""
+    examples = generate_examples([TARGET], count, split="train", seed=11, difficulty=LONGER)
+    with path.open("w") as f:
+        for example in examples:
+            row = example.as_row()
+            f.write(json.dumps({"user": row["user"], "assistant": row["assistant"]}) + "\n")
+    return path
+
+
+def without_reasoning(root: Path, start: Path, minutes: float, base: RLConfig, extra: list[str]) -> dict:
+    data = write_question_answer_rows(root / "longer_sums.jsonl", 600 if extra else 3000)
+    overrides = [f"init_from={start}", f"data={data}", "checker=numeric", f"max_minutes={minutes}"]
+    overrides += ["families=[]", "eval_families=[]", *extra]
+    config = load_config(RLConfig, RECIPE, overrides)
+    assert config.temperature == base.temperature and config.lr == base.lr
+    result = run_rl(config, root / "rl_without_reasoning", progress=False, echo=_echo)
+    first, last = result.evaluations[0], result.evaluations[result.step]
+    return {
+        "problems": f"{TARGET} at difficulty {LONGER[TARGET]} (the start saw 4), question and answer only",
+        "steps": result.step,
+        "minutes": minutes,
+        "start": first,
+        "after": last,
+        "gain_points": round(100 * (last["acc/data"] - first["acc/data"]), 1),
+    }
+
+
+def _echo(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     root = args.out or Path(tempfile.mkdtemp(prefix="rl_gain-"))
+    root.mkdir(parents=True, exist_ok=True)
     start_steps, minutes = (60, 0.3) if args.quick else (args.start_steps, args.minutes)
+    minutes_plain = 0.2 if args.quick else args.minutes_without_reasoning
     extra = ["eval_size=8", "prompts_per_step=4", "samples_per_prompt=4"] if args.quick else []
     started = time.perf_counter()
-    start = supervised(root / "start", start_steps, None)
+    start = args.start or supervised(root / "start", start_steps, None)
     config = load_config(
-        RLConfig, "rl-add", [f"init_from={start}", f"max_minutes={minutes}", *extra, *args.overrides]
+        RLConfig, RECIPE, [f"init_from={start}", f"max_minutes={minutes}", *extra, *args.overrides]
     )
-    rl = run_rl(config, root / "rl", progress=False, echo=lambda m: print(m, file=sys.stderr))
+    rl = run_rl(config, root / "rl", progress=False, echo=_echo)
     control = supervised(root / "control", None, minutes, init_from=start)
     report = {
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
-        "start_steps": start_steps,
+        "start_steps": None if args.start else start_steps,
+        "start_checkpoint": str(start),
         "minutes": minutes,
         "rl_steps": rl.step,
         "control_steps": ckpt.load_trainer_state(control)["progress"]["step"],
         "start": rl.evaluations[0],
         "rl": rl.evaluations[rl.step],
         "control": scores(control, config),
-        "wall_s": time.perf_counter() - started,
     }
-    target = "acc/add"
+    target = f"acc/{TARGET}"
     others = [k for k in report["start"] if k.startswith("acc/") and k != target]
-    report["rl_gain_points"] = 100 * (report["rl"][target] - report["start"][target])
-    report["control_gain_points"] = 100 * (report["control"][target] - report["start"][target])
-    report["rl_worst_drop_elsewhere_points"] = max(
-        100 * (report["start"][k] - report["rl"][k]) for k in others
+    report["rl_gain_points"] = round(100 * (report["rl"][target] - report["start"][target]), 1)
+    report["control_gain_points"] = round(100 * (report["control"][target] - report["start"][target]), 1)
+    report["rl_worst_drop_elsewhere_points"] = round(
+        max(100 * (report["start"][k] - report["rl"][k]) for k in others), 1
     )
     report["rl_beats_control"] = report["rl"][target] > report["control"][target]
+    report["without_reasoning"] = without_reasoning(
+        root, start, minutes_plain, config, [*extra, *args.overrides]
+    )
+    report["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2))
     if args.out is None:
         shutil.rmtree(root, ignore_errors=True)

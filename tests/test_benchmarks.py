@@ -58,6 +58,20 @@ def test_train_throughput_benchmark_compares_against_transformers_and_padding():
     assert variable["packed"]["loss_tokens_per_s"] > 0 and variable["padded"]["loss_tokens_per_s"] > 0
 
 
+@pytest.mark.slow
+def test_rl_gain_benchmark_runs_all_four_arms(tmp_path):
+    report = run_benchmark("rl_gain.py", "--quick", "--threads", "1", "--out", str(tmp_path))
+    families = {"acc/chain_sum", "acc/sort_digits", "acc/max_digit"}
+    for arm in ("start", "rl", "control"):
+        assert families <= set(report[arm]), arm
+        assert all(0 <= report[arm][k] <= 1 for k in families)
+    assert report["rl_steps"] >= 1 and report["control_steps"] >= 1
+    plain = report["without_reasoning"]
+    assert plain["steps"] >= 1 and {"acc/data", "pass@4/data"} <= set(plain["after"])
+    rows = [json.loads(line) for line in (tmp_path / "longer_sums.jsonl").read_text().splitlines()]
+    assert all(set(row) == {"user", "assistant"} for row in rows)  # no reasoning given
+
+
 def test_flops_per_token_of_small_100m_written_out():
     sys.path.insert(0, str(BENCHMARKS))
     from reasoning_llama.config import get_preset

@@ -198,6 +198,7 @@ class RLConfig:
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
+    optimizer: str = "adamw"  # or sgd (momentum beta1): steps in proportion to the gradient, not its sign
     grad_clip: float = 1.0
     max_steps: int = 100
     max_minutes: float | None = None  # save and stop after this much time

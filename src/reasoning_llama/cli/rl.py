@@ -29,7 +29,8 @@ def rl(
         typer.Option(help="How --data answers are scored: exact, numeric or package.module:function."),
     ] = None,
     config: Annotated[
-        Path | None, typer.Option(help="A YAML recipe: a file, or a packaged one by name (e.g. rl-add).")
+        Path | None,
+        typer.Option(help="A YAML recipe: a file, or a packaged one by name (e.g. rl-chain-sum)."),
     ] = None,
     set_: Annotated[
         list[str] | None,

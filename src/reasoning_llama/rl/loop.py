@@ -74,6 +74,8 @@ def check_rl_config(config: RLConfig) -> None:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
     if config.samples_per_prompt < 2:
         raise ConfigError("samples_per_prompt must be >= 2: advantages compare samples of one prompt")
+    if config.optimizer not in ("adamw", "sgd"):
+        raise ConfigError(f"unknown optimizer {config.optimizer!r}; use adamw or sgd")
     if not (config.temperature > 0 and config.lr > 0 and 0 <= config.min_lr_ratio <= 1):
         raise ConfigError("temperature and lr must be > 0 and min_lr_ratio in [0, 1]")
 
@@ -165,6 +167,14 @@ def held_out_report(
     return report
 
 
+def build_rl_optimizer(model: Transformer, config: RLConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, config.weight_decay)
+    fused = device.type in ("cpu", "cuda")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.beta1, fused=fused)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=fused)
+
+
 class RLTrainer:
     """One RL run: everything is built (or restored, with resume) in __init__; `run()` trains."""
 
@@ -196,12 +206,7 @@ class RLTrainer:
         self.policy: Transformer = load_model(config.init_from, device=self.device, dtype=torch.float32)
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)  # the initial model, for KL
         self.container = ModelWithLoss(self.policy)  # what checkpoints save: the model under `model.`
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.policy, config.weight_decay),
-            lr=config.lr,
-            betas=(config.beta1, config.beta2),
-            fused=self.device.type in ("cpu", "cuda"),
-        )
+        self.optimizer = build_rl_optimizer(self.policy, config, self.device)
         self.tokenizer = get_tokenizer()
         group = config.prompts_per_step * config.samples_per_prompt
         self.engine = Engine(self.policy, self.tokenizer, max_batch_size=group, device=self.device)
@@ -262,29 +267,33 @@ class RLTrainer:
         samples = [s for group in groups for s in group]
         rewards = torch.tensor([[s.reward for s in group] for group in groups])
         advantages = group_advantages(rewards, normalize_std=c.normalize_std).flatten().tolist()
+        n_tokens = sum(s.n_sampled for s in samples)  # the normaliser: every sampled token of the batch
+        no_signal = zero_signal_groups(rewards)
+        # A group whose rewards are all equal has advantage 0 on every token and adds nothing to the
+        # policy gradient: unless the KL penalty needs its samples, they skip the forward and backward.
+        keep = [c.kl_coef > 0 or not flat for flat in no_signal.tolist() for _ in range(c.samples_per_prompt)]
+        trained = [s for s, k in zip(samples, keep, strict=True) if k]
         token_advantages = torch.tensor(
-            [a for s, a in zip(samples, advantages, strict=True) for _ in range(s.n_sampled)],
+            [a for s, a, k in zip(samples, advantages, keep, strict=True) if k for _ in range(s.n_sampled)],
             device=self.device,
         )
-        n_tokens = len(token_advantages)
-
-        no_signal = zero_signal_groups(rewards)
         # A batch in which every group is uniform has no gradient, and an optimizer step on nothing
         # would still move the weights (Adam's momentum): skip the update.
         updates = 0 if bool(no_signal.all()) else c.updates_per_batch
+        measured = trained or samples  # the KL to the initial model is measured over these
         self.policy.train()
-        reference = self._log_probs(self.reference, samples)
-        old = self._log_probs(self.policy, samples) if updates > 1 else None
+        reference = self._log_probs(self.reference, measured)
+        old = self._log_probs(self.policy, trained) if updates > 1 else None
         lr = self.lr()
         set_lr(self.optimizer, lr)
         loss_total, clipped_total, kl_total, grad_norm = 0.0, 0.0, 0.0, 0.0
         if updates == 0:  # the KL is still measured
-            kl_total = kl_estimate(self._log_probs(self.policy, samples), reference).sum().item()
+            kl_total = kl_estimate(self._log_probs(self.policy, measured), reference).sum().item()
         for update in range(updates):
             self.optimizer.zero_grad(set_to_none=True)
             done = 0
-            for i in range(0, len(samples), c.micro_batch_size):
-                piece = samples[i : i + c.micro_batch_size]
+            for i in range(0, len(trained), c.micro_batch_size):
+                piece = trained[i : i + c.micro_batch_size]
                 count = sum(s.n_sampled for s in piece)
                 log_probs = sampled_log_probs(self.policy, piece, temperature=c.temperature)
                 span = slice(done, done + count)
@@ -321,7 +330,7 @@ class RLTrainer:
             "zero_signal_groups": no_signal.float().mean().item(),
             "well_formed": sum(s.well_formed for s in samples) / len(samples),
             "response_tokens": sum(len(s.completion_ids) for s in samples) / len(samples),
-            "kl": kl_total / max(n_tokens, 1),
+            "kl": kl_total / max(sum(s.n_sampled for s in measured), 1),
             "loss": loss_total,
             "clipped": clipped_total,
             "grad_norm": grad_norm,
