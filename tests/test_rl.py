@@ -209,13 +209,15 @@ def digit_rl(checkpoint, prompts, *overrides: str) -> RLConfig:
 
 
 @pytest.mark.slow
-def test_reward_alone_teaches_the_answer_it_rewards(digit_model, tmp_path):
+@pytest.mark.parametrize("optimizer", [["optimizer=adamw"], ["optimizer=sgd", "lr=0.5", "beta1=0"]])
+def test_reward_alone_teaches_the_answer_it_rewards(digit_model, tmp_path, optimizer):
     checkpoint, prompts = digit_model
     run = tmp_path / "rl"
-    result = run_rl(digit_rl(checkpoint, prompts, "max_steps=15"), run, progress=False, echo=lambda _: None)
+    config = digit_rl(checkpoint, prompts, "max_steps=15", *optimizer)
+    result = run_rl(config, run, progress=False, echo=lambda _: None)
     steps = [r for r in read_metrics(run) if "reward_mean" in r]
-    first, last = sum(r["reward_mean"] for r in steps[:3]) / 3, sum(r["reward_mean"] for r in steps[-3:]) / 3
-    assert first < 0.3, first  # about one sample in ten says 7 at the start
+    first, last = steps[0]["reward_mean"], sum(r["reward_mean"] for r in steps[-3:]) / 3
+    assert first < 0.3, first  # before any update: about one sample in ten says 7
     assert last > 0.9, (first, last)  # a flipped sign would drive it to 0; gradient on the prompt, nowhere
     assert result.evaluations[15]["acc/data"] == 1.0  # greedy answers on held-out rows: 7
     # Every sample is right at the end, so no group carries signal any more.
@@ -223,13 +225,15 @@ def test_reward_alone_teaches_the_answer_it_rewards(digit_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_gives_the_weights_of_an_uninterrupted_run(digit_model, tmp_path):
+@pytest.mark.parametrize("optimizer", [["optimizer=adamw"], ["optimizer=sgd", "lr=0.05", "beta1=0.9"]])
+def test_resume_gives_the_weights_of_an_uninterrupted_run(digit_model, tmp_path, optimizer):
     checkpoint, prompts = digit_model
     quiet = {"progress": False, "echo": lambda _: None}
-    run_rl(digit_rl(checkpoint, prompts, "max_steps=4", "updates_per_batch=2"), tmp_path / "a", **quiet)
-    run_rl(digit_rl(checkpoint, prompts, "max_steps=2", "updates_per_batch=2"), tmp_path / "b", **quiet)
+    setting = ["updates_per_batch=2", *optimizer]  # SGD's momentum is state a resume must restore
+    run_rl(digit_rl(checkpoint, prompts, "max_steps=4", *setting), tmp_path / "a", **quiet)
+    run_rl(digit_rl(checkpoint, prompts, "max_steps=2", *setting), tmp_path / "b", **quiet)
     trainer = RLTrainer(
-        digit_rl(checkpoint, prompts, "max_steps=4", "updates_per_batch=2"),
+        digit_rl(checkpoint, prompts, "max_steps=4", *setting),
         tmp_path / "b",
         resume=True,
         **quiet,
@@ -263,3 +267,7 @@ def test_the_rl_command_runs_plots_and_refuses_bad_setups(digit_model, tmp_path)
     assert neither.returncode == 2 and "--task synthetic:FAMILY" in neither.stderr
     unknown = run_cli("rl", "--init-from", checkpoint, "--task", "synthetic:nope", "--out", tmp_path / "y")
     assert unknown.returncode == 2 and "unknown synthetic family nope" in unknown.stderr
+    optimizer = run_cli(
+        "rl", "--init-from", checkpoint, "--task", "synthetic:add", "--out", tmp_path / "z", "--set", "optimizer=lion"
+    )  # fmt: skip
+    assert optimizer.returncode == 2 and "unknown optimizer 'lion'; use adamw or sgd" in optimizer.stderr
