@@ -167,7 +167,7 @@ def main() -> None:
         root, start, minutes_plain, config, [*extra, *args.overrides]
     )
     report["wall_s"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report))
     if args.out is None:
         shutil.rmtree(root, ignore_errors=True)
 
