@@ -248,6 +248,29 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(digit_model, tmp_path,
 
 
 @pytest.mark.slow
+def test_the_kl_is_penalised_over_every_sample_and_reported_from_a_few(digit_model, tmp_path):
+    checkpoint, prompts = digit_model
+
+    def two_steps(name: str, *overrides: str) -> tuple[dict[str, torch.Tensor], float]:
+        config = digit_rl(checkpoint, prompts, "max_steps=2", "eval_size=1", *overrides)
+        run_rl(config, tmp_path / name, progress=False, echo=lambda _: None)
+        weights = load_file(tmp_path / name / "checkpoints/step-000002/model.safetensors")
+        return weights, [r for r in read_metrics(tmp_path / name) if "kl" in r][-1]["kl"]
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    free_all, kl_free_all = two_steps("free_all", "kl_samples=0")
+    free_few, kl_free_few = two_steps("free_few", "kl_samples=4")
+    assert same(free_all, free_few)  # reported only: how much of it is measured changes nothing
+    assert kl_free_all > 0 and kl_free_few > 0
+    held_all, kl_held_all = two_steps("held_all", "kl_coef=1.0", "kl_samples=0")
+    held_few, kl_held_few = two_steps("held_few", "kl_coef=1.0", "kl_samples=4")
+    assert same(held_all, held_few) and kl_held_all == kl_held_few  # penalised: over every sample
+    assert not same(held_all, free_all)
+
+
+@pytest.mark.slow
 def test_the_rl_command_runs_plots_and_refuses_bad_setups(digit_model, tmp_path):
     checkpoint, prompts = digit_model
     run = tmp_path / "run"

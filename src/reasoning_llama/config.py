@@ -190,6 +190,9 @@ class RLConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28
     kl_coef: float = 0.0  # penalty on the KL to the initial model (always measured)
+    # With kl_coef 0 the KL is only reported: measured over this many of a step's samples (0 = all),
+    # which spares most of the initial model's forward pass.
+    kl_samples: int = 32
     micro_batch_size: int = 64  # sequences per forward pass when recomputing log-probabilities
     # Optimisation.
     lr: float = 1e-4

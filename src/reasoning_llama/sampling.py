@@ -150,12 +150,15 @@ def sample_rows(
     (what `torch.multinomial` does for one row). So a seeded request samples the same tokens whatever
     else shares its batch, and a batch of n rows costs a few tensor operations, not n.
     """
-    chosen = logits.argmax(dim=-1)
     drawn = [i for i, p in enumerate(params) if not p.greedy]
+    if len(drawn) < len(params):
+        chosen = logits.argmax(dim=-1)
+    else:  # every row is sampled: skip a pass over the logits
+        chosen = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     if drawn:
         rows = torch.tensor(drawn, device=logits.device)
         temperatures = torch.tensor([params[i].temperature for i in drawn], device=logits.device)
-        scaled = logits[rows] / temperatures[:, None]
+        scaled = (logits if len(drawn) == logits.shape[0] else logits[rows]) / temperatures[:, None]
         by_filter: dict[tuple[int, float, float], list[int]] = {}
         for k, i in enumerate(drawn):
             by_filter.setdefault((params[i].top_k, params[i].top_p, params[i].min_p), []).append(k)
@@ -163,7 +166,9 @@ def sample_rows(
             if (top_k, top_p, min_p) != (0, 1.0, 0.0):
                 index = torch.tensor(members, device=logits.device)
                 scaled[index] = filter_logits(scaled[index], top_k=top_k, top_p=top_p, min_p=min_p)
-        cumulative = torch.softmax(scaled, dim=-1).cumsum(dim=-1)
+        # Unnormalised in place: the uniform number is scaled by each row's total instead, which saves
+        # the softmax's division and two passes over an (n, V) tensor.
+        cumulative = scaled.sub_(scaled.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
         uniform = torch.cat([torch.rand(1, generator=generators[i], device=logits.device) for i in drawn])
         # A token of probability 0 adds nothing to the sum, so `right=True` can never land on it.
         picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)

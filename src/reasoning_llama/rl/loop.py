@@ -72,6 +72,8 @@ def check_rl_config(config: RLConfig) -> None:
     for name in (*positive, "micro_batch_size", "train_size", "save_every", "log_every"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.kl_samples < 0:
+        raise ConfigError(f"kl_samples must be >= 0 (0 = every sample), got {config.kl_samples}")
     if config.samples_per_prompt < 2:
         raise ConfigError("samples_per_prompt must be >= 2: advantages compare samples of one prompt")
     if config.optimizer not in ("adamw", "sgd"):
@@ -281,6 +283,8 @@ class RLTrainer:
         # would still move the weights (Adam's momentum): skip the update.
         updates = 0 if bool(no_signal.all()) else c.updates_per_batch
         measured = trained or samples  # the KL to the initial model is measured over these
+        if c.kl_coef == 0 and c.kl_samples:  # only reported: a share of the samples estimates it
+            measured = measured[: c.kl_samples]
         self.policy.train()
         reference = self._log_probs(self.reference, measured)
         old = self._log_probs(self.policy, trained) if updates > 1 else None
@@ -306,7 +310,9 @@ class RLTrainer:
                     clip_low=c.clip_low,
                     clip_high=c.clip_high,
                 )
-                kl = kl_estimate(log_probs, reference[span])
+                # The reference covers every trained token when the KL is penalised, a prefix otherwise.
+                compared = max(0, min(count, len(reference) - done))
+                kl = kl_estimate(log_probs[:compared], reference[done : done + compared])
                 if c.kl_coef:
                     loss = loss + c.kl_coef * kl.sum() / max(n_tokens, 1)
                 loss.backward()
