@@ -109,3 +109,9 @@ def test_gpu_suite_runs_every_step_and_writes_one_report(tmp_path):
             -2000:
         ]
     assert report["short_run"]["status"] == "ok" and report["short_run"]["loss_fell"] is True
+
+
+def test_sampler_benchmark_times_ours_against_a_multinomial_per_row():
+    report = run_benchmark("sampler.py", "--rows", "1,4", "--repeats", "2", "--threads", "1")
+    assert set(report["ms_per_step"]) == {"1", "4"} == set(report["speedup_vs_plain"])
+    assert all(t["ours"] > 0 and t["plain"] > 0 for t in report["ms_per_step"].values())
