@@ -209,7 +209,7 @@ def digit_rl(checkpoint, prompts, *overrides: str) -> RLConfig:
 
 
 @pytest.mark.slow
-# SGD at 0.2: at 0.5 one step took the reward to 0.75 and the next overshot to 0 on an AVX2 CPU.
+# SGD at 0.2: at 0.5 one step took the reward to 0.75 and the next overshot to 0 on an AVX-512 CPU.
 @pytest.mark.parametrize("optimizer", [["optimizer=adamw"], ["optimizer=sgd", "lr=0.2", "beta1=0"]])
 def test_reward_alone_teaches_the_answer_it_rewards(digit_model, tmp_path, optimizer):
     checkpoint, prompts = digit_model
