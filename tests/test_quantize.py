@@ -4,6 +4,10 @@ checkpoint, and an engine that serves through the server and the evaluator like 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -84,6 +88,37 @@ def test_int8_linear_is_close_to_the_fp32_product(rows):
         got = Int8Linear(weight)(x)
     assert got.shape == expected.shape and got.dtype == torch.float32
     assert (got - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+# fbgemm runs the instruction set named here (on CPUs that have it): AVX2 and AVX-512 add products in
+# 16-bit pairs, AVX-512 VNNI in 32 bits.
+SATURATION_CHECK = """
+import torch, torch.nn.functional as F
+from reasoning_llama.quantize import Int8Linear, full_activation_range
+weight = torch.ones(32, 512)
+x = torch.full((1, 512), 2.0)
+x[0, 0] = -0.01  # activations at the top of their range, where 16-bit pair sums saturate
+with torch.inference_mode():
+    error = float(((Int8Linear(weight)(x) - F.linear(x, weight)) / F.linear(x, weight)).abs().max())
+print(full_activation_range(), error)
+"""
+
+
+@pytest.mark.parametrize("isa", ["AVX2", "AVX512_VNNI"])
+def test_int8_activations_use_eight_bits_only_where_the_kernel_cannot_saturate(isa):
+    if isa == "AVX512_VNNI" and "avx512_vnni" not in Path("/proc/cpuinfo").read_text(errors="ignore"):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": isa}
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", SATURATION_CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    full_range, error = out.stdout.split()
+    assert full_range == str(isa == "AVX512_VNNI")
+    assert float(error) < 0.01  # 8-bit activations on AVX2 would lose half of every sum
 
 
 def test_quantize_int8_replaces_every_linear_layer(tiny_config):

@@ -3,8 +3,8 @@
 Decoding one token reads every weight once, so at batch 1 its speed is the memory bandwidth over
 the weight bytes; int8 weights read a quarter of fp32's. The kernel is PyTorch's own dynamic int8
 linear (fbgemm, `torch.ops.quantized.linear_dynamic`): weights int8 per output channel, packed once;
-activations quantized to 8 bits (7 on CPUs without VNNI, where fbgemm's 16-bit accumulation could
-overflow) with one scale per call, the product accumulated in int32 and rescaled to fp32.
+activations quantized to 8 bits with one scale per call (7 bits where the kernel's pair sums would
+saturate, see `full_activation_range`), the product accumulated in int32 and rescaled to fp32.
 
 Measured before choosing (docs/BENCHMARKS.md): torchao's int8 configurations run this model's layers
 in eager mode through `torch._int_mm` or `_weight_int8pack_mm`, 7 to 100 times slower than fbgemm on
@@ -30,11 +30,48 @@ from torch import Tensor, nn
 from reasoning_llama.decoding import decode, prefill
 from reasoning_llama.model import KVCache, Transformer
 
-__all__ = ["Agreement", "Int8Linear", "compare_decoding", "int8_linear_works", "quantize_int8"]
+__all__ = [
+    "Agreement",
+    "Int8Linear",
+    "compare_decoding",
+    "full_activation_range",
+    "int8_linear_works",
+    "quantize_int8",
+]
 
-# Without VNNI, fbgemm multiplies u8 x s8 pairs into 16-bit sums that 8-bit activations can overflow.
-# PyTorch's own dynamic qconfigs reduce the range for fbgemm by default; so do we, on every CPU.
-REDUCE_RANGE = True
+
+@functools.cache
+def full_activation_range() -> bool:
+    """Whether fbgemm's kernel on this CPU takes 8-bit activations without saturating.
+
+    Without VNNI, fbgemm adds u8 x s8 products in pairs into 16-bit sums, which 8-bit activations can
+    overflow (255 x 127 x 2 > 32,767); PyTorch's own dynamic qconfigs therefore use 7 bits. With VNNI
+    the sums are 32-bit and 8 bits halve the rounding error. Rather than guess from CPU flags, ask the
+    kernel: a product whose every pair would saturate a 16-bit sum.
+    """
+    in_features = 256
+    weight = torch.ones(16, in_features)
+    x = torch.full((8, in_features), 3.0)
+    x[:, 0] = -0.01  # the quantization range then maps 3.0 to 255
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel")
+            packed = _pack(weight)
+            for rows in (1, 8):  # fbgemm may pick its kernel by shape
+                out = torch.ops.quantized.linear_dynamic(x[:rows], packed, False)
+                if not torch.allclose(out, F.linear(x[:rows], weight), rtol=0.01):
+                    return False
+        return True
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+
+
+def _pack(weight: Tensor) -> object:
+    """fbgemm's packed (blocked) int8 layout of a weight: symmetric, one scale per output channel."""
+    scales = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+    qweight = torch.quantize_per_channel(weight, scales.double(), zero_points, 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(qweight, None)
 
 
 class Int8Linear(nn.Module):
@@ -44,18 +81,15 @@ class Int8Linear(nn.Module):
         super().__init__()
         weight = weight.detach().float()
         self.out_features, self.in_features = weight.shape
-        scales = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-        zero_points = torch.zeros(self.out_features, dtype=torch.long)
         with warnings.catch_warnings():
             # torch warns that quantized tensor types will go (pytorch#184982); fbgemm's packing
             # still takes one, and int8_linear_works() turns the engine's int8 option off once it fails.
             warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel")
-            qweight = torch.quantize_per_channel(weight, scales.double(), zero_points, 0, torch.qint8)
-        # fbgemm's packed (blocked) int8 layout, made once; the fp32 weight is not kept.
-        self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+            self.packed = _pack(weight)  # made once; the fp32 weight is not kept
+        self.reduce_range = not full_activation_range()
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.quantized.linear_dynamic(x, self.packed, REDUCE_RANGE)
+        return torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
 
     @property
     def weight(self) -> Tensor:
