@@ -56,10 +56,30 @@ def test_several_threads_get_onednn_linear_layers(model, torch_threads):
     copy = copy_of(model)
     assert prepare_for_cpu_decode(copy) == "onednn"
     linears = [m for m in copy.modules() if isinstance(m, OneDNNLinear)]
-    assert len(linears) == 7 * CONFIG.n_layers + 1 + 3  # q k v o gate up down per layer, head, final block
+    # q k v o gate up down and the fused qkv and gate-up per layer; the head; the final block's 3 + 1
+    assert len(linears) == 9 * CONFIG.n_layers + 1 + 4
     assert not any(isinstance(m, nn.Linear) for m in copy.modules())
     assert copy.head.weight is copy.get_parameter("head.weight")
     assert_same_model(copy, model)
+
+
+@needs_onednn
+def test_fused_projections_share_the_parts_weights(model, torch_threads):
+    torch_threads(2)
+    copy = copy_of(model)
+    prepare_for_cpu_decode(copy)
+    swiglus = [copy.final_block, *(layer.mlp for layer in copy.layers)]
+    groups = [
+        (layer.attn.qkv_proj, [layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj])
+        for layer in copy.layers
+    ]
+    groups += [(mlp.gate_up_proj, [mlp.gate_proj, mlp.up_proj]) for mlp in swiglus]
+    for fused, parts in groups:
+        assert torch.equal(fused.weight, torch.cat([part.weight for part in parts]))
+        storage = fused.weight.untyped_storage().data_ptr()
+        assert all(part.weight.untyped_storage().data_ptr() == storage for part in parts)  # not a copy
+    # The fused weights are no Parameters: the model's parameters are the plain model's, no more.
+    assert sum(p.numel() for p in copy.parameters()) == sum(p.numel() for p in model.parameters())
 
 
 def test_one_thread_gets_the_transposed_layout(model, torch_threads):

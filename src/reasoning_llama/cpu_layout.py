@@ -6,7 +6,8 @@ batches run well below the memory bandwidth. Two layouts fix that, for models th
 
 - `onednn`: every linear layer calls oneDNN's inner product (the kernel torch.compile's CPU backend
   uses), which spreads even one row over all threads. With two or more threads it is the fastest
-  at every batch size we measured (docs/BENCHMARKS.md).
+  at every batch size we measured (docs/BENCHMARKS.md). Each attention's q, k and v, and each
+  SwiGLU's gate and up, then run as one product (`fuse_projections`).
 - `transposed`: each weight stored transposed in memory, where MKL's matrix-vector product streams
   it faster. Used with one thread, where oneDNN's one-row product is slower, and where oneDNN is
   missing from the torch build.
@@ -24,7 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["OneDNNLinear", "onednn_linear_works", "prepare_for_cpu_decode", "store_linear_weights_transposed"]
+from reasoning_llama.model import Attention, SwiGLU
+
+__all__ = [
+    "OneDNNLinear",
+    "fuse_projections",
+    "onednn_linear_works",
+    "prepare_for_cpu_decode",
+    "store_linear_weights_transposed",
+]
 
 CpuLayout = Literal["onednn", "transposed"]
 
@@ -73,9 +82,9 @@ def onednn_linear_works() -> bool:
 
 
 class OneDNNLinear(nn.Module):
-    """A bias-free linear layer computed by oneDNN; shares the weight Parameter of the layer it replaces."""
+    """A bias-free linear layer computed by oneDNN; shares the weight of the layer it replaces."""
 
-    def __init__(self, weight: nn.Parameter) -> None:
+    def __init__(self, weight: Tensor) -> None:
         super().__init__()
         self.weight = weight
         self.out_features, self.in_features = weight.shape
@@ -89,6 +98,28 @@ class OneDNNLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+def fuse_projections(model: nn.Module) -> None:
+    """One oneDNN product for each attention's q, k and v and for each SwiGLU's gate and up.
+
+    A decode step then reads 4 matrices a layer instead of 7; larger products stream their weights
+    closer to the memory bandwidth (docs/BENCHMARKS.md). The parts' Parameters become views of the
+    fused weight, which is a plain tensor: no memory is doubled and the state dict keeps its keys.
+    """
+    for module in list(model.modules()):
+        if isinstance(module, Attention):
+            name, parts = "qkv_proj", [module.q_proj, module.k_proj, module.v_proj]
+        elif isinstance(module, SwiGLU):
+            name, parts = "gate_up_proj", [module.gate_proj, module.up_proj]
+        else:
+            continue
+        fused = torch.cat([part.weight.detach() for part in parts])
+        start = 0
+        for part in parts:
+            part.weight.data = fused[start : start + part.weight.shape[0]]
+            start += part.weight.shape[0]
+        setattr(module, name, OneDNNLinear(fused))
+
+
 def prepare_for_cpu_decode(model: nn.Module) -> CpuLayout:
     """Give a CPU model the faster decoding layout for torch's current thread count; return its name."""
     if torch.get_num_threads() > 1 and onednn_linear_works():
@@ -96,6 +127,7 @@ def prepare_for_cpu_decode(model: nn.Module) -> CpuLayout:
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear) and child.bias is None:
                     setattr(parent, name, OneDNNLinear(child.weight))
+        fuse_projections(model)
         return "onednn"
     store_linear_weights_transposed(model)
     return "transposed"
