@@ -104,6 +104,9 @@ def fuse_projections(model: nn.Module) -> None:
     A decode step then reads 4 matrices a layer instead of 7; larger products stream their weights
     closer to the memory bandwidth (docs/BENCHMARKS.md). The parts' Parameters become views of the
     fused weight, which is a plain tensor: no memory is doubled and the state dict keeps its keys.
+    In-place updates of the parts (`load_state_dict`, an optimizer step) reach it; converting the
+    model (`.to(dtype)`), assigning new Parameters or deep-copying it afterwards would not, so fuse
+    a model last, once its weights and dtype are final, as `Engine.from_checkpoint` does.
     """
     for module in list(model.modules()):
         if isinstance(module, Attention):
