@@ -115,6 +115,7 @@ def test_int8_activations_use_eight_bits_only_where_the_kernel_cannot_saturate(i
         capture_output=True,
         text=True,
         check=True,
+        timeout=120,
     )
     full_range, error = out.stdout.split()
     assert full_range == str(isa == "AVX512_E1")
