@@ -54,8 +54,7 @@ def full_activation_range() -> bool:
     x = torch.full((8, in_features), 3.0)
     x[:, 0] = -0.01  # the quantization range then maps 3.0 to 255
     try:
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel")
+        with torch.inference_mode():
             packed = _pack(weight)
             for rows in (1, 8):  # fbgemm may pick its kernel by shape
                 out = torch.ops.quantized.linear_dynamic(x[:rows], packed, False)
@@ -70,7 +69,11 @@ def _pack(weight: Tensor) -> object:
     """fbgemm's packed (blocked) int8 layout of a weight: symmetric, one scale per output channel."""
     scales = (weight.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
     zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
-    qweight = torch.quantize_per_channel(weight, scales.double(), zero_points, 0, torch.qint8)
+    with warnings.catch_warnings():
+        # torch warns that quantized tensor types will go (pytorch#184982); fbgemm's packing still
+        # takes one, and int8_linear_works() turns the engine's int8 option off once it fails.
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel")
+        qweight = torch.quantize_per_channel(weight, scales.double(), zero_points, 0, torch.qint8)
     return torch.ops.quantized.linear_prepack(qweight, None)
 
 
@@ -81,11 +84,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         weight = weight.detach().float()
         self.out_features, self.in_features = weight.shape
-        with warnings.catch_warnings():
-            # torch warns that quantized tensor types will go (pytorch#184982); fbgemm's packing
-            # still takes one, and int8_linear_works() turns the engine's int8 option off once it fails.
-            warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel")
-            self.packed = _pack(weight)  # made once; the fp32 weight is not kept
+        self.packed = _pack(weight)  # made once; the fp32 weight is not kept
         self.reduce_range = not full_activation_range()
 
     def forward(self, x: Tensor) -> Tensor:
