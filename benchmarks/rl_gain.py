@@ -1,17 +1,24 @@
-"""The RL gain on this machine: a supervised start, then `rl` for M minutes, against a control that
-spends the same minutes continuing supervised training from the same start. One JSON object.
+"""The RL gain on this machine: a supervised start, then `rl` for M minutes, against controls that
+spend the same minutes continuing supervised training from the same start. One JSON object.
 
 1. start: the quickstart recipe (chain_sum, sort_digits and max_digit at difficulty 4) for
-   --start-steps steps, which leaves chain_sum in the middle and the other two higher;
-2. rl: the packaged `rl-chain-sum` recipe from that checkpoint for --minutes (RL on chain_sum alone);
-3. control: the quickstart recipe from the same checkpoint, same families, for the same minutes;
-4. without_reasoning: `rl --data` from the same start on a file of longer sums (chain_sum at
+   --start-steps steps, or --start CKPT (e.g. `make quickstart`'s);
+2. rl: a packaged RL recipe from that checkpoint for --minutes: `rl-max-digit` (the default: the
+   largest of six digits, with the other two families practised at their trained difficulty) or
+   `rl-chain-sum` (chain_sum at the trained difficulty, alone);
+3. control: the quickstart recipe from the same checkpoint, same data, for the same minutes;
+4. control_with_traces: the same, on the RL recipe's own train problems with their reasoning traces
+   (which RL never sees): supervision with the answers' reasoning against rewards alone;
+5. without_reasoning: `rl --data` from the same start on a file of longer sums (chain_sum at
    difficulty 6, which the start never saw) whose rows hold the question and the answer only, scored
    numerically, for --minutes-without-reasoning: can rewards alone stretch a learned procedure?
-Arms 1-3 are scored on the same held-out problems (the test split): greedy exact match (`acc`) and
-pass@G of G samples at the RL temperature, per family; arm 4 on the file's held-out rows.
+Arms 1-4 are scored on the same held-out problems (the test split) at the RL recipe's difficulties:
+greedy exact match (`acc`) and pass@G of G samples at the RL temperature, per family; and, in
+`learned`, greedy exact match on what the start was trained on (each family at difficulty 4), so a
+drop there counts against RL. Arm 5 on the file's held-out rows.
 
-    python benchmarks/rl_gain.py [--start-steps 1300] [--minutes 10] [--start CKPT] [--quick] [--out DIR]
+    python benchmarks/rl_gain.py [--recipe rl-max-digit] [--start CKPT | --start-steps 1300] [--minutes 10]
+                                 [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -28,9 +35,10 @@ from pathlib import Path
 import torch
 
 from reasoning_llama.config import RLConfig, load_config, load_run_config
+from reasoning_llama.evaluation import evaluate_generations, synthetic_test_rows
 from reasoning_llama.generation import Engine
 from reasoning_llama.model_files import load_model
-from reasoning_llama.rl.loop import held_out_report, load_task_rows, run_rl
+from reasoning_llama.rl.loop import EVAL_SEED, held_out_report, load_task_rows, run_rl
 from reasoning_llama.rl.rewards import make_checker
 from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.tasks import generate_examples
@@ -38,13 +46,14 @@ from reasoning_llama.tokenizer import get_tokenizer
 from reasoning_llama.training import run_checkpoints as ckpt
 from reasoning_llama.training import train
 
-RECIPE = "rl-chain-sum"
-TARGET = "chain_sum"
+TARGETS = {"rl-max-digit": "max_digit", "rl-chain-sum": "chain_sum"}  # recipe -> the family it improves
 LONGER = {"chain_sum": 6}  # the no-reasoning arm's problems: sums of up to 6 digits, not 4
+LONGER_FAMILY = "chain_sum"
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", choices=sorted(TARGETS), default="rl-max-digit", help="The RL recipe.")
     parser.add_argument("--start-steps", type=int, default=1300, help="Supervised steps of the start.")
     parser.add_argument("--start", type=Path, default=None, help="Reuse this start checkpoint instead.")
     parser.add_argument("--minutes", type=float, default=10.0, help="RL and control training minutes each.")
@@ -58,12 +67,21 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def supervised(out: Path, steps: int | None, minutes: float | None, init_from: Path | None = None) -> Path:
-    """The quickstart recipe for `steps` steps, or for `minutes` of training; its last checkpoint."""
+def supervised(
+    out: Path,
+    steps: int | None,
+    minutes: float | None,
+    init_from: Path | None = None,
+    data: Path | None = None,
+) -> Path:
+    """The quickstart recipe (on `data`'s rows if given) for `steps` steps, or for `minutes` of
+    training; its last checkpoint."""
     overrides = ["train.device=cpu", "train.task_eval_size=0"]
     overrides += [f"train.max_steps={steps or 100000}", "train.save_every=100000", "train.eval_every=100000"]
     if init_from is not None:
         overrides.append(f"train.init_from={init_from}")
+    if data is not None:
+        overrides += ["data.source=local", f"data.path={data}"]
     config = load_run_config("quickstart", overrides)
     budget = None if minutes is None else minutes * 60
     train(
@@ -95,9 +113,28 @@ def scores(checkpoint: Path, config: RLConfig) -> dict[str, float]:
     )
 
 
+def learned(checkpoint: Path, per_family: int) -> dict[str, float]:
+    """Greedy exact match per family on what the start was trained on: the quickstart's families at
+    its difficulty."""
+    data = load_run_config("quickstart", []).data
+    rows = synthetic_test_rows(data.families, per_family, seed=EVAL_SEED, difficulty=data.difficulty)
+    engine = Engine(load_model(checkpoint), get_tokenizer(), max_batch_size=len(rows))
+    report = evaluate_generations(engine, rows, max_new_tokens=64)
+    return {f"acc/{family}": score.exact_match for family, score in sorted(report.families.items())}
+
+
+def write_traces(path: Path, config: RLConfig) -> Path:
+    """The RL recipe's train problems with their reasoning, as a local dataset for supervision."""
+    rows, _ = load_task_rows(config)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps({k: row[k] for k in ("user", "reasoning", "assistant")}) + "\n")
+    return path
+
+
 def write_question_answer_rows(path: Path, count: int) -> Path:
     """Longer sums as a user's file would hold them: the question and the answer, no reasoning."""
-    examples = generate_examples([TARGET], count, split="train", seed=11, difficulty=LONGER)
+    examples = generate_examples([LONGER_FAMILY], count, split="train", seed=11, difficulty=LONGER)
     with path.open("w") as f:
         for example in examples:
             row = example.as_row()
@@ -109,11 +146,11 @@ def without_reasoning(root: Path, start: Path, minutes: float, rows: int, extra:
     data = write_question_answer_rows(root / "longer_sums.jsonl", rows)
     overrides = [f"init_from={start}", f"data={data}", "checker=numeric", f"max_minutes={minutes}"]
     overrides += ["families=[]", "eval_families=[]", *extra]
-    config = load_config(RLConfig, RECIPE, overrides)
+    config = load_config(RLConfig, "rl-chain-sum", overrides)
     result = run_rl(config, root / "rl_without_reasoning", progress=False, echo=_echo)
     first, last = result.evaluations[0], result.evaluations[result.step]
     return {
-        "problems": f"{TARGET} at difficulty {LONGER[TARGET]} (the start saw 4), question and answer only",
+        "problems": f"{LONGER_FAMILY} at difficulty {LONGER[LONGER_FAMILY]} (the start saw 4), question and answer only",
         "steps": result.step,
         "minutes": minutes,
         "start": first,
@@ -138,30 +175,54 @@ def main() -> None:
     started = time.perf_counter()
     start = args.start or supervised(root / "start", start_steps, None)
     config = load_config(
-        RLConfig, RECIPE, [f"init_from={start}", f"max_minutes={minutes}", *extra, *args.overrides]
+        RLConfig, args.recipe, [f"init_from={start}", f"max_minutes={minutes}", *extra, *args.overrides]
     )
     rl = run_rl(config, root / "rl", progress=False, echo=_echo)
+    assert rl.checkpoint is not None
     control = supervised(root / "control", None, minutes, init_from=start)
+    traces = write_traces(root / "traces.jsonl", config)
+    control_traces = supervised(root / "control_with_traces", None, minutes, init_from=start, data=traces)
+    checkpoints = {
+        "start": start,
+        "rl": rl.checkpoint,
+        "control": control,
+        "control_with_traces": control_traces,
+    }
+    per_family = 8 if args.quick else 100
     report = {
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "recipe": args.recipe,
         "start_steps": None if args.start else start_steps,
         "start_checkpoint": str(start),
         "minutes": minutes,
         "rl_steps": rl.step,
         "control_steps": ckpt.load_trainer_state(control)["progress"]["step"],
+        "control_with_traces_steps": ckpt.load_trainer_state(control_traces)["progress"]["step"],
         "start": rl.evaluations[0],
         "rl": rl.evaluations[rl.step],
         "control": scores(control, config),
+        "control_with_traces": scores(control_traces, config),
+        "learned": {arm: learned(path, per_family) for arm, path in checkpoints.items()},
     }
-    target = f"acc/{TARGET}"
-    others = [k for k in report["start"] if k.startswith("acc/") and k != target]
-    report["rl_gain_points"] = round(100 * (report["rl"][target] - report["start"][target]), 1)
-    report["control_gain_points"] = round(100 * (report["control"][target] - report["start"][target]), 1)
-    report["rl_worst_drop_elsewhere_points"] = round(
-        max(100 * (report["start"][k] - report["rl"][k]) for k in others), 1
+    family = TARGETS[args.recipe]
+    target = f"acc/{family}"
+    before, after, learned_before, learned_after = (
+        report["start"],
+        report["rl"],
+        report["learned"]["start"],
+        report["learned"]["rl"],
     )
-    report["rl_beats_control"] = report["rl"][target] > report["control"][target]
+    report["rl_gain_points"] = round(100 * (after[target] - before[target]), 1)
+    for arm in ("control", "control_with_traces"):
+        report[f"{arm}_gain_points"] = round(100 * (report[arm][target] - before[target]), 1)
+        report[f"rl_beats_{arm}"] = after[target] > report[arm][target]
+    # Elsewhere: the other families, at the recipe's difficulty and at what the start learned; and the
+    # target family itself at the learned difficulty when RL practised another.
+    drops = [before[k] - after[k] for k in before if k.startswith("acc/") and k != target]
+    target_elsewhere = config.difficulty.get(family) != load_run_config("quickstart", []).data.difficulty
+    drops += [learned_before[k] - learned_after[k] for k in learned_before if k != target or target_elsewhere]
+    report["rl_worst_drop_elsewhere_points"] = round(100 * max(drops), 1)
     rows = 600 if args.quick else 3000
     report["without_reasoning"] = without_reasoning(
         root, start, minutes_plain, rows, [*extra, *args.overrides]

@@ -59,13 +59,20 @@ def test_train_throughput_benchmark_compares_against_transformers_and_padding():
 
 
 @pytest.mark.slow
-def test_rl_gain_benchmark_runs_all_four_arms(tmp_path):
+def test_rl_gain_benchmark_runs_every_arm(tmp_path):
     report = run_benchmark("rl_gain.py", "--quick", "--threads", "1", "--out", str(tmp_path))
+    assert report["recipe"] == "rl-max-digit"
     families = {"acc/chain_sum", "acc/sort_digits", "acc/max_digit"}
-    for arm in ("start", "rl", "control"):
+    arms = ("start", "rl", "control", "control_with_traces")
+    for arm in arms:
         assert families <= set(report[arm]), arm
         assert all(0 <= report[arm][k] <= 1 for k in families)
-    assert report["rl_steps"] >= 1 and report["control_steps"] >= 1
+        assert set(report["learned"][arm]) == families, arm
+    assert min(report[f"{arm}_steps"] for arm in ("rl", "control", "control_with_traces")) >= 1
+    traces = [json.loads(line) for line in (tmp_path / "traces.jsonl").read_text().splitlines()]
+    assert traces and all(
+        row["reasoning"] and set(row) == {"user", "reasoning", "assistant"} for row in traces
+    )
     plain = report["without_reasoning"]
     assert plain["steps"] >= 1 and {"acc/data", "pass@4/data"} <= set(plain["after"])
     rows = [json.loads(line) for line in (tmp_path / "longer_sums.jsonl").read_text().splitlines()]

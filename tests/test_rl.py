@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from cli_helpers import run_cli
-from reasoning_llama.config import RLConfig, load_config, load_run_config
+from reasoning_llama.config import RLConfig, load_config, load_run_config, recipe_names
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.model import Transformer
-from reasoning_llama.rl.loop import PromptStream, RLTrainer, run_rl
+from reasoning_llama.rl.loop import PromptStream, RLTrainer, check_rl_config, run_rl
 from reasoning_llama.rl.objective import (
     clipped_policy_loss,
     group_advantages,
@@ -131,6 +131,14 @@ def test_sampled_log_probs_are_the_models_own_at_the_sampled_tokens_only(tiny_co
     assert torch.allclose(got, torch.stack(expected), atol=1e-4)
     got.sum().backward()
     assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
+
+
+def test_packaged_rl_recipes_are_valid_and_set_every_familys_difficulty():
+    assert recipe_names(rl=True) == ["rl-chain-sum", "rl-max-digit"]
+    for recipe in recipe_names(rl=True):
+        config = load_config(RLConfig, recipe, ["init_from=runs/quickstart"])
+        check_rl_config(config)
+        assert set(config.difficulty) == {*config.families, *config.eval_families}, recipe
 
 
 def test_prompts_follow_a_seeded_order_that_depends_on_the_step_alone():
