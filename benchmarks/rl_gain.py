@@ -47,8 +47,8 @@ from reasoning_llama.training import run_checkpoints as ckpt
 from reasoning_llama.training import train
 
 TARGETS = {"rl-max-digit": "max_digit", "rl-chain-sum": "chain_sum"}  # recipe -> the family it improves
-LONGER = {"chain_sum": 6}  # the no-reasoning arm's problems: sums of up to 6 digits, not 4
 LONGER_FAMILY = "chain_sum"
+LONGER = {LONGER_FAMILY: 6}  # the no-reasoning arm's problems: sums of up to 6 digits, not 4
 
 
 def parse_args() -> argparse.Namespace:
@@ -113,11 +113,8 @@ def scores(checkpoint: Path, config: RLConfig) -> dict[str, float]:
     )
 
 
-def learned(checkpoint: Path, per_family: int) -> dict[str, float]:
-    """Greedy exact match per family on what the start was trained on: the quickstart's families at
-    its difficulty."""
-    data = load_run_config("quickstart", []).data
-    rows = synthetic_test_rows(data.families, per_family, seed=EVAL_SEED, difficulty=data.difficulty)
+def learned(checkpoint: Path, rows: list[dict[str, str]]) -> dict[str, float]:
+    """Greedy exact match per family on `rows`: what the start was trained on."""
     engine = Engine(load_model(checkpoint), get_tokenizer(), max_batch_size=len(rows))
     report = evaluate_generations(engine, rows, max_new_tokens=64)
     return {f"acc/{family}": score.exact_match for family, score in sorted(report.families.items())}
@@ -188,7 +185,10 @@ def main() -> None:
         "control": control,
         "control_with_traces": control_traces,
     }
-    per_family = 8 if args.quick else 100
+    learned_data = load_run_config("quickstart", []).data  # the start's families and difficulty
+    learned_rows = synthetic_test_rows(
+        learned_data.families, 8 if args.quick else 100, seed=EVAL_SEED, difficulty=learned_data.difficulty
+    )
     report = {
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
@@ -203,7 +203,7 @@ def main() -> None:
         "rl": rl.evaluations[rl.step],
         "control": scores(control, config),
         "control_with_traces": scores(control_traces, config),
-        "learned": {arm: learned(path, per_family) for arm, path in checkpoints.items()},
+        "learned": {arm: learned(path, learned_rows) for arm, path in checkpoints.items()},
     }
     family = TARGETS[args.recipe]
     target = f"acc/{family}"
@@ -220,7 +220,7 @@ def main() -> None:
     # Elsewhere: the other families, at the recipe's difficulty and at what the start learned; and the
     # target family itself at the learned difficulty when RL practised another.
     drops = [before[k] - after[k] for k in before if k.startswith("acc/") and k != target]
-    target_elsewhere = config.difficulty.get(family) != load_run_config("quickstart", []).data.difficulty
+    target_elsewhere = config.difficulty.get(family) != learned_data.difficulty
     drops += [learned_before[k] - learned_after[k] for k in learned_before if k != target or target_elsewhere]
     report["rl_worst_drop_elsewhere_points"] = round(100 * max(drops), 1)
     rows = 600 if args.quick else 3000
