@@ -7,7 +7,13 @@ import torch
 
 from reasoning_llama.config import PRESETS, ModelConfig, get_preset
 from reasoning_llama.errors import ConfigError
-from reasoning_llama.model import KVCache, Transformer, default_positions, document_block_mask
+from reasoning_llama.model import (
+    KVCache,
+    Transformer,
+    default_positions,
+    document_block_mask,
+    one_query_attention,
+)
 
 
 def test_small_100m_parameter_count():
@@ -142,6 +148,16 @@ def test_kv_cache_rows_hold_independent_sequences_of_different_lengths(tiny_conf
         ref_b = model(torch.cat([b, nxt[1:]], 1))[:, -1]
     assert (step[0, 0] - ref_a[0]).abs().max().item() <= 1e-5
     assert (step[1, 0] - ref_b[0]).abs().max().item() <= 1e-5
+
+
+def test_one_query_attention_is_what_sdpa_computes():
+    """The compiled CPU decode step's written-out attention: grouped heads, masked key slots."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 10, 16), torch.randn(3, 2, 10, 16)
+    mask = torch.arange(10).view(1, 1, 1, 10) <= torch.tensor([9, 4, 0]).view(3, 1, 1, 1)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(one_query_attention(q, k, v, mask), expected)
+    assert (one_query_attention(q, k, v, mask)[2] - v[:, :, :1].repeat_interleave(4, 1)[2]).abs().max() < 1e-6
 
 
 def test_positions_beyond_context_raise(tiny_config):

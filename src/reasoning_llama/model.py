@@ -73,6 +73,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def one_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Grouped-query attention of one query per row (decoding), written out: q (B, H, 1, D),
+    k/v (B, H_kv, T, D), mask (B, 1, 1, T) bool; what SDPA computes, (B, H, 1, D)."""
+    batch, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
+    q = q.view(batch, kv_heads, heads // kv_heads, 1, dim)
+    scores = (q * k.unsqueeze(2)).sum(-1) / math.sqrt(dim)  # (B, H_kv, group, T)
+    scores = scores.masked_fill(~mask.view(batch, 1, 1, -1), float("-inf"))
+    out = (torch.softmax(scores, dim=-1).unsqueeze(-1) * v.unsqueeze(2)).sum(-2)
+    return out.reshape(batch, heads, 1, dim)
+
+
 class KVCache:
     """Preallocated keys and values, one (batch, KV heads, max_len, head_dim) tensor per layer.
 
@@ -170,6 +182,10 @@ class Attention(nn.Module):
             k, v = k.to(q.dtype), v.to(q.dtype)
         if inputs.block_mask is not None:
             out = _flex_attention()(q, k, v, block_mask=inputs.block_mask, enable_gqa=True)
+        elif length == 1 and inputs.kv_cache is not None and q.is_cpu and torch.compiler.is_compiling():
+            # A compiled CPU decode step: written out, attention joins the step's one fused kernel
+            # instead of calling SDPA's once per layer.
+            out = one_query_attention(q, k, v, inputs.mask)
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=inputs.mask, is_causal=inputs.mask is None, enable_gqa=True
