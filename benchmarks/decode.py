@@ -78,7 +78,7 @@ def parse_args() -> argparse.Namespace:
         "--agreement-prompts",
         type=int,
         default=None,
-        help="Prompts per family for int8 accuracy [4; quick 1].",
+        help="Prompts per family for int8 accuracy [8; quick 1].",
     )
     parser.add_argument(
         "--agreement-tokens",
@@ -309,7 +309,7 @@ def main() -> None:
         bandwidth_limit["ours_int8_fraction_of_int8_limit"] = round(
             batch1["ours_int8"] * int8_bytes / read_bandwidth, 3
         )
-        per_family = args.agreement_prompts or (1 if args.quick else 4)
+        per_family = args.agreement_prompts or (1 if args.quick else 8)
         tokens = args.agreement_tokens or (16 if args.quick else 64)
         chat_prompts = agreement_prompts(per_family)
         int8_report = {

@@ -31,6 +31,9 @@ def test_decode_benchmark_compares_against_transformers_on_the_same_tokens():
     limit = report["bandwidth_limit"]
     assert limit["limit_tokens_per_s"] > 0 and limit["ours_fraction_of_limit"] > 0
     assert limit["ours_compiled_fraction_of_limit"] > 0
+    # sampled before the batch-1 repeats and after each (one with --quick); the limit at their median
+    assert len(limit["read_bandwidth_samples_gb_s"]) == 2
+    assert limit["limit_tokens_per_s_at_best_bandwidth"] >= limit["limit_tokens_per_s"]
     assert limit["int8_limit_tokens_per_s"] > limit["limit_tokens_per_s"]  # a quarter of the bytes, mostly
     int8 = report["int8"]
     assert int8["prompts"] == 3 and int8["random_weights"]["tokens"] == 3 * 16
