@@ -1,6 +1,6 @@
 """Decode speed and int8 accuracy: our engine against transformers' `generate()` on the same weights.
 
-The `small-100m` shape without the final block (so it is exactly a LlamaForCausalLM), random
+The `small-100m` shape (or `--preset`) without the final block (so it is exactly a LlamaForCausalLM), random
 weights, greedy. Every figure comes from one process, the implementations interleaved, medians
 over repeats: decode tokens/s = (N - 1) / (time to generate N tokens - time to generate 1), which
 removes the prefill.
@@ -63,6 +63,9 @@ def parse_args() -> argparse.Namespace:
         "--quick", action="store_true", help="Few tokens and one repeat: checks that it runs."
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto.")
+    parser.add_argument(
+        "--preset", default="small-100m", help="Model shape [small-100m; the tests use tiny]."
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     parser.add_argument("--prompt-tokens", type=int, default=None, help="Prompt length [128; quick 32].")
     parser.add_argument("--new-tokens", type=int, default=None, help="Tokens generated [128; quick 16].")
@@ -165,7 +168,7 @@ def main() -> None:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = dataclasses.replace(get_preset("small-100m"), final_block=False)
+    config = dataclasses.replace(get_preset(args.preset), final_block=False)
     torch.manual_seed(0)
     with torch.device(device):
         ours = Transformer(config).to(dtype).eval()
@@ -289,7 +292,7 @@ def main() -> None:
         "benchmark": "decode",
         "compares": "reasoning_llama Engine vs transformers LlamaForCausalLM.generate, greedy, same weights",
         "compile_s": {name: round(s, 1) for name, s in compile_s.items()},
-        "model": "small-100m, final_block=False",
+        "model": f"{args.preset}, final_block=False",
         "batch1_tokens_per_s": {k: round(v, 2) for k, v in batch1.items()},
         "batch1_speedup_vs_transformers": round(batch1["ours"] / batch1["transformers"], 3),
         "target_speedup": 1.5,

@@ -125,7 +125,11 @@ def main() -> None:
     report["throughput"] = step
 
     decode = [python, "benchmarks/decode.py", "--device", args.device]
-    decode += ["--quick", "--batch", "2"] if args.quick else ["--repeats", "3", "--batch", "8,64"]
+    decode += (
+        ["--quick", "--preset", "tiny", "--batch", "2"]
+        if args.quick
+        else ["--repeats", "3", "--batch", "8,64"]
+    )
     step = run("decode", decode, out, timeout=420)
     with contextlib.suppress(json.JSONDecodeError):
         step["result"] = json.loads(step["last_line"])

@@ -166,8 +166,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     root = args.out or Path(tempfile.mkdtemp(prefix="rl_gain-"))
     root.mkdir(parents=True, exist_ok=True)
-    start_steps, minutes = (60, 0.3) if args.quick else (args.start_steps, args.minutes)
-    minutes_plain = 0.2 if args.quick else args.minutes_without_reasoning
+    start_steps, minutes = (30, 0.1) if args.quick else (args.start_steps, args.minutes)
+    minutes_plain = 0.1 if args.quick else args.minutes_without_reasoning
     extra = ["eval_size=8", "prompts_per_step=4", "samples_per_prompt=4"] if args.quick else []
     started = time.perf_counter()
     start = args.start or supervised(root / "start", start_steps, None)

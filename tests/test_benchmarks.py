@@ -21,7 +21,8 @@ def run_benchmark(name: str, *args: str) -> dict:
 
 @pytest.mark.slow
 def test_decode_benchmark_compares_against_transformers_on_the_same_tokens():
-    report = run_benchmark("decode.py", "--quick", "--threads", "2", "--batch", "2")
+    report = run_benchmark("decode.py", "--quick", "--preset", "tiny", "--threads", "2", "--batch", "2")
+    assert report["model"] == "tiny, final_block=False"
     assert report["same_greedy_tokens_as_transformers"] is True
     ours = {"ours", "ours_compiled", "ours_int8"}
     assert set(report["batch1_tokens_per_s"]) == {*ours, "transformers", "ours_without_cpu_layout"}
