@@ -1,6 +1,8 @@
 """Every GPU figure of the scale-out work in one run, one JSON report (`gpu_suite.sh` runs this).
 
-Steps, each in its own process with a time limit, each reported whatever the others did:
+Steps, each in its own process with a time limit, each reported whatever the others did, the report
+rewritten after every step (a suite stopped from outside still leaves what it measured); a step
+the suite's time budget no longer holds is skipped and says so:
 1. environment: torch, CUDA, the device;
 2. throughput: `train_throughput.py` (tokens/s and MFU of ours compiled, ours uncompiled and
    transformers, small-100m at T 1280);
@@ -12,9 +14,11 @@ Steps, each in its own process with a time limit, each reported whatever the oth
 5. data parallel: DDP and FSDP2 smoke runs under torchrun on every GPU present;
 6. a short real training run (synthetic tasks) whose validation loss must fall.
 
-    python benchmarks/gpu_suite.py --out DIR [--device cuda] [--quick]
+    python benchmarks/gpu_suite.py --out DIR [--device cuda] [--budget SECONDS] [--quick]
 
---quick uses tiny shapes so the whole suite can be checked on a CPU in a minute.
+--quick uses tiny shapes so the whole suite can be checked on a CPU in a minute. DIR receives
+report.json and one log per step, nothing else (a GPU lease returns a few files); runs, configs
+and caches go to a scratch directory.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,19 +44,48 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="Directory for report.json and logs.")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="Tiny shapes: checks the suite itself.")
+    parser.add_argument(
+        "--budget", type=float, default=480, help="Seconds for all steps; later steps get what is left."
+    )
     return parser.parse_args()
 
 
+class Suite:
+    """The report being written, and the time left for the steps still to run."""
+
+    def __init__(self, out: Path, budget: float, report: dict[str, Any]) -> None:
+        self.out = out
+        self.deadline = time.monotonic() + budget
+        self.report = report
+
+    def run(self, name: str, command: list[str], limit: float) -> dict[str, Any]:
+        """One step within its own limit and the suite's remaining budget."""
+        left = self.deadline - time.monotonic()
+        if left < 15:
+            return {"status": f"skipped: {max(left, 0):.0f} s of the suite's budget left"}
+        return run(name, command, self.out, min(limit, left))
+
+    def save(self) -> None:
+        (self.out / "report.json").write_text(json.dumps(self.report, indent=2) + "\n")
+
+
 def run(name: str, command: list[str], out: Path, timeout: float) -> dict[str, Any]:
-    """Run one step; keep its output in OUT/NAME.log and report its status, time and last line."""
+    """Run one step; keep its output in OUT/NAME.log and report its status, time and last line.
+
+    The step runs in its own process group, killed whole at its time limit: torchrun's workers
+    would otherwise outlive it and keep its output pipes open."""
     start = time.monotonic()
     log = out / f"{name}.log"
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-        status = "ok" if done.returncode == 0 else f"failed ({done.returncode})"
-        stdout, stderr = done.stdout, done.stderr
-    except subprocess.TimeoutExpired as e:
-        status, stdout, stderr = f"timed out after {timeout:.0f} s", str(e.stdout or ""), str(e.stderr or "")
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+            status = "ok" if process.returncode == 0 else f"failed ({process.returncode})"
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            status = f"timed out after {timeout:.0f} s"
     log.write_text(f"$ {' '.join(command)}\n--- stdout\n{stdout}\n--- stderr\n{stderr}")
     lines = stdout.strip().splitlines()
     return {
@@ -108,6 +143,7 @@ def main() -> None:
     args = parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu_suite_"))
     python = sys.executable
     report: dict[str, Any] = {
         "suite": "gpu_suite",
@@ -115,14 +151,17 @@ def main() -> None:
         "quick": args.quick,
     }
     report["environment"] = env = environment(args.device)
+    report["scratch"] = str(work)
+    suite = Suite(out, args.budget, report)
     started = time.monotonic()
 
     throughput = [python, "benchmarks/train_throughput.py", "--device", args.device]
     throughput += ["--quick"] if args.quick else ["--steps", "10", "--repeats", "3"]
-    step = run("throughput", throughput, out, timeout=240)
-    with contextlib.suppress(json.JSONDecodeError):
+    step = suite.run("throughput", throughput, limit=180)
+    with contextlib.suppress(json.JSONDecodeError, KeyError):
         step["result"] = json.loads(step["last_line"])
     report["throughput"] = step
+    suite.save()
 
     decode = [python, "benchmarks/decode.py", "--device", args.device]
     decode += (
@@ -130,16 +169,18 @@ def main() -> None:
         if args.quick
         else ["--repeats", "3", "--batch", "8,64"]
     )
-    step = run("decode", decode, out, timeout=420)
-    with contextlib.suppress(json.JSONDecodeError):
+    step = suite.run("decode", decode, limit=180)
+    with contextlib.suppress(json.JSONDecodeError, KeyError):
         step["result"] = json.loads(step["last_line"])
     report["decode"] = step
+    suite.save()
 
     pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"]
-    step = run("gpu_tests", pytest, out, timeout=240)
-    summary = re.search(r"(\d+ (passed|failed|skipped).*) in ", step["last_line"])
-    step["summary"] = summary.group(1) if summary else step["last_line"]
+    step = suite.run("gpu_tests", pytest, limit=180)
+    summary = re.search(r"(\d+ (passed|failed|skipped).*) in ", step.get("last_line", ""))
+    step["summary"] = summary.group(1) if summary else step.get("last_line", "")
     report["gpu_tests"] = step
+    suite.save()
 
     gpus = max(1, env.get("gpus", 0))
     rows, seq_len = (2, 128) if args.quick else (8, 256)
@@ -160,20 +201,21 @@ def main() -> None:
             "seq_len": seq_len,
             "synthetic_train_size": 500 if args.quick else 2000,
             "synthetic_val_size": 20 if args.quick else 50,
-            "cache_dir": str(out / "cache"),
+            "cache_dir": str(work / "cache"),
         },
     }
     report["data_parallel"] = {}
     for mode in ("ddp", "fsdp"):
         tiny["train"]["distributed"] = mode
-        config = write_config(out, f"dp_{mode}", tiny)
-        run_dir = out / f"run_{mode}"
+        config = write_config(work, f"dp_{mode}", tiny)
+        run_dir = work / f"run_{mode}"
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
         command = [python, *launcher, *train_args(config, run_dir)]
-        step = run(f"dp_{mode}", command, out, timeout=180)
+        step = suite.run(f"dp_{mode}", command, limit=90)
         if step["status"] == "ok":
             step |= final_losses(run_dir)
         report["data_parallel"][mode] = step
+        suite.save()
 
     real = {
         "train": {
@@ -197,13 +239,13 @@ def main() -> None:
             "seq_len": 512,
             "synthetic_train_size": 500 if args.quick else 12000,
             "synthetic_val_size": 20 if args.quick else 150,
-            "cache_dir": str(out / "cache"),
+            "cache_dir": str(work / "cache"),
         },
     }
-    config = write_config(out, "short_run", real)
-    run_dir = out / "run_short"
+    config = write_config(work, "short_run", real)
+    run_dir = work / "run_short"
     command = [python, *train_args(config, run_dir)]
-    step = run("short_run", command, out, timeout=240)
+    step = suite.run("short_run", command, limit=150)
     if step["status"] == "ok":
         step |= final_losses(run_dir)
         val = step["val_losses"]
@@ -211,7 +253,7 @@ def main() -> None:
     report["short_run"] = step
 
     report["total_seconds"] = round(time.monotonic() - started, 1)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    suite.save()
     print(json.dumps(report))
 
 

