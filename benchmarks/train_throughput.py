@@ -135,7 +135,11 @@ def ours(config: ModelConfig, device: torch.device, *, compiled: bool) -> Callab
     on_gpu = device.type == "cuda"
     amp = torch.bfloat16 if on_gpu else None
     loss_model = ModelWithLoss(
-        model, select_positions=not on_gpu, flex=use_flex_attention("auto", device), amp_dtype=amp
+        model,
+        select_positions=not on_gpu,
+        flex=use_flex_attention("auto", device),
+        amp_dtype=amp,
+        compile_loss=compiled,
     )
     if compiled:
         for layer in model.layers:

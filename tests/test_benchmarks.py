@@ -120,6 +120,43 @@ def test_gpu_suite_runs_every_step_and_writes_one_report(tmp_path):
             -2000:
         ]
     assert report["short_run"]["status"] == "ok" and report["short_run"]["loss_fell"] is True
+    profile = report["profile"]["result"]
+    assert profile["head_loss"]["same_value"] is True
+    assert profile["train"]["tokens_per_s"] > 0 and profile["decode"]["engine_us_per_token_batch1"] > 0
+    assert not [part for part in ("head_loss", "attention", "decode", "train") if "error" in profile[part]]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        [
+            "report.json",
+            *(
+                f"{step}.log"
+                for step in ("throughput", "decode", "gpu_tests", "dp_ddp", "dp_fsdp", "short_run", "profile")
+            ),
+        ]
+    )  # what a GPU lease returns: at most 8 files
+
+
+def test_gpu_suite_skips_what_its_budget_no_longer_holds(tmp_path):
+    budget = ["--budget", "0", "--steps", "short_run,throughput"]
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "gpu_suite.py"),
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            *budget,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["steps"] == ["short_run", "throughput"]
+    assert report["throughput"]["status"].startswith("skipped") and report["short_run"]["status"].startswith(
+        "skipped"
+    )
 
 
 def test_sampler_benchmark_times_ours_against_a_multinomial_per_row():

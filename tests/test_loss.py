@@ -66,6 +66,31 @@ def test_bf16_loss_of_a_confident_model_is_the_cross_entropy_of_its_bf16_logits(
     torch.testing.assert_close(sum(per_token), plain, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_form_cuda_uses_gives_the_chunked_value_and_gradients(dtype):
+    """What CUDA runs (torch.compile of the plain form), compiled here on the CPU, with row weights."""
+    torch.manual_seed(0)
+    hidden = torch.randn(48, 16, requires_grad=True)
+    weight = (torch.randn(1000, 16) * 0.5).requires_grad_()
+    targets = torch.randint(0, 1000, (48,))
+    keep = torch.rand(48) < 0.7
+    results = []
+    for compiled in (False, True):
+        loss = linear_cross_entropy(hidden, weight, targets, row_weights=keep, dtype=dtype, compiled=compiled)
+        loss.backward()
+        results.append((loss.detach(), hidden.grad, weight.grad))
+        hidden.grad = weight.grad = None
+    (chunked, *chunked_grads), (compiled_loss, *compiled_grads) = results
+    assert compiled_loss.dtype == torch.float32
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-3, "atol": 1e-3}
+    torch.testing.assert_close(compiled_loss, chunked, **tolerance)
+    for got, want in zip(compiled_grads, chunked_grads, strict=True):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, **tolerance)
+    assert torch.count_nonzero(compiled_grads[0][~keep]) == 0
+
+
 def test_no_loss_tokens_gives_zero_and_zero_gradients():
     hidden = torch.randn(0, 8, requires_grad=True)
     weight = torch.randn(50, 8, requires_grad=True)

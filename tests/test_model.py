@@ -178,7 +178,8 @@ def test_config_json_round_trip(tmp_path):
 @pytest.mark.slow
 def test_flex_attention_document_mask_gives_the_dense_mask_outputs():
     """The GPU path (FlexAttention block mask, compiled kernel) against SDPA with the dense mask, on
-    packed rows with padding, over several blocks (FlexAttention has no CPU backward: forward only)."""
+    packed rows with padding, over several blocks (FlexAttention has no CPU backward: forward only).
+    The mask built through torch.compile, as on CUDA, is the eagerly built one."""
     config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=256)
     model = Transformer(config).eval()
     length = 200  # not a multiple of the 128-token block
@@ -189,7 +190,11 @@ def test_flex_attention_document_mask_gives_the_dense_mask_outputs():
     doc_ids[1, 190:] = 3  # padding: a doc id of its own
     ids = torch.randint(0, config.vocab_size, (2, length))
     positions = default_positions(2, length, ids.device, doc_ids=doc_ids)
+    block_mask = document_block_mask(doc_ids, compiled=True)
+    eager_mask = document_block_mask(doc_ids, compiled=False)
+    assert torch.equal(block_mask.to_dense(), eager_mask.to_dense())
+    assert torch.equal(block_mask.full_kv_num_blocks, eager_mask.full_kv_num_blocks)
     with torch.no_grad():
         dense = model.hidden_states(ids, positions, doc_ids=doc_ids)
-        flex = model.hidden_states(ids, positions, block_mask=document_block_mask(doc_ids))
+        flex = model.hidden_states(ids, positions, block_mask=block_mask)
     assert (flex - dense).abs().max().item() <= 1e-4

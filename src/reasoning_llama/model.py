@@ -181,7 +181,9 @@ class Attention(nn.Module):
             )
             k, v = k.to(q.dtype), v.to(q.dtype)
         if inputs.block_mask is not None:
-            out = _flex_attention()(q, k, v, block_mask=inputs.block_mask, enable_gqa=True)
+            # Inside a compiled layer dynamo compiles flex_attention itself.
+            attend = flex_attention if torch.compiler.is_compiling() else _flex_attention()
+            out = attend(q, k, v, block_mask=inputs.block_mask, enable_gqa=True)
         elif length == 1 and inputs.kv_cache is not None and q.is_cpu and torch.compiler.is_compiling():
             # A compiled CPU decode step: written out, attention joins the step's one fused kernel
             # instead of calling SDPA's once per layer.
@@ -357,19 +359,31 @@ def default_positions(
     return idx
 
 
-def document_block_mask(doc_ids: Tensor, block_size: int = 128) -> BlockMask:
+def document_block_mask(doc_ids: Tensor, block_size: int = 128, *, compiled: bool | None = None) -> BlockMask:
     """FlexAttention's mask for packed rows: causal, and inside one example (doc id) of the row.
 
     Padding has a doc id of its own, so it attends to itself and nothing else, as in the dense mask.
+    compiled: build it through torch.compile (default on CUDA): built eagerly, the (B, T, T) mask
+    it is reduced from costs ~8 ms a batch on an H200 at B 16 x T 1280, more than a layer's step.
     """
     batch, length = doc_ids.shape
 
     def same_document_causal(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         return (k <= q) & (doc_ids[b, q] == doc_ids[b, k])
 
-    return create_block_mask(
+    build = (
+        _compiled_create_block_mask()
+        if (doc_ids.is_cuda if compiled is None else compiled)
+        else create_block_mask
+    )
+    return build(
         same_document_causal, batch, None, length, length, device=doc_ids.device, BLOCK_SIZE=block_size
     )
+
+
+@functools.cache
+def _compiled_create_block_mask() -> Callable[..., BlockMask]:
+    return torch.compile(create_block_mask)
 
 
 @functools.cache

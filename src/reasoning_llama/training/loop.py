@@ -331,6 +331,7 @@ class Trainer:
             select_positions=not on_gpu,
             flex=use_flex_attention(t.attention, self.device),
             amp_dtype=self.amp,
+            compile_loss=self.compiled,
         )
         if self.compiled:
             for layer in self.model.layers:  # one graph serves every layer (torchtitan's way)
