@@ -49,6 +49,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--budget", type=float, default=480, help="Seconds for all steps; later steps get what is left."
     )
+    parser.add_argument("--tests", default=None, help="pytest -k expression for the gpu_tests step [all].")
+    parser.add_argument("--profile-parts", default=None, help="gpu_profile.py --parts [all].")
     parser.add_argument(
         "--steps", default=None, help="Comma-separated steps to run, in that order [all, in the order above]."
     )
@@ -185,6 +187,7 @@ def main() -> None:
 
     def gpu_tests() -> None:
         command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"]
+        command += ["-k", args.tests] if args.tests else []
         step = suite.run("gpu_tests", command, limit=180)
         summary = re.search(r"(\d+ (passed|failed|skipped).*) in ", step.get("last_line", ""))
         step["summary"] = summary.group(1) if summary else step.get("last_line", "")
@@ -258,6 +261,7 @@ def main() -> None:
 
     def profile() -> None:
         command = [python, "benchmarks/gpu_profile.py", "--device", args.device, *quick]
+        command += ["--parts", args.profile_parts] if args.profile_parts else []
         report["profile"] = json_result(suite.run("profile", command, limit=150))
 
     steps: dict[str, Callable[[], None]] = {

