@@ -19,9 +19,32 @@ def run_benchmark(name: str, *args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def cpu_suite(tmp_path_factory) -> tuple[dict, Path]:
+    """`gpu_suite.sh` with tiny shapes on the CPU, once: its report and folder. Its steps run the
+    decode and throughput benchmarks (`--quick`), whose own tests below read them from the report."""
+    out = tmp_path_factory.mktemp("gpu-suite")
+    env = {**os.environ, "QUICK": "1", "DEVICE": "cpu", "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_suite.sh"), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads((out / "report.json").read_text()), out
+
+
+def step_result(suite: tuple[dict, Path], step: str) -> dict:
+    report, out = suite
+    assert report[step]["status"] == "ok", (out / f"{step}.log").read_text()[-2000:]
+    return report[step]["result"]
+
+
 @pytest.mark.slow
-def test_decode_benchmark_compares_against_transformers_on_the_same_tokens():
-    report = run_benchmark("decode.py", "--quick", "--preset", "tiny", "--threads", "2", "--batch", "2")
+def test_decode_benchmark_compares_against_transformers_on_the_same_tokens(cpu_suite):
+    report = step_result(cpu_suite, "decode")  # decode.py --quick --preset tiny --batch 2, 2 threads
     assert report["model"] == "tiny, final_block=False"
     assert report["same_greedy_tokens_as_transformers"] is True
     ours = {"ours", "ours_compiled", "ours_int8"}
@@ -51,8 +74,8 @@ def test_serve_load_benchmark_drives_a_real_server():
 
 
 @pytest.mark.slow
-def test_train_throughput_benchmark_compares_against_transformers_and_padding():
-    report = run_benchmark("train_throughput.py", "--quick", "--threads", "1")
+def test_train_throughput_benchmark_compares_against_transformers_and_padding(cpu_suite):
+    report = step_result(cpu_suite, "throughput")  # train_throughput.py --quick
     assert set(report["tokens_per_s"]) == {"ours", "transformers"}
     assert all(rate > 0 for rate in report["tokens_per_s"].values())
     flops = report["flops_per_token"]
@@ -96,43 +119,24 @@ def test_flops_per_token_of_small_100m_written_out():
 
 
 @pytest.mark.slow
-def test_gpu_suite_runs_every_step_and_writes_one_report(tmp_path):
+def test_gpu_suite_runs_every_step_and_writes_one_report(cpu_suite):
     """The suite's plumbing, with tiny shapes on the CPU (its figures come from a GPU machine)."""
-    env = {**os.environ, "QUICK": "1", "DEVICE": "cpu", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        ["bash", str(BENCHMARKS / "gpu_suite.sh"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert (
-        report["throughput"]["status"] == "ok" and report["throughput"]["result"]["tokens_per_s"]["ours"] > 0
-    )
-    assert (
-        report["decode"]["status"] == "ok" and report["decode"]["result"]["batch1_tokens_per_s"]["ours"] > 0
-    )
+    report, out = cpu_suite
+    assert step_result(cpu_suite, "throughput")["tokens_per_s"]["ours"] > 0
+    assert step_result(cpu_suite, "decode")["batch1_tokens_per_s"]["ours"] > 0
     assert report["gpu_tests"]["status"] == "ok"  # skipped without a GPU, never failed
     for mode in ("ddp", "fsdp"):
-        assert report["data_parallel"][mode]["status"] == "ok", (tmp_path / f"dp_{mode}.log").read_text()[
-            -2000:
-        ]
+        assert report["data_parallel"][mode]["status"] == "ok", (out / f"dp_{mode}.log").read_text()[-2000:]
     assert report["short_run"]["status"] == "ok" and report["short_run"]["loss_fell"] is True
-    profile = report["profile"]["result"]
+    profile = step_result(cpu_suite, "profile")
     assert profile["head_loss"]["same_value"] is True
     assert profile["train"]["tokens_per_s"] > 0 and profile["decode"]["engine_us_per_token_batch1"] > 0
     assert not [part for part in ("head_loss", "attention", "decode", "train") if "error" in profile[part]]
-    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
-        [
-            "report.json",
-            *(
-                f"{step}.log"
-                for step in ("throughput", "decode", "gpu_tests", "dp_ddp", "dp_fsdp", "short_run", "profile")
-            ),
-        ]
-    )  # what a GPU lease returns: at most 8 files
+    steps = ("throughput", "decode", "gpu_tests", "dp_ddp", "dp_fsdp", "short_run", "profile")
+    # What a GPU lease returns: at most 8 files.
+    assert sorted(path.name for path in out.iterdir()) == sorted(
+        ["report.json", *(f"{s}.log" for s in steps)]
+    )
 
 
 def test_gpu_suite_skips_what_its_budget_no_longer_holds(tmp_path):
