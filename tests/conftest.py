@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,3 +57,40 @@ def torch_threads():
 def one_torch_thread(torch_threads):
     """Tiny shapes run fastest on one thread (and on a shared CPU two threads wait on each other)."""
     torch_threads(1)
+
+
+@pytest.fixture(scope="session")
+def trained_quickstart(tmp_path_factory) -> Path:
+    """The quickstart recipe trained for 200 steps on its tasks (~25 s on two threads): peaked logits
+    and answers in the right format, for the tests that need a model with some skill (int8, GGUF).
+    Returns its best checkpoint; the run directory is its parent."""
+    from reasoning_llama.config import load_run_config
+    from reasoning_llama.training.loop import Trainer
+
+    out = tmp_path_factory.mktemp("quickstart-trained")
+    config = load_run_config(
+        "quickstart",
+        [
+            "train.max_steps=200",
+            "train.warmup_steps=20",
+            "train.eval_every=200",
+            "train.eval_batches=1",
+            "train.save_every=200",
+            "train.task_eval_every=0",
+            "train.task_eval_size=0",
+            "train.log_every=100",
+            "data.synthetic_train_size=3000",
+            "data.synthetic_val_size=10",
+            f"data.cache_dir={out / 'cache'}",
+        ],
+    )
+    threads = torch.get_num_threads()  # session fixtures run before the per-test thread setting
+    torch.set_num_threads(2)
+    try:
+        trainer = Trainer(config, out / "run", progress=False)
+        trainer.run()
+        trainer.close()
+    finally:
+        torch.set_num_threads(threads)
+    assert (out / "run" / "best" / "model.safetensors").exists()
+    return out / "run" / "best"

@@ -93,17 +93,9 @@ def vocab_llama(gqa_gguf: Path) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model with some skill: the quickstart recipe (no final block), 200 steps."""
-    out = tmp_path_factory.mktemp("gguf-trained") / "run"
-    result = run_cli(
-        "train", "--config", "quickstart", "--out", out,
-        "--set", "train.max_steps=200", "--set", "train.eval_every=200", "--set", "train.save_every=200",
-        "--set", "train.task_eval_size=3", "--set", "data.synthetic_train_size=2000",
-        one_thread=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return out / "best"
+def trained(trained_quickstart: Path) -> Path:
+    """A tiny model with some skill: the quickstart recipe (no final block) after 200 steps."""
+    return trained_quickstart
 
 
 @pytest.fixture(scope="module")

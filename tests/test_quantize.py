@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reasoning_llama.config import ModelConfig, load_run_config
+from reasoning_llama.config import ModelConfig
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.evaluation import evaluate_generations, synthetic_test_rows
 from reasoning_llama.generation import Engine
@@ -24,7 +24,6 @@ from reasoning_llama.model_files import load_model, save_model
 from reasoning_llama.quantize import Int8Linear, compare_decoding, int8_linear_works, quantize_int8
 from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.tokenizer import get_tokenizer
-from reasoning_llama.training.loop import Trainer
 from server_fixtures import MODEL, serve
 
 pytestmark = [
@@ -41,35 +40,8 @@ MAX_MEAN_LOGIT_ERROR = 0.1
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> object:
-    """The quickstart's model trained for 200 steps on its tasks (~25 s on two cores): peaked logits,
-    answers in the right format, as int8 meets them in use."""
-    out = tmp_path_factory.mktemp("int8-trained")
-    config = load_run_config(
-        "quickstart",
-        [
-            "train.max_steps=200",
-            "train.warmup_steps=20",
-            "train.eval_every=200",
-            "train.eval_batches=1",
-            "train.save_every=200",
-            "train.task_eval_every=0",
-            "train.task_eval_size=0",
-            "train.log_every=100",
-            "data.synthetic_train_size=3000",
-            "data.synthetic_val_size=10",
-            f"data.cache_dir={out / 'cache'}",
-        ],
-    )
-    threads = torch.get_num_threads()  # module fixtures run before the per-test thread setting
-    torch.set_num_threads(2)
-    try:
-        trainer = Trainer(config, out / "run", progress=False)
-        result = trainer.run()
-        trainer.close()
-    finally:
-        torch.set_num_threads(threads)
-    return result.checkpoint
+def trained(trained_quickstart: Path) -> Path:
+    return trained_quickstart
 
 
 def chat_prompts(per_family: int) -> list[list[int]]:
