@@ -24,7 +24,7 @@ def cpu_suite(tmp_path_factory) -> tuple[dict, Path]:
     """`gpu_suite.sh` with tiny shapes on the CPU, once: its report and folder. Its steps run the
     decode and throughput benchmarks (`--quick`), whose own tests below read them from the report."""
     out = tmp_path_factory.mktemp("gpu-suite")
-    env = {**os.environ, "QUICK": "1", "DEVICE": "cpu", "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "QUICK": "1", "DEVICE": "cpu", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         ["bash", str(BENCHMARKS / "gpu_suite.sh"), str(out)],
         capture_output=True,
@@ -44,7 +44,7 @@ def step_result(suite: tuple[dict, Path], step: str) -> dict:
 
 @pytest.mark.slow
 def test_decode_benchmark_compares_against_transformers_on_the_same_tokens(cpu_suite):
-    report = step_result(cpu_suite, "decode")  # decode.py --quick --preset tiny --batch 2, 2 threads
+    report = step_result(cpu_suite, "decode")  # decode.py --quick --preset tiny --batch 2, 1 thread
     assert report["model"] == "tiny, final_block=False"
     assert report["same_greedy_tokens_as_transformers"] is True
     ours = {"ours", "ours_compiled", "ours_int8"}

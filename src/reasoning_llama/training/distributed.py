@@ -95,7 +95,11 @@ def setup(requested: str, device_name: str) -> tuple[World, torch.device]:
         # A rank that dies mid-collective must not leave the others waiting for the default 30 minutes.
         timeout = datetime.timedelta(minutes=10)
         store = _attempt_store(rank, timeout)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        # Naming the GPU binds NCCL's barriers to it (without, each barrier guesses and warns).
+        device_id = device if device.type == "cuda" else None
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=timeout, device_id=device_id
+        )
     return World(mode, rank, world_size, local_rank), device
 
 
