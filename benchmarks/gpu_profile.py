@@ -23,7 +23,6 @@ Prints one JSON object. --quick: tiny shapes on any device, to check the script 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import re
@@ -36,13 +35,13 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 from torch.profiler import ProfilerActivity, profile
 
-from reasoning_llama.config import ModelConfig, get_preset
+from reasoning_llama.config import ModelConfig
 from reasoning_llama.generation import Engine, resolve_device
 from reasoning_llama.loss import linear_cross_entropy
 from reasoning_llama.model import Transformer, document_block_mask
 from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.tokenizer import get_tokenizer
-from train_throughput import ours, random_batch
+from train_throughput import llama_shape, ours, random_batch, sync
 
 KINDS = {  # first match wins
     "optimizer": r"multi_tensor|adam",
@@ -62,11 +61,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--parts", default="head_loss,attention,decode,train", help="Which parts, in order.")
     return parser.parse_args()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def seconds_per_call(fn: Callable[[], object], device: torch.device, calls: int, warmup: int = 2) -> float:
@@ -212,7 +206,7 @@ def decode(config: ModelConfig, device: torch.device, batches: list[int], new_to
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
-    model = Transformer(dataclasses.replace(config, final_block=False)).to(device, dtype).eval()
+    model = Transformer(config).to(device, dtype).eval()
     tokenizer = get_tokenizer()
     engine = Engine(model, tokenizer, max_batch_size=max(batches), compile=cuda, cuda_graphs=cuda)
     step = engine.decode_step
@@ -257,10 +251,7 @@ def main() -> None:
     args = parse_args()
     device = resolve_device(args.device)
     preset, rows, seq_len = ("tiny", 2, 128) if args.quick else ("small-100m", 16, 1280)
-    base = get_preset(preset)
-    config = ModelConfig.from_dict(
-        {**base.to_dict(), "final_block": False, "max_seq_len": max(seq_len, base.max_seq_len)}
-    )
+    config = llama_shape(preset, seq_len)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     calls = 2 if args.quick else 10

@@ -109,6 +109,14 @@ def peak_flops(device: torch.device, given_tflops: float | None) -> tuple[float 
     return None, f"unknown device {name!r} (give --peak-tflops)"
 
 
+def llama_shape(preset: str, seq_len: int) -> ModelConfig:
+    """The preset without its final block (exactly a LlamaForCausalLM), long enough for `seq_len`."""
+    base = get_preset(preset)
+    return ModelConfig.from_dict(
+        {**base.to_dict(), "final_block": False, "max_seq_len": max(seq_len, base.max_seq_len)}
+    )
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -251,10 +259,7 @@ def main() -> None:
     steps = args.steps or (1 if args.quick else 10 if gpu else 2)
     repeats = args.repeats or (1 if args.quick else 3)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    base = get_preset(preset)
-    config = ModelConfig.from_dict(
-        {**base.to_dict(), "final_block": False, "max_seq_len": max(seq_len, base.max_seq_len)}
-    )
+    config = llama_shape(preset, seq_len)
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
     tokens_per_step = rows * seq_len
