@@ -6,7 +6,8 @@ over repeats: decode tokens/s = (N - 1) / (time to generate N tokens - time to g
 removes the prefill.
 
 - CPU: ours as `Engine.from_checkpoint` prepares it (fp32, `cpu_layout.py`), the same with the
-  decode step compiled (`--compile`), ours with int8 weights (`quantize.py`, `--quantize int8`),
+  decode step compiled (`--compile`: AOTInductor, `aot_step.py`; with `--with-torch-compile` also
+  through torch.compile, as before), ours with int8 weights (`quantize.py`, `--quantize int8`),
   ours without the CPU layout, and transformers (fp32).
 - CUDA: ours (bf16) with the decode step compiled and replayed from CUDA graphs, ours eager
   without graphs, and transformers (bf16); batched figures at every size of `--batch` (default 8
@@ -43,6 +44,7 @@ from torch import nn
 
 from reasoning_llama.config import ModelConfig, get_preset
 from reasoning_llama.cpu_layout import prepare_for_cpu_decode
+from reasoning_llama.decoding import DynamicDecodeStep
 from reasoning_llama.evaluation import synthetic_test_rows
 from reasoning_llama.generation import Engine, resolve_device
 from reasoning_llama.interop.names import to_hf_config, to_hf_state_dict
@@ -74,6 +76,11 @@ def parse_args() -> argparse.Namespace:
         "--batch", default=None, help="Batch sizes of the batched figures, comma-separated [8; CUDA 8,64]."
     )
     parser.add_argument("--skip-hf-batched", action="store_true", help="Leave out transformers at batch > 1.")
+    parser.add_argument(
+        "--with-torch-compile",
+        action="store_true",
+        help="CPU: also the decode step through torch.compile, as the engine compiled it before AOTInductor.",
+    )
     parser.add_argument(
         "--checkpoint", default=None, help="Also measure int8's accuracy cost on this trained checkpoint."
     )
@@ -193,6 +200,11 @@ def main() -> None:
         layout = prepare_for_cpu_decode(ours)
         engines["ours"] = Engine(ours, tokenizer, max_batch_size=most)
         engines["ours_compiled"] = Engine(ours, tokenizer, max_batch_size=most, compile=True)
+        if args.with_torch_compile:
+            engines["ours_torch_compile"] = Engine(ours, tokenizer, max_batch_size=most)
+            engines["ours_torch_compile"].decode_step = DynamicDecodeStep(
+                ours, engines["ours_torch_compile"].cache, compile=True
+            )
         engines["ours_int8"] = Engine(int8, tokenizer, max_batch_size=most)
         engines["ours_without_cpu_layout"] = Engine(plain, tokenizer, max_batch_size=1)
 
@@ -250,8 +262,9 @@ def main() -> None:
             rates[name] = batch * (new_tokens - 1) / decode_s
         return rates
 
-    if not cuda:  # the compiled step compiles at its first call
-        compile_s["ours_compiled"] = timed(lambda: run_engine("ours_compiled")(1, 2), device)
+    if not cuda:  # the compiled steps compile at their first call
+        for name in [name for name in engines if name in ("ours_compiled", "ours_torch_compile")]:
+            compile_s[name] = timed(lambda: run_engine(name)(1, 2), device)  # noqa: B023
     batch1_tokens = run_engine("ours")(1, new_tokens)
     parity = {"same_greedy_tokens_as_transformers": batch1_tokens == run_hf(1, new_tokens)}
     if cuda:
@@ -259,6 +272,10 @@ def main() -> None:
         parity["cuda_graphs_same_greedy_tokens_as_without"] = batch1_tokens == without
     else:
         parity["compiled_same_greedy_tokens"] = run_engine("ours_compiled")(1, new_tokens) == batch1_tokens
+        if "ours_torch_compile" in engines:
+            parity["torch_compile_same_greedy_tokens"] = (
+                run_engine("ours_torch_compile")(1, new_tokens) == batch1_tokens
+            )
         parity["int8_same_greedy_tokens_as_fp32"] = run_engine("ours_int8")(1, new_tokens) == batch1_tokens
     bandwidth = ReadBandwidth(device)
     batch1 = decode_rate(
@@ -288,6 +305,10 @@ def main() -> None:
     }
     if not cuda:
         bandwidth_limit["ours_compiled_fraction_of_limit"] = round(batch1["ours_compiled"] / limit, 3)
+        if "ours_torch_compile" in batch1:
+            bandwidth_limit["ours_torch_compile_fraction_of_limit"] = round(
+                batch1["ours_torch_compile"] / limit, 3
+            )
     report: dict = {
         "benchmark": "decode",
         "compares": "reasoning_llama Engine vs transformers LlamaForCausalLM.generate, greedy, same weights",

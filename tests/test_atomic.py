@@ -42,6 +42,7 @@ def test_a_writer_that_wants_a_path_gets_a_temporary_one(tmp_path):
     path = atomic.write_text(tmp_path / "model.gguf", "old")
 
     def crash(tmp):
+        assert tmp.suffix == ".gguf" and tmp.parent == tmp_path  # writers may insist on their suffix
         tmp.write_text("half")
         raise RuntimeError("killed mid-write")
 

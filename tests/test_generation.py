@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+from reasoning_llama.aot_step import AOTDecodeStep
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.errors import ConfigError, RequestError
 from reasoning_llama.generation import Delta, Engine, GenerationResult, decode, prefill
@@ -214,6 +215,7 @@ def test_the_compiled_decode_step_gives_the_eager_engines_tokens(model, prompts,
     checkpoint = save_model(tmp_path / "ckpt", model)
     eager = Engine.from_checkpoint(checkpoint, device="cpu", max_batch_size=2)
     compiled = Engine.from_checkpoint(checkpoint, device="cpu", max_batch_size=2, compile=True)
+    assert isinstance(compiled.decode_step, AOTDecodeStep)  # on a CPU, compiled ahead of time
     params = [SamplingParams(max_new_tokens=n) for n in (40, 20, 40)]
     expected = [r.token_ids for r in eager.generate_batch(prompts, params)]
     assert [r.token_ids for r in compiled.generate_batch(prompts, params)] == expected

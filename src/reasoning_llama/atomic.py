@@ -25,10 +25,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_path(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Replace the file `path` with the file `write(tmp)` creates at `tmp`, for writers that want a path."""
+    """Replace the file `path` with the file `write(tmp)` creates at `tmp`, for writers that want a path.
+
+    `tmp` keeps the target's suffix: some writers insist on theirs (AOTInductor's `.pt2`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
     try:
         write(tmp)
         with open(tmp, "rb") as f:

@@ -87,7 +87,10 @@ class OneDNNLinear(nn.Module):
 
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
-        self.weight = weight
+        if isinstance(weight, nn.Parameter):
+            self.weight = weight
+        else:  # a fused weight: a buffer, so an exported step names it (not a state-dict entry)
+            self.register_buffer("weight", weight, persistent=False)
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: Tensor) -> Tensor:

@@ -253,10 +253,11 @@ class Engine:
     repetition penalty and before the special-id mask; it may edit them in place or return new ones.
     It is not called for ids the engine forces (the assistant header, a budget's <|im_end|>).
 
-    The decode step (decoding.py): `compile=True` runs it through torch.compile (the small ops
-    fused; compiling takes seconds to tens of seconds, on the first step). `cuda_graphs=True` (a
-    CUDA model) replays it from CUDA graphs captured here for every padded batch size up to
-    `max_batch_size`.
+    The decode step (decoding.py): `compile=True` compiles it, the small ops fused (on the first
+    step of each kind, taking seconds to tens of seconds): on a CPU ahead of time by AOTInductor
+    (aot_step.py; the compiled code is cached on disk), elsewhere by torch.compile.
+    `cuda_graphs=True` (a CUDA model) replays it from CUDA graphs captured here for every padded
+    batch size up to `max_batch_size`.
     """
 
     def __init__(
@@ -287,11 +288,15 @@ class Engine:
         self.cache = KVCache(config, max_batch_size, device=self.device, dtype=weight.dtype)
         if cuda_graphs and self.device.type != "cuda":
             raise ConfigError(f"CUDA graphs need a CUDA device, not {self.device}")
-        self.decode_step: DecodeStep = (
-            StaticDecodeStep(self.model, self.cache, cuda_graphs=True, compile=compile)
-            if cuda_graphs
-            else DynamicDecodeStep(self.model, self.cache, compile=compile)
-        )
+        self.decode_step: DecodeStep
+        if cuda_graphs:
+            self.decode_step = StaticDecodeStep(self.model, self.cache, cuda_graphs=True, compile=compile)
+        elif compile and self.device.type == "cpu":
+            from reasoning_llama.aot_step import AOTDecodeStep  # imports inductor (~1 s): only when asked
+
+            self.decode_step = AOTDecodeStep(self.model, self.cache)
+        else:
+            self.decode_step = DynamicDecodeStep(self.model, self.cache, compile=compile)
         never = [*NEVER_SAMPLED, *range(N_VOCAB, config.vocab_size)]
         self._never_sampled = torch.tensor(never, device=self.device)
         self._slots: list[Request | None] = [None] * max_batch_size

@@ -107,6 +107,14 @@ class KVCache:
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
 
+    @classmethod
+    def over(cls, keys: list[Tensor], values: list[Tensor]) -> KVCache:
+        """A cache made of existing per-layer tensors (an exported decode step receives them as inputs)."""
+        cache = cls.__new__(cls)
+        cache.max_len = keys[0].shape[2]
+        cache.keys, cache.values = list(keys), list(values)
+        return cache
+
     @property
     def batch_size(self) -> int:
         return self.keys[0].shape[0]

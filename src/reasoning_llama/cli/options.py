@@ -51,7 +51,7 @@ Compile = Annotated[
     bool | None,
     typer.Option(
         "--compile/--no-compile",
-        help="Compile the decode step (torch.compile): faster tokens after seconds of compiling (default: on CUDA only).",
+        help="Compile the decode step (CPU: AOTInductor, cached on disk; CUDA: torch.compile + CUDA graphs): faster tokens after seconds of compiling (default: on CUDA only).",
     ),
 ]
 Quantize = Annotated[

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import subprocess
 import sys
 import tarfile
@@ -25,6 +24,7 @@ import tiktoken.load
 
 from reasoning_llama import atomic
 from reasoning_llama.errors import TokenizerError
+from reasoning_llama.user_cache import user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,8 @@ ENDOFTEXT = "<|endoftext|>"
 
 
 def cache_dir() -> Path:
-    """Where the verified GPT-2 files live: $REASONING_LLAMA_CACHE or ~/.cache/reasoning-llama."""
-    root = os.environ.get("REASONING_LLAMA_CACHE") or Path.home() / ".cache" / "reasoning-llama"
-    return Path(root) / "gpt2"
+    """Where the verified GPT-2 files live: $REASONING_LLAMA_CACHE/gpt2 or ~/.cache/reasoning-llama/gpt2."""
+    return user_cache_dir("gpt2")
 
 
 def _sha256(data: bytes) -> str:
