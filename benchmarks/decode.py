@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from reasoning_llama.config import ModelConfig, get_preset
-from reasoning_llama.cpu_layout import prepare_for_cpu_decode
+from reasoning_llama.cpu_layout import FusedLinear, fuse_projections, prepare_for_cpu_decode
 from reasoning_llama.decoding import DynamicDecodeStep
 from reasoning_llama.evaluation import synthetic_test_rows
 from reasoning_llama.generation import Engine, resolve_device
@@ -187,6 +187,7 @@ def main() -> None:
     layout = None
     compile_s: dict[str, float] = {}  # compiling (and capturing) before the first token
     if cuda:
+        fuse_projections(ours, FusedLinear)  # as Engine.from_checkpoint prepares a GPU model
         start = time.perf_counter()
         engines["ours"] = Engine(ours, tokenizer, max_batch_size=most, compile=True, cuda_graphs=True)
         compile_s["ours"] = time.perf_counter() - start

@@ -6,7 +6,9 @@ from torch import nn
 
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.cpu_layout import (
+    FusedLinear,
     OneDNNLinear,
+    fuse_projections,
     onednn_linear_works,
     prepare_for_cpu_decode,
     store_linear_weights_transposed,
@@ -80,6 +82,15 @@ def test_fused_projections_share_the_parts_weights(model, torch_threads):
         assert all(part.weight.untyped_storage().data_ptr() == storage for part in parts)  # not a copy
     # The fused weights are no Parameters: the model's parameters are the plain model's, no more.
     assert sum(p.numel() for p in copy.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_fused_linear_projections_keep_the_models_outputs(model):
+    """The GPU engine's form (`Engine.from_checkpoint` off the CPU: plain products), checked on the CPU."""
+    copy = copy_of(model)
+    fuse_projections(copy, FusedLinear)
+    assert all(isinstance(layer.attn.qkv_proj, FusedLinear) for layer in copy.layers)
+    assert all(isinstance(layer.mlp.gate_up_proj, FusedLinear) for layer in copy.layers)
+    assert_same_model(copy, model)
 
 
 def test_one_thread_gets_the_transposed_layout(model, torch_threads):

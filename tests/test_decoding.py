@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from reasoning_llama.config import ModelConfig
+from reasoning_llama.cpu_layout import FusedLinear, fuse_projections
 from reasoning_llama.decoding import DynamicDecodeStep, StaticDecodeStep, decode, padded_batch_sizes, prefill
 from reasoning_llama.model import KVCache, Transformer
 from reasoning_llama.tokenizer import PAD
@@ -76,7 +77,12 @@ def test_static_step_pads_rows_and_attends_over_the_whole_cache(model):
 
 
 @pytest.mark.slow
-def test_compiled_static_step_matches_eager_on_a_cpu(model, one_torch_thread):
+@pytest.mark.parametrize("fused", [False, True])  # q/k/v and gate/up as one product, as on a GPU
+def test_compiled_static_step_matches_eager_on_a_cpu(model, one_torch_thread, fused):
+    if fused:
+        plain, model = model, Transformer(CONFIG).eval()
+        model.load_state_dict(plain.state_dict())
+        fuse_projections(model, FusedLinear)
     run_against_decode(model, lambda m, c: StaticDecodeStep(m, c, cuda_graphs=False, compile=True))
 
 

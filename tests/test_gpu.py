@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from reasoning_llama.config import ModelConfig
+from reasoning_llama.cpu_layout import FusedLinear, fuse_projections
 from reasoning_llama.decoding import StaticDecodeStep
 from reasoning_llama.generation import Engine
 from reasoning_llama.loss import ModelWithLoss, batch_loss
@@ -105,13 +106,15 @@ def test_a_graph_decode_step_never_waits_on_the_host():
 
 def test_graph_engine_gives_the_eager_engines_tokens_and_never_recompiles():
     """64 tokens, batch 1 and a continuous batch of mixed prompt lengths (requests joining and
-    leaving, so the padded size changes), with torch.compile forbidden to compile again."""
-    model = decode_model()
+    leaving, so the padded size changes), with torch.compile forbidden to compile again; the graphs
+    run the fused projections, the eager engine the plain model."""
+    model, fused = decode_model(), decode_model()
+    fuse_projections(fused, FusedLinear)  # as Engine.from_checkpoint prepares a GPU model
     tokenizer = get_tokenizer()
     prompts = [tokenizer.render_prompt([{"role": "user", "content": t}]) for t in DECODE_TEXTS]
     params = [SamplingParams(max_new_tokens=n, raw=True) for n in (64, 20, 64, 40, 64)]
     eager = Engine(model, tokenizer, max_batch_size=4, logits_hook=no_ends)
-    graphed = Engine(model, tokenizer, max_batch_size=4, compile=True, cuda_graphs=True, logits_hook=no_ends)
+    graphed = Engine(fused, tokenizer, max_batch_size=4, compile=True, cuda_graphs=True, logits_hook=no_ends)
     alone = [eager.generate(p, q).token_ids for p, q in zip(prompts, params, strict=True)]
     with torch.compiler.set_stance("fail_on_recompile"):
         assert [graphed.generate(p, q).token_ids for p, q in zip(prompts, params, strict=True)] == alone
@@ -124,6 +127,7 @@ def test_from_checkpoint_on_cuda_decodes_bf16_through_graphs(tmp_path):
     engine = Engine.from_checkpoint(tmp_path / "ckpt", device="cuda", max_batch_size=2)
     assert engine.cache.keys[0].dtype == torch.bfloat16
     assert isinstance(engine.decode_step, StaticDecodeStep) and engine.decode_step.graphs
+    assert isinstance(engine.model.layers[0].attn.qkv_proj, FusedLinear)
     prompt = get_tokenizer().render_prompt([{"role": "user", "content": "What is 2 + 3?"}])
     results = engine.generate_batch([prompt, prompt[:-3]], SamplingParams(max_new_tokens=16))
     assert all(r.completion_tokens >= 1 and r.finish_reason in ("stop", "length") for r in results)

@@ -13,12 +13,15 @@ batches run well below the memory bandwidth. Two layouts fix that, for models th
   missing from the torch build.
 
 Neither changes a parameter's values or shape, nor the state dict; outputs agree with the plain
-model to rounding. A model being trained keeps its usual layout.
+model to rounding. A model being trained keeps its usual layout. The fused projections serve GPU
+decoding too (`fuse_projections(model, FusedLinear)`): there each product is one kernel whose
+cost at a few rows is mostly latency, so three products or two cost about what one does.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -28,6 +31,7 @@ from torch import Tensor, nn
 from reasoning_llama.model import Attention, SwiGLU
 
 __all__ = [
+    "FusedLinear",
     "OneDNNLinear",
     "fuse_projections",
     "onednn_linear_works",
@@ -107,8 +111,20 @@ class OneDNNLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
-def fuse_projections(model: nn.Module) -> None:
-    """One oneDNN product for each attention's q, k and v and for each SwiGLU's gate and up.
+class FusedLinear(nn.Module):
+    """A bias-free linear layer over a fused weight (a buffer, not a Parameter): `F.linear`, on any device."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
+def fuse_projections(model: nn.Module, linear: Callable[[Tensor], nn.Module] = OneDNNLinear) -> None:
+    """One product (`linear(fused weight)`) for each attention's q, k and v and for each SwiGLU's
+    gate and up.
 
     A decode step then reads 4 matrices a layer instead of 7; larger products stream their weights
     closer to the memory bandwidth (docs/BENCHMARKS.md). The parts' Parameters become views of the
@@ -129,7 +145,7 @@ def fuse_projections(model: nn.Module) -> None:
         for part in parts:
             part.weight.data = fused[start : start + part.weight.shape[0]]
             start += part.weight.shape[0]
-        setattr(module, name, OneDNNLinear(fused))
+        setattr(module, name, linear(fused))
 
 
 def prepare_for_cpu_decode(model: nn.Module) -> CpuLayout:
