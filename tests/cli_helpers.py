@@ -9,10 +9,11 @@ from pathlib import Path
 
 
 def run_cli(
-    *args: str | Path, one_thread: bool = False, timeout: float = 300
+    *args: str | Path, one_thread: bool = False, timeout: float = 300, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m reasoning_llama ARGS`, offline; `one_thread` pins torch to one thread (tiny models)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    """`python -m reasoning_llama ARGS`, offline; `one_thread` pins torch to one thread (tiny models);
+    `env` adds to the environment."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     if one_thread:
         env["OMP_NUM_THREADS"] = "1"
     command = [sys.executable, "-m", "reasoning_llama", *map(str, args)]

@@ -21,6 +21,7 @@ from reasoning_llama.generation import Engine
 from reasoning_llama.model import Transformer
 from reasoning_llama.model_files import save_model
 from reasoning_llama.sampling import SamplingParams
+from reasoning_llama.tokenizer.gpt2_ranks import cache_dir as gpt2_cache_dir
 
 # A long context so the chat test can still be generating when it presses Ctrl-C.
 CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=4096)
@@ -105,6 +106,30 @@ def test_generate_with_int8_weights_is_the_int8_engines_result(checkpoint):
     prompt = engine.tokenizer.render_prompt([{"role": "user", "content": QUESTION}])
     want = engine.generate(prompt, SamplingParams(max_new_tokens=16))
     assert (report["reasoning"], report["answer"]) == (want.reasoning, want.answer)
+
+
+@pytest.mark.slow
+def test_generate_with_the_compiled_step_is_the_engines_result(checkpoint):
+    flags = ["--max-new-tokens", "16", "--compile", "--json"]
+    result = run_cli("generate", "--checkpoint", checkpoint, "--prompt", QUESTION, "--device", "cpu", *flags)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    want = expected(checkpoint, SamplingParams(max_new_tokens=16))
+    assert (report["reasoning"], report["answer"]) == (want.reasoning, want.answer)
+
+
+@pytest.mark.slow
+def test_compile_without_a_cpp_compiler_says_so_and_how_to_go_on(checkpoint, tmp_path):
+    # A fresh cache (nothing compiled to load), with the GPT-2 files the tokenizer needs.
+    shutil.copytree(gpt2_cache_dir(), tmp_path / "gpt2")
+    flags = ["--max-new-tokens", "4", "--compile"]
+    environment = {"CXX": str(tmp_path / "no-such-compiler"), "REASONING_LLAMA_CACHE": str(tmp_path)}
+    args = ("generate", "--checkpoint", checkpoint, "--prompt", QUESTION, "--device", "cpu", *flags)
+    result = run_cli(*args, env=environment)
+    assert result.returncode != 0
+    assert "needs a C++ compiler" in result.stderr and "run without --compile" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert run_cli(*args[:-1], "--no-compile", env=environment).returncode == 0
 
 
 @pytest.mark.slow

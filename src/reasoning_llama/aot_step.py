@@ -27,6 +27,7 @@ from torch._inductor.package import AOTICompiledModel
 
 from reasoning_llama import atomic
 from reasoning_llama.decoding import decode
+from reasoning_llama.errors import ConfigError
 from reasoning_llama.model import KVCache, Transformer
 from reasoning_llama.user_cache import user_cache_dir
 
@@ -63,10 +64,19 @@ def compiled_program(
     path = (cache or user_cache_dir("decode-steps")) / f"{key}.pt2"
     if not path.exists():
         options = {"aot_inductor.package_constants_in_so": False}  # code only: the weights are bound below
-        atomic.write_path(
-            path,
-            lambda tmp: aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=options),
-        )
+        try:
+            atomic.write_path(
+                path,
+                lambda tmp: aoti_compile_and_package(
+                    program, package_path=str(tmp), inductor_configs=options
+                ),
+            )
+        except Exception as error:  # a missing or broken C++ compiler, mostly; the cause stays chained
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(
+                f"compiling the decode step failed ({reason}); it needs a C++ compiler (g++ or clang++, "
+                "or the one $CXX names): install one, or run without --compile"
+            ) from error
     runner = aoti_load_package(path)
     tensors = {**program.state_dict, **program.constants}
     runner.load_constants(
@@ -79,39 +89,41 @@ def compiled_program(
 
 class AOTDecodeStep:
     """The decode step on a CPU, as AOTInductor's compiled programs: rows 0..rows-1, shapes
-    following the rows in use and the context so far, like `DynamicDecodeStep`."""
+    following the rows in use and the context so far, like `DynamicDecodeStep`.
+
+    Both programs are compiled (or loaded) here, so a server has them before its first request and
+    a machine without a C++ compiler says so at startup."""
 
     def __init__(self, model: Transformer, cache: KVCache, *, cache_dir: Path | None = None) -> None:
         if cache.device.type != "cpu":
             raise ValueError(f"the ahead-of-time step runs on a CPU, not on {cache.device}")
-        self.model = model
         self.cache = cache
-        self.cache_dir = cache_dir
-        self.programs: dict[bool, AOTICompiledModel] = {}  # several rows or one -> its compiled program
         self.views = {cache.batch_size: cache}
+        # One row or several -> its compiled program.
+        self.programs = {
+            several: self._compile(model, several, cache_dir) for several in {False, cache.batch_size > 1}
+        }
 
-    def _program(self, several: bool) -> AOTICompiledModel:
-        if several not in self.programs:
-            rows = 2 if several else 1
-            example = self.cache.leading_rows(rows)
-            args = (
-                torch.zeros(rows, dtype=torch.long),
-                torch.ones(rows, dtype=torch.long),
-                example.keys,
-                example.values,
-                torch.empty(_MIN_LENGTH + 1, 0),
-            )
-            batch = torch.export.Dim.DYNAMIC if several else torch.export.Dim.STATIC
-            layers = len(example.keys)
-            shapes = (
-                {0: batch},
-                {0: batch},
-                [{0: batch}] * layers,
-                [{0: batch}] * layers,
-                {0: torch.export.Dim.DYNAMIC},
-            )
-            self.programs[several] = compiled_program(_DecodeModule(self.model), args, shapes, self.cache_dir)
-        return self.programs[several]
+    def _compile(self, model: Transformer, several: bool, cache_dir: Path | None) -> AOTICompiledModel:
+        rows = 2 if several else 1
+        example = self.cache.leading_rows(rows)
+        args = (
+            torch.zeros(rows, dtype=torch.long),
+            torch.ones(rows, dtype=torch.long),
+            example.keys,
+            example.values,
+            torch.empty(_MIN_LENGTH + 1, 0),
+        )
+        batch = torch.export.Dim.DYNAMIC if several else torch.export.Dim.STATIC
+        layers = len(example.keys)
+        shapes = (
+            {0: batch},
+            {0: batch},
+            [{0: batch}] * layers,
+            [{0: batch}] * layers,
+            {0: torch.export.Dim.DYNAMIC},
+        )
+        return compiled_program(_DecodeModule(model), args, shapes, cache_dir)
 
     def __call__(self, tokens: Sequence[int], positions: Sequence[int], active: Sequence[int]) -> Tensor:
         rows = len(tokens)
@@ -119,7 +131,7 @@ class AOTDecodeStep:
             self.views[rows] = self.cache.leading_rows(rows)
         view = self.views[rows]
         length = max(max(positions) + 1, _MIN_LENGTH)  # a longer context is masked past each position
-        logits = self._program(rows > 1)(
+        logits = self.programs[rows > 1](
             torch.tensor(tokens), torch.tensor(positions), view.keys, view.values, torch.empty(length, 0)
         )
         # The program computes every row's logits; at a CPU's batch sizes the head's weight read

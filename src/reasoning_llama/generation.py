@@ -253,9 +253,9 @@ class Engine:
     repetition penalty and before the special-id mask; it may edit them in place or return new ones.
     It is not called for ids the engine forces (the assistant header, a budget's <|im_end|>).
 
-    The decode step (decoding.py): `compile=True` compiles it, the small ops fused (on the first
-    step of each kind, taking seconds to tens of seconds): on a CPU ahead of time by AOTInductor
-    (aot_step.py; the compiled code is cached on disk), elsewhere by torch.compile.
+    The decode step (decoding.py): `compile=True` compiles it, the small ops fused, taking seconds
+    to tens of seconds: on a CPU ahead of time by AOTInductor, here (aot_step.py; the compiled code
+    is cached on disk), elsewhere by torch.compile at the first step.
     `cuda_graphs=True` (a CUDA model) replays it from CUDA graphs captured here for every padded
     batch size up to `max_batch_size`.
     """
