@@ -11,8 +11,8 @@ from reasoning_llama.model import KVCache, Transformer
 from test_decoding import CONFIG, run_against_decode
 
 
-def prepared_model(threads: int) -> Transformer:
-    torch.manual_seed(0)
+def prepared_model(threads: int, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
     model = Transformer(CONFIG).eval()
     assert prepare_for_cpu_decode(model) == ("onednn" if threads > 1 else "transposed")
     return model
@@ -35,12 +35,13 @@ def test_the_compiled_step_gives_the_logits_of_decode(torch_threads, tmp_path, m
     packages = sorted(tmp_path.glob("*.pt2"))
     assert len(packages) == 2 and not list(tmp_path.glob(".*"))  # no temporary file left behind
 
-    # A new step on the same cache directory loads both packages: nothing is compiled again.
+    # A new step on the same cache directory loads both packages: nothing is compiled again. The
+    # packages hold code only, so they serve a model of the same shape with other weights.
     def no_compiling(*args, **kwargs):
         raise AssertionError("compiled although the cache holds the package")
 
     monkeypatch.setattr(aot_step, "aoti_compile_and_package", no_compiling)
-    run_against_decode(model, make)
+    run_against_decode(prepared_model(threads, seed=1), make)
     assert sorted(tmp_path.glob("*.pt2")) == packages
 
 
