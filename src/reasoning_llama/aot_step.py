@@ -31,7 +31,7 @@ from reasoning_llama.errors import ConfigError
 from reasoning_llama.model import KVCache, Transformer
 from reasoning_llama.user_cache import user_cache_dir
 
-__all__ = ["AOTDecodeStep", "compiled_program"]
+__all__ = ["AOTDecodeStep", "compiled_program", "package_key"]
 
 # Export treats sizes 0 and 1 as constants, so the context length it sees is never below 2.
 _MIN_LENGTH = 2
@@ -51,6 +51,15 @@ class _DecodeModule(nn.Module):
         return decode(self.model, KVCache.over(keys, values), tokens, positions, cache_length=span.shape[0])
 
 
+def package_key(program: torch.export.ExportedProgram) -> str:
+    """What a compiled package depends on, hashed: this torch, this CPU's instruction set, this many
+    threads (the kernels are built for them) and the printed graph, every shape in it, less its
+    comments (they name source files, which move with the checkout)."""
+    depends_on = [torch.__version__, torch.backends.cpu.get_cpu_capability(), str(torch.get_num_threads())]
+    graph = [line for line in str(program).splitlines() if not line.lstrip().startswith("#")]
+    return hashlib.sha256("\n".join([*depends_on, *graph]).encode()).hexdigest()[:32]
+
+
 def compiled_program(
     module: nn.Module, args: tuple, dynamic_shapes: tuple, cache: Path | None = None
 ) -> AOTICompiledModel:
@@ -58,10 +67,7 @@ def compiled_program(
     before from `cache`, default the user cache) and bind it to the module's own weights."""
     with torch.inference_mode(False), torch.no_grad():
         program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
-    # The kernels are built for this torch, this CPU's instruction set and this many threads.
-    depends_on = [torch.__version__, torch.backends.cpu.get_cpu_capability(), str(torch.get_num_threads())]
-    key = hashlib.sha256("\n".join([*depends_on, str(program)]).encode()).hexdigest()[:32]
-    path = (cache or user_cache_dir("decode-steps")) / f"{key}.pt2"
+    path = (cache or user_cache_dir("decode-steps")) / f"{package_key(program)}.pt2"
     if not path.exists():
         options = {"aot_inductor.package_constants_in_so": False}  # code only: the weights are bound below
         try:
