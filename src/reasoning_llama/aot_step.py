@@ -5,9 +5,9 @@ through dynamo (frame evaluation, guards) and inductor's Python wrapper, close t
 a token beside a kernel of ~8 ms. AOTInductor compiles the same graph, its wrapper included, into
 a shared library that the step calls directly (docs/BENCHMARKS.md has the side-by-side figures).
 
-Two programs, each exported and compiled the first time a step needs it: one row (batch-1
-decoding, where `cpu_layout.OneDNNLinear` becomes a loop inside the one kernel) and two or more
-rows. The context length is a dynamic size: export turns sizes, not ints, into symbols, so it
+Two programs, both exported and compiled (or loaded) when the step is built: one row (batch-1
+decoding, where `cpu_layout.OneDNNLinear` becomes a loop inside the one kernel) and, for a cache of
+several rows, two or more rows. The context length is a dynamic size: export turns sizes, not ints, into symbols, so it
 comes in as the length of an empty tensor. The weights stay the model's own tensors
 (`load_constants(..., user_managed=True)`), so a compiled package holds code only; it is kept in
 the user cache under a hash of what that code depends on, and a later process loads it instead of
