@@ -48,7 +48,7 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
-        self.gate_up_proj: nn.Module | None = None  # both in one product, for CPU decoding (cpu_layout.py)
+        self.gate_up_proj: nn.Module | None = None  # both in one product, for decoding (cpu_layout.py)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up_proj is None:
@@ -169,7 +169,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
-        self.qkv_proj: nn.Module | None = None  # q, k and v in one product, for CPU decoding (cpu_layout.py)
+        self.qkv_proj: nn.Module | None = None  # q, k and v in one product, for decoding (cpu_layout.py)
 
     def forward(self, x: Tensor, inputs: AttentionInputs) -> Tensor:
         batch, length, _ = x.shape
