@@ -7,8 +7,8 @@ a shared library that the step calls directly (docs/BENCHMARKS.md has the side-b
 
 Two programs, both exported and compiled (or loaded) when the step is built: one row (batch-1
 decoding, where `cpu_layout.OneDNNLinear` becomes a loop inside the one kernel) and, for a cache of
-several rows, two or more rows. The context length is a dynamic size: export turns sizes, not ints, into symbols, so it
-comes in as the length of an empty tensor. The weights stay the model's own tensors
+several rows, two or more rows. The context length is a dynamic size: export turns sizes, not
+ints, into symbols, so it comes in as the length of an empty tensor. The weights stay the model's own tensors
 (`load_constants(..., user_managed=True)`), so a compiled package holds code only; it is kept in
 the user cache under a hash of what that code depends on, and a later process loads it instead of
 compiling again.
@@ -61,13 +61,13 @@ def package_key(program: torch.export.ExportedProgram) -> str:
 
 
 def compiled_program(
-    module: nn.Module, args: tuple, dynamic_shapes: tuple, cache: Path | None = None
+    module: nn.Module, args: tuple, dynamic_shapes: tuple, cache_dir: Path | None = None
 ) -> AOTICompiledModel:
     """Export `module` on `args`, compile it with AOTInductor (or load the package compiled
-    before from `cache`, default the user cache) and bind it to the module's own weights."""
+    before from `cache_dir`, default the user cache) and bind it to the module's own weights."""
     with torch.inference_mode(False), torch.no_grad():
         program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
-    path = (cache or user_cache_dir("decode-steps")) / f"{package_key(program)}.pt2"
+    path = (cache_dir or user_cache_dir("decode-steps")) / f"{package_key(program)}.pt2"
     if not path.exists():
         options = {"aot_inductor.package_constants_in_so": False}  # code only: the weights are bound below
         try:

@@ -22,9 +22,8 @@ chunked function is used there too, as the full logits would not fit.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reasoning_llama.data.batching import Batch
-from reasoning_llama.model import Transformer, document_block_mask
+from reasoning_llama.model import Transformer, compiled_once, document_block_mask
 
 # Keep the forward's exponentiated logit slices for the backward pass (instead of recomputing them)
 # up to this many logits (fp32): small batches, as on a CPU, skip a quarter of the matmuls and half of
@@ -145,7 +144,7 @@ def linear_cross_entropy(
             hidden.is_cuda and chunk is None and hidden.shape[0] * weight.shape[0] <= COMPILED_LOGITS_LIMIT
         )
     if compiled:
-        return _compiled_cross_entropy()(hidden, weight, targets, weights, dtype or hidden.dtype)
+        return compiled_once(_plain_cross_entropy)(hidden, weight, targets, weights, dtype or hidden.dtype)
     chunk = chunk or (2048 if hidden.device.type == "cpu" else 16384)
     return _LinearCrossEntropy.apply(hidden, weight, targets, weights, dtype or hidden.dtype, chunk).sum()
 
@@ -158,11 +157,6 @@ def _plain_cross_entropy(
         logits = hidden.to(dtype) @ weight.to(dtype).T
         losses = F.cross_entropy(logits.float(), targets, reduction="none")
         return (losses if row_weights is None else losses * row_weights).sum()
-
-
-@functools.cache
-def _compiled_cross_entropy() -> Callable[..., Tensor]:
-    return torch.compile(_plain_cross_entropy)
 
 
 def token_log_probs(

@@ -189,8 +189,13 @@ class Attention(nn.Module):
             )
             k, v = k.to(q.dtype), v.to(q.dtype)
         if inputs.block_mask is not None:
-            # Inside a compiled layer dynamo compiles flex_attention itself.
-            attend = flex_attention if torch.compiler.is_compiling() else _flex_attention()
+            # Inside a compiled layer dynamo compiles flex_attention itself; outside one it must be
+            # compiled too, as uncompiled it runs a slow reference path.
+            attend = (
+                flex_attention
+                if torch.compiler.is_compiling()
+                else compiled_once(flex_attention, dynamic=False)
+            )
             out = attend(q, k, v, block_mask=inputs.block_mask, enable_gqa=True)
         elif length == 1 and inputs.kv_cache is not None and q.is_cpu and torch.compiler.is_compiling():
             # A compiled CPU decode step: written out, attention joins the step's one fused kernel
@@ -380,7 +385,7 @@ def document_block_mask(doc_ids: Tensor, block_size: int = 128, *, compiled: boo
         return (k <= q) & (doc_ids[b, q] == doc_ids[b, k])
 
     build = (
-        _compiled_create_block_mask()
+        compiled_once(create_block_mask)
         if (doc_ids.is_cuda if compiled is None else compiled)
         else create_block_mask
     )
@@ -390,11 +395,6 @@ def document_block_mask(doc_ids: Tensor, block_size: int = 128, *, compiled: boo
 
 
 @functools.cache
-def _compiled_create_block_mask() -> Callable[..., BlockMask]:
-    return torch.compile(create_block_mask)
-
-
-@functools.cache
-def _flex_attention() -> Callable[..., Tensor]:
-    """flex_attention compiled once per process: uncompiled it runs a slow reference path."""
-    return torch.compile(flex_attention, dynamic=False)
+def compiled_once(fn: Callable, **options: object) -> Callable:
+    """`torch.compile(fn, **options)`, made once per process, so every caller shares its graphs."""
+    return torch.compile(fn, **options)
