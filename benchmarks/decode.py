@@ -9,9 +9,10 @@ removes the prefill.
   decode step compiled (`--compile`: AOTInductor, `aot_step.py`; with `--with-torch-compile` also
   through torch.compile, as before), ours with int8 weights (`quantize.py`, `--quantize int8`),
   ours without the CPU layout, and transformers (fp32).
-- CUDA: ours (bf16) with the decode step compiled and replayed from CUDA graphs, ours eager
-  without graphs, and transformers (bf16); batched figures at every size of `--batch` (default 8
-  and 64 on CUDA).
+- CUDA: ours (bf16) with the decode step compiled and replayed from CUDA graphs, the same with
+  every step launched only after the host has read the one before (`ours_not_running_ahead`; by
+  default a greedy step runs ahead, decoding.StaticDecodeStep), ours eager without graphs, and
+  transformers (bf16); batched figures at every size of `--batch` (default 8 and 64 on CUDA).
 
 Our batch-1 figure is also given as a fraction of the memory-bandwidth limit: bytes read per token
 (every weight but the embedding table, plus the KV cache) over a read bandwidth this script
@@ -44,7 +45,7 @@ from torch import nn
 
 from reasoning_llama.config import ModelConfig, get_preset
 from reasoning_llama.cpu_layout import FusedLinear, fuse_projections, prepare_for_cpu_decode
-from reasoning_llama.decoding import DynamicDecodeStep
+from reasoning_llama.decoding import DynamicDecodeStep, StaticDecodeStep
 from reasoning_llama.evaluation import synthetic_test_rows
 from reasoning_llama.generation import Engine, resolve_device
 from reasoning_llama.interop.names import to_hf_config, to_hf_state_dict
@@ -225,6 +226,16 @@ def main() -> None:
 
         return run
 
+    def run_not_running_ahead(batch: int, n: int) -> list[list[int]]:
+        """The CUDA-graph engine with its greedy steps launched only once the host has read the last."""
+        step = engines["ours"].decode_step
+        assert isinstance(step, StaticDecodeStep)
+        step.run_ahead = False
+        try:
+            return run_engine("ours")(batch, n)
+        finally:
+            step.run_ahead = True
+
     def run_hf(batch: int, n: int) -> list[list[int]]:
         width = max(len(p) for p in prompts[:batch])
         ids = torch.full((batch, width), PAD, dtype=torch.long)
@@ -272,6 +283,9 @@ def main() -> None:
     if cuda:
         without = run_engine("ours_without_cuda_graphs")(1, new_tokens)
         parity["cuda_graphs_same_greedy_tokens_as_without"] = batch1_tokens == without
+        parity["running_ahead_same_greedy_tokens_as_not"] = batch1_tokens == run_not_running_ahead(
+            1, new_tokens
+        )
     else:
         parity["compiled_same_greedy_tokens"] = run_engine("ours_compiled")(1, new_tokens) == batch1_tokens
         if "ours_torch_compile" in engines:
@@ -280,12 +294,16 @@ def main() -> None:
             )
         parity["int8_same_greedy_tokens_as_fp32"] = run_engine("ours_int8")(1, new_tokens) == batch1_tokens
     bandwidth = ReadBandwidth(device)
+    variants = {"ours_not_running_ahead": run_not_running_ahead} if cuda else {}
     batch1 = decode_rate(
-        {**{name: run_engine(name) for name in engines}, "transformers": run_hf}, 1, bandwidth.sample
+        {**{name: run_engine(name) for name in engines}, **variants, "transformers": run_hf},
+        1,
+        bandwidth.sample,
     )
     batched = {}
     for batch in batches:
         runs = {name: run_engine(name) for name in engines if engines[name].max_batch_size >= batch}
+        runs.update(variants)
         if not args.skip_hf_batched:
             runs["transformers"] = run_hf
         batched[f"batch{batch}_tokens_per_s"] = {k: round(v, 2) for k, v in decode_rate(runs, batch).items()}
@@ -326,6 +344,9 @@ def main() -> None:
     if cuda:
         report["cuda_graphs"] = {
             "batch1_speedup_vs_without": round(batch1["ours"] / batch1["ours_without_cuda_graphs"], 3),
+            "batch1_speedup_running_ahead": round(batch1["ours"] / batch1["ours_not_running_ahead"], 3),
+            # steps launched on the host's inputs, run ahead, and run ahead and used, over the whole run
+            "step_counts": dict(engines["ours"].decode_step.counts),
             "target_batch1_tokens_per_s": 3000,
         }
     else:

@@ -86,6 +86,53 @@ def test_compiled_static_step_matches_eager_on_a_cpu(model, one_torch_thread, fu
     run_against_decode(model, lambda m, c: StaticDecodeStep(m, c, cuda_graphs=False, compile=True))
 
 
+def test_static_step_picks_the_masked_greedy_id_and_can_run_ahead(model):
+    """`greedy` gives the argmax of the step's logits with the never-sampled ids and (where banned)
+    <|endoftext|> masked; run ahead, the next step is already computed on those ids, and a call on
+    exactly those inputs takes it without launching again."""
+    from reasoning_llama.sampling import never_sampled_ids
+    from reasoning_llama.tokenizer import EOT
+
+    cache, reference = KVCache(CONFIG, 4), KVCache(CONFIG, 4)
+    prompts = {0: [5, 17, 300, 2, 9], 1: [7, 8, 9]}
+    with torch.inference_mode():
+        step = StaticDecodeStep(model, cache, cuda_graphs=False, compile=False)
+        for c in (cache, reference):
+            prefill(model, c, list(prompts.values()), list(prompts))
+        tokens, positions = [11, 12], [5, 3]
+        for n in range(4):
+            banned = [int(n >= 2), 1]
+            expected = decode(model, reference, torch.tensor(tokens), torch.tensor(positions))
+            expected[:, never_sampled_ids(CONFIG.vocab_size)] = -float("inf")
+            expected[torch.tensor(banned, dtype=torch.bool), EOT] = -float("inf")
+            launched = step.counts["launched"]
+            ids = step.greedy(tokens, positions, [0, 1], banned, may_run_ahead=True)
+            assert ids == expected.argmax(-1).tolist()
+            # the first call launches, the next finds its step already run; at the third, row 0's
+            # ban changes, which means launching again
+            assert step.counts["launched"] - launched == (1 if n in (0, 2) else 0)
+            assert step.ahead is not None and step.ahead.tokens[:2] == ids
+            tokens, positions = ids, [p + 1 for p in positions]
+
+
+def test_a_prefill_makes_the_step_run_ahead_stale(model):
+    """A row refilled with another prompt whose next inputs happen to be those the step ran ahead
+    on: after `drop_ahead` (the engine calls it after every prefill) the step runs again on the new
+    prompt's cache."""
+    cache, reference = KVCache(CONFIG, 1), KVCache(CONFIG, 1)
+    with torch.inference_mode():
+        step = StaticDecodeStep(model, cache, cuda_graphs=False, compile=False)
+        prefill(model, cache, [[5, 17, 300]], [0])
+        (first,) = step.greedy([2], [3], [0], [0], may_run_ahead=True)
+        other = [40, 41, 42, 43]  # as long as the first prompt and its generated id
+        for c in (cache, reference):
+            prefill(model, c, [other], [0])
+        step.drop_ahead()
+        expected = decode(model, reference, torch.tensor([first]), torch.tensor([4]))
+        assert step.greedy([first], [4], [0], [0], may_run_ahead=False) == expected.argmax(-1).tolist()
+        assert step.counts["used_ahead"] == 0
+
+
 def test_cuda_graphs_need_a_cuda_cache(model):
     with pytest.raises(ValueError, match="CUDA"):
         StaticDecodeStep(model, KVCache(CONFIG, 2), cuda_graphs=True)

@@ -9,6 +9,7 @@ import torch
 
 from reasoning_llama.aot_step import AOTDecodeStep
 from reasoning_llama.config import ModelConfig
+from reasoning_llama.decoding import StaticDecodeStep
 from reasoning_llama.errors import ConfigError, RequestError
 from reasoning_llama.generation import Delta, Engine, GenerationResult, decode, prefill
 from reasoning_llama.model import KVCache, Transformer
@@ -219,6 +220,64 @@ def test_the_compiled_decode_step_gives_the_eager_engines_tokens(model, prompts,
     params = [SamplingParams(max_new_tokens=n) for n in (40, 20, 40)]
     expected = [r.token_ids for r in eager.generate_batch(prompts, params)]
     assert [r.token_ids for r in compiled.generate_batch(prompts, params)] == expected
+
+
+def static_step_engine(model, tokenizer, *, max_batch_size: int = 4, compile: bool = False) -> Engine:
+    """An engine on the decode step a GPU replays from CUDA graphs (decoding.StaticDecodeStep), here
+    run on a CPU without graphs: greedy requests take its in-step pick and run ahead."""
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size)
+    engine.decode_step = StaticDecodeStep(engine.model, engine.cache, cuda_graphs=False, compile=compile)
+    return engine
+
+
+def summary(result: GenerationResult) -> tuple:
+    return result.token_ids, result.reasoning, result.answer, result.finish_reason, result.well_formed
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_greedy_requests_running_ahead_get_the_engines_tokens(model, tokenizer, prompts, compile):
+    """Budgets force <|im_end|> and the header mid-run, lengths differ, requests join (five for
+    four slots, then one joining a running batch): every result is the default engine's, and most
+    steps were run ahead while the host read the one before."""
+    more = [*prompts, tokenizer.render_prompt([{"role": "user", "content": "Sort 3 1 2."}]), prompts[1][:-3]]
+    params = [
+        SamplingParams(max_new_tokens=n, reasoning_budget=b)
+        for n, b in ((64, 10), (20, None), (64, 30), (40, 5), (48, None))
+    ]
+    plain = Engine(model, tokenizer, max_batch_size=4)
+    expected = [summary(plain.generate(p, q)) for p, q in zip(more, params, strict=True)]
+    engine = static_step_engine(model, tokenizer, compile=compile)
+    assert [summary(engine.generate(p, q)) for p, q in zip(more, params, strict=True)] == expected
+    assert [summary(r) for r in engine.generate_batch(more, params)] == expected
+    first = engine.add_request(more[0], params[0])
+    for _ in range(6):
+        engine.step()
+    assert engine.decode_step.ahead is not None
+    joining = engine.add_request(more[2], params[2])
+    while engine.has_work():
+        engine.step()
+    assert [summary(first.result), summary(joining.result)] == [expected[0], expected[2]]
+    counts = engine.decode_step.counts
+    assert counts["used_ahead"] > 2 * counts["launched"] > 0
+
+
+def test_greedy_running_ahead_on_a_trained_model_ends_turns_as_the_engine_does(trained_quickstart, tokenizer):
+    """A model that closes its reasoning and ends its answers itself (the quickstart's, trained):
+    the same results from the step's own greedy pick, running ahead, as from the default engine."""
+    from reasoning_llama.evaluation import synthetic_test_rows
+    from reasoning_llama.model_files import load_model
+
+    rows = synthetic_test_rows(["chain_sum", "sort_digits", "max_digit"], 4, seed=5)
+    prompts = [tokenizer.render_prompt([{"role": "user", "content": r["user"]}]) for r in rows]
+    model = load_model(trained_quickstart)
+    params = SamplingParams(max_new_tokens=200)
+    expected = [
+        summary(r) for r in Engine(model, tokenizer, max_batch_size=4).generate_batch(prompts, params)
+    ]
+    assert sum(well_formed for *_, well_formed in expected) >= 6  # turns the model ended itself
+    engine = static_step_engine(model, tokenizer)
+    assert [summary(r) for r in engine.generate_batch(prompts, params)] == expected
+    assert engine.decode_step.counts["used_ahead"] > 0
 
 
 # -- batching -----------------------------------------------------------------------------

@@ -122,6 +122,32 @@ def test_graph_engine_gives_the_eager_engines_tokens_and_never_recompiles():
     assert [len(ids) for ids in alone] == [64, 20, 64, 40, 64]
 
 
+def test_graph_engine_runs_greedy_steps_ahead_and_gives_the_eager_engines_results():
+    """No hook: greedy chat requests (budgets force <|im_end|> and the header mid-run) take the
+    graph's own pick, the next step launched before the host reads it; batch 1 and a continuous
+    batch (five requests, four slots) give the eager engine's results, with no recompilation."""
+    model, fused = decode_model(), decode_model()
+    fuse_projections(fused, FusedLinear)
+    tokenizer = get_tokenizer()
+    prompts = [tokenizer.render_prompt([{"role": "user", "content": t}]) for t in DECODE_TEXTS]
+    params = [
+        SamplingParams(max_new_tokens=n, reasoning_budget=b)
+        for n, b in ((64, 10), (20, None), (64, 30), (40, 5), (48, None))
+    ]
+    eager = Engine(model, tokenizer, max_batch_size=4)
+    graphed = Engine(fused, tokenizer, max_batch_size=4, compile=True, cuda_graphs=True)
+
+    def summary(r):
+        return r.token_ids, r.reasoning, r.answer, r.finish_reason
+
+    alone = [summary(eager.generate(p, q)) for p, q in zip(prompts, params, strict=True)]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert [summary(graphed.generate(p, q)) for p, q in zip(prompts, params, strict=True)] == alone
+        assert [summary(r) for r in graphed.generate_batch(prompts, params)] == alone
+    counts = graphed.decode_step.counts
+    assert counts["used_ahead"] > 2 * counts["launched"] > 0
+
+
 def test_from_checkpoint_on_cuda_decodes_bf16_through_graphs(tmp_path):
     save_model(tmp_path / "ckpt", decode_model().cpu())
     engine = Engine.from_checkpoint(tmp_path / "ckpt", device="cuda", max_batch_size=2)

@@ -22,12 +22,12 @@ from reasoning_llama import model_files
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.errors import CheckpointError
 from reasoning_llama.evaluation import synthetic_test_rows
-from reasoning_llama.generation import NEVER_SAMPLED, Engine
+from reasoning_llama.generation import Engine
 from reasoning_llama.interop.gguf import SUPPRESS_TOKENS_KEY, export_gguf, gguf_tensors, rope_pairs_adjacent
 from reasoning_llama.interop.hf import export_hf
 from reasoning_llama.interop.hf_tokenizer import CHAT_TEMPLATE, HF_TOKEN_NAMES
 from reasoning_llama.model import Transformer
-from reasoning_llama.sampling import SamplingParams
+from reasoning_llama.sampling import NEVER_SAMPLED, SamplingParams
 from reasoning_llama.tokenizer import ASSISTANT_HEADER, EOT, IM_END, N_VOCAB, PAD, get_tokenizer
 
 # Random weights, grouped-query attention: every permuted and renamed tensor matters.

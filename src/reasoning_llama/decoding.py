@@ -15,11 +15,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from reasoning_llama.model import KVCache, Transformer
+from reasoning_llama.sampling import mask_unsampled_, never_sampled_ids
 from reasoning_llama.tokenizer import PAD
 
 __all__ = ["DecodeStep", "DynamicDecodeStep", "StaticDecodeStep", "decode", "padded_batch_sizes", "prefill"]
@@ -124,20 +126,57 @@ def padded_batch_sizes(max_batch_size: int) -> list[int]:
     return sizes
 
 
-def _static_step(model: Transformer, cache: KVCache, tokens: Tensor, positions: Tensor) -> Tensor:
-    """One token per cache row, attending over every slot of the cache (masked past each position)."""
+def _static_step(model: Transformer, cache: KVCache, inputs: Tensor, never: Tensor) -> tuple[Tensor, Tensor]:
+    """One token per cache row over the whole cache (masked past each position): fp32 logits (n, V)
+    and each row's greedy id under the special-id mask. Then the next step's inputs, in place: every
+    live row's greedy id at its next position, so the step can run again before anyone reads this one.
+
+    `inputs` (4, n): tokens, positions, live (1 for a row holding a request) and eot_banned (1 for
+    a row still reasoning, which may not end the turn).
+    """
+    tokens, positions, live, eot_banned = inputs
     logits = model(tokens.unsqueeze(1), positions.unsqueeze(1), kv_cache=cache, cache_length=cache.max_len)
-    return logits[:, 0].float()
+    logits = logits[:, 0].float()
+    greedy = mask_unsampled_(logits.clone(), never, eot_banned.bool()).argmax(dim=-1)
+    live = live.bool()
+    # Clamped: a row past its last position has finished, and its next write must stay in the cache.
+    next_positions = torch.where(live, (positions + 1).clamp(max=cache.max_len - 1), 0)
+    inputs[0].copy_(torch.where(live, greedy, PAD))
+    inputs[1].copy_(next_positions)
+    return logits, greedy
+
+
+@dataclass
+class _Launched:
+    """A step on the device's queue: the inputs it ran on (host lists, one entry per row) and its outputs."""
+
+    tokens: list[int]
+    positions: list[int]
+    live: list[int]
+    eot_banned: list[int]
+    outputs: tuple[Tensor, Tensor]  # logits (size, V), greedy ids (size,)
+
+    def serves(self, tokens: Sequence[int], positions: Sequence[int], active: Sequence[int]) -> bool:
+        """Whether its outputs are those of a step on these inputs, for the active rows (the rest are
+        idle, their outputs dropped)."""
+        return all(
+            i < len(self.live)
+            and self.live[i]
+            and self.tokens[i] == tokens[i]
+            and self.positions[i] == positions[i]
+            for i in active
+        )
 
 
 class StaticDecodeStep:
     """The decode step on fixed shapes: padded batch sizes, the whole cache, static buffers.
 
-    Every tensor the step touches has a fixed address and shape: a token and a position buffer,
-    the whole KV cache (attention covers every slot, masked past each row's position, so no shape
-    depends on the context length) and the logits. A step pads its rows to the smallest of a few
-    batch sizes that holds them (padding rows are free slots fed PAD at position 0, as idle rows
-    always are, and their logits are dropped), so continuous batching only ever meets those shapes.
+    Every tensor the step touches has a fixed address and shape: the input buffer (tokens,
+    positions, and two flags per row), the whole KV cache (attention covers every slot, masked past
+    each row's position, so no shape depends on the context length) and the outputs. A step pads
+    its rows to the smallest of a few batch sizes that holds them (padding rows are free slots fed
+    PAD at position 0, as idle rows always are, and their outputs are dropped), so continuous
+    batching only ever meets those shapes.
 
     That is what CUDA graphs need: with `cuda_graphs=True` (a CUDA cache) the step is captured once
     per size, here, and every call replays a graph, launching all its kernels at once. Capturing
@@ -146,6 +185,14 @@ class StaticDecodeStep:
     specialises on the first size and makes the batch dimension dynamic at the second, so two
     compilations serve every size. Without graphs the step runs on any device (the tests run
     this path on a CPU).
+
+    Greedy decoding (`greedy`) keeps the host off the critical path: the step picks each row's id
+    itself and writes the next step's inputs from them, so the next step can be launched before the
+    host reads this one's ids (`run_ahead`). While the device runs it, the host does its bookkeeping;
+    the next call uses it when its inputs turn out to be what the host wants (every active row fed
+    the id it chose, one position on), and runs the step again when not (a request joined, a row was
+    forced). Running again rewrites the same cache slots, so a step run ahead in vain costs time,
+    never tokens.
     """
 
     def __init__(
@@ -156,6 +203,7 @@ class StaticDecodeStep:
         cuda_graphs: bool,
         compile: bool = True,
         batch_sizes: Sequence[int] | None = None,
+        run_ahead: bool = True,
     ) -> None:
         device = cache.device
         if cuda_graphs and device.type != "cuda":
@@ -167,11 +215,19 @@ class StaticDecodeStep:
             raise ValueError(f"batch sizes {self.sizes} exceed the cache's {cache.batch_size} rows")
         self.step = torch.compile(_static_step, fullgraph=True) if compile else _static_step
         most = self.sizes[-1]
-        self.inputs = torch.zeros(2, most, dtype=torch.long, device=device)  # tokens, positions
+        pinned = device.type == "cuda"
+        self.inputs = torch.zeros(4, most, dtype=torch.long, device=device)
         self.inputs[0] = PAD
-        self.staging = torch.zeros(2, most, dtype=torch.long, pin_memory=cuda_graphs)
+        self.staging = torch.zeros(4, most, dtype=torch.long, pin_memory=pinned)
+        self.greedy_ids = torch.zeros(most, dtype=torch.long, pin_memory=pinned)  # read back here
+        self.read = torch.cuda.Event() if pinned else None
+        self.never = torch.tensor(never_sampled_ids(model.config.vocab_size), device=device)
         self.caches = {s: cache.leading_rows(s) if s < cache.batch_size else cache for s in self.sizes}
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[Tensor, Tensor]]] = {}
+        self.run_ahead = run_ahead  # False: `greedy` never runs ahead (benchmarks/decode.py compares)
+        self.ahead: _Launched | None = None  # a step launched before the host read the one before
+        # Steps launched on inputs from the host, steps run ahead, and those of them used.
+        self.counts = {"launched": 0, "ran_ahead": 0, "used_ahead": 0}
         if cuda_graphs:
             pool = torch.cuda.graph_pool_handle()
             with torch.inference_mode():
@@ -179,10 +235,12 @@ class StaticDecodeStep:
                     self.graphs[size] = self._capture(size, pool)
             torch.cuda.synchronize(device)
 
-    def _run(self, size: int) -> Tensor:
-        return self.step(self.model, self.caches[size], self.inputs[0, :size], self.inputs[1, :size])
+    def _run(self, size: int) -> tuple[Tensor, Tensor]:
+        return self.step(self.model, self.caches[size], self.inputs[:, :size], self.never)
 
-    def _capture(self, size: int, pool: tuple[int, int]) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    def _capture(
+        self, size: int, pool: tuple[int, int]
+    ) -> tuple[torch.cuda.CUDAGraph, tuple[Tensor, Tensor]]:
         # Warm up on a side stream (compilation, autotuning and library workspaces happen outside
         # the capture), as torch.cuda.graph requires.
         side = torch.cuda.Stream()
@@ -193,25 +251,108 @@ class StaticDecodeStep:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            logits = self._run(size)
-        return graph, logits
+            outputs = self._run(size)
+        return graph, outputs
+
+    def _launch(self, size: int) -> tuple[Tensor, Tensor]:
+        if self.graphs:
+            graph, outputs = self.graphs[size]
+            graph.replay()
+            return outputs
+        return self._run(size)
+
+    def _size(self, rows: int) -> int:
+        return next(s for s in self.sizes if s >= rows)
+
+    def _launch_on(
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        active: Sequence[int],
+        eot_banned: Sequence[int],
+    ) -> _Launched:
+        """Write the inputs (padded to a captured size) and launch the step on them."""
+        size = self._size(len(tokens))
+        pad = [0] * (size - len(tokens))
+        rows = [[*tokens, *[PAD] * len(pad)], [*positions, *pad], [0] * size, [*eot_banned, *pad]]
+        for i in active:
+            rows[2][i] = 1
+        # With graphs the host has read the previous step's outputs by now, so no copy out of the
+        # pinned staging buffer is still in flight.
+        self.staging[:, :size] = torch.tensor(rows)
+        self.inputs[:, :size].copy_(self.staging[:, :size], non_blocking=True)
+        self.counts["launched"] += 1
+        return _Launched(*rows, outputs=self._launch(size))
+
+    def drop_ahead(self) -> None:
+        """Forget the step run ahead, if any: cache rows were written since (a prefill), so it is stale."""
+        self.ahead = None
+
+    def _take_ahead(
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        active: Sequence[int],
+        eot_banned: Sequence[int] | None,
+    ) -> _Launched | None:
+        ahead, self.ahead = self.ahead, None
+        if ahead is None or not ahead.serves(tokens, positions, active):
+            return None
+        if eot_banned is not None and any(ahead.eot_banned[i] != eot_banned[i] for i in active):
+            return None
+        self.counts["used_ahead"] += 1
+        return ahead
 
     def __call__(self, tokens: Sequence[int], positions: Sequence[int], active: Sequence[int]) -> Tensor:
         """Logits (n, V) of the active rows; with graphs, a view of the graph's output, valid until the next call."""
-        rows = len(tokens)
-        size = next(s for s in self.sizes if s >= rows)
-        pad = size - rows
-        # With graphs the engine has read the previous step's logits on the host by now, so no
-        # copy out of the pinned staging buffer is still in flight.
-        self.staging[:, :size] = torch.tensor([[*tokens, *[PAD] * pad], [*positions, *[0] * pad]])
-        self.inputs[:, :size].copy_(self.staging[:, :size], non_blocking=True)
-        if self.graphs:
-            graph, logits = self.graphs[size]
-            graph.replay()
-        else:
-            logits = self._run(size)
-        if len(active) == size:
+        launched = self._take_ahead(tokens, positions, active, None) or self._launch_on(
+            tokens, positions, active, [0] * len(tokens)
+        )
+        logits = launched.outputs[0]
+        if len(active) == logits.shape[0]:
             return logits
         if list(active) == list(range(len(active))):
             return logits[: len(active)]
         return logits[torch.tensor(active, device=logits.device)]
+
+    def greedy(
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        active: Sequence[int],
+        eot_banned: Sequence[int],
+        *,
+        may_run_ahead: bool,
+    ) -> list[int]:
+        """The active rows' greedy ids under the special-id mask (`<|endoftext|>` too where
+        `eot_banned`); `may_run_ahead`: the next step may be launched on them before they are read."""
+        run_ahead = may_run_ahead and self.run_ahead
+        launched = self._take_ahead(tokens, positions, active, eot_banned) or self._launch_on(
+            tokens, positions, active, eot_banned
+        )
+        size = len(launched.live)
+        self.greedy_ids[:size].copy_(launched.outputs[1], non_blocking=True)
+        if self.read is not None:
+            self.read.record()
+        if run_ahead:
+            # The step just launched wrote this one's inputs on the device; its graph is launched
+            # for as few rows as hold the active ones (the inputs of the rows after are left alone).
+            ahead_size = self._size(active[-1] + 1)
+            outputs = self._launch(ahead_size)
+            self.counts["ran_ahead"] += 1
+        if self.read is not None:
+            self.read.synchronize()
+        ids = self.greedy_ids[:size].tolist()
+        if run_ahead:
+            live = launched.live[:ahead_size]
+            self.ahead = _Launched(
+                [ids[i] if live[i] else PAD for i in range(ahead_size)],
+                [
+                    min(launched.positions[i] + 1, self.cache.max_len - 1) if live[i] else 0
+                    for i in range(ahead_size)
+                ],
+                live,
+                launched.eot_banned[:ahead_size],
+                outputs,
+            )
+        return [ids[i] for i in active]

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import codecs
 import itertools
-import math
 import threading
 import time
 from collections import deque
@@ -56,17 +55,14 @@ from reasoning_llama.sampling import (
     SamplingParams,
     TokenLogprob,
     apply_repetition_penalty,
+    mask_unsampled_,
+    never_sampled_ids,
     sample_rows,
     token_logprobs,
 )
 from reasoning_llama.tokenizer import (
-    ASSISTANT,
-    EOT,
-    IM_START,
     N_VOCAB,
     PAD,
-    REASONING,
-    USER,
     ChatTokenizer,
     Turn,
     get_tokenizer,
@@ -82,8 +78,6 @@ __all__ = [
     "prefill",
     "resolve_device",
 ]
-
-NEVER_SAMPLED = (IM_START, USER, REASONING, ASSISTANT, PAD)
 
 FinishReason = Literal["stop", "length", "cancelled"]
 Quantize = Literal["int8"]
@@ -209,6 +203,11 @@ class Request:
         return self.turn.reasoning_tokens
 
     @property
+    def eot_banned(self) -> bool:
+        """`<|endoftext|>` may end an answer only (header ids are forced: of the banned, only the reasoning samples)."""
+        return self.turn.phase != "answer"
+
+    @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 
@@ -257,7 +256,8 @@ class Engine:
     to tens of seconds: on a CPU ahead of time by AOTInductor, here (aot_step.py; the compiled code
     is cached on disk), elsewhere by torch.compile at the first step.
     `cuda_graphs=True` (a CUDA model) replays it from CUDA graphs captured here for every padded
-    batch size up to `max_batch_size`.
+    batch size up to `max_batch_size`; a batch of greedy requests then takes the graph's own pick
+    and runs the next step ahead while the host reads this one (decoding.StaticDecodeStep).
     """
 
     def __init__(
@@ -297,8 +297,7 @@ class Engine:
             self.decode_step = AOTDecodeStep(self.model, self.cache)
         else:
             self.decode_step = DynamicDecodeStep(self.model, self.cache, compile=compile)
-        never = [*NEVER_SAMPLED, *range(N_VOCAB, config.vocab_size)]
-        self._never_sampled = torch.tensor(never, device=self.device)
+        self._never_sampled = torch.tensor(never_sampled_ids(config.vocab_size), device=self.device)
         self._slots: list[Request | None] = [None] * max_batch_size
         self._waiting: deque[Request] = deque()
         self._lock = threading.Lock()  # guards _waiting: add_request may come from other threads
@@ -452,17 +451,45 @@ class Engine:
             elapsed = time.perf_counter() - start
             for request in admitted:
                 request.prefill_s = elapsed
+            if isinstance(self.decode_step, StaticDecodeStep):
+                self.decode_step.drop_ahead()
             self._advance(admitted, logits, events)
         active = [r for r in self._slots if r is not None]  # ascending slots
         if active:
-            rows = active[-1].slot + 1  # rows 0..rows-1 go through the model; free ones idle at slot 0
-            tokens, positions = [PAD] * rows, [0] * rows
-            for r in active:
-                tokens[r.slot] = r.output_ids[-1]
-                positions[r.slot] = r.prompt_tokens + len(r.output_ids) - 1
-            logits = self.decode_step(tokens, positions, [r.slot for r in active])
-            self._advance(active, logits, events)
+            self._decode(active, events)
         return list(events.items())
+
+    def _decode(self, active: list[Request], events: dict) -> None:
+        """One token for every active request (rows 0..rows-1 go through the model; free ones idle at slot 0)."""
+        rows = active[-1].slot + 1
+        tokens, positions, eot_banned = [PAD] * rows, [0] * rows, [0] * rows
+        for r in active:
+            tokens[r.slot] = r.output_ids[-1]
+            positions[r.slot] = r.prompt_tokens + len(r.output_ids) - 1
+            eot_banned[r.slot] = int(r.eot_banned)
+        slots = [r.slot for r in active]
+        step = self.decode_step
+        if not isinstance(step, StaticDecodeStep) or not self._greedy_alone(active):
+            self._advance(active, step(tokens, positions, slots), events)
+            return
+        # Every id comes from the step's own greedy pick (or is forced): the host reads ids, not
+        # logits. The next step may run ahead while the host does its bookkeeping, unless this
+        # step forces an id or ends every request, or waiting requests may join.
+        forced = [r.turn.forced for r in active]
+        may_run_ahead = (
+            all(f is None for f in forced)
+            and not self._waiting
+            and any(len(r.output_ids) + 1 < r.params.max_new_tokens for r in active)
+        )
+        chosen = step.greedy(tokens, positions, slots, eot_banned, may_run_ahead=may_run_ahead)
+        for r, f, token in zip(active, forced, chosen, strict=True):
+            self._accept(r, token if f is None else f, events.setdefault(r, []))
+
+    def _greedy_alone(self, requests: list[Request]) -> bool:
+        """Whether the masked greedy pick is all these requests need: no sampling, penalty, hook or logprobs."""
+        return self.logits_hook is None and all(
+            r.params.greedy and r.seen is None and r.params.logprobs is None for r in requests
+        )
 
     def _finish_cancelled(self, events: dict) -> None:
         for request in [r for r in self._slots if r is not None and r.cancelled]:
@@ -512,10 +539,8 @@ class Engine:
                     logits[i] = hooked
         reported = [i for i, r in enumerate(requests) if forced[i] is None and r.params.logprobs is not None]
         unmasked = logits[reported] if reported else None  # a copy: logprobs come from before the mask
-        logits.index_fill_(1, self._never_sampled, -math.inf)
-        in_reasoning = [i for i, r in enumerate(requests) if r.phase == "reasoning"]
-        if in_reasoning:
-            logits[torch.tensor(in_reasoning, device=self.device), EOT] = -math.inf
+        eot_banned = torch.tensor([r.eot_banned for r in requests], device=self.device)
+        mask_unsampled_(logits, self._never_sampled, eot_banned)
         free = [i for i in range(len(requests)) if forced[i] is None]
         tokens = [forced[i] for i in range(len(requests))]
         if free:

@@ -15,6 +15,10 @@ import torch
 from torch import Tensor
 
 from reasoning_llama.errors import RequestError
+from reasoning_llama.tokenizer import ASSISTANT, EOT, IM_START, N_VOCAB, PAD, REASONING, USER
+
+# Special ids no request may sample (generation.py's module docstring says which may, and why).
+NEVER_SAMPLED = (IM_START, USER, REASONING, ASSISTANT, PAD)
 
 # OpenAI's range, so the API schema and the sampler accept the same values; above 2 a sample is
 # close to uniform noise anyway.
@@ -112,6 +116,19 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
     )
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(mask, penalised, logits)
+
+
+def never_sampled_ids(vocab_size: int) -> list[int]:
+    """NEVER_SAMPLED and the ids a model's vocabulary has past the tokenizer's (padding rows of the head)."""
+    return [*NEVER_SAMPLED, *range(N_VOCAB, vocab_size)]
+
+
+def mask_unsampled_(logits: Tensor, never: Tensor, eot_banned: Tensor) -> Tensor:
+    """Set, in place, the `never` ids of every row (n, V) and `<|endoftext|>` of the rows where
+    `eot_banned` (n,) holds (those still reasoning) to -inf; returns `logits`."""
+    logits.index_fill_(1, never, -math.inf)
+    logits[:, EOT].masked_fill_(eot_banned, -math.inf)
+    return logits
 
 
 def filter_logits(logits: Tensor, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Tensor:

@@ -30,10 +30,10 @@ from torch import Tensor
 from reasoning_llama import atomic, model_files
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.errors import CheckpointError
-from reasoning_llama.generation import NEVER_SAMPLED
 from reasoning_llama.interop.hf import check_exportable
 from reasoning_llama.interop.hf_tokenizer import CHAT_TEMPLATE, HF_TOKEN_NAMES, gpt2_files
 from reasoning_llama.interop.names import to_hf_state_dict
+from reasoning_llama.sampling import NEVER_SAMPLED
 from reasoning_llama.tokenizer import EOT, IM_END, N_VOCAB, PAD
 
 if TYPE_CHECKING:
