@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,16 +33,23 @@ def run_config(tmp_path: Path, *overrides: str) -> RunConfig:
 
 
 def torchrun(
-    tmp_path: Path, run: Path, config: RunConfig, *args: str, nproc: int = 2, restarts: int = 0
+    tmp_path: Path,
+    run: Path,
+    config: RunConfig,
+    *args: str,
+    nproc: int = 2,
+    restarts: int = 0,
+    launcher: tuple[str, ...] = ("--standalone",),
 ) -> subprocess.Popen:
-    """`torchrun --standalone --nproc_per_node N -m reasoning_llama train --config F --out RUN ...`."""
+    """`torchrun --standalone --nproc_per_node N -m reasoning_llama train --config F --out RUN ...`
+    (`launcher` replaces `--standalone`: a multi-node rendezvous)."""
     path = tmp_path / f"config-{time.monotonic_ns()}.yaml"
     OmegaConf.save(OmegaConf.structured(config), path)
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        *launcher,
         f"--nproc_per_node={nproc}",
         f"--max-restarts={restarts}",
         "-m",
@@ -118,6 +126,27 @@ def test_two_processes_give_the_one_process_run(tmp_path, reference, mode):
     expected = [r["val_loss"] for r in read_metrics(reference) if "val_loss" in r]
     assert validation == pytest.approx(expected, rel=TOLERANCE)
     assert (run / "best/model.safetensors").is_file()
+
+
+def test_two_machines_meet_through_c10d_rendezvous_and_give_the_one_process_run(tmp_path, reference):
+    """The README's multi-node command: one launcher per machine (here two on loopback, one process
+    each), the same command on both, meeting at a c10d rendezvous endpoint, one run directory."""
+    with socket.socket() as probe:  # a free port for the rendezvous store
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run = tmp_path / "run"
+    config = run_config(tmp_path, "train.distributed=ddp")
+    launcher = (
+        "--nnodes=2",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=two-nodes",
+    )
+    machines = [torchrun(tmp_path, run, config, nproc=1, launcher=launcher) for _ in range(2)]
+    stderr = [finish(machine) for machine in machines]
+    assert sum("ddp over 2 processes" in e for e in stderr) == 1  # rank 0 alone reports
+    assert sum(e.count("finished at step 6 of 6") for e in stderr) == 1
+    assert_same_run(run, reference)
 
 
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
