@@ -104,7 +104,6 @@ class AOTDecodeStep:
         if cache.device.type != "cpu":
             raise ValueError(f"the ahead-of-time step runs on a CPU, not on {cache.device}")
         self.cache = cache
-        self.views = {cache.batch_size: cache}
         # One row or several -> its compiled program.
         self.programs = {
             several: self._compile(model, several, cache_dir) for several in {False, cache.batch_size > 1}
@@ -133,9 +132,7 @@ class AOTDecodeStep:
 
     def __call__(self, tokens: Sequence[int], positions: Sequence[int], active: Sequence[int]) -> Tensor:
         rows = len(tokens)
-        if rows not in self.views:
-            self.views[rows] = self.cache.leading_rows(rows)
-        view = self.views[rows]
+        view = self.cache.leading_rows(rows)
         length = max(max(positions) + 1, _MIN_LENGTH)  # a longer context is masked past each position
         logits = self.programs[rows > 1](
             torch.tensor(tokens), torch.tensor(positions), view.keys, view.values, torch.empty(length, 0)

@@ -65,10 +65,7 @@ def decode(
     """Feed one token (B,) at `positions` (B,) into cache rows 0..B-1; logits (n, V) of the rows
     `active` (indices; default: all). cache_length (the largest position + 1, or more) spares
     reading the positions back from the device."""
-    rows = tokens.shape[0]
-    if rows < cache.batch_size:
-        cache = cache.leading_rows(rows)
-    return _decode_rows(model, cache, tokens, positions, active, cache_length)
+    return _decode_rows(model, cache.leading_rows(tokens.shape[0]), tokens, positions, active, cache_length)
 
 
 def _decode_rows(
@@ -99,16 +96,13 @@ class DynamicDecodeStep:
         self.model = model
         self.cache = cache
         self.forward = torch.compile(_decode_rows, dynamic=True, fullgraph=True) if compile else _decode_rows
-        self.views = {cache.batch_size: cache}  # leading_rows views, made once per row count
 
     def __call__(self, tokens: Sequence[int], positions: Sequence[int], active: Sequence[int]) -> Tensor:
         device = self.cache.device
         rows = len(tokens)
-        if rows not in self.views:
-            self.views[rows] = self.cache.leading_rows(rows)
         return self.forward(
             self.model,
-            self.views[rows],
+            self.cache.leading_rows(rows),
             torch.tensor(tokens, device=device),
             torch.tensor(positions, device=device),
             None if len(active) == rows else torch.tensor(active, device=device),
@@ -222,7 +216,6 @@ class StaticDecodeStep:
         self.greedy_ids = torch.zeros(most, dtype=torch.long, pin_memory=pinned)  # read back here
         self.read = torch.cuda.Event() if pinned else None
         self.never = torch.tensor(never_sampled_ids(model.config.vocab_size), device=device)
-        self.caches = {s: cache.leading_rows(s) if s < cache.batch_size else cache for s in self.sizes}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[Tensor, Tensor]]] = {}
         self.run_ahead = run_ahead  # False: `greedy` never runs ahead (benchmarks/decode.py compares)
         self.ahead: _Launched | None = None  # a step launched before the host read the one before
@@ -236,7 +229,7 @@ class StaticDecodeStep:
             torch.cuda.synchronize(device)
 
     def _run(self, size: int) -> tuple[Tensor, Tensor]:
-        return self.step(self.model, self.caches[size], self.inputs[:, :size], self.never)
+        return self.step(self.model, self.cache.leading_rows(size), self.inputs[:, :size], self.never)
 
     def _capture(
         self, size: int, pool: tuple[int, int]

@@ -12,7 +12,6 @@ the blocks an example cannot see, built once per batch by `document_block_mask`)
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 from collections.abc import Callable
@@ -106,6 +105,7 @@ class KVCache:
         shape = (batch_size, config.n_kv_heads, self.max_len, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.views: dict[int, KVCache] = {}  # leading_rows(rows) by rows, each made once
 
     @classmethod
     def over(cls, keys: list[Tensor], values: list[Tensor]) -> KVCache:
@@ -113,6 +113,7 @@ class KVCache:
         cache = cls.__new__(cls)
         cache.max_len = keys[0].shape[2]
         cache.keys, cache.values = list(keys), list(values)
+        cache.views = {}
         return cache
 
     @property
@@ -124,11 +125,14 @@ class KVCache:
         return self.keys[0].device
 
     def leading_rows(self, rows: int) -> KVCache:
-        """A view of the first `rows` rows (same memory): attention then slices the cache instead of gathering."""
-        view = copy.copy(self)
-        view.keys = [k[:rows] for k in self.keys]
-        view.values = [v[:rows] for v in self.values]
-        return view
+        """A view of the first `rows` rows (same memory), made once per row count: attention then
+        slices the cache instead of gathering."""
+        if rows == self.batch_size:
+            return self
+        if rows not in self.views:
+            view = KVCache.over([k[:rows] for k in self.keys], [v[:rows] for v in self.values])
+            self.views[rows] = view
+        return self.views[rows]
 
     def update(
         self, layer: int, positions: Tensor, k: Tensor, v: Tensor, rows: Tensor | None, length: int
