@@ -128,6 +128,19 @@ class ReadBandwidth:
         self.samples.append(self.x.numel() * self.x.element_size() / timed(self.x.sum, self.device))
 
 
+class Phases:
+    """Wall seconds of each part of the run, so a slow run (a GPU lease is short) says where its time went."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.last, 1)
+        self.last = now
+
+
 def copy_of(model: Transformer) -> Transformer:
     copy = Transformer(model.config).eval()
     copy.load_state_dict(model.state_dict())
@@ -164,6 +177,7 @@ def bytes_per_token(config: ModelConfig, kv_values: float, linear_bytes: int, ot
 
 def main() -> None:
     args = parse_args()
+    phases = Phases()
     if args.threads:
         torch.set_num_threads(args.threads)
     prompt_len = args.prompt_tokens or (32 if args.quick else 128)
@@ -276,6 +290,7 @@ def main() -> None:
             rates[name] = batch * (new_tokens - 1) / decode_s
         return rates
 
+    phases.done("setup")  # models, engines, compiling (and capturing)
     if "ours_torch_compile" in engines:  # torch.compile compiles at the first call (one row here)
         compile_s["ours_torch_compile"] = timed(lambda: run_engine("ours_torch_compile")(1, 2), device)
     batch1_tokens = run_engine("ours")(1, new_tokens)
@@ -293,6 +308,7 @@ def main() -> None:
                 run_engine("ours_torch_compile")(1, new_tokens) == batch1_tokens
             )
         parity["int8_same_greedy_tokens_as_fp32"] = run_engine("ours_int8")(1, new_tokens) == batch1_tokens
+    phases.done("parity")
     bandwidth = ReadBandwidth(device)
     variants = {"ours_not_running_ahead": run_not_running_ahead} if cuda else {}
     batch1 = decode_rate(
@@ -300,6 +316,7 @@ def main() -> None:
         1,
         bandwidth.sample,
     )
+    phases.done("batch1")
     batched = {}
     for batch in batches:
         runs = {name: run_engine(name) for name in engines if engines[name].max_batch_size >= batch}
@@ -307,6 +324,7 @@ def main() -> None:
         if not args.skip_hf_batched:
             runs["transformers"] = run_hf
         batched[f"batch{batch}_tokens_per_s"] = {k: round(v, 2) for k, v in decode_rate(runs, batch).items()}
+        phases.done(f"batch{batch}")
 
     # The limit at the median bandwidth sampled between the batch-1 repeats (whose rates are
     # medians too); the best sample's stricter limit is reported beside it.
@@ -377,6 +395,8 @@ def main() -> None:
         int8_report["max_logit_error"] = headline["max_logit_error"]
         int8_report["mean_logit_error"] = headline["mean_logit_error"]
         report["int8"] = int8_report
+        phases.done("int8_accuracy")
+    report["phase_s"] = phases.seconds
     report["settings"] = {
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),

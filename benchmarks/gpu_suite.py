@@ -186,7 +186,16 @@ def main() -> None:
         report["decode"] = json_result(suite.run("decode", command, limit=180))
 
     def gpu_tests() -> None:
-        command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"]
+        command = [
+            python,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--durations=0",
+            "tests/test_gpu.py",
+        ]
         command += ["-k", args.tests] if args.tests else []
         step = suite.run("gpu_tests", command, limit=180)
         summary = re.search(r"(\d+ (passed|failed|skipped).*) in ", step.get("last_line", ""))
