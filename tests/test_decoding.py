@@ -133,6 +133,21 @@ def test_a_prefill_makes_the_step_run_ahead_stale(model):
         assert step.counts["used_ahead"] == 0
 
 
+def test_a_cache_view_made_in_inference_mode_serves_outside_it(model):
+    """`leading_rows` views are made once per row count; one made during an engine step (inference
+    mode) must still take writes from a later call with gradients on."""
+    cache = KVCache(CONFIG, 4)
+    with torch.inference_mode():
+        prefill(model, cache, [[1, 2, 3], [4, 5]], [0, 1])
+        decode(model, cache, torch.tensor([7, 8]), torch.tensor([3, 2]))
+    for mode in (torch.no_grad(), torch.enable_grad()):
+        with mode:
+            assert decode(model, cache, torch.tensor([9, 10]), torch.tensor([4, 3])).shape == (
+                2,
+                CONFIG.vocab_size,
+            )
+
+
 def test_cuda_graphs_need_a_cuda_cache(model):
     with pytest.raises(ValueError, match="CUDA"):
         StaticDecodeStep(model, KVCache(CONFIG, 2), cuda_graphs=True)

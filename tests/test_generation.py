@@ -261,6 +261,25 @@ def test_greedy_requests_running_ahead_get_the_engines_tokens(model, tokenizer, 
     assert counts["used_ahead"] > 2 * counts["launched"] > 0
 
 
+def test_greedy_steps_run_ahead_while_requests_wait_for_a_slot(model, tokenizer, prompts):
+    """Six requests for two slots: while the queue holds requests, steps still run ahead, except
+    the step before a request reaches its length (another then joins, which a step run ahead
+    could not have known)."""
+    engine = static_step_engine(model, tokenizer, max_batch_size=2)
+    params = [SamplingParams(max_new_tokens=n, raw=True) for n in (12, 20, 12, 16, 20, 12)]
+    requests = [engine.add_request(prompts[i % 3], p) for i, p in enumerate(params)]
+    for _ in range(6):
+        engine.step()
+    assert engine.num_waiting == 4 and engine.decode_step.counts["used_ahead"] >= 4
+    while engine.has_work():
+        engine.step()
+    plain = Engine(model, tokenizer, max_batch_size=2)
+    expected = [summary(r) for r in plain.generate_batch([prompts[i % 3] for i in range(6)], params)]
+    assert [summary(r.result) for r in requests] == expected
+    counts = engine.decode_step.counts
+    assert counts["ran_ahead"] == counts["used_ahead"]  # none in vain: every join was foreseen
+
+
 def test_greedy_running_ahead_on_a_trained_model_ends_turns_as_the_engine_does(trained_quickstart, tokenizer):
     """A model that closes its reasoning and ends its answers itself (the quickstart's, trained):
     the same results from the step's own greedy pick, running ahead, as from the default engine."""

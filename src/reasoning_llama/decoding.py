@@ -214,7 +214,8 @@ class StaticDecodeStep:
         self.inputs[0] = PAD
         self.staging = torch.zeros(4, most, dtype=torch.long, pin_memory=pinned)
         self.greedy_ids = torch.zeros(most, dtype=torch.long, pin_memory=pinned)  # read back here
-        self.read = torch.cuda.Event() if pinned else None
+        self.read = torch.cuda.Event() if pinned else None  # the greedy ids have reached the host
+        self.staged = torch.cuda.Event() if pinned else None  # the staging buffer's copy is done
         self.never = torch.tensor(never_sampled_ids(model.config.vocab_size), device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[Tensor, Tensor]]] = {}
         self.run_ahead = run_ahead  # False: `greedy` never runs ahead (benchmarks/decode.py compares)
@@ -270,10 +271,12 @@ class StaticDecodeStep:
         rows = [[*tokens, *[PAD] * len(pad)], [*positions, *pad], [0] * size, [*eot_banned, *pad]]
         for i in active:
             rows[2][i] = 1
-        # With graphs the host has read the previous step's outputs by now, so no copy out of the
-        # pinned staging buffer is still in flight.
+        if self.staged is not None:
+            self.staged.synchronize()  # the last copy out of the staging buffer (long done, mostly)
         self.staging[:, :size] = torch.tensor(rows)
         self.inputs[:, :size].copy_(self.staging[:, :size], non_blocking=True)
+        if self.staged is not None:
+            self.staged.record()
         self.counts["launched"] += 1
         return _Launched(*rows, outputs=self._launch(size))
 

@@ -474,12 +474,12 @@ class Engine:
             return
         # Every id comes from the step's own greedy pick (or is forced): the host reads ids, not
         # logits. The next step may run ahead while the host does its bookkeeping, unless this
-        # step forces an id or ends every request, or waiting requests may join.
+        # step forces an id, or a request reaches its length, when either every request ends or,
+        # with requests waiting (the slots are full, or they would have been admitted), one joins.
         forced = [r.turn.forced for r in active]
+        ending = [len(r.output_ids) + 1 >= r.params.max_new_tokens for r in active]
         may_run_ahead = (
-            all(f is None for f in forced)
-            and not self._waiting
-            and any(len(r.output_ids) + 1 < r.params.max_new_tokens for r in active)
+            all(f is None for f in forced) and not all(ending) and not (self._waiting and any(ending))
         )
         chosen = step.greedy(tokens, positions, slots, eot_banned, may_run_ahead=may_run_ahead)
         for r, f, token in zip(active, forced, chosen, strict=True):

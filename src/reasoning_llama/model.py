@@ -130,7 +130,10 @@ class KVCache:
         if rows == self.batch_size:
             return self
         if rows not in self.views:
-            view = KVCache.over([k[:rows] for k in self.keys], [v[:rows] for v in self.values])
+            # Made outside inference mode whatever the caller's, so writes through the view are
+            # allowed in either mode later.
+            with torch.inference_mode(False):
+                view = KVCache.over([k[:rows] for k in self.keys], [v[:rows] for v in self.values])
             self.views[rows] = view
         return self.views[rows]
 
