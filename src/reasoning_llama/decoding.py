@@ -9,7 +9,9 @@
 - `StaticDecodeStep`: the same forward on fixed shapes (a few padded batch sizes, the whole
   cache), compiled by torch.compile; on CUDA captured in CUDA graphs once per size and replayed.
   A GPU runs a small model's step in far less time than the CPU takes to launch its hundreds of
-  kernels one by one; a replay launches them all at once.
+  kernels one by one; a replay launches them all at once. For greedy batches it also picks the ids
+  itself and can run the next step ahead while the host reads them (`StaticDecodeStep.greedy`).
+- `aot_step.AOTDecodeStep`: on a CPU, `DynamicDecodeStep`'s forward compiled ahead of time.
 """
 
 from __future__ import annotations
@@ -182,7 +184,7 @@ class StaticDecodeStep:
 
     Greedy decoding (`greedy`) keeps the host off the critical path: the step picks each row's id
     itself and writes the next step's inputs from them, so the next step can be launched before the
-    host reads this one's ids (`run_ahead`). While the device runs it, the host does its bookkeeping;
+    host reads this one's ids (`may_run_ahead`). While the device runs it, the host does its bookkeeping;
     the next call uses it when its inputs turn out to be what the host wants (every active row fed
     the id it chose, one position on), and runs the step again when not (a request joined, a row was
     forced). Running again rewrites the same cache slots, so a step run ahead in vain costs time,
