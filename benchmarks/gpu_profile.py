@@ -234,7 +234,7 @@ def decode(config: ModelConfig, device: torch.device, batches: list[int], new_to
         with torch.inference_mode():
 
             def compiled_step() -> None:
-                step.step(step.model, step.cache.leading_rows(1), step.inputs[:, :1], step.never)
+                step.step(step.model, step.cache.leading_rows(1), step.inputs[:1], step.never)
 
             out["compiled_step_without_graph_us"] = round(
                 seconds_per_call(compiled_step, device, 50) * 1e6, 1

@@ -148,6 +148,20 @@ def test_a_cache_view_made_in_inference_mode_serves_outside_it(model):
             )
 
 
+@pytest.mark.slow
+def test_the_compiled_static_step_compiles_twice_for_all_its_sizes(model, one_torch_thread):
+    """The batch dimension is dynamic from the first compilation (the largest size, as captured
+    first); size 1 gets its own. After those two, no size compiles again."""
+    torch.compiler.reset()
+    with torch.inference_mode():
+        step = StaticDecodeStep(model, KVCache(CONFIG, 8), cuda_graphs=False, compile=True)
+        for rows in (8, 1):
+            step([PAD] * rows, [0] * rows, list(range(rows)))
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for rows in (4, 3, 2, 8, 1):
+                step([PAD] * rows, [0] * rows, list(range(rows)))
+
+
 def test_cuda_graphs_need_a_cuda_cache(model):
     with pytest.raises(ValueError, match="CUDA"):
         StaticDecodeStep(model, KVCache(CONFIG, 2), cuda_graphs=True)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch._dynamo import mark_dynamic
 
 from reasoning_llama.model import KVCache, Transformer
 from reasoning_llama.sampling import mask_unsampled_, never_sampled_ids
@@ -127,18 +128,18 @@ def _static_step(model: Transformer, cache: KVCache, inputs: Tensor, never: Tens
     and each row's greedy id under the special-id mask. Then the next step's inputs, in place: every
     live row's greedy id at its next position, so the step can run again before anyone reads this one.
 
-    `inputs` (4, n): tokens, positions, live (1 for a row holding a request) and eot_banned (1 for
-    a row still reasoning, which may not end the turn).
+    `inputs` (n, 4), a row's token, position, live (1 for a row holding a request) and eot_banned
+    (1 for a row still reasoning, which may not end the turn).
     """
-    tokens, positions, live, eot_banned = inputs
+    tokens, positions, live, eot_banned = inputs.unbind(1)
     logits = model(tokens.unsqueeze(1), positions.unsqueeze(1), kv_cache=cache, cache_length=cache.max_len)
     logits = logits[:, 0].float()
     greedy = mask_unsampled_(logits.clone(), never, eot_banned.bool()).argmax(dim=-1)
     live = live.bool()
     # Clamped: a row past its last position has finished, and its next write must stay in the cache.
     next_positions = torch.where(live, (positions + 1).clamp(max=cache.max_len - 1), 0)
-    inputs[0].copy_(torch.where(live, greedy, PAD))
-    inputs[1].copy_(next_positions)
+    inputs[:, 0].copy_(torch.where(live, greedy, PAD))
+    inputs[:, 1].copy_(next_positions)
     return logits, greedy
 
 
@@ -177,9 +178,8 @@ class StaticDecodeStep:
     That is what CUDA graphs need: with `cuda_graphs=True` (a CUDA cache) the step is captured once
     per size, here, and every call replays a graph, launching all its kernels at once. Capturing
     runs the step (PAD at position 0 of every row), so it happens before the cache holds any
-    request. `compile=True` runs torch.compile's fused kernels (captured too, with graphs); it
-    specialises on the first size and makes the batch dimension dynamic at the second, so two
-    compilations serve every size. Without graphs the step runs on any device (the tests run
+    request. `compile=True` runs torch.compile's fused kernels (captured too, with graphs): one
+    compilation with a dynamic batch dimension serves every size but 1, which gets its own. Without graphs the step runs on any device (the tests run
     this path on a CPU).
 
     Greedy decoding (`greedy`) keeps the host off the critical path: the step picks each row's id
@@ -212,9 +212,10 @@ class StaticDecodeStep:
         self.step = torch.compile(_static_step, fullgraph=True) if compile else _static_step
         most = self.sizes[-1]
         pinned = device.type == "cuda"
-        self.inputs = torch.zeros(4, most, dtype=torch.long, device=device)
-        self.inputs[0] = PAD
-        self.staging = torch.zeros(4, most, dtype=torch.long, pin_memory=pinned)
+        # A row's inputs side by side, so every size's view is contiguous (its strides never vary).
+        self.inputs = torch.zeros(most, 4, dtype=torch.long, device=device)
+        self.inputs[:, 0] = PAD
+        self.staging = torch.zeros(most, 4, dtype=torch.long, pin_memory=pinned)
         self.greedy_ids = torch.zeros(most, dtype=torch.long, pin_memory=pinned)  # read back here
         self.read = torch.cuda.Event() if pinned else None  # the greedy ids have reached the host
         self.staged = torch.cuda.Event() if pinned else None  # the staging buffer's copy is done
@@ -232,7 +233,15 @@ class StaticDecodeStep:
             torch.cuda.synchronize(device)
 
     def _run(self, size: int) -> tuple[Tensor, Tensor]:
-        return self.step(self.model, self.cache.leading_rows(size), self.inputs[:, :size], self.never)
+        cache, inputs = self.cache.leading_rows(size), self.inputs[:size]
+        if size > 1:
+            # The batch dimension is dynamic from the first compilation on: one graph serves every
+            # size but 1 (which dynamo always specialises), instead of one for the first size seen,
+            # another once a second size shows the dimension varies, and one for 1.
+            for tensor in (*cache.keys, *cache.values):
+                mark_dynamic(tensor, 0)
+            mark_dynamic(inputs, 0)
+        return self.step(self.model, cache, inputs, self.never)
 
     def _capture(
         self, size: int, pool: tuple[int, int]
@@ -275,8 +284,8 @@ class StaticDecodeStep:
             rows[2][i] = 1
         if self.staged is not None:
             self.staged.synchronize()  # the last copy out of the staging buffer (long done, mostly)
-        self.staging[:, :size] = torch.tensor(rows)
-        self.inputs[:, :size].copy_(self.staging[:, :size], non_blocking=True)
+        self.staging[:size] = torch.tensor(rows).T
+        self.inputs[:size].copy_(self.staging[:size], non_blocking=True)
         if self.staged is not None:
             self.staged.record()
         self.counts["launched"] += 1
