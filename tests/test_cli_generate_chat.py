@@ -13,7 +13,7 @@ import pexpect
 import pytest
 import torch
 
-from cli_helpers import run_cli
+from cli_helpers import run_cli, run_clis
 from reasoning_llama.chat import apply_setting
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.errors import RequestError
@@ -191,8 +191,8 @@ def test_bad_input_is_one_line_without_traceback(checkpoint, tmp_path):
         ),
         (["--checkpoint", checkpoint, "--prompt", "hi", "--top-p", "1.5"], "top_p must be"),
     ]
-    for args, message in cases:
-        result = run_cli("generate", *args)
+    results = run_clis([("generate", *args) for args, _ in cases])
+    for (args, message), result in zip(cases, results, strict=True):
         assert result.returncode == 2, (args, result.stderr)
         assert "Traceback" not in result.stderr
         lines = result.stderr.strip().splitlines()

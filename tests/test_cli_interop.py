@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import run_cli
+from cli_helpers import run_cli, run_clis
 from reasoning_llama import model_files
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.interop.names import to_hf_config
@@ -57,22 +57,21 @@ def test_export_then_import_round_trip(saved, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_bad_inputs_give_one_line_errors(saved, tmp_path: Path) -> None:
     _, ckpt = saved
-    assert_one_line_error(
-        run_cli("export", "--checkpoint", tmp_path / "nope", tmp_path / "out"), "does not exist"
-    )
-    assert_one_line_error(run_cli("export", "--checkpoint", ckpt, "--to", "onnx", tmp_path / "out"), "onnx")
-
     with_block = ModelConfig(**{**TINY.to_dict(), "final_block": True})
     model_files.save_model(tmp_path / "block", Transformer(with_block))
-    for to in ("hf", "gguf"):
-        result = run_cli("export", "--checkpoint", tmp_path / "block", "--to", to, tmp_path / "out")
-        assert_one_line_error(result, "final_block: false")
-
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text(json.dumps(to_hf_config(TINY)))
     (pickled / "pytorch_model.bin").write_bytes(b"not opened")
-    result = run_cli("import", "--from", "hf", pickled, "--out", tmp_path / "out")
-    assert_one_line_error(result, "never unpickles")
-    assert_one_line_error(run_cli("import", "--from", "hf", tmp_path / "nope", "--out", tmp_path / "out"))
-    assert not (tmp_path / "out").exists()
+    out = tmp_path / "out"
+    cases = [
+        (("export", "--checkpoint", tmp_path / "nope", out), "does not exist"),
+        (("export", "--checkpoint", ckpt, "--to", "onnx", out), "onnx"),
+        (("export", "--checkpoint", tmp_path / "block", "--to", "hf", out), "final_block: false"),
+        (("export", "--checkpoint", tmp_path / "block", "--to", "gguf", out), "final_block: false"),
+        (("import", "--from", "hf", pickled, "--out", out), "never unpickles"),
+        (("import", "--from", "hf", tmp_path / "nope", "--out", out), "nope"),
+    ]
+    for (_, message), result in zip(cases, run_clis([args for args, _ in cases]), strict=True):
+        assert_one_line_error(result, message)
+    assert not out.exists()

@@ -86,17 +86,19 @@ def test_compiled_static_step_matches_eager_on_a_cpu(model, one_torch_thread, fu
     run_against_decode(model, lambda m, c: StaticDecodeStep(m, c, cuda_graphs=False, compile=True))
 
 
-def test_static_step_picks_the_masked_greedy_id_and_can_run_ahead(model):
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_static_step_picks_the_masked_greedy_id_and_can_run_ahead(model, compile):
     """`greedy` gives the argmax of the step's logits with the never-sampled ids and (where banned)
-    <|endoftext|> masked; run ahead, the next step is already computed on those ids, and a call on
-    exactly those inputs takes it without launching again."""
+    <|endoftext|> masked; run ahead, the next step is already computed on those ids (in the
+    compiled step too, which writes them into its inputs), and a call on exactly those inputs
+    takes it without launching again."""
     from reasoning_llama.sampling import never_sampled_ids
     from reasoning_llama.tokenizer import EOT
 
     cache, reference = KVCache(CONFIG, 4), KVCache(CONFIG, 4)
     prompts = {0: [5, 17, 300, 2, 9], 1: [7, 8, 9]}
     with torch.inference_mode():
-        step = StaticDecodeStep(model, cache, cuda_graphs=False, compile=False)
+        step = StaticDecodeStep(model, cache, cuda_graphs=False, compile=compile)
         for c in (cache, reference):
             prefill(model, c, list(prompts.values()), list(prompts))
         tokens, positions = [11, 12], [5, 3]

@@ -222,11 +222,11 @@ def test_the_compiled_decode_step_gives_the_eager_engines_tokens(model, prompts,
     assert [r.token_ids for r in compiled.generate_batch(prompts, params)] == expected
 
 
-def static_step_engine(model, tokenizer, *, max_batch_size: int = 4, compile: bool = False) -> Engine:
+def static_step_engine(model, tokenizer, *, max_batch_size: int = 4) -> Engine:
     """An engine on the decode step a GPU replays from CUDA graphs (decoding.StaticDecodeStep), here
-    run on a CPU without graphs: greedy requests take its in-step pick and run ahead."""
+    run eagerly on a CPU (compiled: test_decoding.py): greedy requests take its in-step pick and run ahead."""
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size)
-    engine.decode_step = StaticDecodeStep(engine.model, engine.cache, cuda_graphs=False, compile=compile)
+    engine.decode_step = StaticDecodeStep(engine.model, engine.cache, cuda_graphs=False, compile=False)
     return engine
 
 
@@ -234,8 +234,7 @@ def summary(result: GenerationResult) -> tuple:
     return result.token_ids, result.reasoning, result.answer, result.finish_reason, result.well_formed
 
 
-@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_greedy_requests_running_ahead_get_the_engines_tokens(model, tokenizer, prompts, compile):
+def test_greedy_requests_running_ahead_get_the_engines_tokens(model, tokenizer, prompts):
     """Budgets force <|im_end|> and the header mid-run, lengths differ, requests join (five for
     four slots, then one joining a running batch): every result is the default engine's, and most
     steps were run ahead while the host read the one before."""
@@ -246,7 +245,7 @@ def test_greedy_requests_running_ahead_get_the_engines_tokens(model, tokenizer, 
     ]
     plain = Engine(model, tokenizer, max_batch_size=4)
     expected = [summary(plain.generate(p, q)) for p, q in zip(more, params, strict=True)]
-    engine = static_step_engine(model, tokenizer, compile=compile)
+    engine = static_step_engine(model, tokenizer)
     assert [summary(engine.generate(p, q)) for p, q in zip(more, params, strict=True)] == expected
     assert [summary(r) for r in engine.generate_batch(more, params)] == expected
     first = engine.add_request(more[0], params[0])
