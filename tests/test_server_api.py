@@ -19,6 +19,7 @@ import openai
 import pytest
 import torch
 
+from cli_helpers import run_clis
 from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.server import ServerSettings
 from reasoning_llama.tokenizer import EOT, get_tokenizer
@@ -514,26 +515,24 @@ def test_the_page_and_its_files_are_served_with_a_strict_policy(greedy):
 # --- the serve command --------------------------------------------------------------------------
 
 
-def _run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "reasoning_llama", *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
 @pytest.mark.slow
 def test_serve_command_reports_bad_input_in_one_line(tmp_path):
-    result = _run_cli("serve", "--checkpoint", str(tmp_path / "missing"))
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and "does not exist" in result.stderr
-    assert "Traceback" not in result.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = _run_cli("serve", "--checkpoint", str(tmp_path), "--port", str(port))
-    assert result.returncode == 2 and "already in use" in result.stderr and "Traceback" not in result.stderr
-    result = _run_cli("serve", "--checkpoint", str(tmp_path), "--max-concurrency", "0")
-    assert result.returncode == 2 and "--max-concurrency" in result.stderr
+        missing, in_use, no_slots = run_clis(
+            [
+                ("serve", "--checkpoint", tmp_path / "missing"),
+                ("serve", "--checkpoint", tmp_path, "--port", str(port)),
+                ("serve", "--checkpoint", tmp_path, "--max-concurrency", "0"),
+            ]
+        )
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("error: ") and "does not exist" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    assert in_use.returncode == 2 and "already in use" in in_use.stderr and "Traceback" not in in_use.stderr
+    assert no_slots.returncode == 2 and "--max-concurrency" in no_slots.stderr
 
 
 @pytest.mark.slow
