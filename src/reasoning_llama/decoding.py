@@ -179,16 +179,16 @@ class StaticDecodeStep:
     per size, here, and every call replays a graph, launching all its kernels at once. Capturing
     runs the step (PAD at position 0 of every row), so it happens before the cache holds any
     request. `compile=True` runs torch.compile's fused kernels (captured too, with graphs): one
-    compilation with a dynamic batch dimension serves every size but 1, which gets its own. Without graphs the step runs on any device (the tests run
-    this path on a CPU).
+    compilation with a dynamic batch dimension serves every size but 1, which gets its own.
+    Without graphs the step runs on any device (the tests run this path on a CPU).
 
     Greedy decoding (`greedy`) keeps the host off the critical path: the step picks each row's id
-    itself and writes the next step's inputs from them, so the next step can be launched before the
-    host reads this one's ids (`may_run_ahead`). While the device runs it, the host does its bookkeeping;
-    the next call uses it when its inputs turn out to be what the host wants (every active row fed
-    the id it chose, one position on), and runs the step again when not (a request joined, a row was
-    forced). Running again rewrites the same cache slots, so a step run ahead in vain costs time,
-    never tokens.
+    itself and writes the next step's inputs from them, so the next step can be launched before
+    the host reads this one's ids (`may_run_ahead`). While the device runs it, the host does its
+    bookkeeping; the next call uses it when its inputs turn out to be what the host wants (every
+    active row fed the id it chose, one position on), and runs the step again when not (a request
+    joined, a row was forced). Running again rewrites the same cache slots, so a step run ahead in
+    vain costs time, never tokens.
     """
 
     def __init__(
