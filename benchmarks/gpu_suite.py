@@ -19,7 +19,7 @@ the suite's time budget no longer holds is skipped and says so:
 
 --quick uses tiny shapes so the whole suite can be checked on a CPU in a minute. DIR receives
 report.json and one log per step, nothing else (a GPU lease returns a few files); runs, configs
-and caches go to a scratch directory.
+and caches go to a scratch directory, removed at the end (the report names it).
 """
 
 from __future__ import annotations
@@ -155,9 +155,15 @@ def json_result(step: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     args = parse_args()
+    # The runs' checkpoints take ~2 GB even with tiny shapes: removed at the end, whatever happens.
+    with tempfile.TemporaryDirectory(prefix="gpu_suite_") as scratch:
+        run_suite(args, Path(scratch))
+
+
+def run_suite(args: argparse.Namespace, work: Path) -> None:
+    """Run the chosen steps, runs and caches in `work`, the report and logs in `args.out`."""
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="gpu_suite_"))
     python = sys.executable
     quick = ["--quick"] if args.quick else []
     report: dict[str, Any] = {

@@ -137,6 +137,8 @@ def test_gpu_suite_runs_every_step_and_writes_one_report(cpu_suite):
     assert sorted(path.name for path in out.iterdir()) == sorted(
         ["report.json", *(f"{s}.log" for s in steps)]
     )
+    # The runs' scratch directory (~2 GB of checkpoints) is gone: none piles up run after run.
+    assert report["scratch"] and not Path(report["scratch"]).exists()
 
 
 def test_gpu_suite_skips_what_its_budget_no_longer_holds(tmp_path):
