@@ -134,12 +134,10 @@ def test_graph_engine_runs_greedy_steps_ahead_and_gives_the_eager_engines_result
         SamplingParams(max_new_tokens=n, reasoning_budget=b)
         for n, b in ((64, 10), (20, None), (64, 30), (40, 5), (48, None))
     ]
+    from test_generation import summary
+
     eager = Engine(model, tokenizer, max_batch_size=4)
     graphed = Engine(fused, tokenizer, max_batch_size=4, compile=True, cuda_graphs=True)
-
-    def summary(r):
-        return r.token_ids, r.reasoning, r.answer, r.finish_reason
-
     alone = [summary(eager.generate(p, q)) for p, q in zip(prompts, params, strict=True)]
     with torch.compiler.set_stance("fail_on_recompile"):
         assert [summary(graphed.generate(p, q)) for p, q in zip(prompts, params, strict=True)] == alone

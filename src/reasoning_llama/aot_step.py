@@ -26,7 +26,7 @@ from torch._inductor import aoti_compile_and_package, aoti_load_package
 from torch._inductor.package import AOTICompiledModel
 
 from reasoning_llama import atomic
-from reasoning_llama.decoding import decode
+from reasoning_llama.decoding import active_rows, decode
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.model import KVCache, Transformer
 from reasoning_llama.user_cache import user_cache_dir
@@ -139,4 +139,4 @@ class AOTDecodeStep:
         )
         # The program computes every row's logits; at a CPU's batch sizes the head's weight read
         # dominates, so the idle rows cost little.
-        return logits if len(active) == rows else logits[torch.tensor(active)]
+        return active_rows(logits, active)

@@ -27,7 +27,15 @@ from reasoning_llama.model import KVCache, Transformer
 from reasoning_llama.sampling import mask_unsampled_, never_sampled_ids
 from reasoning_llama.tokenizer import PAD
 
-__all__ = ["DecodeStep", "DynamicDecodeStep", "StaticDecodeStep", "decode", "padded_batch_sizes", "prefill"]
+__all__ = [
+    "DecodeStep",
+    "DynamicDecodeStep",
+    "StaticDecodeStep",
+    "active_rows",
+    "decode",
+    "padded_batch_sizes",
+    "prefill",
+]
 
 # tokens (rows,), positions (rows,), the active rows among them (ascending) -> their fp32 logits (n, V).
 DecodeStep = Callable[[Sequence[int], Sequence[int], Sequence[int]], Tensor]
@@ -111,6 +119,15 @@ class DynamicDecodeStep:
             None if len(active) == rows else torch.tensor(active, device=device),
             max(positions) + 1,
         )
+
+
+def active_rows(logits: Tensor, active: Sequence[int]) -> Tensor:
+    """The rows `active` (ascending) of a step's logits for all its rows: a view when they lead."""
+    if len(active) == logits.shape[0]:
+        return logits
+    if list(active) == list(range(len(active))):
+        return logits[: len(active)]
+    return logits[torch.tensor(active, device=logits.device)]
 
 
 def padded_batch_sizes(max_batch_size: int) -> list[int]:
@@ -315,12 +332,7 @@ class StaticDecodeStep:
         launched = self._take_ahead(tokens, positions, active, None) or self._launch_on(
             tokens, positions, active, [0] * len(tokens)
         )
-        logits = launched.outputs[0]
-        if len(active) == logits.shape[0]:
-            return logits
-        if list(active) == list(range(len(active))):
-            return logits[: len(active)]
-        return logits[torch.tensor(active, device=logits.device)]
+        return active_rows(launched.outputs[0], active)
 
     def greedy(
         self,

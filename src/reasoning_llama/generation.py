@@ -462,16 +462,18 @@ class Engine:
     def _decode(self, active: list[Request], events: dict) -> None:
         """One token for every active request (rows 0..rows-1 go through the model; free ones idle at slot 0)."""
         rows = active[-1].slot + 1
-        tokens, positions, eot_banned = [PAD] * rows, [0] * rows, [0] * rows
+        tokens, positions = [PAD] * rows, [0] * rows
         for r in active:
             tokens[r.slot] = r.output_ids[-1]
             positions[r.slot] = r.prompt_tokens + len(r.output_ids) - 1
-            eot_banned[r.slot] = int(r.eot_banned)
         slots = [r.slot for r in active]
         step = self.decode_step
         if not isinstance(step, StaticDecodeStep) or not self._greedy_alone(active):
             self._advance(active, step(tokens, positions, slots), events)
             return
+        eot_banned = [0] * rows
+        for r in active:
+            eot_banned[r.slot] = int(r.eot_banned)
         # Every id comes from the step's own greedy pick (or is forced): the host reads ids, not
         # logits. The next step may run ahead while the host does its bookkeeping, unless this
         # step forces an id, or a request reaches its length, when either every request ends or,
