@@ -132,6 +132,18 @@ def test_gpu_suite_runs_every_step_and_writes_one_report(cpu_suite):
     assert profile["head_loss"]["same_value"] is True
     assert profile["train"]["tokens_per_s"] > 0 and profile["decode"]["engine_us_per_token_batch1"] > 0
     assert not [part for part in ("head_loss", "attention", "decode", "train") if "error" in profile[part]]
+    # The checks run at the same time (each starts before any ends); the timed steps run alone.
+    spans = {
+        name: (step["started_s"], step["started_s"] + step["seconds"])
+        for name, step in [*report.items(), *report["data_parallel"].items()]
+        if isinstance(step, dict) and "started_s" in step
+    }
+    checks = [spans[name] for name in ("gpu_tests", "ddp", "fsdp", "short_run")]
+    rounding = 0.2  # both figures are rounded to 0.1 s
+    assert max(start for start, _ in checks) < min(end for _, end in checks)
+    assert spans["throughput"][1] <= spans["decode"][0] + rounding
+    assert spans["decode"][1] <= min(start for start, _ in checks) + rounding
+    assert max(end for _, end in checks) <= spans["profile"][0] + rounding
     steps = ("throughput", "decode", "gpu_tests", "dp_ddp", "dp_fsdp", "short_run", "profile")
     # What a GPU lease returns: at most 8 files.
     assert sorted(path.name for path in out.iterdir()) == sorted(
