@@ -6,7 +6,14 @@ import torch
 
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.cpu_layout import FusedLinear, fuse_projections
-from reasoning_llama.decoding import DynamicDecodeStep, StaticDecodeStep, decode, padded_batch_sizes, prefill
+from reasoning_llama.decoding import (
+    Draws,
+    DynamicDecodeStep,
+    StaticDecodeStep,
+    decode,
+    padded_batch_sizes,
+    prefill,
+)
 from reasoning_llama.model import KVCache, Transformer
 from reasoning_llama.tokenizer import PAD
 
@@ -86,12 +93,18 @@ def test_compiled_static_step_matches_eager_on_a_cpu(model, one_torch_thread, fu
     run_against_decode(model, lambda m, c: StaticDecodeStep(m, c, cuda_graphs=False, compile=True))
 
 
+def greedy_draws(eot_banned: list[int]) -> Draws:
+    draws = Draws.all_greedy(len(eot_banned))
+    draws.eot_banned[:] = eot_banned
+    return draws
+
+
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_static_step_picks_the_masked_greedy_id_and_can_run_ahead(model, compile):
-    """`greedy` gives the argmax of the step's logits with the never-sampled ids and (where banned)
-    <|endoftext|> masked; run ahead, the next step is already computed on those ids (in the
-    compiled step too, which writes them into its inputs), and a call on exactly those inputs
-    takes it without launching again."""
+    """`pick` at temperature 0 gives the argmax of the step's logits with the never-sampled ids and
+    (where banned) <|endoftext|> masked; run ahead, the next step is already computed on those ids
+    (in the compiled step too, which writes them into its inputs), and a call on exactly those
+    inputs takes it without launching again."""
     from reasoning_llama.sampling import never_sampled_ids
     from reasoning_llama.tokenizer import EOT
 
@@ -108,13 +121,49 @@ def test_static_step_picks_the_masked_greedy_id_and_can_run_ahead(model, compile
             expected[:, never_sampled_ids(CONFIG.vocab_size)] = -float("inf")
             expected[torch.tensor(banned, dtype=torch.bool), EOT] = -float("inf")
             launched = step.counts["launched"]
-            ids = step.greedy(tokens, positions, [0, 1], banned, may_run_ahead=True)
+            ids = step.pick(tokens, positions, [0, 1], greedy_draws(banned), may_run_ahead=True)
             assert ids == expected.argmax(-1).tolist()
             # the first call launches, the next finds its step already run; at the third, row 0's
             # ban changes, which means launching again
             assert step.counts["launched"] - launched == (1 if n in (0, 2) else 0)
             assert step.ahead is not None and step.ahead.tokens[:2] == ids
             tokens, positions = ids, [p + 1 for p in positions]
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_static_step_samples_as_the_host_sampler_does_and_runs_ahead(model, compile):
+    """Rows 0 and 2 sampled at their temperatures, row 1 greedy, row 3 idle: each step's picks are
+    `pick_rows`' on `decode`'s masked logits with the same uniform numbers, the step run ahead
+    (on the next numbers) is taken when those are the numbers asked for, and a changed number
+    means launching again."""
+    from reasoning_llama.sampling import SamplingParams, mask_unsampled_, never_sampled_ids, pick_rows
+
+    never = torch.tensor(never_sampled_ids(CONFIG.vocab_size))
+    params = [SamplingParams(temperature=t) for t in (0.8, 0.0, 1.7)]
+    uniforms = torch.rand(8, 3, generator=torch.Generator().manual_seed(1)).tolist()
+    cache, reference = KVCache(CONFIG, 4), KVCache(CONFIG, 4)
+    prompts = {0: [5, 17, 300, 2, 9], 1: [7, 8, 9], 2: [40, 41]}
+    with torch.inference_mode():
+        step = StaticDecodeStep(model, cache, cuda_graphs=False, compile=compile)
+        for c in (cache, reference):
+            prefill(model, c, list(prompts.values()), list(prompts))
+        tokens, positions = [11, 12, 13], [5, 3, 2]
+        not_argmax = 0  # sampled picks that greedy would not have made
+        for n in range(6):
+            banned = [1, 0, 1]
+            logits = decode(model, reference, torch.tensor(tokens), torch.tensor(positions))
+            mask_unsampled_(logits, never, torch.tensor(banned, dtype=torch.bool))
+            expected = pick_rows(logits, params, uniforms[n])
+            not_argmax += sum(expected[i] != int(logits[i].argmax()) for i in (0, 2))
+            # run ahead at step 4 on other numbers than step 5 then asks for: it launches again
+            ahead = [0.5, 0.0, 0.5] if n == 4 else uniforms[n + 1]
+            draws = Draws(banned, [p.temperature for p in params], uniforms[n], ahead)
+            launched = step.counts["launched"]
+            ids = step.pick(tokens, positions, [0, 1, 2], draws, may_run_ahead=True)
+            assert ids == expected, n
+            assert step.counts["launched"] - launched == (1 if n in (0, 5) else 0), n
+            tokens, positions = ids, [p + 1 for p in positions]
+        assert step.counts["used_ahead"] == 4 and not_argmax > 3
 
 
 def test_a_prefill_makes_the_step_run_ahead_stale(model):
@@ -125,13 +174,14 @@ def test_a_prefill_makes_the_step_run_ahead_stale(model):
     with torch.inference_mode():
         step = StaticDecodeStep(model, cache, cuda_graphs=False, compile=False)
         prefill(model, cache, [[5, 17, 300]], [0])
-        (first,) = step.greedy([2], [3], [0], [0], may_run_ahead=True)
+        (first,) = step.pick([2], [3], [0], greedy_draws([0]), may_run_ahead=True)
         other = [40, 41, 42, 43]  # as long as the first prompt and its generated id
         for c in (cache, reference):
             prefill(model, c, [other], [0])
         step.drop_ahead()
         expected = decode(model, reference, torch.tensor([first]), torch.tensor([4]))
-        assert step.greedy([first], [4], [0], [0], may_run_ahead=False) == expected.argmax(-1).tolist()
+        ids = step.pick([first], [4], [0], greedy_draws([0]), may_run_ahead=False)
+        assert ids == expected.argmax(-1).tolist()
         assert step.counts["used_ahead"] == 0
 
 

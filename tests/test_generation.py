@@ -260,6 +260,42 @@ def test_greedy_requests_running_ahead_get_the_engines_tokens(model, tokenizer, 
     assert counts["used_ahead"] > 2 * counts["launched"] > 0
 
 
+@pytest.fixture(scope="module")
+def peaked_model(model):
+    """`model` with its head scaled up: distributions peaked enough that a sample does not hinge on
+    the logits' last bits (which the static step, attending over the whole cache, sums in another
+    order); the random model's are near-uniform over 50k ids, where any rounding moves a draw."""
+    peaked = Transformer(CONFIG).eval()
+    peaked.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        peaked.head.weight.mul_(8)
+    return peaked
+
+
+def test_sampled_requests_running_ahead_get_the_engines_tokens(peaked_model, tokenizer, prompts):
+    """Seeded requests at temperatures, with greedy ones among them, take the step's own pick and
+    run ahead: every result is the default engine's (each token drawn with the same number of its
+    request's generator), alone and batched. A request with top-k joining sends the batch back to
+    the host's sampler until it ends, without changing anyone's tokens."""
+    model = peaked_model
+    params = [
+        SamplingParams(max_new_tokens=40, temperature=0.9, seed=1, reasoning_budget=12),
+        SamplingParams(max_new_tokens=24),
+        SamplingParams(max_new_tokens=32, temperature=1.4, seed=2),
+        SamplingParams(max_new_tokens=16, temperature=1.0, top_k=40, seed=3),
+    ]
+    more = [*prompts, prompts[0][:-2]]
+    plain = Engine(model, tokenizer, max_batch_size=4)
+    expected = [summary(plain.generate(p, q)) for p, q in zip(more, params, strict=True)]
+    engine = static_step_engine(model, tokenizer)
+    assert [summary(engine.generate(p, q)) for p, q in zip(more[:3], params[:3], strict=True)] == expected[:3]
+    counts = engine.decode_step.counts
+    assert counts["used_ahead"] > 2 * counts["launched"] > 0
+    assert [summary(r) for r in engine.generate_batch(more, params)] == expected
+    again = [summary(r) for r in plain.generate_batch(more, [dataclasses.replace(q, seed=9) for q in params])]
+    assert again[0] != expected[0]  # the seed decides: these are samples, not argmaxes
+
+
 def test_greedy_steps_run_ahead_while_requests_wait_for_a_slot(model, tokenizer, prompts):
     """Six requests for two slots: while the queue holds requests, steps still run ahead, except
     the step before a request reaches its length (another then joins, which a step run ahead

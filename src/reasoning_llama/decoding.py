@@ -9,8 +9,9 @@
 - `StaticDecodeStep`: the same forward on fixed shapes (a few padded batch sizes, the whole
   cache), compiled by torch.compile; on CUDA captured in CUDA graphs once per size and replayed.
   A GPU runs a small model's step in far less time than the CPU takes to launch its hundreds of
-  kernels one by one; a replay launches them all at once. For greedy batches it also picks the ids
-  itself and can run the next step ahead while the host reads them (`StaticDecodeStep.greedy`).
+  kernels one by one; a replay launches them all at once. It also picks the ids itself (greedy, or
+  sampled at a temperature with a uniform number from the host) and can run the next step ahead
+  while the host reads them (`StaticDecodeStep.pick`).
 - `aot_step.AOTDecodeStep`: on a CPU, `DynamicDecodeStep`'s forward compiled ahead of time.
 """
 
@@ -24,11 +25,12 @@ from torch import Tensor
 from torch._dynamo import mark_dynamic
 
 from reasoning_llama.model import KVCache, Transformer
-from reasoning_llama.sampling import mask_unsampled_, never_sampled_ids
+from reasoning_llama.sampling import inverse_cdf_, mask_unsampled_, never_sampled_ids
 from reasoning_llama.tokenizer import PAD
 
 __all__ = [
     "DecodeStep",
+    "Draws",
     "DynamicDecodeStep",
     "StaticDecodeStep",
     "active_rows",
@@ -140,24 +142,47 @@ def padded_batch_sizes(max_batch_size: int) -> list[int]:
     return sizes
 
 
-def _static_step(model: Transformer, cache: KVCache, inputs: Tensor, never: Tensor) -> tuple[Tensor, Tensor]:
+def _static_step(
+    model: Transformer, cache: KVCache, inputs: Tensor, draws: Tensor, never: Tensor
+) -> tuple[Tensor, Tensor]:
     """One token per cache row over the whole cache (masked past each position): fp32 logits (n, V)
-    and each row's greedy id under the special-id mask. Then the next step's inputs, in place: every
-    live row's greedy id at its next position, so the step can run again before anyone reads this one.
+    and each row's pick under the special-id mask. Then the next step's inputs, in place: every
+    live row's pick at its next position, so the step can run again before anyone reads this one.
 
-    `inputs` (n, 4), a row's token, position, live (1 for a row holding a request) and eot_banned
-    (1 for a row still reasoning, which may not end the turn).
+    `inputs` (n, 4): a row's token, position, live (1 for a row holding a request) and eot_banned
+    (1 for a row still reasoning, which may not end the turn). `draws` (n, 2): a row's temperature
+    (0: greedy) and the uniform number its sampled id is drawn with (`sampling.pick_rows`'s rule).
     """
     tokens, positions, live, eot_banned = inputs.unbind(1)
+    temperatures, uniforms = draws.unbind(1)
     logits = model(tokens.unsqueeze(1), positions.unsqueeze(1), kv_cache=cache, cache_length=cache.max_len)
     logits = logits[:, 0].float()
-    greedy = mask_unsampled_(logits.clone(), never, eot_banned.bool()).argmax(dim=-1)
+    masked = mask_unsampled_(logits.clone(), never, eot_banned.bool())
+    sampled = temperatures > 0
+    drawn = inverse_cdf_(masked / torch.where(sampled, temperatures, 1.0)[:, None], uniforms)
+    picks = torch.where(sampled, drawn, masked.argmax(dim=-1))
     live = live.bool()
     # Clamped: a row past its last position has finished, and its next write must stay in the cache.
     next_positions = torch.where(live, (positions + 1).clamp(max=cache.max_len - 1), 0)
-    inputs[:, 0].copy_(torch.where(live, greedy, PAD))
+    inputs[:, 0].copy_(torch.where(live, picks, PAD))
     inputs[:, 1].copy_(next_positions)
-    return logits, greedy
+    return logits, picks
+
+
+@dataclass(frozen=True)
+class Draws:
+    """How each row of a step picks its id (one entry per row; idle rows anything): `<|endoftext|>`
+    banned (1) or not, the temperature (0: greedy), and the uniform numbers its sampled ids are
+    drawn with, this step's and, should the next step run ahead, the next one's."""
+
+    eot_banned: list[int]
+    temperatures: list[float]
+    uniforms: list[float]
+    next_uniforms: list[float]
+
+    @classmethod
+    def all_greedy(cls, rows: int) -> Draws:
+        return cls([0] * rows, [0.0] * rows, [0.0] * rows, [0.0] * rows)
 
 
 @dataclass
@@ -168,7 +193,9 @@ class _Launched:
     positions: list[int]
     live: list[int]
     eot_banned: list[int]
-    outputs: tuple[Tensor, Tensor]  # logits (size, V), greedy ids (size,)
+    temperatures: list[float]
+    uniforms: list[float]
+    outputs: tuple[Tensor, Tensor]  # logits (size, V), picks (size,)
 
     def serves(self, tokens: Sequence[int], positions: Sequence[int], active: Sequence[int]) -> bool:
         """Whether its outputs are those of a step on these inputs, for the active rows (the rest are
@@ -180,6 +207,46 @@ class _Launched:
             and self.positions[i] == positions[i]
             for i in active
         )
+
+    def picks_as(self, draws: Draws, active: Sequence[int]) -> bool:
+        """Whether its picks are those `draws` ask for, for the active rows."""
+        return all(
+            (self.eot_banned[i], self.temperatures[i], self.uniforms[i])
+            == (draws.eot_banned[i], draws.temperatures[i], draws.uniforms[i])
+            for i in active
+        )
+
+
+class _Upload:
+    """A device buffer the host writes rows of through pinned memory, without waiting for the device.
+
+    Two pinned staging buffers take turns, each with an event for its last copy: a write waits only
+    for the copy before last (long done), never for the steps queued before the last one.
+    `skip_unchanged`: a write of what the host last wrote is dropped (for a buffer the step does
+    not write itself)."""
+
+    def __init__(self, buffer: Tensor, *, skip_unchanged: bool = False) -> None:
+        self.buffer = buffer
+        cuda = buffer.device.type == "cuda"
+        self.staging = [torch.empty_like(buffer, device="cpu", pin_memory=cuda) for _ in range(2)]
+        self.copied = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        self.turn = 0
+        self.last: list[list] | None = None if not skip_unchanged else []
+
+    def write(self, rows: list[list]) -> None:
+        """Rows 0..len(rows)-1 of the buffer, in stream order with the launches around the call."""
+        if self.last is not None and rows == self.last[: len(rows)]:
+            return
+        self.turn ^= 1
+        staging, copied = self.staging[self.turn], self.copied[self.turn]
+        if copied is not None:
+            copied.synchronize()
+        staging[: len(rows)] = torch.tensor(rows, dtype=staging.dtype)
+        self.buffer[: len(rows)].copy_(staging[: len(rows)], non_blocking=True)
+        if copied is not None:
+            copied.record()
+        if self.last is not None:
+            self.last[: len(rows)] = rows
 
 
 class StaticDecodeStep:
@@ -199,13 +266,14 @@ class StaticDecodeStep:
     compilation with a dynamic batch dimension serves every size but 1, which gets its own.
     Without graphs the step runs on any device (the tests run this path on a CPU).
 
-    Greedy decoding (`greedy`) keeps the host off the critical path: the step picks each row's id
-    itself and writes the next step's inputs from them, so the next step can be launched before
-    the host reads this one's ids (`may_run_ahead`). While the device runs it, the host does its
+    `pick` keeps the host off the critical path: the step picks each row's id itself (greedy, or
+    sampled at the row's temperature with a uniform number the host drew for it: `Draws`) and
+    writes the next step's inputs from them, so the next step can be launched before the host
+    reads this one's ids (`may_run_ahead`). While the device runs it, the host does its
     bookkeeping; the next call uses it when its inputs turn out to be what the host wants (every
-    active row fed the id it chose, one position on), and runs the step again when not (a request
-    joined, a row was forced). Running again rewrites the same cache slots, so a step run ahead in
-    vain costs time, never tokens.
+    active row fed the id it chose, one position on, picking as asked), and runs the step again
+    when not (a request joined, a row was forced). Running again rewrites the same cache slots, so
+    a step run ahead in vain costs time, never tokens.
     """
 
     def __init__(
@@ -230,15 +298,14 @@ class StaticDecodeStep:
         most = self.sizes[-1]
         pinned = device.type == "cuda"
         # A row's inputs side by side, so every size's view is contiguous (its strides never vary).
-        self.inputs = torch.zeros(most, 4, dtype=torch.long, device=device)
-        self.inputs[:, 0] = PAD
-        self.staging = torch.zeros(most, 4, dtype=torch.long, pin_memory=pinned)
-        self.greedy_ids = torch.zeros(most, dtype=torch.long, pin_memory=pinned)  # read back here
-        self.read = torch.cuda.Event() if pinned else None  # the greedy ids have reached the host
-        self.staged = torch.cuda.Event() if pinned else None  # the staging buffer's copy is done
+        self.inputs = _Upload(torch.zeros(most, 4, dtype=torch.long, device=device))
+        self.inputs.buffer[:, 0] = PAD
+        self.draws = _Upload(torch.zeros(most, 2, device=device), skip_unchanged=True)
+        self.picks = torch.zeros(most, dtype=torch.long, pin_memory=pinned)  # read back here
+        self.read = torch.cuda.Event() if pinned else None  # the picks have reached the host
         self.never = torch.tensor(never_sampled_ids(model.config.vocab_size), device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[Tensor, Tensor]]] = {}
-        self.run_ahead = run_ahead  # False: `greedy` never runs ahead (benchmarks/decode.py compares)
+        self.run_ahead = run_ahead  # False: `pick` never runs ahead (benchmarks/decode.py compares)
         self.ahead: _Launched | None = None  # a step launched before the host read the one before
         # Steps launched on inputs from the host, steps run ahead, and those of them used.
         self.counts = {"launched": 0, "ran_ahead": 0, "used_ahead": 0}
@@ -250,15 +317,18 @@ class StaticDecodeStep:
             torch.cuda.synchronize(device)
 
     def _run(self, size: int) -> tuple[Tensor, Tensor]:
-        cache, inputs = self.cache.leading_rows(size), self.inputs[:size]
+        cache, inputs, draws = (
+            self.cache.leading_rows(size),
+            self.inputs.buffer[:size],
+            self.draws.buffer[:size],
+        )
         if size > 1:
             # The batch dimension is dynamic from the first compilation on: one graph serves every
             # size but 1 (which dynamo always specialises), instead of one for the first size seen,
             # another once a second size shows the dimension varies, and one for 1.
-            for tensor in (*cache.keys, *cache.values):
+            for tensor in (*cache.keys, *cache.values, inputs, draws):
                 mark_dynamic(tensor, 0)
-            mark_dynamic(inputs, 0)
-        return self.step(self.model, cache, inputs, self.never)
+        return self.step(self.model, cache, inputs, draws, self.never)
 
     def _capture(
         self, size: int, pool: tuple[int, int]
@@ -287,42 +357,33 @@ class StaticDecodeStep:
         return next(s for s in self.sizes if s >= rows)
 
     def _launch_on(
-        self,
-        tokens: Sequence[int],
-        positions: Sequence[int],
-        active: Sequence[int],
-        eot_banned: Sequence[int],
+        self, tokens: Sequence[int], positions: Sequence[int], active: Sequence[int], draws: Draws
     ) -> _Launched:
         """Write the inputs (padded to a captured size) and launch the step on them."""
         size = self._size(len(tokens))
-        pad = [0] * (size - len(tokens))
-        rows = [[*tokens, *[PAD] * len(pad)], [*positions, *pad], [0] * size, [*eot_banned, *pad]]
+        pad = size - len(tokens)
+        live = [0] * size
         for i in active:
-            rows[2][i] = 1
-        if self.staged is not None:
-            self.staged.synchronize()  # the last copy out of the staging buffer (long done, mostly)
-        self.staging[:size] = torch.tensor(rows).T
-        self.inputs[:size].copy_(self.staging[:size], non_blocking=True)
-        if self.staged is not None:
-            self.staged.record()
+            live[i] = 1
+        tokens, positions = [*tokens, *[PAD] * pad], [*positions, *[0] * pad]
+        eot_banned = [*draws.eot_banned, *[0] * pad]
+        temperatures, uniforms = [*draws.temperatures, *[0.0] * pad], [*draws.uniforms, *[0.0] * pad]
+        self.inputs.write([list(row) for row in zip(tokens, positions, live, eot_banned, strict=True)])
+        self.draws.write([list(row) for row in zip(temperatures, uniforms, strict=True)])
         self.counts["launched"] += 1
-        return _Launched(*rows, outputs=self._launch(size))
+        return _Launched(tokens, positions, live, eot_banned, temperatures, uniforms, self._launch(size))
 
     def drop_ahead(self) -> None:
         """Forget the step run ahead, if any: cache rows were written since (a prefill), so it is stale."""
         self.ahead = None
 
     def _take_ahead(
-        self,
-        tokens: Sequence[int],
-        positions: Sequence[int],
-        active: Sequence[int],
-        eot_banned: Sequence[int] | None,
+        self, tokens: Sequence[int], positions: Sequence[int], active: Sequence[int], draws: Draws | None
     ) -> _Launched | None:
         ahead, self.ahead = self.ahead, None
         if ahead is None or not ahead.serves(tokens, positions, active):
             return None
-        if eot_banned is not None and any(ahead.eot_banned[i] != eot_banned[i] for i in active):
+        if draws is not None and not ahead.picks_as(draws, active):
             return None
         self.counts["used_ahead"] += 1
         return ahead
@@ -330,38 +391,41 @@ class StaticDecodeStep:
     def __call__(self, tokens: Sequence[int], positions: Sequence[int], active: Sequence[int]) -> Tensor:
         """Logits (n, V) of the active rows; with graphs, a view of the graph's output, valid until the next call."""
         launched = self._take_ahead(tokens, positions, active, None) or self._launch_on(
-            tokens, positions, active, [0] * len(tokens)
+            tokens, positions, active, Draws.all_greedy(len(tokens))
         )
         return active_rows(launched.outputs[0], active)
 
-    def greedy(
+    def pick(
         self,
         tokens: Sequence[int],
         positions: Sequence[int],
         active: Sequence[int],
-        eot_banned: Sequence[int],
+        draws: Draws,
         *,
         may_run_ahead: bool,
     ) -> list[int]:
-        """The active rows' greedy ids under the special-id mask (`<|endoftext|>` too where
-        `eot_banned`); `may_run_ahead`: the next step may be launched on them before they are read."""
+        """The active rows' ids, picked as `draws` say under the special-id mask; `may_run_ahead`:
+        the next step may be launched on them (with `draws.next_uniforms`) before they are read."""
         run_ahead = may_run_ahead and self.run_ahead
-        launched = self._take_ahead(tokens, positions, active, eot_banned) or self._launch_on(
-            tokens, positions, active, eot_banned
+        launched = self._take_ahead(tokens, positions, active, draws) or self._launch_on(
+            tokens, positions, active, draws
         )
         size = len(launched.live)
-        self.greedy_ids[:size].copy_(launched.outputs[1], non_blocking=True)
+        self.picks[:size].copy_(launched.outputs[1], non_blocking=True)
         if self.read is not None:
             self.read.record()
         if run_ahead:
             # The step just launched wrote this one's inputs on the device; its graph is launched
             # for as few rows as hold the active ones (the inputs of the rows after are left alone).
             ahead_size = self._size(active[-1] + 1)
+            temperatures = launched.temperatures[:ahead_size]
+            uniforms = [*draws.next_uniforms, *[0.0] * size][:ahead_size]
+            self.draws.write([[t, u] for t, u in zip(temperatures, uniforms, strict=True)])
             outputs = self._launch(ahead_size)
             self.counts["ran_ahead"] += 1
         if self.read is not None:
             self.read.synchronize()
-        ids = self.greedy_ids[:size].tolist()
+        ids = self.picks[:size].tolist()
         if run_ahead:
             live = launched.live[:ahead_size]
             self.ahead = _Launched(
@@ -372,6 +436,8 @@ class StaticDecodeStep:
                 ],
                 live,
                 launched.eot_banned[:ahead_size],
+                temperatures,
+                uniforms,
                 outputs,
             )
         return [ids[i] for i in active]

@@ -29,6 +29,11 @@ from after the repetition penalty (and `logits_hook`) and before that special-id
 temperature 1 (`sampling.token_logprobs`). Each travels with the Delta that first carries any of its
 text; a sampled end id (`<|im_end|>`, `<|endoftext|>`) with the last Delta of its part; ids cut by
 a stop string are dropped with their text. Forced ids have none.
+
+Sampling: each sampled id costs its request one uniform number (`Request.draw`), drawn on the host
+from the request's own generator in order, whichever path picks the id (`sampling.pick_rows` on
+the host, or the CUDA-graph step on the device, which may draw the next one before the id is
+known): a seed gives the same tokens on every path and in every batch.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import torch
 from torch import Tensor
 
 from reasoning_llama.cpu_layout import FusedLinear, fuse_projections, prepare_for_cpu_decode
-from reasoning_llama.decoding import DecodeStep, DynamicDecodeStep, StaticDecodeStep, decode, prefill
+from reasoning_llama.decoding import DecodeStep, Draws, DynamicDecodeStep, StaticDecodeStep, decode, prefill
 from reasoning_llama.errors import ConfigError, RequestError
 from reasoning_llama.model import KVCache, Transformer
 from reasoning_llama.quantize import int8_linear_works, quantize_int8
@@ -55,9 +60,10 @@ from reasoning_llama.sampling import (
     SamplingParams,
     TokenLogprob,
     apply_repetition_penalty,
+    draw_uniform,
     mask_unsampled_,
     never_sampled_ids,
-    sample_rows,
+    pick_rows,
     token_logprobs,
 )
 from reasoning_llama.tokenizer import (
@@ -175,7 +181,6 @@ class Request:
         request_id: str,
         prompt_ids: list[int],
         params: SamplingParams,
-        device: torch.device,
         on_event: Callable[[Delta | GenerationResult], None] | None = None,
     ) -> None:
         self.id = request_id
@@ -187,7 +192,8 @@ class Request:
         self.result: GenerationResult | None = None
         self.texts = {"reasoning": _TextStream(()), "answer": _TextStream(params.stop)}
         self.logprobs: dict[str, list[TokenLogprob]] = {"reasoning": [], "answer": []}  # as emitted
-        self.generator = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
+        self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        self._draws: deque[float] = deque()  # drawn from the generator, not yet spent on a token
         self.seen: Tensor | None = None  # ids in prompt + output, for the repetition penalty
         self.slot: int | None = None  # the cache row while running
         self.times = {"submitted": time.perf_counter()}  # perf_counter readings of its milestones
@@ -218,6 +224,17 @@ class Request:
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
+
+    def draw(self, ahead: int = 0) -> float:
+        """The uniform number the next sampled token is drawn with (`ahead`: the one after that's);
+        drawn from the generator once, kept until `spend_draw`."""
+        while len(self._draws) <= ahead:
+            self._draws.append(draw_uniform(self.generator))
+        return self._draws[ahead]
+
+    def spend_draw(self) -> None:
+        """A token was sampled with `draw()`: the next one takes the following number."""
+        self._draws.popleft()
 
     def cancel(self) -> None:
         """Ask the engine to stop this request at its next step (finish_reason "cancelled"); thread-safe."""
@@ -392,7 +409,7 @@ class Engine:
         prompt_ids = [int(i) for i in prompt_ids]
         self.check_request(prompt_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
-        request = Request(request_id, prompt_ids, params, self.device, on_event)
+        request = Request(request_id, prompt_ids, params, on_event)
         with self._lock:
             self._waiting.append(request)
         return request
@@ -468,29 +485,36 @@ class Engine:
             positions[r.slot] = r.prompt_tokens + len(r.output_ids) - 1
         slots = [r.slot for r in active]
         step = self.decode_step
-        if not isinstance(step, StaticDecodeStep) or not self._greedy_alone(active):
+        if not isinstance(step, StaticDecodeStep) or not self._picked_in_step(active):
             self._advance(active, step(tokens, positions, slots), events)
             return
-        eot_banned = [0] * rows
+        draws = Draws.all_greedy(rows)
         for r in active:
-            eot_banned[r.slot] = int(r.eot_banned)
-        # Every id comes from the step's own greedy pick (or is forced): the host reads ids, not
-        # logits. The next step may run ahead while the host does its bookkeeping, unless this
-        # step forces an id, or a request reaches its length, when either every request ends or,
-        # with requests waiting (the slots are full, or they would have been admitted), one joins.
+            draws.eot_banned[r.slot] = int(r.eot_banned)
+            if not r.params.greedy:
+                draws.temperatures[r.slot] = r.params.temperature
+                draws.uniforms[r.slot], draws.next_uniforms[r.slot] = r.draw(), r.draw(ahead=1)
+        # Every id comes from the step's own pick (or is forced): the host reads ids, not logits.
+        # The next step may run ahead while the host does its bookkeeping, unless this step forces
+        # an id, or a request reaches its length, when either every request ends or, with requests
+        # waiting (the slots are full, or they would have been admitted), one joins.
         forced = [r.turn.forced for r in active]
         ending = [len(r.output_ids) + 1 >= r.params.max_new_tokens for r in active]
         may_run_ahead = (
             all(f is None for f in forced) and not all(ending) and not (self._waiting and any(ending))
         )
-        chosen = step.greedy(tokens, positions, slots, eot_banned, may_run_ahead=may_run_ahead)
+        chosen = step.pick(tokens, positions, slots, draws, may_run_ahead=may_run_ahead)
         for r, f, token in zip(active, forced, chosen, strict=True):
+            if f is None and not r.params.greedy:
+                r.spend_draw()
             self._accept(r, token if f is None else f, events.setdefault(r, []))
 
-    def _greedy_alone(self, requests: list[Request]) -> bool:
-        """Whether the masked greedy pick is all these requests need: no sampling, penalty, hook or logprobs."""
+    def _picked_in_step(self, requests: list[Request]) -> bool:
+        """Whether the step's own pick is all these requests need: greedy, or sampled at a
+        temperature alone (no top-k/top-p/min-p), with no penalty, hook or logprobs."""
         return self.logits_hook is None and all(
-            r.params.greedy and r.seen is None and r.params.logprobs is None for r in requests
+            (r.params.greedy or not r.params.filtered) and r.seen is None and r.params.logprobs is None
+            for r in requests
         )
 
     def _finish_cancelled(self, events: dict) -> None:
@@ -547,11 +571,13 @@ class Engine:
         tokens = [forced[i] for i in range(len(requests))]
         if free:
             rows = logits if len(free) == len(requests) else logits[torch.tensor(free, device=self.device)]
-            drawn = sample_rows(
-                rows, [requests[i].params for i in free], [requests[i].generator for i in free]
-            )
-            for i, token in zip(free, drawn, strict=True):
+            params = [requests[i].params for i in free]
+            uniforms = [0.0 if p.greedy else requests[i].draw() for i, p in zip(free, params, strict=True)]
+            drawn = pick_rows(rows, params, uniforms)
+            for i, p, token in zip(free, params, drawn, strict=True):
                 tokens[i] = token
+                if not p.greedy:
+                    requests[i].spend_draw()
         logprobs: list[TokenLogprob | None] = [None] * len(requests)
         if unmasked is not None:
             tops = [requests[i].params.logprobs or 0 for i in reported]

@@ -96,6 +96,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
 
+    @property
+    def filtered(self) -> bool:
+        """Whether top-k, top-p or min-p cut the distribution."""
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -157,15 +162,27 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     return sample_rows(logits[None], [params], [generator])[0]
 
 
+def draw_uniform(generator: torch.Generator | None = None) -> float:
+    """The one uniform number in [0, 1) a sampled token costs, from `generator` (a CPU generator, or
+    torch's default one): drawn on the host, so a seed gives the same numbers on every device."""
+    return float(torch.rand(1, generator=generator))
+
+
 def sample_rows(
     logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
 ) -> list[int]:
-    """One token id per row of `logits` (n, V), each row with its own parameters and generator.
+    """One token id per row of `logits` (n, V), each row with its own parameters and generator:
+    `pick_rows` with one `draw_uniform` from each sampled row's generator."""
+    uniforms = [0.0 if p.greedy else draw_uniform(g) for p, g in zip(params, generators, strict=True)]
+    return pick_rows(logits, params, uniforms)
 
-    The rows are filtered and normalised together; each row then draws a single uniform number from
-    its own generator and takes the token where that number falls in its cumulative distribution
-    (what `torch.multinomial` does for one row). So a seeded request samples the same tokens whatever
-    else shares its batch, and a batch of n rows costs a few tensor operations, not n.
+
+def pick_rows(logits: Tensor, params: Sequence[SamplingParams], uniforms: Sequence[float]) -> list[int]:
+    """One token id per row of `logits` (n, V): greedy rows their argmax, sampled rows the token
+    where their uniform number (`draw_uniform`) falls in their distribution.
+
+    The rows are filtered and normalised together, so a batch of n rows costs a few tensor
+    operations, not n; and a seeded request samples the same tokens whatever else shares its batch.
     """
     drawn = [i for i, p in enumerate(params) if not p.greedy]
     if len(drawn) < len(params):
@@ -183,14 +200,20 @@ def sample_rows(
             if (top_k, top_p, min_p) != (0, 1.0, 0.0):
                 index = torch.tensor(members, device=logits.device)
                 scaled[index] = filter_logits(scaled[index], top_k=top_k, top_p=top_p, min_p=min_p)
-        # Unnormalised in place: the uniform number is scaled by each row's total instead, which saves
-        # the softmax's division and two passes over an (n, V) tensor.
-        cumulative = scaled.sub_(scaled.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
-        uniform = torch.cat([torch.rand(1, generator=generators[i], device=logits.device) for i in drawn])
-        # A token of probability 0 adds nothing to the sum, so `right=True` can never land on it.
-        picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)
-        chosen[rows] = picked[:, 0].clamp_(max=logits.shape[-1] - 1)
+        uniform = torch.tensor([uniforms[i] for i in drawn], device=logits.device)
+        chosen[rows] = inverse_cdf_(scaled, uniform)
     return chosen.tolist()
+
+
+def inverse_cdf_(scaled: Tensor, uniform: Tensor) -> Tensor:
+    """Each row's id (n,) where `uniform` (n,) falls in the cumulative distribution softmax(`scaled`)
+    (n, V), which is overwritten: what `torch.multinomial` does for one draw per row."""
+    # Unnormalised: the uniform number is scaled by each row's total instead, which saves the
+    # softmax's division and two passes over the rows.
+    cumulative = scaled.sub_(scaled.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
+    # A token of probability 0 adds nothing to the sum, so `right=True` can never land on it.
+    picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)
+    return picked[:, 0].clamp_(max=scaled.shape[-1] - 1)
 
 
 @dataclass
