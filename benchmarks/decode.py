@@ -276,24 +276,31 @@ def main() -> None:
         return out[:, width:].tolist()
 
     def decode_rate(
-        runs: dict[str, Callable[[int, int], object]], batch: int, between: Callable[[], None] = lambda: None
+        runs: dict[str, Callable[[int, int], list[list[int]]]],
+        batch: int,
+        between: Callable[[], None] = lambda: None,
     ) -> dict[str, float]:
-        """Tokens/s of decoding for each implementation, interleaved, medians of (T_N - T_1);
-        `between` runs before the first repeat and after each."""
+        """Tokens/s of decoding for each implementation, interleaved: the tokens made beyond the
+        first over medians of (T_N - T_1); `between` runs before the first repeat and after each.
+        Tokens are counted, since a sampled request may end before N."""
         for run in runs.values():  # warm up: allocations, lazy init
             run(batch, 2)
         times: dict[str, dict[int, list[float]]] = {name: {1: [], new_tokens: []} for name in runs}
+        made: dict[str, list[int]] = {name: [] for name in runs}
         between()
         for repeat in range(repeats):
             order = list(runs) if repeat % 2 == 0 else list(reversed(runs))
             for name in order:
                 for n in (new_tokens, 1):
-                    times[name][n].append(timed(lambda: runs[name](batch, n), device))  # noqa: B023
+                    outputs: list[list[list[int]]] = []
+                    times[name][n].append(timed(lambda: outputs.append(runs[name](batch, n)), device))  # noqa: B023
+                    if n == new_tokens:
+                        made[name].append(sum(len(ids) for ids in outputs[0]))
             between()
         rates = {}
         for name, by_n in times.items():
             decode_s = statistics.median(by_n[new_tokens]) - statistics.median(by_n[1])
-            rates[name] = batch * (new_tokens - 1) / decode_s
+            rates[name] = (statistics.mean(made[name]) - batch) / decode_s
         return rates
 
     phases.done("setup")  # models, engines, compiling (and capturing)

@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +72,7 @@ class Suite:
         self.started = time.monotonic()
         self.deadline = self.started + budget
         self.report = report
+        self.lock = threading.Lock()  # checks at the same time record their results
 
     def run(self, name: str, command: list[str], limit: float) -> dict[str, Any]:
         """One step within its own limit and the suite's remaining budget."""
@@ -80,8 +82,19 @@ class Suite:
             return {"status": f"skipped: {max(left, 0):.0f} s of the suite's budget left"}
         return {"started_s": round(now - self.started, 1), **run(name, command, self.out, min(limit, left))}
 
+    def record(self, *keys: str, result: dict[str, Any]) -> None:
+        """Put a step's result at report[keys[0]][keys[1]]... and rewrite the report."""
+        with self.lock:
+            place = self.report
+            for key in keys[:-1]:
+                place = place.setdefault(key, {})
+            place[keys[-1]] = result
+        self.save()
+
     def save(self) -> None:
-        (self.out / "report.json").write_text(json.dumps(self.report, indent=2) + "\n")
+        with self.lock:
+            text = json.dumps(self.report, indent=2) + "\n"
+            (self.out / "report.json").write_text(text)
 
 
 def run(name: str, command: list[str], out: Path, timeout: float) -> dict[str, Any]:
@@ -198,7 +211,7 @@ def run_suite(args: argparse.Namespace, work: Path) -> None:
     def throughput() -> None:
         command = [python, "benchmarks/train_throughput.py", "--device", args.device]
         command += quick or ["--steps", "10", "--repeats", "3"]
-        report["throughput"] = json_result(suite.run("throughput", command, limit=180))
+        suite.record("throughput", result=json_result(suite.run("throughput", command, limit=180)))
 
     def decode() -> None:
         command = [python, "benchmarks/decode.py", "--device", args.device]
@@ -207,7 +220,7 @@ def run_suite(args: argparse.Namespace, work: Path) -> None:
             if args.quick
             else ["--repeats", "3", "--batch", "8,64"]
         )
-        report["decode"] = json_result(suite.run("decode", command, limit=180))
+        suite.record("decode", result=json_result(suite.run("decode", command, limit=180)))
 
     def gpu_tests() -> None:
         command = [
@@ -224,7 +237,7 @@ def run_suite(args: argparse.Namespace, work: Path) -> None:
         step = suite.run("gpu_tests", command, limit=180)
         summary = re.search(r"(\d+ (passed|failed|skipped).*) in ", step.get("last_line", ""))
         step["summary"] = summary.group(1) if summary else step.get("last_line", "")
-        report["gpu_tests"] = step
+        suite.record("gpu_tests", result=step)
 
     def data_parallel(mode: str) -> None:
         rows, seq_len = (2, 128) if args.quick else (8, 256)
@@ -255,7 +268,7 @@ def run_suite(args: argparse.Namespace, work: Path) -> None:
         step = suite.run(f"dp_{mode}", [python, *launcher, *train_args(config, run_dir)], limit=90)
         if step["status"] == "ok":
             step |= final_losses(run_dir)
-        report["data_parallel"][mode] = step
+        suite.record("data_parallel", mode, result=step)
 
     def short_run() -> None:
         real = {
@@ -290,12 +303,12 @@ def run_suite(args: argparse.Namespace, work: Path) -> None:
             step |= final_losses(run_dir)
             val = step["val_losses"]
             step["loss_fell"] = len(val) >= 2 and val[-1] < val[0]
-        report["short_run"] = step
+        suite.record("short_run", result=step)
 
     def profile() -> None:
         command = [python, "benchmarks/gpu_profile.py", "--device", args.device, *quick]
         command += ["--parts", args.profile_parts] if args.profile_parts else []
-        report["profile"] = json_result(suite.run("profile", command, limit=150))
+        suite.record("profile", result=json_result(suite.run("profile", command, limit=150)))
 
     steps: dict[str, Callable[[], None]] = {
         "throughput": throughput,
@@ -311,12 +324,10 @@ def run_suite(args: argparse.Namespace, work: Path) -> None:
     if unknown:
         raise SystemExit(f"unknown steps {unknown}; choose from {', '.join(steps)}")
     report["steps"] = chosen
-    report["data_parallel"] = {}
     for group in step_groups(chosen):
         with ThreadPoolExecutor(len(group)) as pool:
             for future in [pool.submit(steps[name]) for name in group]:
-                future.result()
-        suite.save()
+                future.result()  # each step records its result (and saves the report) as it ends
 
     report["total_seconds"] = round(time.monotonic() - suite.started, 1)
     suite.save()

@@ -33,7 +33,8 @@ a stop string are dropped with their text. Forced ids have none.
 Sampling: each sampled id costs its request one uniform number (`Request.draw`), drawn on the host
 from the request's own generator in order, whichever path picks the id (`sampling.pick_rows` on
 the host, or the CUDA-graph step on the device, which may draw the next one before the id is
-known): a seed gives the same tokens on every path and in every batch.
+known): a seed gives the same numbers on every path and in every batch, so the same tokens wherever
+the logits agree (paths and devices round them differently, which moves a draw near a boundary).
 """
 
 from __future__ import annotations
