@@ -65,3 +65,22 @@ def test_generate_info_and_export_take_a_run_directory(run_dir, tmp_path):
     assert (tmp_path / "hf" / "config.json").is_file()
     done = run_cli("chat", "--checkpoint", tmp_path / "nowhere")
     assert done.returncode == 2 and "does not exist" in done.stderr
+
+
+@pytest.mark.slow
+def test_train_starts_from_a_run_directorys_best_model(run_dir, tmp_path):
+    from omegaconf import OmegaConf
+
+    from reasoning_llama.training.loop import RUN_CONFIG
+
+    out = tmp_path / "from-run"
+    done = run_cli(
+        "train", "--preset", "tiny", "--init-from", run_dir, "--out", out, "--no-progress",
+        "--set", "data.seq_len=64", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+        "--set", "data.synthetic_train_size=40", "--set", "data.synthetic_val_size=4",
+        "--set", "train.max_steps=1", "--set", "train.micro_batch_size=2", "--set", "train.global_batch_tokens=128",
+        "--set", "train.task_eval_size=0",
+        one_thread=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert OmegaConf.load(out / RUN_CONFIG).train.init_from == str(run_dir / ckpt.BEST)

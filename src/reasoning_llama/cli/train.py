@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from reasoning_llama.cli.model_dir import resolve_model_dir
 from reasoning_llama.cli.options import INTERRUPTED_EXIT, Threads, echo_err, set_threads
 from reasoning_llama.errors import ConfigError
 
@@ -30,7 +31,13 @@ def train(
     overwrite: Annotated[
         bool, typer.Option(help="Delete the training run already in --out and start it over.")
     ] = False,
-    init_from: Annotated[Path | None, typer.Option(help="Start from this checkpoint's weights.")] = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from this model's weights: a checkpoint, or a run directory (its best model, "
+            "else its latest checkpoint)."
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     threads: Threads = None,
     stop_at_step: Annotated[
@@ -55,7 +62,7 @@ def train(
     if preset is not None:
         overrides.insert(0, f"train.preset={preset}")
     if init_from is not None:
-        overrides.append(f"train.init_from={init_from}")
+        overrides.append(f"train.init_from={resolve_model_dir(init_from)}")
     if config is None and preset is None:
         if not resume:
             raise ConfigError("give --preset P or --config FILE (or --resume to continue the run in --out)")
