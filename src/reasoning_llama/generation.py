@@ -274,8 +274,9 @@ class Engine:
     to tens of seconds: on a CPU ahead of time by AOTInductor, here (aot_step.py; the compiled code
     is cached on disk), elsewhere by torch.compile at the first step.
     `cuda_graphs=True` (a CUDA model) replays it from CUDA graphs captured here for every padded
-    batch size up to `max_batch_size`; a batch of greedy requests then takes the graph's own pick
-    and runs the next step ahead while the host reads this one (decoding.StaticDecodeStep).
+    batch size up to `max_batch_size`; a batch of requests that are greedy or sampled at a
+    temperature alone (no top-k/top-p/min-p, penalty, hook or logprobs) then takes the graph's own
+    pick and runs the next step ahead while the host reads this one (decoding.StaticDecodeStep).
     """
 
     def __init__(
