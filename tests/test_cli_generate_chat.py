@@ -190,6 +190,7 @@ def test_bad_input_is_one_line_without_traceback(checkpoint, tmp_path):
             "(9 tokens) plus max_new_tokens (5000)",
         ),
         (["--checkpoint", checkpoint, "--prompt", "hi", "--top-p", "1.5"], "top_p must be"),
+        (["--checkpoint", checkpoint, "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be"),
     ]
     results = run_clis([("generate", *args) for args, _ in cases])
     for (args, message), result in zip(cases, results, strict=True):
@@ -215,7 +216,10 @@ def test_set_parses_and_validates_values():
         ("top_k", "2.5", "needs an integer"),
         ("top_p", "2", "top_p must be"),
         ("warmth", "1", "unknown setting"),
+        ("raw", "1", "unknown setting"),  # the API's: a chat has turns and shows no logprobs
+        ("logprobs", "3", "unknown setting"),
         ("min_p", "", "needs a value"),
+        ("max_new_tokens", "0", "max_new_tokens must be"),
     ]:
         with pytest.raises(RequestError, match=message):
             apply_setting(params, key, value)

@@ -68,6 +68,9 @@ def test_unfinished_output_is_neither_correct_nor_well_formed(tiny_config):
     report = evaluation.evaluate_generations(engine, rows, max_new_tokens=3)  # cut inside the reasoning
     assert report.overall.exact_match == 0.0 and report.overall.format_adherence == 0.0
     assert report.overall.finished == 0.0
+    for bad in (0, -5):  # a budget of nothing is an error, never a table of zeros or the default
+        with pytest.raises(ConfigError, match="max_new_tokens must be >= 1"):
+            evaluation.evaluate_generations(engine, rows, max_new_tokens=bad)
 
 
 def test_answer_matching():
@@ -177,6 +180,7 @@ def test_eval_cli_with_int8_weights_scores_the_int8_engine(tmp_path, tiny_config
         (["--data", "x.jsonl", "--examples", "e.jsonl"], "--examples lists generations"),
         (["--task", "synthetic", "--quantize", "int4"], "unknown quantization 'int4'; use int8"),
         (["--task", "synthetic", "--quantize", "int8", "--compile"], "--compile does not apply to int8"),
+        (["--task", "synthetic", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
     ],
 )
 def test_eval_cli_errors_are_one_line(tmp_path, tiny_config, args, message):

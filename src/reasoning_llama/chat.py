@@ -108,14 +108,16 @@ Enter sends; Esc then Enter (or Alt-Enter) starts a new line. Ctrl-C stops an an
   /quit            leave (also /exit, Ctrl-D)"""
 
 _OPTIONAL_INTS = ("seed", "reasoning_budget")
+# What a chat turn can change: raw text (no turns) and log-probabilities (not shown) are for the API.
+_NOT_FOR_CHAT = ("raw", "logprobs")
 
 
 def apply_setting(params: SamplingParams, key: str, raw: str) -> SamplingParams:
     """`/set KEY VALUE` -> new validated params; RequestError with a one-line reason otherwise."""
-    fields = {f.name: f for f in dataclasses.fields(params)}
+    settings = [f.name for f in dataclasses.fields(params) if f.name not in _NOT_FOR_CHAT]
     name = key.replace("-", "_")
-    if name not in fields:
-        raise RequestError(f"unknown setting {key!r}; choose one of: {', '.join(fields)}")
+    if name not in settings:
+        raise RequestError(f"unknown setting {key!r}; choose one of: {', '.join(settings)}")
     raw = raw.strip()
     if not raw:
         raise RequestError(f"/set {name} needs a value")

@@ -127,8 +127,10 @@ def evaluate_generations(
     """Greedy-generate an answer to every row's `user` and score it against the row's `assistant`."""
     if not rows:
         raise ConfigError("nothing to evaluate: no rows")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     tokenizer = engine.tokenizer
-    budget = max_new_tokens or default_max_new_tokens(rows, tokenizer)
+    budget = default_max_new_tokens(rows, tokenizer) if max_new_tokens is None else max_new_tokens
     prompts, params, fits = [], [], []
     for row in rows:
         prompt = tokenizer.render_prompt([{"role": "user", "content": row["user"]}], system=system)

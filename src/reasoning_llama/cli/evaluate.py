@@ -58,6 +58,8 @@ def eval_command(
         raise ConfigError("give exactly one of --task synthetic[:family,...] or --data FILE")
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {limit}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if examples is not None and task is None and not generate:
         raise ConfigError("--examples lists generations: use it with --task, or with --data and --generate")
     directory = resolve_model_dir(checkpoint)

@@ -68,7 +68,8 @@ def sampling_params(options: dict[str, object]) -> SamplingParams:
 
     names = {f.name for f in dataclasses.fields(SamplingParams)}
     values = {name: value for name, value in options.items() if name in names}
-    values["max_new_tokens"] = values.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
+    if values.get("max_new_tokens") is None:  # not given (0 is given, and refused below)
+        values["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
     values["stop"] = tuple(values.get("stop") or ())  # type: ignore[arg-type]
     params = SamplingParams(**values)  # type: ignore[arg-type]
     params.validate()
