@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 
@@ -21,7 +22,8 @@ from reasoning_llama.interop.hf import export_hf, import_hf
 from reasoning_llama.interop.hf_tokenizer import HF_TOKEN_NAMES
 from reasoning_llama.interop.names import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
 from reasoning_llama.model import Transformer
-from reasoning_llama.tokenizer import EOT, IM_END, PAD, get_tokenizer
+from reasoning_llama.sampling import NEVER_SAMPLED
+from reasoning_llama.tokenizer import EOT, IM_END, IM_START, PAD, get_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -216,14 +218,29 @@ def test_exported_model_loads_and_matches_our_logits(our_model, exported) -> Non
     assert max_logit_gap(our_model[0], hf, ids, mask) <= 1e-4
 
 
-def test_hf_greedy_generation_matches_ours(our_model, exported) -> None:
-    hf = transformers.AutoModelForCausalLM.from_pretrained(exported, local_files_only=True).eval()
+def test_hf_greedy_generation_matches_ours(our_model, tmp_path) -> None:
+    """transformers' generate() with the exported generation config decodes as our engine does:
+    greedy, never an id our engine never samples, even where one has the highest logit (here
+    <|im_start|>, made to at the first step)."""
+    model = randomized(Transformer(REAL_VOCAB), seed=7)
     prompt = torch.tensor([get_tokenizer().render_prompt([{"role": "user", "content": "Count to three."}])])
+    with torch.no_grad():
+        first = model(prompt)[0, -1]
+        assert first.max() > 0
+        model.head.weight[IM_START] = 5 * model.head.weight[first.argmax()]  # now the argmax
+    model_files.save_model(tmp_path / "ckpt", model)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export_hf(tmp_path / "ckpt", tmp_path / "hf"), local_files_only=True
+    ).eval()
     ids = prompt
     with torch.no_grad():
         generated = hf.generate(prompt, max_new_tokens=6)[0, prompt.shape[1] :].tolist()
-        for _ in range(len(generated)):  # greedy, no cache: the plainest reference
-            ids = torch.cat([ids, our_model[0](ids)[:, -1:].argmax(-1)], dim=1)
+        for _ in range(
+            len(generated)
+        ):  # greedy, no cache, the never-sampled ids masked: the plainest reference
+            logits = model(ids)[:, -1:]
+            logits[..., list(NEVER_SAMPLED)] = -math.inf
+            ids = torch.cat([ids, logits.argmax(-1)], dim=1)
     assert generated == ids[0, prompt.shape[1] :].tolist()
     assert len(generated) == 6 or generated[-1] in (IM_END, EOT)
 
@@ -235,6 +252,7 @@ def test_exported_files_describe_a_llama_chat_model(exported) -> None:
     assert config["vocab_size"] == REAL_VOCAB.vocab_size
     generation = json.loads((exported / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [IM_END, EOT] and generation["do_sample"] is False
+    assert generation["suppress_tokens"] == list(NEVER_SAMPLED)  # as our engine and the GGUF file
     assert "chat_template" in json.loads((exported / "tokenizer_config.json").read_text())
     assert not list(exported.parent.glob(".hf.tmp-*"))  # the atomic write left nothing behind
 

@@ -36,6 +36,7 @@ from reasoning_llama.interop.hf_tokenizer import (
 )
 from reasoning_llama.interop.names import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
 from reasoning_llama.model import Transformer
+from reasoning_llama.sampling import NEVER_SAMPLED
 from reasoning_llama.tokenizer import EOT, N_VOCAB
 
 GPT2_VOCAB = 50257
@@ -61,7 +62,8 @@ def export_hf(
         name: t.to(_DTYPES[dtype]).contiguous() for name, t in to_hf_state_dict(model.state_dict()).items()
     }
     hf_config = {**to_hf_config(config, **HF_SPECIAL_IDS), "torch_dtype": dtype}
-    generation = {**HF_SPECIAL_IDS, "do_sample": False}
+    # The ids our engine never samples (as the GGUF file's suppress list): generate() then decodes as it does.
+    generation = {**HF_SPECIAL_IDS, "do_sample": False, "suppress_tokens": list(NEVER_SAMPLED)}
 
     def fill(tmp: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
