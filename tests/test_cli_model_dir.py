@@ -75,7 +75,7 @@ def test_train_starts_from_a_run_directorys_best_model(run_dir, tmp_path):
 
     out = tmp_path / "from-run"
     done = run_cli(
-        "train", "--preset", "tiny", "--init-from", run_dir, "--out", out, "--no-progress",
+        "train", "--init-from", run_dir, "--out", out, "--no-progress",  # no preset or recipe needed
         "--set", "data.seq_len=64", "--set", f"data.cache_dir={tmp_path / 'cache'}",
         "--set", "data.synthetic_train_size=40", "--set", "data.synthetic_val_size=4",
         "--set", "train.max_steps=1", "--set", "train.micro_batch_size=2", "--set", "train.global_batch_tokens=128",

@@ -169,6 +169,11 @@ def test_bad_settings_are_config_errors(tmp_path, override, message):
         train(tiny_run(tmp_path, override), tmp_path / "run", progress=False)
 
 
+def test_an_override_without_a_value_says_so():
+    with pytest.raises(ConfigError, match=r"--set train.lr: give key=value, e.g. --set train.lr=3e-4"):
+        load_run_config(None, ["train.lr"])
+
+
 def test_epochs_set_the_number_of_steps(tmp_path):
     result = train(
         tiny_run(tmp_path, "train.epochs=1", "train.eval_every=0"), tmp_path / "run", progress=False
@@ -192,6 +197,17 @@ def test_init_from_starts_from_the_checkpoint_weights(tmp_path):
     after = load_file(tmp_path / "second/checkpoints/step-000001/model.safetensors")
     for name in start:
         torch.testing.assert_close(after[name], start[name], rtol=0, atol=1e-9)
+    # The model is the checkpoint's: an override that would change it is an error, not ignored
+    # (tiny_run's own overrides are the checkpoint's values, so they pass).
+    wider = tiny_run(
+        tmp_path,
+        f"train.init_from={tmp_path / 'first/checkpoints/step-000002'}",
+        "train.model_overrides.dim=64",
+    )
+    with pytest.raises(
+        ConfigError, match=r"train.model_overrides dim=64 \(the checkpoint's: 32\) cannot apply"
+    ):
+        train(wider, tmp_path / "third", progress=False)
 
 
 def test_time_budget_refits_the_planned_steps(tmp_path, monkeypatch):

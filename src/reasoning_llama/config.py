@@ -253,6 +253,9 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    for override in overrides or ():
+        if "=" not in override:
+            raise ConfigError(f"--set {override}: give key=value, e.g. --set train.lr=3e-4")
     try:
         merged = OmegaConf.structured(schema)
         if path is not None:

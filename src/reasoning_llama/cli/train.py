@@ -63,9 +63,12 @@ def train(
         overrides.insert(0, f"train.preset={preset}")
     if init_from is not None:
         overrides.append(f"train.init_from={resolve_model_dir(init_from)}")
-    if config is None and preset is None:
+    if config is None and preset is None and (resume or init_from is None):
+        # (with --init-from alone the model is the checkpoint's, the rest the defaults)
         if not resume:
-            raise ConfigError("give --preset P or --config FILE (or --resume to continue the run in --out)")
+            raise ConfigError(
+                "give --preset P, --config FILE or --init-from MODEL (or --resume to continue the run in --out)"
+            )
         config = out / RUN_CONFIG  # resume with the run's own recipe
         if not config.is_file():
             raise ConfigError(

@@ -105,7 +105,18 @@ def model_config_for(config: RunConfig) -> ModelConfig:
     if train.init_from:
         from reasoning_llama.model_files import load_config
 
-        return load_config(train.init_from)
+        loaded = load_config(train.init_from)
+        conflicts = [
+            f"{key}={value} (the checkpoint's: {getattr(loaded, key)})"
+            for key, value in dict(train.model_overrides).items()
+            if hasattr(loaded, key) and getattr(loaded, key) != value
+        ]
+        if conflicts:
+            raise ConfigError(
+                f"train.model_overrides {', '.join(conflicts)} cannot apply to train.init_from "
+                f"{train.init_from}: the model is the checkpoint's; drop them"
+            )
+        return loaded
     return ModelConfig.from_dict({**get_preset(train.preset).to_dict(), **dict(train.model_overrides)})
 
 
