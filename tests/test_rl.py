@@ -304,3 +304,15 @@ def test_the_rl_command_runs_plots_and_refuses_bad_setups(digit_model, tmp_path)
         "rl", "--init-from", checkpoint, "--task", "synthetic:add", "--out", tmp_path / "z", "--set", "optimizer=lion"
     )  # fmt: skip
     assert optimizer.returncode == 2 and "unknown optimizer 'lion'; use adamw or sgd" in optimizer.stderr
+
+
+def test_the_default_task_rows_come_even_from_a_family_smaller_than_train_size():
+    """`rl --task synthetic` (chain_sum, sort_digits, count_letter at their defaults): count_letter holds
+    fewer distinct train problems than the default train_size, and gives all it has."""
+    from reasoning_llama.rl.loop import load_task_rows
+    from reasoning_llama.tasks import DEFAULT_FAMILIES
+
+    config = load_config(RLConfig, None, [f"families=[{','.join(DEFAULT_FAMILIES)}]"])
+    train_rows, held_out = load_task_rows(config)
+    assert config.train_size * len(DEFAULT_FAMILIES) > len(train_rows) > (config.train_size - 1000) * 3
+    assert len({row["user"] for row in train_rows}) == len(train_rows) and held_out

@@ -347,10 +347,22 @@ def test_bad_arguments_are_clear_errors() -> None:
         generate_examples(["add", "add"], 4, split="train", seed=0)
 
 
-def test_small_problem_spaces_raise_instead_of_looping() -> None:
-    # chain_sum at difficulty 2 has 81 problems in total, so 81 test problems cannot exist.
-    with pytest.raises(ValueError, match="ran out of distinct test problems"):
-        generate_examples(["chain_sum"], 81, split="test", seed=0, difficulty=2)
+def test_small_problem_spaces_give_all_they_hold_and_say_so(caplog) -> None:
+    # chain_sum at difficulty 2 has 81 problems in total, so 81 test problems cannot exist; max_digit
+    # at its default difficulty holds thousands.
+    levels = {"chain_sum": 2}
+    with caplog.at_level("WARNING", logger="reasoning_llama.tasks.splits"):
+        every = generate_examples(["chain_sum", "max_digit"], 2 * 81, split="test", seed=0, difficulty=levels)
+    chain = [e for e in every if e.family == "chain_sum"]
+    assert 0 < len(chain) < 81 and len({e.user for e in chain}) == len(chain)
+    assert all(problem_split(e.user) == "test" for e in chain)
+    assert "'chain_sum' at difficulty 2 holds" in caplog.text and "fewer than the 81 asked for" in caplog.text
+    assert len([e for e in every if e.family == "max_digit"]) == 81  # the other family is not cut short
+    # round-robin while both last, then the longer one alone; a shorter call is still a prefix
+    assert [e.family for e in every[:4]] == ["chain_sum", "max_digit"] * 2
+    assert (
+        generate_examples(["chain_sum", "max_digit"], 6, split="test", seed=0, difficulty=levels) == every[:6]
+    )
     small = generate_examples(["chain_sum"], 5, split="test", seed=0, difficulty=2)
     assert len({e.user for e in small}) == 5
 
