@@ -93,6 +93,12 @@ def test_checkers():
         make_checker("fuzzy")
     with pytest.raises(ConfigError, match="cannot import"):
         make_checker("no.such.module:f")
+    # A user's checker that fails or returns no number: one line naming it, never a traceback.
+    row = {"user": "q", "assistant": "3"}
+    with pytest.raises(ConfigError, match=r"checker 'math:hypot' raised TypeError"):
+        make_checker("math:hypot")(row, "3")
+    with pytest.raises(ConfigError, match=r"checker 'logging:debug' returned None; a reward is a number"):
+        make_checker("logging:debug")(row, "3")
 
 
 # --- which tokens carry gradient -------------------------------------------------------------

@@ -35,7 +35,9 @@ def eval_command(
         int | None, typer.Option(help="Generation budget (default: 2x the longest reference).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences decoded together.")] = 32,
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic problems drawn.")] = 0,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the synthetic problems drawn [default: 0].")
+    ] = None,
     difficulty: Annotated[
         int | None, typer.Option(help="Difficulty of the synthetic problems (default: each family's).")
     ] = None,
@@ -60,12 +62,16 @@ def eval_command(
         raise ConfigError(f"--limit must be >= 1, got {limit}")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if data is not None and (seed is not None or difficulty is not None):
+        raise ConfigError(
+            "--seed and --difficulty choose synthetic problems: use them with --task, not --data"
+        )
     if examples is not None and task is None and not generate:
         raise ConfigError("--examples lists generations: use it with --task, or with --data and --generate")
     directory = resolve_model_dir(checkpoint)
     if task is not None:
         families = evaluation.parse_task_spec(task)
-        rows = evaluation.synthetic_test_rows(families, limit or 100, seed=seed, difficulty=difficulty)
+        rows = evaluation.synthetic_test_rows(families, limit or 100, seed=seed or 0, difficulty=difficulty)
         level = "" if difficulty is None else f" at difficulty {difficulty}"
         source = f"synthetic test split{level}: {', '.join(families)}"
         generate = True

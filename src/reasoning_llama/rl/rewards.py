@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 import re
 from collections.abc import Callable
 
@@ -63,7 +64,13 @@ def make_checker(spec: str) -> Checker:
         family = row.get("family")
         if family in FAMILIES:
             return float(check_answer(family, row["assistant"], predicted))
-        value = float(other(row["assistant"], predicted))
+        try:
+            returned = other(row["assistant"], predicted)
+        except Exception as e:  # the user's code: its failure is a one-line error naming it
+            raise ConfigError(f"checker {spec!r} raised {type(e).__name__}: {e}") from None
+        if not isinstance(returned, numbers.Real):  # bools, ints, floats, numpy's scalars
+            raise ConfigError(f"checker {spec!r} returned {returned!r}; a reward is a number in [0, 1]")
+        value = float(returned)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"checker {spec!r} returned {value}; a reward must lie in [0, 1]")
         return value

@@ -191,7 +191,8 @@ class ChatCompletionRequest(_Sampling):
         "join the first user message; assistant messages' reasoning is not rendered.",
     )
     max_completion_tokens: PositiveInt | None = Field(
-        default=None, description="max_tokens' newer name; with both, the smaller applies."
+        default=None,
+        description="max_tokens' newer name; with both, the smaller applies (each must fit the context).",
     )
     reasoning_budget: NonNegativeInt | None = Field(
         default=None, description="Reasoning tokens at most; then the engine closes the reasoning."
