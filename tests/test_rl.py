@@ -255,12 +255,21 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(digit_model, tmp_path,
         **quiet,
     )
     assert trainer.step == 2
-    trainer.run()
+    result = trainer.run()
     a = load_file(tmp_path / "a/checkpoints/step-000004/model.safetensors")
     b = load_file(tmp_path / "b/checkpoints/step-000004/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     records = [r for r in read_metrics(tmp_path / "b") if "reward_mean" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
+    # The resumed run knows the evaluation before its resume (the summary's "before"), and a
+    # finished run resumed evaluates nothing again: one record per evaluated step.
+    assert min(result.evaluations) == 0 and max(result.evaluations) == 4
+    again = RLTrainer(
+        digit_rl(checkpoint, prompts, "max_steps=4", *setting), tmp_path / "b", resume=True, **quiet
+    )
+    assert again.run().evaluations == result.evaluations
+    evaluated = [r["step"] for r in read_metrics(tmp_path / "b") if any(k.startswith("acc/") for k in r)]
+    assert evaluated == sorted(set(evaluated)) and evaluated[0] == 0 and evaluated[-1] == 4
 
 
 @pytest.mark.slow

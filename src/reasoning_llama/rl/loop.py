@@ -44,7 +44,7 @@ from reasoning_llama.tasks import FAMILIES, generate_examples
 from reasoning_llama.tokenizer import get_tokenizer
 from reasoning_llama.training import run_checkpoints as ckpt
 from reasoning_llama.training.loop import prepare_run_dir, sigint_flag
-from reasoning_llama.training.metrics import MetricsWriter, truncate_after
+from reasoning_llama.training.metrics import MetricsWriter, read_metrics, truncate_after
 from reasoning_llama.training.optim import lr_at, param_groups, set_lr
 
 EVAL_SEED = 7  # the held-out problems: the test split, drawn with a seed of their own
@@ -376,6 +376,9 @@ class RLTrainer:
             unit="step",
             file=sys.stderr,
         )
+        # A resumed run's earlier evaluations (the summary compares the first with the last, and a
+        # finished run resumed is not evaluated, nor logged, twice).
+        result.evaluations.update(self._logged_evaluations())
         with MetricsWriter(self.run_dir) as writer, bar, sigint_flag() as interrupted:
             if self.step == 0:
                 result.evaluations[0] = self._evaluate_and_log(writer)
@@ -404,6 +407,14 @@ class RLTrainer:
                 result.evaluations[self.step] = self._evaluate_and_log(writer)
         result.step, result.checkpoint = self.step, self.last_checkpoint
         return result
+
+    def _logged_evaluations(self) -> dict[int, dict[str, float]]:
+        """The held-out evaluations RUN/metrics.jsonl holds, by step (a resumed run's earlier ones)."""
+        return {
+            record["step"]: {k: v for k, v in record.items() if "/" in k}  # acc/F, pass@G/F
+            for record in read_metrics(self.run_dir)
+            if any(k.startswith("acc/") for k in record)
+        }
 
     def _evaluate_and_log(self, writer: MetricsWriter) -> dict[str, float]:
         report = self.evaluate()
