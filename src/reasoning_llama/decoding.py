@@ -252,8 +252,8 @@ class _Upload:
 class StaticDecodeStep:
     """The decode step on fixed shapes: padded batch sizes, the whole cache, static buffers.
 
-    Every tensor the step touches has a fixed address and shape: the input buffer (tokens,
-    positions, and two flags per row), the whole KV cache (attention covers every slot, masked past
+    Every tensor the step touches has a fixed address and shape: the input buffers (a row's token,
+    position and two flags; its temperature and uniform number), the whole KV cache (attention covers every slot, masked past
     each row's position, so no shape depends on the context length) and the outputs. A step pads
     its rows to the smallest of a few batch sizes that holds them (padding rows are free slots fed
     PAD at position 0, as idle rows always are, and their outputs are dropped), so continuous
