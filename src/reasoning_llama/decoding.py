@@ -228,7 +228,7 @@ class _Upload:
     def __init__(self, buffer: Tensor, *, skip_unchanged: bool = False) -> None:
         self.buffer = buffer
         cuda = buffer.device.type == "cuda"
-        self.staging = [torch.empty_like(buffer, device="cpu", pin_memory=cuda) for _ in range(2)]
+        self.staging = [torch.zeros(buffer.shape, dtype=buffer.dtype, pin_memory=cuda) for _ in range(2)]
         self.copied = [torch.cuda.Event() if cuda else None for _ in range(2)]
         self.turn = 0
         self.last: list[list] | None = None if not skip_unchanged else []
