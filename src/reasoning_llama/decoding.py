@@ -253,11 +253,11 @@ class StaticDecodeStep:
     """The decode step on fixed shapes: padded batch sizes, the whole cache, static buffers.
 
     Every tensor the step touches has a fixed address and shape: the input buffers (a row's token,
-    position and two flags; its temperature and uniform number), the whole KV cache (attention covers every slot, masked past
-    each row's position, so no shape depends on the context length) and the outputs. A step pads
-    its rows to the smallest of a few batch sizes that holds them (padding rows are free slots fed
-    PAD at position 0, as idle rows always are, and their outputs are dropped), so continuous
-    batching only ever meets those shapes.
+    position and two flags; its temperature and uniform number), the whole KV cache (attention
+    covers every slot, masked past each row's position, so no shape depends on the context length)
+    and the outputs. A step pads its rows to the smallest of a few batch sizes that holds them
+    (padding rows are free slots fed PAD at position 0, as idle rows always are, and their outputs
+    are dropped), so continuous batching only ever meets those shapes.
 
     That is what CUDA graphs need: with `cuda_graphs=True` (a CUDA cache) the step is captured once
     per size, here, and every call replays a graph, launching all its kernels at once. Capturing

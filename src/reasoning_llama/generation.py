@@ -228,14 +228,17 @@ class Request:
 
     def draw(self, ahead: int = 0) -> float:
         """The uniform number the next sampled token is drawn with (`ahead`: the one after that's);
-        drawn from the generator once, kept until `spend_draw`."""
+        drawn from the generator once, kept until `spend_draw`. A greedy request draws none (0)."""
+        if self.params.greedy:
+            return 0.0
         while len(self._draws) <= ahead:
             self._draws.append(draw_uniform(self.generator))
         return self._draws[ahead]
 
     def spend_draw(self) -> None:
-        """A token was sampled with `draw()`: the next one takes the following number."""
-        self._draws.popleft()
+        """A token was picked (not forced) with `draw()`: the next one takes the following number."""
+        if not self.params.greedy:
+            self._draws.popleft()
 
     def cancel(self) -> None:
         """Ask the engine to stop this request at its next step (finish_reason "cancelled"); thread-safe."""
@@ -495,7 +498,7 @@ class Engine:
             draws.eot_banned[r.slot] = int(r.eot_banned)
             if not r.params.greedy:
                 draws.temperatures[r.slot] = r.params.temperature
-                draws.uniforms[r.slot], draws.next_uniforms[r.slot] = r.draw(), r.draw(ahead=1)
+            draws.uniforms[r.slot], draws.next_uniforms[r.slot] = r.draw(), r.draw(ahead=1)
         # Every id comes from the step's own pick (or is forced): the host reads ids, not logits.
         # The next step may run ahead while the host does its bookkeeping, unless this step forces
         # an id, or a request reaches its length, when either every request ends or, with requests
@@ -507,7 +510,7 @@ class Engine:
         )
         chosen = step.pick(tokens, positions, slots, draws, may_run_ahead=may_run_ahead)
         for r, f, token in zip(active, forced, chosen, strict=True):
-            if f is None and not r.params.greedy:
+            if f is None:
                 r.spend_draw()
             self._accept(r, token if f is None else f, events.setdefault(r, []))
 
@@ -574,12 +577,10 @@ class Engine:
         if free:
             rows = logits if len(free) == len(requests) else logits[torch.tensor(free, device=self.device)]
             params = [requests[i].params for i in free]
-            uniforms = [0.0 if p.greedy else requests[i].draw() for i, p in zip(free, params, strict=True)]
-            drawn = pick_rows(rows, params, uniforms)
-            for i, p, token in zip(free, params, drawn, strict=True):
+            drawn = pick_rows(rows, params, [requests[i].draw() for i in free])
+            for i, token in zip(free, drawn, strict=True):
                 tokens[i] = token
-                if not p.greedy:
-                    requests[i].spend_draw()
+                requests[i].spend_draw()
         logprobs: list[TokenLogprob | None] = [None] * len(requests)
         if unmasked is not None:
             tops = [requests[i].params.logprobs or 0 for i in reported]
