@@ -823,6 +823,8 @@ def test_context_overflow_names_both_numbers(model, tokenizer, prompts):
         and f"({room + 1})" in message
         and str(CONFIG.max_seq_len) in message
     )
+    with pytest.raises(RequestError, match=r"the prompt \(1 token\) plus max_new_tokens"):
+        engine.add_request(prompt[:1], SamplingParams(max_new_tokens=CONFIG.max_seq_len))
     assert not engine.has_work()
 
 

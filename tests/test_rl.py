@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from cli_helpers import run_cli
 from reasoning_llama.config import RLConfig, load_config, load_run_config, recipe_names
 from reasoning_llama.errors import ConfigError
+from reasoning_llama.generation import Engine
 from reasoning_llama.model import Transformer
-from reasoning_llama.rl.loop import PromptStream, RLTrainer, check_rl_config, run_rl
+from reasoning_llama.rl.loop import PromptStream, RLTrainer, check_rl_config, held_out_report, run_rl
 from reasoning_llama.rl.objective import (
     clipped_policy_loss,
     group_advantages,
@@ -24,6 +25,7 @@ from reasoning_llama.rl.objective import (
 )
 from reasoning_llama.rl.rewards import make_checker, numbers_match
 from reasoning_llama.rl.rollout import Sample, sampled_log_probs, sampled_positions
+from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.tokenizer import ASSISTANT, IM_END, IM_START, NEWLINE, get_tokenizer
 from reasoning_llama.training import train
 from reasoning_llama.training.metrics import read_metrics
@@ -319,6 +321,17 @@ def test_the_rl_command_runs_plots_and_refuses_bad_setups(digit_model, tmp_path)
         "rl", "--init-from", checkpoint, "--task", "synthetic:add", "--out", tmp_path / "z", "--set", "optimizer=lion"
     )  # fmt: skip
     assert optimizer.returncode == 2 and "unknown optimizer 'lion'; use adamw or sgd" in optimizer.stderr
+
+
+def test_held_out_exact_match_counts_full_credit_only(digit_model):
+    """A checker's partial credit is reward, not a right answer: acc and pass@G both count full credit."""
+    checkpoint, _ = digit_model
+    engine = Engine.from_checkpoint(checkpoint, device="cpu")
+    rows = [{"user": "Say a digit.", "assistant": "7"}] * 3
+    params = SamplingParams(max_new_tokens=8)
+    for credit, expected in ((1.0, 1.0), (0.5, 0.0)):
+        report = held_out_report(engine, rows, lambda row, answer, c=credit: c, params, 2, seed=0)
+        assert report == {"acc/data": expected, "pass@2/data": expected}, credit
 
 
 def test_the_default_task_rows_come_even_from_a_family_smaller_than_train_size():

@@ -28,3 +28,16 @@ class RequestError(ReasoningLlamaError):
         super().__init__(message)
         self.param = param
         self.code = code
+
+    @classmethod
+    def context_exceeded(
+        cls, prompt_tokens: int, limit_name: str, limit: int, context: int
+    ) -> "RequestError":
+        """The prompt plus a token limit (`max_new_tokens`, or the API's names for it) beyond the context."""
+        noun = "token" if prompt_tokens == 1 else "tokens"
+        return cls(
+            f"the prompt ({prompt_tokens} {noun}) plus {limit_name} ({limit}) is {prompt_tokens + limit} "
+            f"tokens, beyond the model's context of {context}; shorten the prompt or lower {limit_name}",
+            param=limit_name,
+            code="context_length_exceeded",
+        )

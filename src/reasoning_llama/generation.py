@@ -392,14 +392,9 @@ class Engine:
                 f"got {min(prompt_ids)}..{max(prompt_ids)}",
                 param="prompt",
             )
-        total = len(prompt_ids) + params.max_new_tokens
-        if total > self.max_context:
-            raise RequestError(
-                f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) is "
-                f"{total} tokens, beyond the model's context of {self.max_context}; "
-                "shorten the prompt or lower max_new_tokens",
-                param="max_new_tokens",
-                code="context_length_exceeded",
+        if len(prompt_ids) + params.max_new_tokens > self.max_context:
+            raise RequestError.context_exceeded(
+                len(prompt_ids), "max_new_tokens", params.max_new_tokens, self.max_context
             )
 
     def add_request(

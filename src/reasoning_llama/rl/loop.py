@@ -149,18 +149,20 @@ def held_out_report(
     *,
     seed: int,
 ) -> dict[str, float]:
-    """Per family: `acc/F`, greedy exact match, and `pass@G/F`, the share of rows that one of G samples
-    drawn with `params` answers correctly (the same samples for the same seed)."""
+    """Per family: `acc/F`, the share of rows whose greedy answer earns the full reward, and `pass@G/F`,
+    the share that one of G samples drawn with `params` earns it for (the same samples for the same seed).
+
+    A checker's partial credit counts in the training reward, not here: both are exact match."""
     if not rows:
         return {}
     prompts = [engine.tokenizer.render_prompt([{"role": "user", "content": r["user"]}]) for r in rows]
     greedy = engine.generate_batch(prompts, SamplingParams(max_new_tokens=params.max_new_tokens))
     seeds = step_seeds(seed, -1, len(rows) * group_size)
     groups = sample_groups(engine, rows, group_size, params, seeds, checker)
-    by_family: dict[str, list[tuple[float, bool]]] = {}
+    by_family: dict[str, list[tuple[bool, bool]]] = {}
     for row, result, group in zip(rows, greedy, groups, strict=True):
         by_family.setdefault(row.get("family") or "data", []).append(
-            (checker(row, result.answer), any(s.correct for s in group))
+            (checker(row, result.answer) == 1.0, any(s.correct for s in group))
         )
     report = {}
     for family, scores in sorted(by_family.items()):

@@ -150,12 +150,7 @@ class _ServerState:
         context = self.engine.max_context
         for name, value in limits.items():  # each one given must fit, not only the one that applies
             if prompt_len + value > context:
-                raise bad_request(
-                    f"the prompt ({prompt_len} tokens) plus {name} ({value}) is {prompt_len + value} "
-                    f"tokens, beyond the model's context of {context}; shorten the prompt or lower {name}",
-                    param=name,
-                    code="context_length_exceeded",
-                )
+                raise from_request_error(RequestError.context_exceeded(prompt_len, name, value, context))
         # Without a limit: as much as fits, up to the server's default.
         max_tokens = min(
             limits.values(), default=max(1, min(self.settings.default_max_tokens, context - prompt_len))
