@@ -74,10 +74,10 @@ def no_ends(request, logits):
     logits[[IM_END, EOT]] = -math.inf
 
 
-def decode_model() -> Transformer:
+def decode_model(device: str = "cuda") -> Transformer:
     """fp32 on the GPU, so graph and eager runs must agree to rounding, not to bf16's luck."""
     torch.manual_seed(0)
-    return Transformer(DECODE_CONFIG).cuda().eval()
+    return Transformer(DECODE_CONFIG).to(device).eval()
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -122,13 +122,15 @@ def test_graph_engine_gives_the_eager_engines_tokens_and_never_recompiles():
     assert [len(ids) for ids in alone] == [64, 20, 64, 40, 64]
 
 
-def assert_graph_engine_runs_ahead_as_eager(params: list[SamplingParams], *, head_scale: float = 1.0) -> None:
+def assert_graph_engine_runs_ahead_as_eager(
+    params: list[SamplingParams], *, head_scale: float = 1.0, device: str = "cuda"
+) -> None:
     """The CUDA-graph engine (compiled, fused projections) gives the eager engine's results for
     DECODE_TEXTS, batch 1 and a continuous batch (five requests, four slots), with no recompilation,
     and most steps were launched before the host read the one before."""
     from test_generation import summary
 
-    model, fused = decode_model(), decode_model()
+    model, fused = decode_model(device), decode_model(device)
     for m in (model, fused):
         with torch.no_grad():
             m.head.weight.mul_(head_scale)
@@ -145,15 +147,24 @@ def assert_graph_engine_runs_ahead_as_eager(params: list[SamplingParams], *, hea
     assert counts["used_ahead"] > 2 * counts["launched"] > 0
 
 
+# Greedy chat requests whose reasoning budgets force <|im_end|> and the header mid-run.
+GREEDY_WITH_BUDGETS = [
+    SamplingParams(max_new_tokens=n, reasoning_budget=b)
+    for n, b in ((64, 10), (20, None), (64, 30), (40, 5), (48, None))
+]
+
+
 def test_graph_engine_runs_greedy_steps_ahead_and_gives_the_eager_engines_results():
-    """No hook: greedy chat requests (budgets force <|im_end|> and the header mid-run) take the
-    graph's own pick, the next step launched before the host reads it."""
-    assert_graph_engine_runs_ahead_as_eager(
-        [
-            SamplingParams(max_new_tokens=n, reasoning_budget=b)
-            for n, b in ((64, 10), (20, None), (64, 30), (40, 5), (48, None))
-        ]
-    )
+    """No hook: greedy requests take the graph's own pick, the next step launched before the host
+    reads it."""
+    assert_graph_engine_runs_ahead_as_eager(GREEDY_WITH_BUDGETS)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_graph_engine_on_a_gpu_that_is_not_the_current_one():
+    """Streams, events and graph captures follow the engine's device, not the current one."""
+    assert torch.cuda.current_device() == 0
+    assert_graph_engine_runs_ahead_as_eager(GREEDY_WITH_BUDGETS, device="cuda:1")
 
 
 def test_graph_engine_samples_in_the_graph_and_gives_the_eager_engines_results():

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -310,11 +311,17 @@ class StaticDecodeStep:
         # Steps launched on inputs from the host, steps run ahead, and those of them used.
         self.counts = {"launched": 0, "ran_ahead": 0, "used_ahead": 0}
         if cuda_graphs:
-            pool = torch.cuda.graph_pool_handle()
-            with torch.inference_mode():
+            with self._on_device(), torch.inference_mode():
+                pool = torch.cuda.graph_pool_handle()
                 for size in reversed(self.sizes):  # largest first: smaller graphs reuse its memory
                     self.graphs[size] = self._capture(size, pool)
             torch.cuda.synchronize(device)
+
+    def _on_device(self) -> AbstractContextManager[object]:
+        """The cache's GPU made current: streams, events and graph captures belong to the current
+        device, and an engine on cuda:1 must not record them on cuda:0's."""
+        cache = self.cache.device
+        return torch.cuda.device(cache) if cache.type == "cuda" else nullcontext()
 
     def _run(self, size: int) -> tuple[Tensor, Tensor]:
         cache, inputs, draws = (
@@ -390,9 +397,10 @@ class StaticDecodeStep:
 
     def __call__(self, tokens: Sequence[int], positions: Sequence[int], active: Sequence[int]) -> Tensor:
         """Logits (n, V) of the active rows; with graphs, a view of the graph's output, valid until the next call."""
-        launched = self._take_ahead(tokens, positions, active, None) or self._launch_on(
-            tokens, positions, active, Draws.all_greedy(len(tokens))
-        )
+        with self._on_device():
+            launched = self._take_ahead(tokens, positions, active, None) or self._launch_on(
+                tokens, positions, active, Draws.all_greedy(len(tokens))
+            )
         return active_rows(launched.outputs[0], active)
 
     def pick(
@@ -406,7 +414,18 @@ class StaticDecodeStep:
     ) -> list[int]:
         """The active rows' ids, picked as `draws` say under the special-id mask; `may_run_ahead`:
         the next step may be launched on them (with `draws.next_uniforms`) before they are read."""
-        run_ahead = may_run_ahead and self.run_ahead
+        with self._on_device():
+            return self._pick(tokens, positions, active, draws, run_ahead=may_run_ahead and self.run_ahead)
+
+    def _pick(
+        self,
+        tokens: Sequence[int],
+        positions: Sequence[int],
+        active: Sequence[int],
+        draws: Draws,
+        *,
+        run_ahead: bool,
+    ) -> list[int]:
         launched = self._take_ahead(tokens, positions, active, draws) or self._launch_on(
             tokens, positions, active, draws
         )
