@@ -37,6 +37,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.cpu_layout import FusedLinear, fuse_projections
+from reasoning_llama.decoding import StaticDecodeStep
 from reasoning_llama.generation import Engine, resolve_device
 from reasoning_llama.loss import linear_cross_entropy
 from reasoning_llama.model import Transformer, document_block_mask
@@ -225,24 +226,18 @@ def decode(config: ModelConfig, device: torch.device, batches: list[int], new_to
     ) / new_tokens
     out["engine_us_per_token_batch1"] = round(per_token * 1e6, 1)
     if cuda:
+        assert isinstance(step, StaticDecodeStep)
         replay = {}
         for size in batches:
-            graph, _ = step.graphs[size]
-            replay[size] = seconds_per_call(graph.replay, device, 200, warmup=10)
+            replay[size] = seconds_per_call(functools.partial(step.replay, size), device, 200, warmup=10)
         out["graph_replay_us"] = {str(s): round(t * 1e6, 1) for s, t in replay.items()}
         out["host_us_per_token_batch1"] = round((per_token - replay[1]) * 1e6, 1)
-        with torch.inference_mode():
-
-            def compiled_step() -> None:
-                step.step(step.model, step.cache.leading_rows(1), step.inputs[:1], step.never)
-
-            out["compiled_step_without_graph_us"] = round(
-                seconds_per_call(compiled_step, device, 50) * 1e6, 1
-            )
-            with profile(activities=activities(device)) as prof:
-                for _ in range(10):
-                    compiled_step()
-                sync(device)
+        compiled_step = functools.partial(step.run_uncaptured, 1)
+        out["compiled_step_without_graph_us"] = round(seconds_per_call(compiled_step, device, 50) * 1e6, 1)
+        with profile(activities=activities(device)) as prof:
+            for _ in range(10):
+                compiled_step()
+            sync(device)
         out["batch1_step_kernels"] = kernel_table(prof, 10, top=12)
     with profile(activities=activities(device)) as prof:
         generate(33)

@@ -128,6 +128,11 @@ def test_static_step_picks_the_masked_greedy_id_and_can_run_ahead(model, compile
             assert step.counts["launched"] - launched == (1 if n in (0, 2) else 0)
             assert step.ahead is not None and step.ahead.tokens[:2] == ids
             tokens, positions = ids, [p + 1 for p in positions]
+        # Run outside any graph on the buffers as they are (what gpu_profile times), the step
+        # writes its next inputs: every live row one position on.
+        before = step.inputs.buffer[:2, 1].tolist()
+        step.run_uncaptured(2)
+        assert step.inputs.buffer[:2, 1].tolist() == [p + 1 for p in before]
 
 
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])

@@ -355,10 +355,18 @@ class StaticDecodeStep:
 
     def _launch(self, size: int) -> tuple[Tensor, Tensor]:
         if self.graphs:
-            graph, outputs = self.graphs[size]
-            graph.replay()
-            return outputs
+            self.replay(size)
+            return self.graphs[size][1]
         return self._run(size)
+
+    def replay(self, size: int) -> None:
+        """Replay the graph captured for `size` rows on the buffers as they are (benchmarks time it)."""
+        self.graphs[size][0].replay()
+
+    def run_uncaptured(self, size: int) -> None:
+        """Run the step for `size` rows on the buffers as they are, outside any graph (to profile its kernels)."""
+        with self._on_device(), torch.inference_mode():
+            self._run(size)
 
     def _size(self, rows: int) -> int:
         return next(s for s in self.sizes if s >= rows)
