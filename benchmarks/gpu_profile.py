@@ -36,7 +36,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from torch.profiler import ProfilerActivity, profile
 
 from reasoning_llama.config import ModelConfig
-from reasoning_llama.cpu_layout import FusedLinear, fuse_projections
+from reasoning_llama.cpu_layout import prepare_for_gpu_decode
 from reasoning_llama.decoding import StaticDecodeStep
 from reasoning_llama.generation import Engine, resolve_device
 from reasoning_llama.loss import linear_cross_entropy
@@ -210,7 +210,7 @@ def decode(config: ModelConfig, device: torch.device, batches: list[int], new_to
     torch.manual_seed(0)
     model = Transformer(config).to(device, dtype).eval()
     if cuda:
-        fuse_projections(model, FusedLinear)  # as Engine.from_checkpoint prepares a GPU model
+        prepare_for_gpu_decode(model)  # as Engine.from_checkpoint does
     tokenizer = get_tokenizer()
     engine = Engine(model, tokenizer, max_batch_size=max(batches), compile=cuda, cuda_graphs=cuda)
     step = engine.decode_step

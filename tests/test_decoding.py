@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from reasoning_llama.config import ModelConfig
-from reasoning_llama.cpu_layout import FusedLinear, fuse_projections
+from reasoning_llama.cpu_layout import FusedLinear, prepare_for_gpu_decode
 from reasoning_llama.decoding import (
     Draws,
     DynamicDecodeStep,
@@ -84,12 +84,15 @@ def test_static_step_pads_rows_and_attends_over_the_whole_cache(model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fused", [False, True])  # q/k/v and gate/up as one product, as on a GPU
-def test_compiled_static_step_matches_eager_on_a_cpu(model, one_torch_thread, fused):
-    if fused:
+# The GPU layout with q/k/v and gate/up as one product, and every product of the batch-1 step
+# written as a sum (`one_row_as_sum`; its other sizes run the fused products).
+@pytest.mark.parametrize("gpu_layout", [False, True])
+def test_compiled_static_step_matches_eager_on_a_cpu(model, one_torch_thread, gpu_layout):
+    if gpu_layout:
         plain, model = model, Transformer(CONFIG).eval()
         model.load_state_dict(plain.state_dict())
-        fuse_projections(model, FusedLinear)
+        prepare_for_gpu_decode(model, one_row_as_sum=True)
+        assert isinstance(model.head, FusedLinear) and isinstance(model.layers[0].attn.qkv_proj, FusedLinear)
     run_against_decode(model, lambda m, c: StaticDecodeStep(m, c, cuda_graphs=False, compile=True))
 
 

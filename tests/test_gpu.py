@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from reasoning_llama.config import ModelConfig
-from reasoning_llama.cpu_layout import FusedLinear, fuse_projections
+from reasoning_llama.cpu_layout import FusedLinear, prepare_for_gpu_decode
 from reasoning_llama.decoding import StaticDecodeStep
 from reasoning_llama.generation import Engine
 from reasoning_llama.loss import ModelWithLoss, batch_loss
@@ -109,7 +109,7 @@ def test_graph_engine_gives_the_eager_engines_tokens_and_never_recompiles():
     leaving, so the padded size changes), with torch.compile forbidden to compile again; the graphs
     run the fused projections, the eager engine the plain model."""
     model, fused = decode_model(), decode_model()
-    fuse_projections(fused, FusedLinear)  # as Engine.from_checkpoint prepares a GPU model
+    prepare_for_gpu_decode(fused)  # as Engine.from_checkpoint does
     tokenizer = get_tokenizer()
     prompts = [tokenizer.render_prompt([{"role": "user", "content": t}]) for t in DECODE_TEXTS]
     params = [SamplingParams(max_new_tokens=n, raw=True) for n in (64, 20, 64, 40, 64)]
@@ -134,7 +134,7 @@ def assert_graph_engine_runs_ahead_as_eager(
     for m in (model, fused):
         with torch.no_grad():
             m.head.weight.mul_(head_scale)
-    fuse_projections(fused, FusedLinear)
+    prepare_for_gpu_decode(fused)
     tokenizer = get_tokenizer()
     prompts = [tokenizer.render_prompt([{"role": "user", "content": t}]) for t in DECODE_TEXTS]
     eager = Engine(model, tokenizer, max_batch_size=4)

@@ -34,8 +34,11 @@ __all__ = [
     "FusedLinear",
     "OneDNNLinear",
     "fuse_projections",
+    "one_row_product",
     "onednn_linear_works",
     "prepare_for_cpu_decode",
+    "prepare_for_gpu_decode",
+    "replace_linears",
     "store_linear_weights_transposed",
 ]
 
@@ -85,25 +88,39 @@ def onednn_linear_works() -> bool:
         return False
 
 
+def one_row_product(x: Tensor, weight: Tensor) -> Tensor:
+    """`F.linear(x, weight)` for a one-row `x`, written as a product and a sum.
+
+    Under torch.compile the sum is a reduction of inductor's own, which it fuses with the small
+    ops around it instead of calling a library's matrix-vector kernel."""
+    return (weight * x.unsqueeze(-2)).sum(-1)
+
+
+def _weight_of(module: nn.Module, weight: Tensor) -> None:
+    """A Parameter stays one (the model's own); a fused weight is a buffer, which an exported step
+    names and the state dict leaves out."""
+    if isinstance(weight, nn.Parameter):
+        module.weight = weight
+    else:
+        module.register_buffer("weight", weight, persistent=False)
+
+
 class OneDNNLinear(nn.Module):
     """A bias-free linear layer computed by oneDNN (a one-row input under torch.compile: by inductor's
     own loop); shares the weight of the layer it replaces."""
 
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
-        if isinstance(weight, nn.Parameter):
-            self.weight = weight
-        else:  # a fused weight: a buffer, so an exported step names it (not a state-dict entry)
-            self.register_buffer("weight", weight, persistent=False)
+        _weight_of(self, weight)
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
             if x.numel() == x.shape[-1]:
-                # One row (batch-1 decoding): as a product and a sum, inductor compiles it into a
-                # loop that streams the weight near the memory bandwidth inside the step's one
-                # kernel, faster than oneDNN's one-row product (docs/BENCHMARKS.md).
-                return (self.weight * x.unsqueeze(-2)).sum(-1)
+                # One row (batch-1 decoding): inductor compiles the product and sum into a loop
+                # that streams the weight near the memory bandwidth inside the step's one kernel,
+                # faster than oneDNN's one-row product (docs/BENCHMARKS.md).
+                return one_row_product(x, self.weight)
             return onednn_linear_op(x, self.weight)
         return _onednn_linear(x, self.weight)  # without the custom op's Python dispatch
 
@@ -112,13 +129,21 @@ class OneDNNLinear(nn.Module):
 
 
 class FusedLinear(nn.Module):
-    """A bias-free linear layer over a fused weight (a buffer, not a Parameter): `F.linear`, on any device."""
+    """A bias-free linear layer (`F.linear`, on any device), over a fused weight or a layer's own.
 
-    def __init__(self, weight: Tensor) -> None:
+    `one_row_as_sum`: a one-row input under torch.compile becomes `one_row_product`, so that a
+    GPU's batch-1 decode step has inductor's fused reductions where it had a library kernel per
+    product (an experiment `benchmarks/decode.py` measures beside the default; off by default).
+    """
+
+    def __init__(self, weight: Tensor, *, one_row_as_sum: bool = False) -> None:
         super().__init__()
-        self.register_buffer("weight", weight, persistent=False)
+        _weight_of(self, weight)
+        self.one_row_as_sum = one_row_as_sum
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.one_row_as_sum and torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
+            return one_row_product(x, self.weight)
         return F.linear(x, self.weight)
 
 
@@ -148,13 +173,29 @@ def fuse_projections(model: nn.Module, linear: Callable[[Tensor], nn.Module] = O
         setattr(module, name, linear(fused))
 
 
+def replace_linears(model: nn.Module, linear: Callable[[Tensor], nn.Module]) -> None:
+    """Every bias-free `nn.Linear` of `model` becomes `linear(its weight)` (the same Parameter)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child.bias is None:
+                setattr(parent, name, linear(child.weight))
+
+
+def prepare_for_gpu_decode(model: nn.Module, *, one_row_as_sum: bool = False) -> None:
+    """Give a GPU model its decoding layout: q/k/v and gate/up as one product each (`FusedLinear`);
+    with `one_row_as_sum`, every linear layer a `FusedLinear` that writes a one-row product as a sum."""
+    if one_row_as_sum:
+        as_sum = functools.partial(FusedLinear, one_row_as_sum=True)
+        replace_linears(model, as_sum)
+        fuse_projections(model, as_sum)
+    else:
+        fuse_projections(model, FusedLinear)
+
+
 def prepare_for_cpu_decode(model: nn.Module) -> CpuLayout:
     """Give a CPU model the faster decoding layout for torch's current thread count; return its name."""
     if torch.get_num_threads() > 1 and onednn_linear_works():
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and child.bias is None:
-                    setattr(parent, name, OneDNNLinear(child.weight))
+        replace_linears(model, OneDNNLinear)
         fuse_projections(model)
         return "onednn"
     store_linear_weights_transposed(model)

@@ -52,7 +52,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from reasoning_llama.cpu_layout import FusedLinear, fuse_projections, prepare_for_cpu_decode
+from reasoning_llama.cpu_layout import prepare_for_cpu_decode, prepare_for_gpu_decode
 from reasoning_llama.decoding import DecodeStep, Draws, DynamicDecodeStep, StaticDecodeStep, decode, prefill
 from reasoning_llama.errors import ConfigError, RequestError
 from reasoning_llama.model import KVCache, Transformer
@@ -369,7 +369,7 @@ class Engine:
         elif resolved.type == "cpu":
             prepare_for_cpu_decode(model)
         else:  # GPU: q/k/v and gate/up as one product each, 24 products a step instead of 42 for small-100m
-            fuse_projections(model, FusedLinear)
+            prepare_for_gpu_decode(model)
         cuda = resolved.type == "cuda"
         return cls(
             model,
