@@ -7,7 +7,9 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
+from subprocess import PIPE
 
 import pexpect
 import pytest
@@ -150,6 +152,25 @@ def test_generate_streams_reasoning_to_stderr_and_answer_to_stdout(checkpoint):
     assert result.stdout == want.answer + "\n"
     assert result.stderr.startswith("Thinking\n" + want.reasoning + "\n")
     assert "24 tokens (6 reasoning)" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_a_closed_stdout_ends_the_command_quietly(checkpoint, command, tmp_path):
+    """`reasoning-llama generate ... | head -c 1`: the next write meets a closed pipe; the command
+    stops generating and exits with 1 (click's answer to a broken pipe), never aborting inside torch."""
+    args = [sys.executable, "-m", "reasoning_llama", command, "--checkpoint", str(checkpoint)]
+    args += ["--max-new-tokens", "3000", "--reasoning-budget", "0"]
+    args += ["--prompt", QUESTION] if command == "generate" else []
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    (tmp_path / "question").write_text(QUESTION + "\n")  # chat's one question (generate reads none)
+    with (tmp_path / "question").open() as stdin:
+        process = subprocess.Popen(args, stdin=stdin, stdout=PIPE, stderr=PIPE, text=True, env=env)
+    assert process.stdout is not None
+    assert process.stdout.read(1)
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr
+    assert "terminate called" not in stderr and "Traceback" not in stderr
 
 
 @pytest.mark.slow

@@ -37,19 +37,24 @@ def run_cancellable(
 
     worker = threading.Thread(target=work, name="generate", daemon=True)
     worker.start()
-    while True:
-        try:
-            item = items.get(timeout=0.1)
-            if isinstance(item, BaseException):
-                raise item
-            if isinstance(item, GenerationResult):
-                worker.join()
-                return item
-            on_delta(item)
-        except queue.Empty:
-            continue
-        except KeyboardInterrupt:
-            cancel.set()  # the engine finishes the request as "cancelled" at its next step
+    try:
+        while True:
+            try:
+                item = items.get(timeout=0.1)
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, GenerationResult):
+                    return item
+                on_delta(item)
+            except queue.Empty:
+                continue
+            except KeyboardInterrupt:
+                cancel.set()  # the engine finishes the request as "cancelled" at its next step
+    finally:
+        # Also when showing a delta failed (stdout a closed pipe): the process must not exit while
+        # the worker is inside torch, which aborts it.
+        cancel.set()
+        worker.join()
 
 
 class StdoutConsole:
