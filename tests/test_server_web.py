@@ -216,6 +216,34 @@ def test_settings_reach_the_request(chat):
     assert chat.page.input_value("#max-tokens") == "3"
 
 
+def test_old_exchanges_beyond_the_context_are_left_out(chat):
+    """As in the terminal chat: the reply keeps room (the server's default, at most half the
+    context: 128 of 256 tokens here), and the oldest exchanges that crowd it out stop being sent,
+    shown faded, also after a reload; the question is never dropped."""
+    from reasoning_llama.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    questions = [f"Question number {i}, a longer one to fill the context sooner." for i in range(8)]
+    for question in questions:
+        chat.ask(question)
+    assert chat.texts(".message.error") == []
+    assert chat.texts(".assistant .answer") == ["Hello there!"] * len(questions)
+    answered = chat.bodies[-1]
+    assert answered["max_tokens"] == 128 and answered["messages"][-1]["content"] == questions[-1]
+    assert len(chat.bodies) > len(questions)  # refused as too long, then sent again with less
+    prompt = tokenizer.render_prompt(answered["messages"])
+    assert len(prompt) + 128 <= 256
+    sent = [m["content"] for m in answered["messages"] if m["role"] == "user"]
+    faded = chat.texts(".message.user.dropped")
+    assert faded and faded + sent == questions  # the oldest ones, exactly those left out
+    assert chat.page.locator(".message.assistant.dropped").count() == len(faded)
+    chat.page.reload()
+    chat.page.wait_for_selector("body[data-ready=true]")
+    assert chat.texts(".message.user.dropped") == faded
+    chat.ask("One more.")
+    assert questions[0] not in json.dumps(chat.bodies[-1]["messages"])
+
+
 def test_a_server_with_an_api_key_gets_a_key_field(browser, checkpoint):
     settings = ServerSettings(model_name=MODEL, api_key=KEY)
     with serve(make_engine(checkpoint, logits_hook=scripted_hook(SCRIPTS)), settings) as keyed:

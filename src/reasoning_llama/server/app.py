@@ -503,6 +503,7 @@ def _service_router(state: _ServerState) -> APIRouter:
             status="ok" if worker.alive else "stopped",
             model=state.settings.model_name,
             max_context=state.engine.max_context,
+            default_max_tokens=state.settings.default_max_tokens,
             slots=state.engine.max_batch_size,
             active_slots=worker.active,
             waiting=worker.waiting,

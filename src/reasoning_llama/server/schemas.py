@@ -453,6 +453,7 @@ class Health(BaseModel):
     status: Literal["ok", "stopped"]
     model: str
     max_context: int
+    default_max_tokens: int  # a reply's limit when a request gives none (capped by the context)
     slots: int
     active_slots: int
     waiting: int

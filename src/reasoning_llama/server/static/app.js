@@ -27,8 +27,13 @@ const els = {
 };
 
 let model = null;
-let conversation = load(STORE.conversation, []); // [{role, content, reasoning?, note?}]
+let limits = { maxContext: null, defaultMaxTokens: null }; // from /health
+// [{role, content, reasoning?, note?, dropped?}]; dropped: beyond the context, no longer sent
+let conversation = load(STORE.conversation, []);
 let controller = null; // the AbortController of the generation in flight
+const nodeOf = new WeakMap(); // message -> its bubble
+// Errors that leaving out the oldest exchange can fix.
+const TOO_MUCH_HISTORY = new Set(["context_length_exceeded", "too_many_messages", "prompt_too_long"]);
 
 function load(key, fallback) {
   try {
@@ -152,11 +157,16 @@ function renderMarkdown(text, container) {
 // ---- the conversation on the page --------------------------------------------------------
 
 function userBubble(message) {
-  return els.messages.appendChild(el("div", "message user", message.content));
+  const node = els.messages.appendChild(el("div", "message user", message.content));
+  nodeOf.set(message, node);
+  if (message.dropped) node.classList.add("dropped");
+  return node;
 }
 
-function assistantBubble() {
+function assistantBubble(message) {
   const node = el("div", "message assistant");
+  nodeOf.set(message, node);
+  if (message.dropped) node.classList.add("dropped");
   const thinking = el("details", "thinking");
   thinking.appendChild(el("summary", null, "Thinking"));
   const reasoning = thinking.appendChild(el("div", "reasoning"));
@@ -184,7 +194,7 @@ function renderConversation() {
   els.messages.replaceChildren();
   for (const message of conversation) {
     if (message.role === "user") userBubble(message);
-    else if (message.role === "assistant") assistantBubble().show(message, false);
+    else if (message.role === "assistant") assistantBubble(message).show(message, false);
   }
   window.scrollTo(0, document.body.scrollHeight);
 }
@@ -201,26 +211,83 @@ function requestBody() {
   const messages = [];
   if (els.systemPrompt.value.trim()) messages.push({ role: "system", content: els.systemPrompt.value });
   for (const m of conversation) {
-    if (m.role === "user" || (m.role === "assistant" && m.content)) {
+    if (!m.dropped && (m.role === "user" || (m.role === "assistant" && m.content))) {
       messages.push({ role: m.role, content: m.content });
     }
   }
   const body = { model, messages, stream: true, stream_options: { include_usage: true } };
   const temperature = parseFloat(els.temperature.value);
-  const maxTokens = parseInt(els.maxTokens.value, 10);
   if (!Number.isNaN(temperature)) body.temperature = temperature;
-  if (!Number.isNaN(maxTokens)) body.max_tokens = maxTokens;
+  body.max_tokens = replyBudget();
   return body;
 }
 
-async function errorMessage(response) {
+// Room kept for the reply, as the terminal chat keeps it: what Settings asks for, else the server's
+// default, at most half the context (older exchanges are left out to make room for it).
+function replyBudget() {
+  const asked = parseInt(els.maxTokens.value, 10);
+  if (!Number.isNaN(asked)) return asked;
+  return Math.max(1, Math.min(limits.defaultMaxTokens, Math.floor(limits.maxContext / 2)));
+}
+
+// Leave the oldest exchange still sent out of the requests (never the question being asked, the
+// last message); returns the messages it marked, none when no older exchange is left.
+function dropOldestExchange() {
+  const first = conversation.findIndex((m) => !m.dropped);
+  const last = conversation.length - 1;
+  if (first < 0 || first >= last) return [];
+  const marked = [];
+  for (let i = first; i < last && (i === first || conversation[i].role !== "user"); i++) {
+    conversation[i].dropped = true;
+    marked.push(conversation[i]);
+  }
+  for (const m of marked) nodeOf.get(m)?.classList.add("dropped");
+  return marked;
+}
+
+async function apiError(response) {
   try {
     const body = await response.json();
-    if (body && body.error && body.error.message) return body.error.message;
+    if (body && body.error && body.error.message) return body.error;
   } catch {
     // not JSON: fall through
   }
-  return `${response.status} ${response.statusText}`;
+  return { message: `${response.status} ${response.statusText}`, code: null };
+}
+
+// POST the conversation, leaving out its oldest exchanges while the server says it is too long.
+async function postConversation(signal) {
+  const dropped = [];
+  for (;;) {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: headers(),
+      body: JSON.stringify(requestBody()),
+      signal,
+    });
+    if (response.ok) {
+      if (dropped.length) {
+        save();
+        setStatus("older messages no longer fit the model's context: they are left out (faded)");
+      }
+      return response;
+    }
+    const error = await apiError(response);
+    if (TOO_MUCH_HISTORY.has(error.code)) {
+      const marked = dropOldestExchange();
+      if (marked.length) {
+        dropped.push(...marked);
+        continue;
+      }
+    }
+    for (const m of dropped) {
+      // Nothing was sent after all: the history stays as it was.
+      delete m.dropped;
+      nodeOf.get(m)?.classList.remove("dropped");
+    }
+    if (response.status === 401) els.apiKeyRow.hidden = false;
+    throw new Error(error.message);
+  }
 }
 
 // Yields each SSE `data:` payload of a fetch response body.
@@ -258,7 +325,7 @@ async function send(text) {
   save();
   const userNode = userBubble(user);
   const reply = { role: "assistant", content: "", reasoning: "" };
-  const bubble = assistantBubble();
+  const bubble = assistantBubble(reply);
   bubble.thinking.open = true; // open while the reasoning streams
   bubble.show(reply, true);
   controller = new AbortController();
@@ -266,17 +333,7 @@ async function send(text) {
   setStatus("generating…");
   let finishReason = null;
   try {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST",
-      headers: headers(),
-      body: JSON.stringify(requestBody()),
-      signal: controller.signal,
-    });
-    if (!response.ok) {
-      const message = await errorMessage(response);
-      if (response.status === 401) els.apiKeyRow.hidden = false;
-      throw new Error(message);
-    }
+    const response = await postConversation(controller.signal);
     for await (const data of sseData(response)) {
       if (data === "[DONE]") break;
       const chunk = JSON.parse(data);
@@ -293,7 +350,7 @@ async function send(text) {
       bubble.show(reply, true);
     }
     if (finishReason === "length") reply.note = "(stopped at the token limit)";
-    setStatus("");
+    if (els.status.textContent === "generating…") setStatus("");
   } catch (error) {
     if (error.name === "AbortError") {
       reply.note = "(stopped)";
@@ -370,6 +427,7 @@ async function init() {
   try {
     const health = await (await fetch("/health")).json();
     model = health.model;
+    limits = { maxContext: health.max_context, defaultMaxTokens: health.default_max_tokens };
     els.modelName.textContent = `${health.model} · context ${health.max_context} tokens`;
     els.maxTokens.max = String(health.max_context);
     if (health.api_key_required) els.apiKeyRow.hidden = false;
