@@ -23,6 +23,7 @@ from reasoning_llama.generation import Engine
 from reasoning_llama.model import Transformer
 from reasoning_llama.model_files import save_model
 from reasoning_llama.sampling import SamplingParams
+from reasoning_llama.tokenizer import get_tokenizer
 from reasoning_llama.tokenizer.gpt2_ranks import cache_dir as gpt2_cache_dir
 
 # A long context so the chat test can still be generating when it presses Ctrl-C.
@@ -210,6 +211,7 @@ def test_bad_input_is_one_line_without_traceback(checkpoint, tmp_path):
             ["--checkpoint", checkpoint, "--prompt", "hi", "--max-new-tokens", "5000"],
             "(9 tokens) plus max_new_tokens (5000)",
         ),
+        (["--checkpoint", checkpoint, "--prompt", "word " * 4100], "fills the model's context of 4096"),
         (["--checkpoint", checkpoint, "--prompt", "hi", "--top-p", "1.5"], "top_p must be"),
         (["--checkpoint", checkpoint, "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be"),
     ]
@@ -223,6 +225,47 @@ def test_bad_input_is_one_line_without_traceback(checkpoint, tmp_path):
 
 
 # -- chat ---------------------------------------------------------------------------------
+
+
+def test_the_chat_session_drops_the_oldest_exchanges_and_refuses_what_cannot_fit():
+    """Each turn keeps room for the answer (max_new_tokens, at most half the context) by dropping the
+    oldest exchanges; a message that alone fills the context is refused and the history kept.
+    `/set` echoes values as typed (no markup) and `/show` lists what `/set` changes."""
+    import io
+
+    from rich.console import Console
+
+    from reasoning_llama.chat import ChatSession, chat_settings
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=96))
+    engine = Engine(model.eval(), get_tokenizer(), max_batch_size=1)
+    out = io.StringIO()
+    session = ChatSession(
+        engine, SamplingParams(max_new_tokens=16, reasoning_budget=2), Console(file=out, width=200)
+    )
+    session.handle("/set stop [red]")
+    assert "stop = ('[red]',)" in out.getvalue()
+    session.handle("/set stop none")
+    session.handle("/show")
+    shown = out.getvalue().splitlines()[-1]
+    assert [item.split("=")[0] for item in shown.split(", ")] == chat_settings(session.params)
+    assert "raw=" not in shown and "logprobs=" not in shown
+    questions = [f"Question {i}: what is {i} plus {i} plus {i}?" for i in range(6)]
+    for question in questions:
+        session.handle(question)
+        asked = [m["content"] for m in session.messages if m["role"] == "user"]
+        assert (
+            asked[-1] == question
+            and asked == questions[questions.index(asked[0]) : len(asked) + questions.index(asked[0])]
+        )
+        fitted = session.messages[:-1]  # the prompt this turn ran on
+        assert len(engine.tokenizer.render_prompt(fitted)) + 16 <= 96
+    assert session.messages[0]["content"] != questions[0]  # some were dropped
+    history = list(session.messages)
+    session.handle("word " * 100)
+    assert "error: the prompt (" in out.getvalue() and "fills the model's context of 96" in out.getvalue()
+    assert session.messages == history
 
 
 def test_set_parses_and_validates_values():

@@ -825,6 +825,10 @@ def test_context_overflow_names_both_numbers(model, tokenizer, prompts):
     )
     with pytest.raises(RequestError, match=r"the prompt \(1 token\) plus max_new_tokens"):
         engine.add_request(prompt[:1], SamplingParams(max_new_tokens=CONFIG.max_seq_len))
+    assert engine.room_for_reply(CONFIG.max_seq_len - 1) == 1
+    with pytest.raises(RequestError, match="fills the model's context") as info:
+        engine.room_for_reply(CONFIG.max_seq_len, param="messages")
+    assert (info.value.param, info.value.code) == ("messages", "context_length_exceeded")
     assert not engine.has_work()
 
 

@@ -408,6 +408,10 @@ def test_too_long_for_the_context_names_both_numbers(greedy):
     assert "1000000" in error.message and str(greedy.engine.max_context) in error.message
     assert "max_tokens" in error.message and "max_new_tokens" not in error.message  # the API's names
     assert error.param == "max_tokens"
+    # No limit given: the prompt alone is to blame, not a max_tokens nobody sent.
+    alone = bad_request(greedy, messages=ask("word " * 300))
+    assert (alone.code, alone.param) == ("context_length_exceeded", "messages")
+    assert "fills the model's context of 256" in alone.message and "max_tokens" not in alone.message
 
 
 def test_malformed_or_missing_json_is_a_400_envelope(greedy):

@@ -117,9 +117,14 @@ _OPTIONAL_INTS = ("seed", "reasoning_budget")
 _NOT_FOR_CHAT = ("raw", "logprobs")
 
 
+def chat_settings(params: SamplingParams) -> list[str]:
+    """The settings `/set` changes and `/show` lists, in the dataclass's order."""
+    return [f.name for f in dataclasses.fields(params) if f.name not in _NOT_FOR_CHAT]
+
+
 def apply_setting(params: SamplingParams, key: str, raw: str) -> SamplingParams:
     """`/set KEY VALUE` -> new validated params; RequestError with a one-line reason otherwise."""
-    settings = [f.name for f in dataclasses.fields(params) if f.name not in _NOT_FOR_CHAT]
+    settings = chat_settings(params)
     name = key.replace("-", "_")
     if name not in settings:
         raise RequestError(f"unknown setting {key!r}; choose one of: {', '.join(settings)}")
@@ -184,14 +189,13 @@ class ChatSession:
             key, _, value = rest.strip().partition(" ")
             try:
                 self.params = apply_setting(self.params, key, value)
-                say(f"{key.replace('-', '_')} = {getattr(self.params, key.replace('-', '_'))!r}", style="dim")
+                name = key.replace("-", "_")
+                say(f"{name} = {getattr(self.params, name)!r}", style="dim", markup=False)
             except RequestError as e:
                 say(f"error: {e}", style="red", markup=False)
         elif name == "/show":
             say(
-                ", ".join(
-                    f"{f.name}={getattr(self.params, f.name)!r}" for f in dataclasses.fields(self.params)
-                ),
+                ", ".join(f"{name}={getattr(self.params, name)!r}" for name in chat_settings(self.params)),
                 style="dim",
                 markup=False,
             )
@@ -225,14 +229,10 @@ class ChatSession:
         while len(prompt_ids) + wanted > context and len(messages) > 1:
             messages = messages[2:]  # the oldest user + assistant exchange
             prompt_ids = tokenizer.render_prompt(messages, system=self.system)
-        room = context - len(prompt_ids)
-        if room < 1:
-            self.console.print(
-                f"error: the message is {len(prompt_ids)} tokens, the model's context is {context}; "
-                "send a shorter one",
-                style="red",
-                markup=False,
-            )
+        try:
+            room = self.engine.room_for_reply(len(prompt_ids))
+        except RequestError as e:
+            self.console.print(f"error: {e}", style="red", markup=False)
             return None
         return (
             messages,

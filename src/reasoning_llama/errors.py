@@ -34,10 +34,23 @@ class RequestError(ReasoningLlamaError):
         cls, prompt_tokens: int, limit_name: str, limit: int, context: int
     ) -> "RequestError":
         """The prompt plus a token limit (`max_new_tokens`, or the API's names for it) beyond the context."""
-        noun = "token" if prompt_tokens == 1 else "tokens"
         return cls(
-            f"the prompt ({prompt_tokens} {noun}) plus {limit_name} ({limit}) is {prompt_tokens + limit} "
+            f"the prompt ({_tokens(prompt_tokens)}) plus {limit_name} ({limit}) is {prompt_tokens + limit} "
             f"tokens, beyond the model's context of {context}; shorten the prompt or lower {limit_name}",
             param=limit_name,
             code="context_length_exceeded",
         )
+
+    @classmethod
+    def no_room(cls, prompt_tokens: int, context: int, param: str) -> "RequestError":
+        """The prompt alone fills the context (no token limit was given: none is to blame)."""
+        return cls(
+            f"the prompt ({_tokens(prompt_tokens)}) fills the model's context of {context}, leaving no "
+            "room for a reply; shorten the prompt",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def _tokens(count: int) -> str:
+    return f"{count} token" if count == 1 else f"{count} tokens"

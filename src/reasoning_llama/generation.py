@@ -381,6 +381,13 @@ class Engine:
         )
 
     # -- requests --------------------------------------------------------------------------
+    def room_for_reply(self, prompt_tokens: int, *, param: str = "prompt") -> int:
+        """How many tokens a reply to a prompt this long may have; RequestError (naming `param`) if none."""
+        room = self.max_context - prompt_tokens
+        if room < 1:
+            raise RequestError.no_room(prompt_tokens, self.max_context, param)
+        return room
+
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise RequestError for bad sampling values, an empty prompt or one that cannot fit."""
         params.validate()

@@ -61,7 +61,7 @@ def generate(
     )
     prompt_ids = engine.tokenizer.render_prompt([{"role": "user", "content": prompt}], system=system)
     if max_new_tokens is None:  # the default shrinks to fit; an explicit value must fit
-        room = max(1, engine.max_context - len(prompt_ids))
+        room = engine.room_for_reply(len(prompt_ids))
         params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, room))
     engine.check_request(prompt_ids, params)
 

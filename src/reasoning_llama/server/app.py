@@ -151,10 +151,15 @@ class _ServerState:
         for name, value in limits.items():  # each one given must fit, not only the one that applies
             if prompt_len + value > context:
                 raise from_request_error(RequestError.context_exceeded(prompt_len, name, value, context))
-        # Without a limit: as much as fits, up to the server's default.
-        max_tokens = min(
-            limits.values(), default=max(1, min(self.settings.default_max_tokens, context - prompt_len))
-        )
+        if limits:
+            max_tokens = min(limits.values())
+        else:  # as much as fits, up to the server's default
+            param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+            try:
+                room = self.engine.room_for_reply(prompt_len, param=param)
+            except RequestError as e:
+                raise from_request_error(e) from None
+            max_tokens = min(self.settings.default_max_tokens, room)
         values: dict[str, Any] = {
             "max_new_tokens": max_tokens,
             "stop": body.stop_list(),
