@@ -52,6 +52,13 @@ def test_train_on_prompt_covers_all_but_the_first_token(tok):
     assert ex.loss_mask == [False] + [True] * (len(ex.ids) - 1)
 
 
+def test_an_empty_system_message_adds_nothing(tok):
+    user = {"role": "user", "content": "c"}
+    assert tok.render_prompt([{"role": "system", "content": ""}, user]) == tok.render_prompt([user])
+    both = [{"role": "system", "content": ""}, {"role": "system", "content": "S"}, user]
+    assert tok.render_prompt(both) == tok.render_prompt([user], system="S")
+
+
 def test_prompt_is_a_prefix_of_the_example(tok):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}]
     prompt = tok.render_prompt(messages)

@@ -278,11 +278,18 @@ CONVERSATIONS = [
         {"role": "assistant", "content": " spaced "},
         {"role": "user", "content": "\t"},
     ],
+    [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": "empty system messages add nothing"},
+        {"role": "system", "content": "Be kind."},
+    ],
 ]
 
 
 @pytest.mark.parametrize(
-    "messages", CONVERSATIONS, ids=["single", "system", "multi-turn", "scattered-system", "edge-whitespace"]
+    "messages",
+    CONVERSATIONS,
+    ids=["single", "system", "multi-turn", "scattered-system", "edge-whitespace", "empty-system"],
 )
 def test_chat_template_gives_our_prompt_ids(hf_tokenizer, messages) -> None:
     result = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

@@ -36,7 +36,7 @@ HF_SPECIAL_IDS = {"bos_token_id": EOT, "eos_token_id": [IM_END, EOT], "pad_token
 # earlier assistant turns keep only their answer, the generation prompt opens the reasoning.
 CHAT_TEMPLATE = (
     "{%- set ns = namespace(system=[], first=true) -%}"
-    "{%- for m in messages if m['role'] == 'system' -%}"
+    "{%- for m in messages if m['role'] == 'system' and m['content'] -%}"
     "{%- set ns.system = ns.system + [m['content']] -%}"
     "{%- endfor -%}"
     "{%- for m in messages -%}"

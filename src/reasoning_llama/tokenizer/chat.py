@@ -248,7 +248,8 @@ class ChatTokenizer:
 
 
 def _merge_system(messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
-    """Validate roles and fold system messages into the first user turn (blank line between)."""
+    """Validate roles and fold system messages into the first user turn (blank line between); an
+    empty one is no instruction and adds nothing (API clients often send one)."""
     system: list[str] = []
     turns: list[dict[str, str]] = []
     for message in messages:
@@ -258,7 +259,8 @@ def _merge_system(messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]
         if not isinstance(content, str):
             raise TokenizerError(f"message content must be a string, got {type(content).__name__}")
         if role == "system":
-            system.append(content)
+            if content:
+                system.append(content)
         else:
             turns.append({"role": role, "content": content})
     if system:
