@@ -13,7 +13,7 @@ import torch
 
 from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.server import ServerSettings
-from reasoning_llama.tokenizer import EOT, IM_END, get_tokenizer
+from reasoning_llama.tokenizer import EOT, IM_END, IM_START, ROLE_IDS, get_tokenizer
 from server_fixtures import MODEL, make_checkpoint, make_engine, scripted_hook, serve
 
 TOKENIZER = get_tokenizer()
@@ -271,8 +271,13 @@ def test_completion_accepts_token_ids_as_the_prompt(greedy):
         assert as_ids.choices[0].text == "Once upon a time" + as_text.choices[0].text
         assert as_ids.usage.prompt_tokens == len(ids)
     # ids are not text: a chat id may be given (an end id, as evaluation harnesses send for empty contexts)
-    reply = client(greedy).completions.create(model=MODEL, prompt=[IM_END, *ids], max_tokens=2, echo=True)
-    assert reply.choices[0].text.startswith("<|im_end|>Once")
+    reply = client(greedy).completions.create(
+        model=MODEL, prompt=[IM_END, IM_START, ROLE_IDS["user"], *ids], max_tokens=2, echo=True, logprobs=0
+    )
+    (choice,) = reply.choices
+    assert choice.text.startswith("<|im_end|><|im_start|>userOnce")
+    for token, offset in zip(choice.logprobs.tokens, choice.logprobs.text_offset, strict=True):
+        assert choice.text[offset : offset + len(token)] == token  # special ids by their names too
 
 
 def test_logprobs_of_an_end_id_are_reported_without_text(scripted):

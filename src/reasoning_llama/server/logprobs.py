@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from reasoning_llama.sampling import TokenLogprob
 from reasoning_llama.server.schemas import ChatTokenLogprob, ChoiceLogprobs, CompletionLogprobs, TopLogprob
-from reasoning_llama.tokenizer import EOT, N_VOCAB, SPECIAL_BY_ID, ChatTokenizer
+from reasoning_llama.tokenizer import N_VOCAB, SPECIAL_BY_ID, ChatTokenizer
 
 # JSON has no -inf (an id the penalty or a logits hook ruled out entirely); vLLM reports this floor too.
 LOGPROB_FLOOR = -9999.0
@@ -58,7 +58,7 @@ def chat_logprobs(tokenizer: ChatTokenizer, by_kind: Mapping[str, Sequence[Token
 
 class CompletionLogprobsBuilder:
     """Legacy `logprobs` of one choice, built in pieces (echoed prompt, then each streamed delta);
-    `text_offset` counts characters of the choice's text so far."""
+    `text_offset` counts characters of the choice's text so far (an end id closes it: nothing follows)."""
 
     def __init__(self, tokenizer: ChatTokenizer) -> None:
         self.tokenizer = tokenizer
@@ -71,7 +71,7 @@ class CompletionLogprobsBuilder:
         for token, entry in zip(tokens, entries, strict=True):
             out.tokens.append(token_text(self.tokenizer, token)[0])
             out.text_offset.append(self._chars)
-            if token < EOT:  # special ids add no text
+            if token < N_VOCAB:  # a special id as its name, as an echoed prompt of ids writes it
                 self._chars += len(self._decoder.decode(self.tokenizer.token_bytes(token)))
             if entry is None:
                 out.token_logprobs.append(None)
