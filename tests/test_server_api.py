@@ -393,6 +393,7 @@ def bad_request(server, **body) -> openai.BadRequestError:
             "messages.0.content.0.type",
         ),
         ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+        ({"stop": 5}, "stop"),  # the field, not pydantic's step through its constrained type
     ],
 )
 def test_bad_values_are_a_400_envelope(greedy, body, param):
@@ -400,6 +401,18 @@ def test_bad_values_are_a_400_envelope(greedy, body, param):
     assert error.status_code == 400
     assert error.param == param
     assert error.body["message"]
+
+
+def test_a_nan_or_infinite_number_is_refused_as_such(greedy):
+    """Python's JSON reads NaN and Infinity (no OpenAI client sends them): not finite, whatever the bounds."""
+    for value in ("NaN", "Infinity"):
+        body = f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "hi"}}], "temperature": {value}}}'
+        response = httpx.post(
+            f"{greedy.url}/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+        )
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == "temperature"
+        assert "finite number" in error["message"], error
 
 
 def test_too_long_for_the_context_names_both_numbers(greedy):

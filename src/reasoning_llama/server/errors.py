@@ -74,9 +74,10 @@ def from_request_error(error: RequestError) -> APIError:
 
 
 def _location(loc: tuple[Any, ...]) -> str:
-    """`("body", "messages", 0, "role")` -> `messages.0.role`, without pydantic's union-branch steps."""
+    """`("body", "messages", 0, "role")` -> `messages.0.role`: field names and indices, without
+    pydantic's steps through a union or a validator (`str`, `constrained-str`, `list[...]`)."""
     parts = [str(p) for p in loc if p != "body"]
-    return ".".join(p for p in parts if p not in _UNION_BRANCHES and not p.startswith(("function-", "list[")))
+    return ".".join(p for p in parts if p.isdigit() or (p.isidentifier() and p not in _UNION_BRANCHES))
 
 
 _UNION_BRANCHES = {"str", "int", "float", "bool"}

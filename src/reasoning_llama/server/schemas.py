@@ -59,7 +59,8 @@ def _is_integer(value: Any) -> bool:
 
 class _Request(BaseModel):
     # Strict: JSON's own types only (no "5" or true for an integer), as the schema says.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # No NaN or infinity: a NaN passes no bound, and its error would name the bound it failed.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class TextPart(_Request):
