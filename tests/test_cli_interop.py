@@ -46,6 +46,9 @@ def test_export_then_import_round_trip(saved, tmp_path: Path) -> None:
     assert {"tokenizer_config.json", "special_tokens_map.json"} <= names
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
+    # Used as a checkpoint, the HF directory is an error that gives the import command run next.
+    used = run_cli("generate", "--checkpoint", tmp_path / "hf", "--prompt", "hi")
+    assert_one_line_error(used, f"reasoning-llama import --from hf {tmp_path / 'hf'} --out DIR")
     imported = run_cli("import", "--from", "hf", tmp_path / "hf", "--out", tmp_path / "back")
     assert imported.returncode == 0, imported.stderr
     back = model_files.load_model(tmp_path / "back")
@@ -71,6 +74,7 @@ def test_bad_inputs_give_one_line_errors(saved, tmp_path: Path) -> None:
         (("export", "--checkpoint", tmp_path / "block", "--to", "gguf", out), "final_block: false"),
         (("import", "--from", "hf", pickled, "--out", out), "never unpickles"),
         (("import", "--from", "hf", tmp_path / "nope", "--out", out), "nope"),
+        (("export", "--checkpoint", ckpt, "--to", "gguf", f"{out}/"), f"e.g. {out / 'model.gguf'}"),
     ]
     for (_, message), result in zip(cases, run_clis([args for args, _ in cases]), strict=True):
         assert_one_line_error(result, message)

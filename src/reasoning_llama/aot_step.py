@@ -17,6 +17,7 @@ compiling again.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -71,12 +72,15 @@ def compiled_program(
     if not path.exists():
         options = {"aot_inductor.package_constants_in_so": False}  # code only: the weights are bound below
         try:
-            atomic.write_path(
-                path,
-                lambda tmp: aoti_compile_and_package(
-                    program, package_path=str(tmp), inductor_configs=options
-                ),
-            )
+            with warnings.catch_warnings():
+                # torch's own deprecation, raised from inside its compiler (torch 2.13): nothing to act on.
+                warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)`", FutureWarning)
+                atomic.write_path(
+                    path,
+                    lambda tmp: aoti_compile_and_package(
+                        program, package_path=str(tmp), inductor_configs=options
+                    ),
+                )
         except Exception as error:  # a missing or broken C++ compiler, mostly; the cause stays chained
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ConfigError(

@@ -5,6 +5,7 @@ Writes are atomic (`atomic.write_dir`), so a crash mid-write never leaves a half
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -49,7 +50,20 @@ def load_config(directory: str | Path) -> ModelConfig:
     try:
         return ModelConfig.load(directory / CONFIG)
     except ConfigError as e:
+        if _is_transformers_config(directory / CONFIG):
+            raise CheckpointError(
+                f"{directory} is a transformers model, not a reasoning-llama checkpoint; convert it with: "
+                f"reasoning-llama import --from hf {directory} --out DIR"
+            ) from None
         raise CheckpointError(str(e)) from None
+
+
+def _is_transformers_config(path: Path) -> bool:
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and "model_type" in values
 
 
 def load_model(

@@ -3,6 +3,7 @@ llama.cpp's GGUF."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -22,7 +23,7 @@ def _check_format(value: str, formats: tuple[str, ...]) -> None:
 
 def export(
     out: Annotated[
-        Path, typer.Argument(metavar="OUT", help="The directory (hf) or the .gguf file (gguf) to write.")
+        str, typer.Argument(metavar="OUT", help="The directory (hf) or the .gguf file (gguf) to write.")
     ],
     checkpoint: ModelDir,
     to: Annotated[
@@ -46,14 +47,18 @@ def export(
     if to == "gguf":
         from reasoning_llama.interop.gguf import export_gguf
 
+        if out.endswith(("/", os.sep)):  # a Path would drop the slash and write a file of that name
+            raise ConfigError(
+                f"{out} names a directory; the GGUF export writes one file, e.g. {Path(out) / 'model.gguf'}"
+            )
         dtype = dtype or "f32"
-        path = export_gguf(source, out, dtype=dtype, overwrite=overwrite)
+        path = export_gguf(source, Path(out), dtype=dtype, overwrite=overwrite)
         typer.echo(f"exported {checkpoint} to {path} (GGUF for llama.cpp, {dtype})", err=True)
         return
     from reasoning_llama.interop.hf import export_hf
 
     dtype = dtype or "float32"
-    path = export_hf(source, out, dtype=dtype, overwrite=overwrite)
+    path = export_hf(source, Path(out), dtype=dtype, overwrite=overwrite)
     typer.echo(f"exported {checkpoint} to {path} (LlamaForCausalLM, {dtype})", err=True)
 
 
