@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from cli_helpers import run_cli
 from reasoning_llama.config import RunConfig, load_run_config
-from reasoning_llama.errors import ConfigError
+from reasoning_llama.errors import ConfigError, DataError
 from reasoning_llama.training import TrainingDiverged, train
 from reasoning_llama.training import run_checkpoints as ckpt
 from reasoning_llama.training.metrics import read_metrics
@@ -145,14 +145,37 @@ def test_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path):
         train(tiny_run(tmp_path), run, progress=False)
     (run / "notes.txt").write_text("kept")
     train(tiny_run(tmp_path, "train.max_steps=2"), run, overwrite=True, progress=False)
-    assert not (run / "notes.txt").exists()  # the whole earlier run is gone
+    assert (run / "notes.txt").read_text() == "kept"  # the run's own files go, nothing else
     assert [r["step"] for r in read_metrics(run) if "train_loss" in r] == [1, 2]
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-000002"]
     other = tmp_path / "not-a-run"
     other.mkdir()
     (other / "thesis.tex").write_text("precious")
     with pytest.raises(ConfigError, match="does not look like a training run"):
         train(tiny_run(tmp_path), other, overwrite=True, progress=False)
     assert (other / "thesis.tex").read_text() == "precious"
+    # A run written into that directory, then overwritten: the user's file stays.
+    train(tiny_run(tmp_path, "train.max_steps=1"), other, progress=False)
+    train(tiny_run(tmp_path, "train.max_steps=1"), other, overwrite=True, progress=False)
+    assert (other / "thesis.tex").read_text() == "precious"
+    with pytest.raises(ConfigError, match="is a file; a run needs a directory"):
+        train(tiny_run(tmp_path), other / "thesis.tex", progress=False)
+
+
+def test_a_start_that_fails_changes_nothing_in_the_run_directory(tmp_path):
+    """The settings are saved once the run has started: a failed fresh start can be retried as it
+    was meant, and a failed resume with changed settings leaves the run resumable as it was."""
+    run = tmp_path / "run"
+    missing = ["data.source=local", f"data.path={tmp_path / 'nope.jsonl'}"]
+    with pytest.raises(DataError):
+        train(tiny_run(tmp_path, *missing), run, progress=False)
+    train(tiny_run(tmp_path, "train.max_steps=2"), run, progress=False)  # not "already holds a run"
+    saved = (run / "run_config.yaml").read_text()
+    with pytest.raises(DataError, match="cannot resume the data position"):
+        train(tiny_run(tmp_path, "train.max_steps=4", "data.seq_len=64"), run, resume=True, progress=False)
+    assert (run / "run_config.yaml").read_text() == saved
+    result = train(tiny_run(tmp_path, "train.max_steps=4"), run, resume=True, progress=False)
+    assert result.step == 4
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,7 @@ from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.tasks import FAMILIES, generate_examples
 from reasoning_llama.tokenizer import get_tokenizer
 from reasoning_llama.training import run_checkpoints as ckpt
-from reasoning_llama.training.loop import prepare_run_dir, sigint_flag
+from reasoning_llama.training.loop import prepare_run_dir, save_run_config, sigint_flag
 from reasoning_llama.training.metrics import MetricsWriter, read_metrics, truncate_after
 from reasoning_llama.training.optim import lr_at, param_groups, set_lr
 
@@ -198,7 +198,7 @@ class RLTrainer:
         self.progress = progress
         self.device = resolve_device(config.device)
         ckpt.seed_everything(config.seed)
-        resume_from = prepare_run_dir(self.run_dir, config, resume, overwrite=overwrite)
+        resume_from = prepare_run_dir(self.run_dir, resume, overwrite=overwrite)
         if resume and resume_from is None:
             self.say(f"{self.run_dir} stopped before its first checkpoint; starting it over from step 0")
 
@@ -228,6 +228,7 @@ class RLTrainer:
             self.step, self.elapsed = state["progress"]["step"], state["progress"]["elapsed_s"]
             truncate_after(self.run_dir, self.step)
             self.say(f"resuming from {resume_from} (step {self.step} of {config.max_steps})")
+        save_run_config(self.run_dir, config)  # the run has started
 
     # -- one step ----------------------------------------------------------------------------
 

@@ -47,8 +47,9 @@ from reasoning_llama.tokenizer import ChatTokenizer, get_tokenizer
 from reasoning_llama.training import distributed as dist
 from reasoning_llama.training import run_checkpoints as ckpt
 from reasoning_llama.training.distributed import World
-from reasoning_llama.training.metrics import METRICS_FILE, MetricsWriter, truncate_after
+from reasoning_llama.training.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsWriter, truncate_after
 from reasoning_llama.training.optim import build_optimizer, lr_at, set_lr
+from reasoning_llama.training.plot import PLOT_FILE
 
 RUN_CONFIG = "run_config.yaml"
 REPLAN_EVERY = 100  # steps between refits of the plan to a time budget
@@ -195,7 +196,8 @@ def check_config(config: RunConfig, model_config: ModelConfig) -> None:
         raise ConfigError("train.lr must be > 0, min_lr_ratio in [0, 1], grad_clip and weight_decay >= 0")
 
 
-def _save_run_config(run_dir: Path, config: Any) -> None:
+def save_run_config(run_dir: Path, config: Any) -> None:
+    """RUN/run_config.yaml: the settings of a run (a config dataclass), which `--resume` reads."""
     from omegaconf import OmegaConf
 
     atomic.write_text(run_dir / RUN_CONFIG, OmegaConf.to_yaml(OmegaConf.structured(config)))
@@ -206,26 +208,48 @@ def holds_run(run_dir: Path) -> bool:
     return any((run_dir / name).exists() for name in (RUN_CONFIG, METRICS_FILE, ckpt.CHECKPOINTS))
 
 
+# What a run writes in its directory; nothing else there is the run's.
+RUN_ENTRIES = (
+    RUN_CONFIG,
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    ckpt.CHECKPOINTS,
+    ckpt.LATEST,
+    ckpt.BEST,
+    PLOT_FILE,
+)
+
+
 def start_over(run_dir: Path) -> None:
-    """Delete the training run in `run_dir`; a non-empty directory that holds none is never deleted."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    """Delete the training run in `run_dir`: its own files (and their atomic writes' temporaries),
+    never anything else the directory holds; a directory that holds no run is left alone."""
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return
     if not holds_run(run_dir):
         raise ConfigError(
             f"{run_dir} does not look like a training run (no {RUN_CONFIG}); refusing to delete it"
         )
-    shutil.rmtree(run_dir)
+    for entry in run_dir.iterdir():
+        name = entry.name.removeprefix(".").split(".tmp-")[0] if ".tmp-" in entry.name else entry.name
+        if name in RUN_ENTRIES:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
 
 def prepare_run_dir(
-    run_dir: Path, config: Any, resume: bool, restarted: bool = False, overwrite: bool = False
+    run_dir: Path, resume: bool, restarted: bool = False, overwrite: bool = False
 ) -> Path | None:
-    """Create or check RUN/ and save `config` (a config dataclass) in it; the checkpoint to resume from (None: fresh).
+    """Create or check RUN/; the checkpoint to resume from (None: a fresh start). The caller saves
+    its config (`save_run_config`) once the run has started, so a start that fails changes nothing.
 
     resume: continue from the latest checkpoint, or start over if the run stopped before saving one.
     restarted: torchrun brought the group back after a failure (the same, and never an overwrite).
     overwrite: delete the run already in RUN/ first.
     """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file; a run needs a directory of its own")
     if overwrite and not restarted:
         start_over(run_dir)
     if resume or restarted:
@@ -242,8 +266,10 @@ def prepare_run_dir(
                 f"{run_dir} already holds a training run; pass --resume to continue it, --overwrite to "
                 "start it over, or choose another --out"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _save_run_config(run_dir, config)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {run_dir}: cannot create the directory ({e.strerror or e})") from None
     return latest
 
 
@@ -300,9 +326,7 @@ class Trainer:
         model_config = model_config_for(config)
         check_config(config, model_config)
         restarted = dist.elastic_restart_count() > 0
-        resume_from = dist.on_main(
-            world, lambda: prepare_run_dir(self.run_dir, config, resume, restarted, overwrite)
-        )
+        resume_from = dist.on_main(world, lambda: prepare_run_dir(self.run_dir, resume, restarted, overwrite))
         if restarted:
             self.say(f"restart {dist.elastic_restart_count()} of the process group")
         elif resume and resume_from is None:
@@ -360,6 +384,7 @@ class Trainer:
             if world.is_main:
                 truncate_after(self.run_dir, self.state.step)
             self.say(f"resuming from {resume_from} (step {self.state.step} of {self.total_steps})")
+        dist.on_main(world, lambda: save_run_config(self.run_dir, config))  # the run has started
         if world.distributed:
             self.say(
                 f"{world.mode} over {world.world_size} processes: {t.micro_batch_size} rows x "

@@ -13,6 +13,7 @@ from reasoning_llama import atomic
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricsWriter:
@@ -22,7 +23,7 @@ class MetricsWriter:
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self._tb = _tensorboard_writer(Path(run_dir) / "tensorboard") if tensorboard else None
+        self._tb = _tensorboard_writer(Path(run_dir) / TENSORBOARD_DIR) if tensorboard else None
 
     def log(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, allow_nan=True) + "\n")

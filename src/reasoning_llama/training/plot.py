@@ -14,6 +14,9 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [v for _, v in points]
 
 
+PLOT_FILE = "plot.png"
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the run's curves to `out` (default RUN/plot.png) and return its path."""
     import matplotlib
@@ -25,7 +28,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     records = read_metrics(run_dir)
     if not records:
         raise ConfigError(f"{run_dir / METRICS_FILE} is missing or empty; is {run_dir} a training run?")
-    out = Path(out) if out is not None else run_dir / "plot.png"
+    out = Path(out) if out is not None else run_dir / PLOT_FILE
     accuracy_keys = sorted({k for r in records for k in r if k.startswith("acc/")})
 
     reward_keys = [k for k in ("reward_mean", "pass@1") if any(k in r for r in records)]
