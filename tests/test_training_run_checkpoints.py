@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -74,6 +75,24 @@ def tiny_batch(config):
     loss_mask = torch.ones(2, 16, dtype=torch.bool)
     positions = torch.arange(16).expand(2, 16)
     return ids, ids.roll(-1, 1), loss_mask, positions, torch.zeros(2, 16, dtype=torch.long)
+
+
+def test_a_damaged_or_mismatched_shard_is_a_checkpoint_error(tmp_path, tiny_config):
+    """torch's CheckpointException is a BaseException: it must still become a one-line error."""
+    from reasoning_llama.errors import CheckpointError
+
+    source = ModelWithLoss(Transformer(tiny_config))
+    saved = ckpt.save_checkpoint(tmp_path, 1, source, torch.optim.AdamW(source.parameters()), {}, keep_last=1)
+    wider = ModelWithLoss(Transformer(dataclasses.replace(tiny_config, dim=tiny_config.dim * 2)))
+    with pytest.raises(CheckpointError, match=r"cannot read .*distributed: Size mismatch") as info:
+        ckpt.restore_checkpoint(saved, wider, torch.optim.AdamW(wider.parameters()))
+    assert "\n" not in str(info.value)
+    shard = next((saved / ckpt.DISTRIBUTED).glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    same = ModelWithLoss(Transformer(tiny_config))
+    with pytest.raises(CheckpointError, match=r"cannot read .*distributed") as info:
+        ckpt.restore_checkpoint(saved, same, torch.optim.AdamW(same.parameters()))
+    assert "\n" not in str(info.value)
 
 
 def test_unreadable_trainer_state_is_a_checkpoint_error(tmp_path):

@@ -176,14 +176,21 @@ def restore_checkpoint(
         optimizer.load_state_dict(trainer_state["optimizer"])
         return trainer_state
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     state = _model_and_optimizer(loss_model, optimizer)
     try:
         with _single_process_is_fine():
             dcp.load(state, checkpoint_id=directory / DISTRIBUTED)
-    except Exception as e:  # a missing or truncated shard: say where
-        raise CheckpointError(f"cannot read {directory / DISTRIBUTED}: {str(e).splitlines()[0]}") from None
+    # A missing or truncated shard, or another model's: say where. DCP wraps each rank's failure in
+    # a CheckpointException, a BaseException whose message is their tracebacks.
+    except (Exception, CheckpointException) as e:
+        causes = [cause for cause, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
+        reason = next(
+            (str(c).strip().splitlines()[0] for c in causes if str(c).strip()), type(causes[0]).__name__
+        )
+        raise CheckpointError(f"cannot read {directory / DISTRIBUTED}: {reason}") from None
     set_model_state_dict(loss_model, state["model"])
     set_optimizer_state_dict(loss_model, optimizer, state["optimizer"])
     return trainer_state
