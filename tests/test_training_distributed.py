@@ -4,6 +4,7 @@ run, a killed rank comes back from its checkpoint, and a run moves between world
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from cli_helpers import run_cli
 from reasoning_llama.config import RunConfig
 from reasoning_llama.training import run_checkpoints as ckpt
 from reasoning_llama.training import train
@@ -151,20 +153,20 @@ def test_two_machines_meet_through_c10d_rendezvous_and_give_the_one_process_run(
 
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
 def test_a_run_resumes_at_another_world_size(tmp_path, reference, first, then):
-    """k steps at one world size, the rest at another: the run of one process throughout (FSDP shards)."""
+    """k steps at one world size, the rest at another: the run of one process throughout (FSDP shards).
+    2 -> 1 resumes with the one-process command the stopped run printed, run as printed."""
     run = tmp_path / "run"
-    for nproc, args in ((first, ["--stop-at-step", "3"]), (then, ["--resume"])):
-        config = run_config(tmp_path, "train.distributed=" + ("fsdp" if nproc > 1 else "none"))
-        if nproc > 1:
-            finish(torchrun(tmp_path, run, config, *args, nproc=nproc))
-        else:
-            train(
-                config,
-                run,
-                progress=False,
-                resume="--resume" in args,
-                stop_at_step=3 if "--stop-at-step" in args else None,
-            )
+    if first == 2:
+        config = run_config(tmp_path, "train.distributed=fsdp")
+        stderr = finish(torchrun(tmp_path, run, config, "--stop-at-step", "3"))
+        hint = stderr.split("resume with: ")[1].splitlines()[0]
+        assert hint.startswith(f"torchrun --nproc_per_node 2 -m reasoning_llama train --out {run} --resume")
+        one_process = shlex.split(hint.split("(or in one process: ")[1].removesuffix(")"))
+        resumed = run_cli(*one_process[1:], "--no-progress", one_thread=True)
+        assert resumed.returncode == 0, resumed.stderr
+    else:
+        train(run_config(tmp_path, "train.distributed=none"), run, progress=False, stop_at_step=3)
+        finish(torchrun(tmp_path, run, run_config(tmp_path, "train.distributed=fsdp"), "--resume"))
     assert ckpt.load_trainer_state(ckpt.latest_checkpoint(run))["world_size"] == then
     assert_same_run(run, reference)
 

@@ -85,7 +85,7 @@ def train(
         what = "interrupted" if result.stop_reason == "interrupted" else "stopped"
         echo_err(
             f"{what} at step {result.step} of {result.total_steps}; saved {result.checkpoint}\n"
-            f"resume with: reasoning-llama train --out {out} --resume"
+            f"resume with: {result.resume_with}"
         )
         if result.stop_reason == "interrupted":
             raise typer.Exit(INTERRUPTED_EXIT)

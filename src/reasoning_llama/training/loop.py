@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import os
 import shutil
 import signal
 import statistics
@@ -72,6 +73,7 @@ class TrainResult:
     best_step: int | None
     final: dict[str, Any]  # the last validation / task metrics logged
     rank: int = 0  # of the process that returned it (rank 0 reports to the user)
+    resume_with: str = ""  # the command that resumes the run as it was launched
 
 
 @dataclass
@@ -484,7 +486,21 @@ class Trainer:
             state.best_step if best is not None else None,
             final,
             self.world.rank,
+            self.resume_command(),
         )
+
+    def resume_command(self, *settings: str) -> str:
+        """The command that resumes this run, with `--set` for each of `settings`: as it was launched
+        (under torchrun, as many processes a machine), and in one process where its mode needs that said."""
+        sets = "".join(f" --set {setting}" for setting in settings)
+        command = f"reasoning-llama train --out {self.run_dir} --resume{sets}"
+        if not self.world.distributed:
+            return command
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.world.world_size))
+        launched = f"torchrun --nproc_per_node {processes} -m reasoning_llama train --out {self.run_dir} --resume{sets}"
+        if self.t.distributed == "auto":  # one process needs nothing more
+            return f"{launched} (or in one process: {command})"
+        return f"{launched} (or in one process: {command} --set train.distributed=none)"
 
     def seconds_per_step(self, steps: int = 5, give_up_after: float = math.inf) -> float:
         """Median time of a few optimizer steps, after one warm-up step, on batches from the start of
@@ -588,9 +604,8 @@ class Trainer:
                     loss,
                     float(self._grad_norm),
                     lr or self.lr(),
-                    self.t.lr,
-                    self.run_dir,
                     self.last_checkpoint,
+                    self.resume_command(f"train.lr={self.t.lr / 2:.3g}"),
                 )
             )
 
@@ -802,14 +817,12 @@ def _diverged_message(
     loss: float,
     grad_norm: float,
     lr: float,
-    base_lr: float,
-    run_dir: Path,
     checkpoint: Path | None,
+    resume_with_lower_lr: str,
 ) -> str:
     what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
     where = (
-        f"the last good checkpoint is {checkpoint}; resume it with a lower learning rate: "
-        f"reasoning-llama train --out {run_dir} --resume --set train.lr={base_lr / 2:.3g}"
+        f"the last good checkpoint is {checkpoint}; resume it with a lower learning rate: {resume_with_lower_lr}"
         if checkpoint
         else "no checkpoint was written yet"
     )
