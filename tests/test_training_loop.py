@@ -197,6 +197,35 @@ def test_an_override_without_a_value_says_so():
         load_run_config(None, ["train.lr"])
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["lr=1e-3"], r"Key 'lr' not in 'RunConfig' \(did you mean train.lr\?\)"),
+        (["seq_len=64"], r"did you mean data.seq_len\?"),
+        (["data.families=chain_sum"], r"a list is written \[a, b\]"),
+    ],
+)
+def test_common_override_mistakes_get_a_hint(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (b"train:\n  lr: [1\n", "is not a readable YAML file: while parsing"),
+        (b"train:\n\tlr: 1\n", "is not a readable YAML file"),  # a tab in the indentation
+        (b"\xff\xfe", "is not a readable YAML file: 'utf-8' codec"),
+        (b"- train\n- data\n", "must hold settings as a mapping"),
+    ],
+)
+def test_a_broken_recipe_file_is_one_line(tmp_path, text, message):
+    (tmp_path / "recipe.yaml").write_bytes(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_run_config(tmp_path / "recipe.yaml")
+    assert "\n" not in str(info.value)
+
+
 def test_epochs_set_the_number_of_steps(tmp_path):
     result = train(
         tiny_run(tmp_path, "train.epochs=1", "train.eval_every=0"), tmp_path / "run", progress=False

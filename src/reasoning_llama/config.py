@@ -259,12 +259,40 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
     try:
         merged = OmegaConf.structured(schema)
         if path is not None:
-            merged = OmegaConf.merge(merged, OmegaConf.load(recipe_path(path, rl=schema is RLConfig)))
+            merged = OmegaConf.merge(merged, _read_yaml(recipe_path(path, rl=schema is RLConfig)))
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
-        raise ConfigError(f"bad config: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"bad config: {str(e).splitlines()[0]}{_hint(schema, e)}") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    """A YAML file of settings (a mapping), or a one-line ConfigError saying what is wrong with it."""
+    import yaml
+    from omegaconf import DictConfig, OmegaConf
+
+    try:
+        loaded = OmegaConf.load(path)
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path} is not a readable YAML file: {' '.join(str(e).split())}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path} must hold settings as a mapping (e.g. train: {{lr: 3e-4}}), not a list")
+    return loaded
+
+
+def _hint(schema: type, error: Exception) -> str:
+    """What the user most likely meant, for the mistakes OmegaConf's message leaves unexplained."""
+    from omegaconf.errors import ConfigKeyError
+
+    key = getattr(error, "full_key", None)
+    if isinstance(error, ConfigKeyError) and schema is RunConfig and key and "." not in key:
+        for section, fields in (("train", TrainConfig), ("data", DataConfig)):
+            if key in {f.name for f in dataclasses.fields(fields)}:
+                return f" (did you mean {section}.{key}?)"
+    if "is not a ListConfig" in str(error):
+        return " (a list is written [a, b], e.g. data.families=[chain_sum,max_digit])"
+    return ""
 
 
 def run_config_to_dict(config: RunConfig) -> dict[str, Any]:
