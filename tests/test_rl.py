@@ -321,6 +321,19 @@ def test_the_rl_command_runs_plots_and_refuses_bad_setups(digit_model, tmp_path)
         "rl", "--init-from", checkpoint, "--task", "synthetic:add", "--out", tmp_path / "z", "--set", "optimizer=lion"
     )  # fmt: skip
     assert optimizer.returncode == 2 and "unknown optimizer 'lion'; use adamw or sgd" in optimizer.stderr
+    if not torch.cuda.is_available():
+        gpu = run_cli(
+            "rl",
+            "--init-from",
+            checkpoint,
+            "--task",
+            "synthetic:add",
+            "--out",
+            tmp_path / "g",
+            "--set",
+            "device=cuda",
+        )
+        assert gpu.returncode == 2 and "use --set device=cpu" in gpu.stderr
 
 
 def test_held_out_exact_match_counts_full_credit_only(digit_model):

@@ -192,6 +192,14 @@ def test_bad_settings_are_config_errors(tmp_path, override, message):
         train(tiny_run(tmp_path, override), tmp_path / "run", progress=False)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unavailable_device_names_the_setting_that_picks_the_cpu(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"CUDA is not available on this machine; use --set train.device=cpu"
+    ):
+        train(tiny_run(tmp_path, "train.device=cuda"), tmp_path / "run", progress=False)
+
+
 def test_an_override_without_a_value_says_so():
     with pytest.raises(ConfigError, match=r"--set train.lr: give key=value, e.g. --set train.lr=3e-4"):
         load_run_config(None, ["train.lr"])

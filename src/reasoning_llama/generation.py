@@ -251,8 +251,9 @@ class Request:
 # -- the engine ----------------------------------------------------------------------------
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """ "auto" = CUDA if available, else CPU; refuses a device torch cannot use here."""
+def resolve_device(device: str | torch.device = "auto", *, use_cpu: str = "--device cpu") -> torch.device:
+    """ "auto" = CUDA if available, else CPU; refuses a device torch cannot use here, saying how the
+    caller's user picks the CPU instead (`use_cpu`: a flag, or a setting like `--set train.device=cpu`)."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -260,9 +261,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     except RuntimeError as e:
         raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or mps") from e
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("CUDA is not available on this machine; use --device cpu")
+        raise ConfigError(f"CUDA is not available on this machine; use {use_cpu}")
     if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("MPS is not available on this machine; use --device cpu")
+        raise ConfigError(f"MPS is not available on this machine; use {use_cpu}")
     return resolved
 
 

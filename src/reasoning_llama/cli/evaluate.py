@@ -60,6 +60,8 @@ def eval_command(
         raise ConfigError("give exactly one of --task synthetic[:family,...] or --data FILE")
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if data is not None and (seed is not None or difficulty is not None):

@@ -196,7 +196,7 @@ class RLTrainer:
         self.config, self.run_dir = config, Path(run_dir)
         self.say = echo or (lambda msg: tqdm.write(msg, file=sys.stderr))
         self.progress = progress
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device, use_cpu="--set device=cpu")
         ckpt.seed_everything(config.seed)
         resume_from = prepare_run_dir(self.run_dir, resume, overwrite=overwrite)
         if resume and resume_from is None:

@@ -82,7 +82,7 @@ def setup(requested: str, device_name: str) -> tuple[World, torch.device]:
     from reasoning_llama.generation import resolve_device
 
     mode = resolve_mode(requested)
-    device = resolve_device(device_name)
+    device = resolve_device(device_name, use_cpu="--set train.device=cpu")
     if mode == "none":
         return SINGLE, device
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
