@@ -192,6 +192,21 @@ def test_bad_settings_are_config_errors(tmp_path, override, message):
         train(tiny_run(tmp_path, override), tmp_path / "run", progress=False)
 
 
+def test_a_checkpoint_too_short_for_the_data_says_to_shorten_the_data(tmp_path):
+    """The model of train.init_from cannot be overridden, so the hint names data.seq_len alone."""
+    train(tiny_run(tmp_path, "train.max_steps=1"), tmp_path / "start", progress=False)  # context 128
+    start = f"train.init_from={tmp_path / 'start/checkpoints/step-000001'}"
+    with pytest.raises(
+        ConfigError, match=r"exceeds the model's context \(128\); set data.seq_len=128"
+    ) as info:
+        train(
+            tiny_run(tmp_path, start, "data.seq_len=256", "train.model_overrides={}"),
+            tmp_path / "run",
+            progress=False,
+        )
+    assert "model_overrides" not in str(info.value)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_an_unavailable_device_names_the_setting_that_picks_the_cpu(tmp_path):
     with pytest.raises(

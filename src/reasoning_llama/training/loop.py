@@ -184,9 +184,14 @@ def planned_steps(config: RunConfig, batches_per_epoch: int, accum: int) -> int:
 def check_config(config: RunConfig, model_config: ModelConfig) -> None:
     t = config.train
     if config.data.seq_len > model_config.max_seq_len:
+        # A checkpoint's context is its own (its model cannot be overridden): only the data can give way.
+        fix = (
+            f"set data.seq_len={model_config.max_seq_len} (train.init_from's model keeps its context)"
+            if t.init_from
+            else "lower data.seq_len or raise train.model_overrides.max_seq_len"
+        )
         raise ConfigError(
-            f"data.seq_len ({config.data.seq_len}) exceeds the model's context ({model_config.max_seq_len}); "
-            "lower data.seq_len or raise train.model_overrides.max_seq_len"
+            f"data.seq_len ({config.data.seq_len}) exceeds the model's context ({model_config.max_seq_len}); {fix}"
         )
     for name in ("micro_batch_size", "global_batch_tokens", "log_every", "keep_last"):
         if getattr(t, name) <= 0:
