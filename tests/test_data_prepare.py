@@ -247,6 +247,7 @@ def test_a_corrupt_cache_file_is_rebuilt(tmp_path, tokenizer, caplog):
         ({"overlong": "wrap"}, "data.overlong must be one of truncate, drop"),
         ({"val_fraction": 1.0}, r"data.val_fraction must lie in \[0, 1\)"),
         ({"seq_len": 0}, "data.seq_len must be positive"),
+        ({"path": "mine.jsonl"}, "data.path is mine.jsonl but data.source is synthetic, which reads no file"),
     ],
 )
 def test_bad_settings_are_config_errors(tmp_path, tokenizer, settings, message):

@@ -107,6 +107,12 @@ def check_settings(cfg: DataConfig) -> None:
         )
     if not 0 <= cfg.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must lie in [0, 1), got {cfg.val_fraction}")
+    if cfg.source == "synthetic" and cfg.path != DataConfig.path:
+        # The synthetic tasks read no file: training on them instead of the user's would pass unseen.
+        raise ConfigError(
+            f"data.path is {cfg.path} but data.source is synthetic, which reads no file; set "
+            "data.source=local for your own rows (text: a plain-text corpus, hub: a dataset name)"
+        )
 
 
 def split_rows(rows: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
