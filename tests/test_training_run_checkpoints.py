@@ -44,9 +44,26 @@ def test_keep_last_and_latest_pointer(tmp_path, tiny_config):
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
     assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "checkpoints/step-000004"
     assert ckpt.load_trainer_state(ckpt.latest_checkpoint(tmp_path)) == {"step": 4, "format": 2}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
     # A pointer to a vanished directory falls back to the newest complete checkpoint.
     (tmp_path / "latest").write_text("checkpoints/step-000009\n")
     assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "checkpoints/step-000004"
+
+
+def test_what_a_killed_process_left_half_done_is_cleared(tmp_path, tiny_config):
+    """A checkpoint half-written, half-deleted (renamed away first, or by an older version in place,
+    its trainer state gone) and RUN/best half-swapped: the complete checkpoints alone remain."""
+    loss_model = ModelWithLoss(Transformer(tiny_config))
+    saved = ckpt.save_checkpoint(
+        tmp_path, 1, loss_model, torch.optim.AdamW(loss_model.parameters()), {}, keep_last=1
+    )
+    root = tmp_path / "checkpoints"
+    for leftover in (".step-000002.tmp-1a2b3c4d", ".step-000000.old-1a2b3c4d", "step-000000/distributed"):
+        (root / leftover).mkdir(parents=True)
+    (tmp_path / ".best.old-1a2b3c4d").mkdir()
+    ckpt.remove_stale_temporaries(tmp_path)
+    assert [p.name for p in root.iterdir()] == [saved.name]
+    assert not list(tmp_path.glob(".best*"))
 
 
 def test_model_and_optimizer_round_trip_through_the_sharded_checkpoint(tmp_path, tiny_config):

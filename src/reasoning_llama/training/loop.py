@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -237,8 +238,8 @@ def start_over(run_dir: Path) -> None:
             f"{run_dir} does not look like a training run (no {RUN_CONFIG}); refusing to delete it"
         )
     for entry in run_dir.iterdir():
-        name = entry.name.removeprefix(".").split(".tmp-")[0] if ".tmp-" in entry.name else entry.name
-        if name in RUN_ENTRIES:
+        temporary = re.fullmatch(r"\.(.+)\.(?:tmp|old)-[0-9a-f]+.*", entry.name)  # atomic writes' siblings
+        if (temporary.group(1) if temporary else entry.name) in RUN_ENTRIES:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
+import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -223,17 +225,28 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints. Each is first renamed out of sight, so a
+    kill mid-delete leaves a temporary that `remove_stale_temporaries` clears, never half a checkpoint."""
     for old in complete_checkpoints(run_dir)[: -max(1, keep_last)]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = old.with_name(f".{old.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> None:
-    """Delete half-written `.step-*.tmp-*` directories left by a killed process."""
-    root = Path(run_dir) / CHECKPOINTS
+    """Delete what a killed process left half-done: hidden `.step-*` directories (half-written or
+    being deleted), step directories without a trainer state (pruned by a version before the
+    rename above) and RUN/best's temporaries."""
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(".step-"):
+            if p.name.startswith(".step-") or (
+                _STEP_DIR.fullmatch(p.name) and not (p / TRAINER_STATE).exists()
+            ):
                 shutil.rmtree(p, ignore_errors=True)
+    for p in run_dir.glob(f".{BEST}.*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 # --- reading ----------------------------------------------------------------------------
