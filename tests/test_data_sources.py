@@ -154,6 +154,9 @@ def test_directories_and_globs_read_every_data_file_in_order(tmp_path):
     assert [r["user"] for r in load_rows(local(tmp_path)).train] == ["a", "b", "c"]
     assert [r["user"] for r in load_rows(local(tmp_path / "*.jsonl")).train] == ["a", "b"]
     assert [r["user"] for r in load_rows(local(f"{tmp_path}/**/*.jsonl")).train] == ["a", "b", "c"]
+    # A file whose name holds glob characters is that file.
+    write_jsonl(tmp_path / "qa[1].jsonl", [{**CHAT_ROW, "user": "bracketed"}])
+    assert [r["user"] for r in load_rows(local(tmp_path / "qa[1].jsonl")).train] == ["bracketed"]
 
 
 @pytest.mark.parametrize(

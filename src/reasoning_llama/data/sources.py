@@ -179,7 +179,8 @@ def resolve_files(spec: str, suffixes: tuple[str, ...]) -> list[Path]:
     """The data files named by a file, a directory (searched recursively) or a glob, in sorted order."""
     kinds = ", ".join(suffixes)
     expanded = str(Path(spec).expanduser())
-    if any(c in expanded for c in "*?["):
+    # A path that exists is itself, even with glob characters in its name (`qa[1].jsonl`).
+    if any(c in expanded for c in "*?[") and not Path(expanded).exists():
         files = sorted(
             Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).suffix.lower() in suffixes
         )
