@@ -247,6 +247,16 @@ def test_hub_path_on_a_local_copy_in_the_hub_layout(tmp_path, offline_hf):
     assert load_rows(local(copy)).train == loaded.train
     with pytest.raises(DataError, match="has no split 'validation'"):
         load_rows(DataConfig(source="hub", path=str(copy), split="validation"))
+    # With a test split beside it, reading the whole directory would train on the test rows: the local
+    # source refuses and names the hub source, which reads one split.
+    datasets.Dataset.from_list(hub_like_rows(2)).to_parquet(
+        str(copy / "data" / "test-00000-of-00001.parquet")
+    )
+    with pytest.raises(
+        DataError, match=f"several splits \\(test, train\\).*data.source=hub data.path={copy}"
+    ):
+        load_rows(local(copy))
+    assert load_rows(DataConfig(source="hub", path=str(copy), split="train")).train == loaded.train
 
 
 def test_hub_path_on_a_save_to_disk_directory(tmp_path, offline_hf):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,7 @@ def _hub_unreachable(name: str, cause: BaseException) -> DataError:
         f"cannot reach the Hugging Face hub for {name} ({type(cause).__name__}); download it elsewhere "
         f"(e.g. `hf download --repo-type dataset {name} --local-dir DIR`, or "
         f"`datasets.load_dataset('{name}').save_to_disk(DIR)`), copy DIR here and pass "
-        "data.source=local data.path=DIR (or data.source=hub data.path=DIR)"
+        "data.source=hub data.path=DIR (it reads data.split of it)"
     )
 
 
@@ -168,11 +169,32 @@ def _load_files(cfg: DataConfig) -> LoadedRows:
         rows = _dataset_rows(_load_saved_split(directory, cfg.split), fields, report, cfg.split)
         return LoadedRows(rows, None, report, f"{cfg.source} {cfg.path} (saved dataset, split {cfg.split})")
     files = resolve_files(cfg.path, suffixes)
+    if directory.is_dir():
+        _refuse_several_splits(directory, files)
     rows: list[dict[str, str]] = []
     for file in files:
         rows += read_file(file, fields, report)
     what = files[0] if len(files) == 1 else f"{cfg.path} ({len(files)} files)"
     return LoadedRows(rows, None, report, f"{cfg.source} {what}")
+
+
+# A file of one split in the hub's layout: `data/train-00000-of-00001.parquet`, `test/part.jsonl`, ...
+_SPLIT_FILE = re.compile(r"(?:^|/)(train|test|validation|valid|dev)(?=[-_./])", re.IGNORECASE)
+
+
+def _refuse_several_splits(directory: Path, files: list[Path]) -> None:
+    """A directory in the hub's layout holds its splits side by side: reading all of it would train on
+    the test split. The hub source reads one (a local directory too)."""
+    splits = set()
+    for file in files:
+        found = _SPLIT_FILE.search(file.relative_to(directory).as_posix())
+        if found:
+            splits.add(found.group(1).lower())
+    if len(splits) > 1:
+        raise DataError(
+            f"{directory} holds several splits ({', '.join(sorted(splits))}) in the hub's layout; read one "
+            f"with data.source=hub data.path={directory} data.split=train"
+        )
 
 
 def resolve_files(spec: str, suffixes: tuple[str, ...]) -> list[Path]:
