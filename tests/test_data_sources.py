@@ -277,7 +277,7 @@ def test_unreachable_hub_says_how_to_use_a_local_copy(offline_hf):
         load_rows(DataConfig(source="hub", path="KingNish/reasoning-base-20k"))
     message = str(info.value)
     assert message.startswith("cannot reach the Hugging Face hub for KingNish/reasoning-base-20k")
-    assert "data.source=local data.path=DIR" in message
+    assert "data.source=hub data.path=DIR" in message
 
 
 def test_missing_local_hub_directory(tmp_path, offline_hf):
