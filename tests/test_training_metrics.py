@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from reasoning_llama.errors import ConfigError
 from reasoning_llama.training.metrics import MetricsWriter, read_metrics, truncate_after
 from reasoning_llama.training.plot import plot_run
 
@@ -53,6 +54,15 @@ def test_plot_writes_a_png(tmp_path):
     assert out == tmp_path / "plot.png"
     data = out.read_bytes()
     assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+    assert plot_run(tmp_path, tmp_path / "curves.svg").read_text().lstrip().startswith("<?xml")
+    for name in (
+        "curves",
+        "curves.xyz",
+    ):  # matplotlib would add .png to one, fail with a traceback on the other
+        with pytest.raises(
+            ConfigError, match=f"cannot write a plot as .*{name}: name a .png, .pdf, .svg file"
+        ):
+            plot_run(tmp_path, tmp_path / name)
 
 
 @pytest.mark.slow

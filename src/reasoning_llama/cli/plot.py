@@ -10,7 +10,9 @@ import typer
 
 def plot(
     run: Annotated[Path, typer.Argument(help="A run directory (with metrics.jsonl).")],
-    out: Annotated[Path | None, typer.Option(help="The PNG to write (default RUN/plot.png).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="The .png, .pdf or .svg file to write (default RUN/plot.png).")
+    ] = None,
 ) -> None:
     """Plot a run's train/validation loss, learning rate and task accuracy to a PNG."""
     from reasoning_llama.training.plot import plot_run

@@ -15,6 +15,7 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 PLOT_FILE = "plot.png"
+PLOT_FORMATS = (".png", ".pdf", ".svg")  # what matplotlib writes, by the file's suffix
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -29,6 +30,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not records:
         raise ConfigError(f"{run_dir / METRICS_FILE} is missing or empty; is {run_dir} a training run?")
     out = Path(out) if out is not None else run_dir / PLOT_FILE
+    if out.suffix.lower() not in PLOT_FORMATS:
+        raise ConfigError(f"cannot write a plot as {out}: name a {', '.join(PLOT_FORMATS)} file")
     accuracy_keys = sorted({k for r in records for k in r if k.startswith("acc/")})
 
     reward_keys = [k for k in ("reward_mean", "pass@1") if any(k in r for r in records)]
