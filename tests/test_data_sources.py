@@ -95,6 +95,13 @@ def test_malformed_json_line_stops_with_file_and_line():
         load_rows(local(path))
 
 
+def test_a_json_file_holding_one_object_says_what_a_data_file_holds(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps({"data": [CHAT_ROW]}, indent=2))
+    with pytest.raises(DataError, match=r"rows.json is one JSON document, not rows: .* an array of rows"):
+        load_rows(local(path))
+
+
 def test_invalid_utf8_stops_with_file_and_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(json.dumps(CHAT_ROW).encode() + b"\n" + '{"user": "café"}\n'.encode("latin-1"))

@@ -275,6 +275,11 @@ def _read_json_lines(path: Path, fields: tuple[str, ...], report: ValidationRepo
             try:
                 value = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
+                if number == 1 and _is_one_json_document(path):
+                    raise DataError(
+                        f"{path} is one JSON document, not rows: a .json data file is an array of rows "
+                        '([{"user": ...}, ...]) or JSON Lines (one row per line)'
+                    ) from None
                 raise DataError(
                     f"{path}:{number}: malformed JSON ({e.msg}, column {e.pos + 1}); fix or remove that line"
                 ) from None
@@ -282,6 +287,15 @@ def _read_json_lines(path: Path, fields: tuple[str, ...], report: ValidationRepo
             if row is not None:
                 rows.append(row)
     return rows
+
+
+def _is_one_json_document(path: Path) -> bool:
+    """Whether the whole file parses as JSON (a pretty-printed object, say), though its lines do not."""
+    try:
+        json.loads(_read_utf8(path))
+    except (json.JSONDecodeError, DataError):
+        return False
+    return True
 
 
 def _read_json_array(path: Path, fields: tuple[str, ...], report: ValidationReport) -> list:
