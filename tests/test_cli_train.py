@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from cli_helpers import run_cli
+from cli_helpers import run_cli, run_clis
 from reasoning_llama.training import run_checkpoints as ckpt
 from reasoning_llama.training.metrics import read_metrics
 
@@ -105,5 +105,11 @@ def test_resume_of_nothing_says_how_to_start(tmp_path):
     result = run_cli("train", "--out", tmp_path / "nothing", "--resume")
     assert result.returncode == 2
     assert "holds no training run to resume; start one with --preset P or --config FILE" in result.stderr
-    both = run_cli("train", "--out", tmp_path / "x", "--preset", "tiny", "--resume", "--overwrite")
+    both, never = run_clis(
+        [
+            ("train", "--out", tmp_path / "x", "--preset", "tiny", "--resume", "--overwrite"),
+            ("train", "--out", tmp_path / "y", "--preset", "tiny", "--stop-at-step", "0"),
+        ]
+    )
     assert both.returncode == 2 and "not both" in both.stderr
+    assert never.returncode == 2 and "--stop-at-step must be >= 1, got 0" in never.stderr

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from cli_helpers import run_cli
+from cli_helpers import run_cli, run_clis
 from reasoning_llama.config import RLConfig, load_config, load_run_config, recipe_names
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.generation import Engine
@@ -313,6 +313,15 @@ def test_the_rl_command_runs_plots_and_refuses_bad_setups(digit_model, tmp_path)
     assert run_cli("plot", run).returncode == 0 and (run / "plot.png").is_file()
     again = run_cli("rl", "--init-from", checkpoint, "--data", prompts, "--out", run)
     assert again.returncode == 2 and "pass --resume" in again.stderr
+    # Each command resumes its own runs, and names the other's command for the other's.
+    as_training, as_rl = run_clis(
+        [("train", "--out", run, "--resume"), ("rl", "--out", checkpoint.parent.parent, "--resume")]
+    )
+    assert (
+        f"holds a run of `rl`, not `train`; resume it with: reasoning-llama rl --out {run} --resume"
+        in as_training.stderr
+    )
+    assert "holds a run of `train`, not `rl`; resume it with: reasoning-llama train --out" in as_rl.stderr
     neither = run_cli("rl", "--init-from", checkpoint, "--out", tmp_path / "x")
     assert neither.returncode == 2 and "--task synthetic:FAMILY" in neither.stderr
     unknown = run_cli("rl", "--init-from", checkpoint, "--task", "synthetic:nope", "--out", tmp_path / "y")

@@ -50,7 +50,7 @@ def rl(
     from reasoning_llama.config import RLConfig, load_config
     from reasoning_llama.evaluation import parse_task_spec
     from reasoning_llama.rl.loop import run_rl
-    from reasoning_llama.training.loop import RUN_CONFIG
+    from reasoning_llama.training.loop import RUN_CONFIG, check_run_command
 
     set_threads(threads)
     if resume and overwrite:
@@ -76,6 +76,8 @@ def rl(
             raise ConfigError(
                 f"--resume: {out} holds no RL run to resume; start one with --init-from and --task"
             )
+    if resume:
+        check_run_command(out, "rl")
     run_config = load_config(RLConfig, config, overrides)
     result = run_rl(run_config, out, resume=resume, overwrite=overwrite, progress=progress, echo=echo_err)
     first, last = min(result.evaluations, default=None), max(result.evaluations, default=None)

@@ -50,10 +50,12 @@ def train(
     """Train a model (--preset P or --config F, with --set key=value overrides) into --out RUN."""
     from reasoning_llama.config import load_run_config
     from reasoning_llama.training import train as run_training
-    from reasoning_llama.training.loop import RUN_CONFIG
+    from reasoning_llama.training.loop import RUN_CONFIG, check_run_command
 
     if preset is not None and config is not None:
         raise ConfigError("give --preset or --config, not both")
+    if stop_at_step is not None and stop_at_step < 1:
+        raise ConfigError(f"--stop-at-step must be >= 1, got {stop_at_step}")
     if resume and overwrite:
         raise ConfigError(
             "give --resume (continue the run in --out) or --overwrite (start it over), not both"
@@ -74,6 +76,8 @@ def train(
             raise ConfigError(
                 f"--resume: {out} holds no training run to resume; start one with --preset P or --config FILE"
             )
+    if resume:
+        check_run_command(out, "train")
     run_config = load_run_config(config, overrides)
     set_threads(threads)
     result = run_training(

@@ -154,7 +154,14 @@ def accumulation_steps(config: RunConfig, world_size: int = 1) -> int:
             f"train.global_batch_tokens ({t.global_batch_tokens}) is no whole number of micro-batches of "
             f"{t.micro_batch_size} rows x {config.data.seq_len} tokens x {world_size} processes ({per_micro}); {hint}"
         )
-    return max(1, round(t.global_batch_tokens / per_micro))
+    if round(t.global_batch_tokens / per_micro) == 0:  # rounding up would multiply the batch asked for
+        rows = max(1, t.global_batch_tokens // (config.data.seq_len * world_size))
+        raise ConfigError(
+            f"train.global_batch_tokens ({t.global_batch_tokens}) is less than half a micro-batch of "
+            f"{t.micro_batch_size} rows x {config.data.seq_len} tokens ({per_micro}); pass "
+            f"--set train.micro_batch_size={rows} or --set train.global_batch_tokens={per_micro}"
+        )
+    return round(t.global_batch_tokens / per_micro)
 
 
 def use_flex_attention(setting: str, device: torch.device) -> bool:
@@ -226,6 +233,29 @@ RUN_ENTRIES = (
     ckpt.BEST,
     PLOT_FILE,
 )
+
+
+def run_command(run_dir: Path) -> str | None:
+    """Which command a run directory's settings belong to: `train`, `rl`, or None (none readable)."""
+    import yaml
+
+    try:
+        settings = yaml.safe_load((run_dir / RUN_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if not isinstance(settings, dict):
+        return None
+    return "train" if "train" in settings else "rl" if "samples_per_prompt" in settings else None
+
+
+def check_run_command(run_dir: Path, command: str) -> None:
+    """On --resume: refuse a run another command wrote, naming the command that resumes it."""
+    other = run_command(run_dir)
+    if other is not None and other != command:
+        raise ConfigError(
+            f"{run_dir} holds a run of `{other}`, not `{command}`; resume it with: "
+            f"reasoning-llama {other} --out {run_dir} --resume"
+        )
 
 
 def start_over(run_dir: Path) -> None:
