@@ -183,6 +183,7 @@ def test_eval_cli_with_int8_weights_scores_the_int8_engine(tmp_path, tiny_config
         (["--task", "synthetic", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
         (["--data", "x.jsonl", "--difficulty", "3"], "--seed and --difficulty choose synthetic problems"),
         (["--task", "synthetic", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--data", "missing.jsonl"], "--data missing.jsonl does not exist; give a .jsonl"),
     ],
 )
 def test_eval_cli_errors_are_one_line(tmp_path, tiny_config, args, message):

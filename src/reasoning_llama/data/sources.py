@@ -54,7 +54,7 @@ def load_rows(cfg: DataConfig) -> LoadedRows:
     else:
         raise ConfigError(f"unknown data source {cfg.source!r}; choose one of: {', '.join(SOURCES)}")
     if not loaded.train:
-        raise DataError(f"no usable training rows in {loaded.description}: {loaded.report.summary()}")
+        raise DataError(f"no usable rows in {loaded.description}: {loaded.report.summary()}")
     return loaded
 
 
