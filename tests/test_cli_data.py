@@ -69,6 +69,8 @@ def test_synthetic_report_then_cache_hit_and_human_output(tmp_path):
         (["--source", "local", "--path", "missing.jsonl"], "error: data path missing.jsonl does not exist"),
         (["--source", "local", "--path", str(FIXTURES / "broken.jsonl")], "broken.jsonl:3: malformed JSON"),
         (["--source", "hub"], "error: cannot reach the Hugging Face hub for KingNish/reasoning-base-20k"),
+        (["--set", "trian.lr=1"], "Key 'trian' not in 'RunConfig'"),  # a typo'd section, not data's key
+        (["--set", "synthetic_train_size=0"], "data.synthetic_train_size must be >= 1"),
     ],
 )
 def test_bad_input_is_one_line_on_stderr(tmp_path, args, message):

@@ -31,7 +31,8 @@ def stats(
     from reasoning_llama.data.prepare import prepare_data
     from reasoning_llama.tokenizer import get_tokenizer
 
-    dotlist = [item if item.startswith(("data.", "train.")) else f"data.{item}" for item in overrides or []]
+    # A bare key is data's (`overlong=drop`); a dotted one names its own section (a typo in it is told as such).
+    dotlist = [item if "." in item.split("=")[0] else f"data.{item}" for item in overrides or []]
     cfg = load_run_config(config, dotlist).data
     if source is not None:
         cfg.source = source

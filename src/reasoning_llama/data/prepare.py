@@ -107,6 +107,11 @@ def check_settings(cfg: DataConfig) -> None:
         )
     if not 0 <= cfg.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must lie in [0, 1), got {cfg.val_fraction}")
+    if cfg.source == "synthetic" and (cfg.synthetic_train_size < 1 or cfg.synthetic_val_size < 0):
+        raise ConfigError(
+            "data.synthetic_train_size must be >= 1 and data.synthetic_val_size >= 0, got "
+            f"{cfg.synthetic_train_size} and {cfg.synthetic_val_size}"
+        )
     if cfg.source == "synthetic" and cfg.path != DataConfig.path:
         # The synthetic tasks read no file: training on them instead of the user's would pass unseen.
         raise ConfigError(

@@ -207,8 +207,14 @@ def check_config(config: RunConfig, model_config: ModelConfig) -> None:
     for name in ("eval_every", "save_every", "task_eval_every", "warmup_steps", "early_stopping_patience"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
-    if not (t.lr > 0 and 0 <= t.min_lr_ratio <= 1 and t.grad_clip >= 0 and t.weight_decay >= 0):
-        raise ConfigError("train.lr must be > 0, min_lr_ratio in [0, 1], grad_clip and weight_decay >= 0")
+    for name, fine, rule in (
+        ("lr", t.lr > 0, "> 0"),
+        ("min_lr_ratio", 0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
+        ("grad_clip", t.grad_clip >= 0, ">= 0"),
+        ("weight_decay", t.weight_decay >= 0, ">= 0"),
+    ):
+        if not fine:
+            raise ConfigError(f"train.{name} must be {rule}, got {getattr(t, name)}")
 
 
 def save_run_config(run_dir: Path, config: Any) -> None:
