@@ -141,9 +141,7 @@ def test_malformed_json_array_names_the_line(tmp_path):
 
 def test_no_usable_rows_is_an_error_with_the_summary(tmp_path):
     path = write_jsonl(tmp_path / "empty_fields.jsonl", [{"user": "", "reasoning": "r", "assistant": "a"}])
-    with pytest.raises(
-        DataError, match=r"no usable rows .* read 1 rows, kept 0, skipped 1 \(empty field"
-    ):
+    with pytest.raises(DataError, match=r"no usable rows .* read 1 rows, kept 0, skipped 1 \(empty field"):
         load_rows(local(path))
 
 
