@@ -217,6 +217,29 @@ def test_an_unavailable_device_names_the_setting_that_picks_the_cpu(tmp_path):
         train(tiny_run(tmp_path, "train.device=cuda"), tmp_path / "run", progress=False)
 
 
+def test_local_paths_are_pinned_so_a_run_resumes_from_anywhere(tmp_path, monkeypatch):
+    from reasoning_llama.config import RLConfig, load_config, pin_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rows.jsonl").write_text("")
+    (tmp_path / "start").mkdir()
+    config = load_run_config(None, ["data.source=local", "data.path=rows.jsonl", "train.init_from=start"])
+    pin_paths(config)
+    assert (config.data.path, config.train.init_from) == (
+        str(tmp_path / "rows.jsonl"),
+        str(tmp_path / "start"),
+    )
+    for name in ("KingNish/reasoning-base-20k", "*.jsonl"):  # a hub name, a glob: not local paths
+        config = load_run_config(None, [f'data.path="{name}"'])
+        pin_paths(config)
+        assert config.data.path == name
+    with pytest.raises(ConfigError, match=r"bad --set value .*; quote it for YAML"):
+        load_run_config(None, ["data.path=*.jsonl"])  # unquoted, YAML reads an alias
+    rl = load_config(RLConfig, None, ["data=rows.jsonl", "init_from=start"])
+    pin_paths(rl)
+    assert (rl.data, rl.init_from) == (str(tmp_path / "rows.jsonl"), str(tmp_path / "start"))
+
+
 def test_an_override_without_a_value_says_so():
     with pytest.raises(ConfigError, match=r"--set train.lr: give key=value, e.g. --set train.lr=3e-4"):
         load_run_config(None, ["train.lr"])

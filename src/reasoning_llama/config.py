@@ -250,6 +250,7 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
 
 def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """A `schema` dataclass from its defaults <- a YAML file or packaged recipe <- `key=value` overrides."""
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -265,6 +266,10 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         raise ConfigError(f"bad config: {str(e).splitlines()[0]}{_hint(schema, e)}") from None
+    except yaml.YAMLError as e:  # a --set value YAML cannot read (`*.jsonl` is an alias to it)
+        raise ConfigError(
+            f"bad --set value ({' '.join(str(e).split())}); quote it for YAML, e.g. --set 'data.path=\"*.jsonl\"'"
+        ) from None
 
 
 def _read_yaml(path: Path) -> Any:
@@ -293,6 +298,21 @@ def _hint(schema: type, error: Exception) -> str:
     if "is not a ListConfig" in str(error):
         return " (a list is written [a, b], e.g. data.families=[chain_sum,max_digit])"
     return ""
+
+
+def pin_paths(config: RunConfig | RLConfig) -> None:
+    """Make the local files and directories a run reads absolute, so `--resume` finds them from any
+    working directory (names that are no local path, such as a hub dataset or a glob, stay)."""
+
+    def pinned(path: str | None) -> str | None:
+        local = Path(path).expanduser() if path else None
+        return str(local.resolve()) if local is not None and local.exists() else path
+
+    if isinstance(config, RunConfig):
+        config.data.path = pinned(config.data.path) or config.data.path
+        config.train.init_from = pinned(config.train.init_from)
+    else:
+        config.data, config.init_from = pinned(config.data), pinned(config.init_from)
 
 
 def run_config_to_dict(config: RunConfig) -> dict[str, Any]:

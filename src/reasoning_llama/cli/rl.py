@@ -47,7 +47,7 @@ def rl(
     threads: Threads = None,
 ) -> None:
     """Sample answers, reward the correct ones, and train the model towards them (RL with verifiable rewards)."""
-    from reasoning_llama.config import RLConfig, load_config
+    from reasoning_llama.config import RLConfig, load_config, pin_paths
     from reasoning_llama.evaluation import parse_task_spec
     from reasoning_llama.rl.loop import run_rl
     from reasoning_llama.training.loop import RUN_CONFIG, check_run_command
@@ -79,6 +79,8 @@ def rl(
     if resume:
         check_run_command(out, "rl")
     run_config = load_config(RLConfig, config, overrides)
+    if not resume:
+        pin_paths(run_config)
     result = run_rl(run_config, out, resume=resume, overwrite=overwrite, progress=progress, echo=echo_err)
     first, last = min(result.evaluations, default=None), max(result.evaluations, default=None)
     if first is not None and last is not None and first != last:

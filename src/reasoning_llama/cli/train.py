@@ -48,7 +48,7 @@ def train(
     ] = None,
 ) -> None:
     """Train a model (--preset P or --config F, with --set key=value overrides) into --out RUN."""
-    from reasoning_llama.config import load_run_config
+    from reasoning_llama.config import load_run_config, pin_paths
     from reasoning_llama.training import train as run_training
     from reasoning_llama.training.loop import RUN_CONFIG, check_run_command
 
@@ -79,6 +79,8 @@ def train(
     if resume:
         check_run_command(out, "train")
     run_config = load_run_config(config, overrides)
+    if not resume:
+        pin_paths(run_config)
     set_threads(threads)
     result = run_training(
         run_config, out, resume=resume, overwrite=overwrite, progress=progress, stop_at_step=stop_at_step
