@@ -117,6 +117,29 @@ def reference(tmp_path_factory) -> Path:
     return tmp_path / "run"
 
 
+def test_the_mode_fits_how_the_processes_were_started(monkeypatch):
+    """ddp/fsdp need torchrun's processes; none under torchrun would make every process rank 0."""
+    from reasoning_llama.errors import ConfigError
+    from reasoning_llama.training.distributed import resolve_mode
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert (resolve_mode("auto"), resolve_mode("none")) == ("none", "none")
+    with pytest.raises(ConfigError, match="needs the processes torchrun starts"):
+        resolve_mode("fsdp")
+    (
+        monkeypatch.setenv("RANK", "0"),
+        monkeypatch.setenv("WORLD_SIZE", "2"),
+        monkeypatch.setenv("LOCAL_RANK", "0"),
+    )
+    assert (resolve_mode("auto"), resolve_mode("fsdp")) == ("ddp", "fsdp")
+    with pytest.raises(
+        ConfigError,
+        match=r"train.distributed=none with 2 torchrun processes; pass --set train.distributed=auto",
+    ):
+        resolve_mode("none")
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_give_the_one_process_run(tmp_path, reference, mode):
     run = tmp_path / "run"

@@ -171,6 +171,9 @@ def test_a_start_that_fails_changes_nothing_in_the_run_directory(tmp_path):
         train(tiny_run(tmp_path, *missing), run, progress=False)
     train(tiny_run(tmp_path, "train.max_steps=2"), run, progress=False)  # not "already holds a run"
     saved = (run / "run_config.yaml").read_text()
+    with pytest.raises(DataError):  # --overwrite replaces the run only once the new one has started
+        train(tiny_run(tmp_path, *missing), run, overwrite=True, progress=False)
+    assert (run / "run_config.yaml").read_text() == saved and ckpt.latest_checkpoint(run) is not None
     with pytest.raises(DataError, match="cannot resume the data position"):
         train(tiny_run(tmp_path, "train.max_steps=4", "data.seq_len=64"), run, resume=True, progress=False)
     assert (run / "run_config.yaml").read_text() == saved

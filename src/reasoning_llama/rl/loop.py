@@ -43,7 +43,7 @@ from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.tasks import FAMILIES, generate_examples
 from reasoning_llama.tokenizer import get_tokenizer
 from reasoning_llama.training import run_checkpoints as ckpt
-from reasoning_llama.training.loop import prepare_run_dir, save_run_config, sigint_flag
+from reasoning_llama.training.loop import begin_run, prepare_run_dir, sigint_flag
 from reasoning_llama.training.metrics import MetricsWriter, read_metrics, truncate_after
 from reasoning_llama.training.optim import lr_at, param_groups, set_lr
 
@@ -228,7 +228,7 @@ class RLTrainer:
             self.step, self.elapsed = state["progress"]["step"], state["progress"]["elapsed_s"]
             truncate_after(self.run_dir, self.step)
             self.say(f"resuming from {resume_from} (step {self.step} of {config.max_steps})")
-        save_run_config(self.run_dir, config)  # the run has started
+        begin_run(self.run_dir, config, overwrite=overwrite)
 
     # -- one step ----------------------------------------------------------------------------
 

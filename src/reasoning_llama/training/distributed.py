@@ -74,6 +74,12 @@ def resolve_mode(requested: str) -> Mode:
             f"train.distributed={requested} needs the processes torchrun starts, e.g. "
             "torchrun --nproc_per_node 2 -m reasoning_llama train ..."
         )
+    if requested == "none" and launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+        # Every process would train alone as rank 0, writing the same files.
+        raise ConfigError(
+            f"train.distributed=none with {os.environ['WORLD_SIZE']} torchrun processes; "
+            "pass --set train.distributed=auto (or ddp, fsdp)"
+        )
     return requested  # type: ignore[return-value]
 
 

@@ -217,6 +217,14 @@ def check_config(config: RunConfig, model_config: ModelConfig) -> None:
             raise ConfigError(f"train.{name} must be {rule}, got {getattr(t, name)}")
 
 
+def begin_run(run_dir: Path, config: Any, *, overwrite: bool) -> None:
+    """The run has started (its data, model and checkpoint are ready): replace the run it overwrites,
+    and save its settings."""
+    if overwrite:
+        start_over(run_dir)
+    save_run_config(run_dir, config)
+
+
 def save_run_config(run_dir: Path, config: Any) -> None:
     """RUN/run_config.yaml: the settings of a run (a config dataclass), which `--resume` reads."""
     from omegaconf import OmegaConf
@@ -266,13 +274,9 @@ def check_run_command(run_dir: Path, command: str) -> None:
 
 def start_over(run_dir: Path) -> None:
     """Delete the training run in `run_dir`: its own files (and their atomic writes' temporaries),
-    never anything else the directory holds; a directory that holds no run is left alone."""
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+    never anything else the directory holds."""
+    if not run_dir.is_dir():
         return
-    if not holds_run(run_dir):
-        raise ConfigError(
-            f"{run_dir} does not look like a training run (no {RUN_CONFIG}); refusing to delete it"
-        )
     for entry in run_dir.iterdir():
         temporary = re.fullmatch(r"\.(.+)\.(?:tmp|old)-[0-9a-f]+.*", entry.name)  # atomic writes' siblings
         if (temporary.group(1) if temporary else entry.name) in RUN_ENTRIES:
@@ -285,17 +289,19 @@ def start_over(run_dir: Path) -> None:
 def prepare_run_dir(
     run_dir: Path, resume: bool, restarted: bool = False, overwrite: bool = False
 ) -> Path | None:
-    """Create or check RUN/; the checkpoint to resume from (None: a fresh start). The caller saves
-    its config (`save_run_config`) once the run has started, so a start that fails changes nothing.
+    """Create or check RUN/; the checkpoint to resume from (None: a fresh start). Nothing in RUN
+    changes before the run has started (`begin_run`), so a start that fails leaves it as it was.
 
     resume: continue from the latest checkpoint, or start over if the run stopped before saving one.
     restarted: torchrun brought the group back after a failure (the same, and never an overwrite).
-    overwrite: delete the run already in RUN/ first.
+    overwrite: the run already in RUN/ is to be replaced (`begin_run` deletes it).
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file; a run needs a directory of its own")
-    if overwrite and not restarted:
-        start_over(run_dir)
+    if overwrite and not restarted and run_dir.is_dir() and any(run_dir.iterdir()) and not holds_run(run_dir):
+        raise ConfigError(
+            f"{run_dir} does not look like a training run (no {RUN_CONFIG}); refusing to delete it"
+        )
     if resume or restarted:
         latest = ckpt.latest_checkpoint(run_dir)
         if latest is None and not restarted and not holds_run(run_dir):
@@ -305,7 +311,7 @@ def prepare_run_dir(
             truncate_after(run_dir, 0)
     else:
         latest = None
-        if holds_run(run_dir):
+        if holds_run(run_dir) and not overwrite:
             raise ConfigError(
                 f"{run_dir} already holds a training run; pass --resume to continue it, --overwrite to "
                 "start it over, or choose another --out"
@@ -428,7 +434,7 @@ class Trainer:
             if world.is_main:
                 truncate_after(self.run_dir, self.state.step)
             self.say(f"resuming from {resume_from} (step {self.state.step} of {self.total_steps})")
-        dist.on_main(world, lambda: save_run_config(self.run_dir, config))  # the run has started
+        dist.on_main(world, lambda: begin_run(self.run_dir, config, overwrite=overwrite and not restarted))
         if world.distributed:
             self.say(
                 f"{world.mode} over {world.world_size} processes: {t.micro_batch_size} rows x "
@@ -540,9 +546,9 @@ class Trainer:
             return command
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.world.world_size))
         launched = f"torchrun --nproc_per_node {processes} -m reasoning_llama train --out {self.run_dir} --resume{sets}"
-        if self.t.distributed == "auto":  # one process needs nothing more
-            return f"{launched} (or in one process: {command})"
-        return f"{launched} (or in one process: {command} --set train.distributed=none)"
+        # auto: none in one process, ddp under torchrun; the mode this run named works under torchrun only.
+        alone = command if self.t.distributed == "auto" else f"{command} --set train.distributed=auto"
+        return f"{launched} (or in one process: {alone})"
 
     def seconds_per_step(self, steps: int = 5, give_up_after: float = math.inf) -> float:
         """Median time of a few optimizer steps, after one warm-up step, on batches from the start of
