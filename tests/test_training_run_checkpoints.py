@@ -52,18 +52,51 @@ def test_keep_last_and_latest_pointer(tmp_path, tiny_config):
 
 def test_what_a_killed_process_left_half_done_is_cleared(tmp_path, tiny_config):
     """A checkpoint half-written, half-deleted (renamed away first, or by an older version in place,
-    its trainer state gone) and RUN/best half-swapped: the complete checkpoints alone remain."""
+    its trainer state gone) and RUN/best between its two renames: the complete checkpoints remain,
+    and the last committed best is put back."""
     loss_model = ModelWithLoss(Transformer(tiny_config))
-    saved = ckpt.save_checkpoint(
-        tmp_path, 1, loss_model, torch.optim.AdamW(loss_model.parameters()), {}, keep_last=1
-    )
+    optimizer = torch.optim.AdamW(loss_model.parameters())
+    saved = ckpt.save_checkpoint(tmp_path, 1, loss_model, optimizer, {}, keep_last=1)
     root = tmp_path / "checkpoints"
     for leftover in (".step-000002.tmp-1a2b3c4d", ".step-000000.old-1a2b3c4d", "step-000000/distributed"):
         (root / leftover).mkdir(parents=True)
+    (root / "step-000005").mkdir()  # newer than every complete one: not ours to judge, left alone
     (tmp_path / ".best.old-1a2b3c4d").mkdir()
+    (tmp_path / ".best.old-1a2b3c4d" / "best.json").write_text("{}")
+    (tmp_path / ".best.tmp-5e6f7a8b").mkdir()
     ckpt.remove_stale_temporaries(tmp_path)
-    assert [p.name for p in root.iterdir()] == [saved.name]
-    assert not list(tmp_path.glob(".best*"))
+    assert sorted(p.name for p in root.iterdir()) == [saved.name, "step-000005"]
+    assert (tmp_path / "best/best.json").read_text() == "{}" and not list(tmp_path.glob(".best*"))
+
+
+def test_a_failed_write_is_one_line_and_a_failed_prune_only_a_warning(
+    tmp_path, tiny_config, monkeypatch, caplog
+):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from reasoning_llama.errors import CheckpointError
+
+    loss_model = ModelWithLoss(Transformer(tiny_config))
+    optimizer = torch.optim.AdamW(loss_model.parameters())
+    for step in (1, 2):
+        ckpt.save_checkpoint(tmp_path, step, loss_model, optimizer, {}, keep_last=5)
+    monkeypatch.setattr(ckpt.os, "rename", lambda *_: (_ for _ in ()).throw(PermissionError("locked")))
+    ckpt.prune_checkpoints(tmp_path, keep_last=1)  # the checkpoint saved stands: no error
+    assert (
+        len(ckpt.complete_checkpoints(tmp_path)) == 2 and "could not delete the old checkpoint" in caplog.text
+    )
+    monkeypatch.undo()
+
+    def full_disk(*_, **__):
+        raise CheckpointException("failed", {0: (OSError(28, "No space left on device"), None)})
+
+    monkeypatch.setattr(dcp, "save", full_disk)
+    with pytest.raises(
+        CheckpointError, match=r"cannot write .*distributed: \[Errno 28\] No space left on device"
+    ):
+        ckpt.save_checkpoint(tmp_path, 3, loss_model, optimizer, {}, keep_last=5)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
 
 
 def test_model_and_optimizer_round_trip_through_the_sharded_checkpoint(tmp_path, tiny_config):

@@ -144,9 +144,14 @@ def save_checkpoint(
     target = step_dir(run_dir, step)
     tmp = on_main(world, lambda: atomic.temporary_sibling(target))
     assert tmp is not None
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
-        with _single_process_is_fine():
-            dcp.save(_model_and_optimizer(loss_model, optimizer), checkpoint_id=tmp / DISTRIBUTED)
+        try:
+            with _single_process_is_fine():
+                dcp.save(_model_and_optimizer(loss_model, optimizer), checkpoint_id=tmp / DISTRIBUTED)
+        except CheckpointException as e:  # a full disk, say: one line, not every rank's traceback
+            raise CheckpointError(f"cannot write {tmp / DISTRIBUTED}: {_dcp_reason(e)}") from None
         weights = full_model_state(loss_model, world)
         if world.is_main:
             write_model_files(tmp, loss_model.model, weights)
@@ -188,14 +193,19 @@ def restore_checkpoint(
     # A missing or truncated shard, or another model's: say where. DCP wraps each rank's failure in
     # a CheckpointException, a BaseException whose message is their tracebacks.
     except (Exception, CheckpointException) as e:
-        causes = [cause for cause, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
-        reason = next(
-            (str(c).strip().splitlines()[0] for c in causes if str(c).strip()), type(causes[0]).__name__
-        )
-        raise CheckpointError(f"cannot read {directory / DISTRIBUTED}: {reason}") from None
+        raise CheckpointError(f"cannot read {directory / DISTRIBUTED}: {_dcp_reason(e)}") from None
     set_model_state_dict(loss_model, state["model"])
     set_optimizer_state_dict(loss_model, optimizer, state["optimizer"])
     return trainer_state
+
+
+def _dcp_reason(error: BaseException) -> str:
+    """The first line of what went wrong, from the ranks' failures DCP wraps in a CheckpointException."""
+    causes = [cause for cause, _ in getattr(error, "failures", {}).values()] or [error]
+    for cause in causes:
+        if str(cause).strip():
+            return str(cause).strip().splitlines()[0]
+    return type(causes[0]).__name__
 
 
 def save_best(
@@ -221,32 +231,47 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / TRAINER_STATE).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))  # type: ignore[union-attr]
+    return sorted(found, key=_step_number)
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints. Each is first renamed out of sight, so a
-    kill mid-delete leaves a temporary that `remove_stale_temporaries` clears, never half a checkpoint."""
+    """Delete all but the newest `keep_last` checkpoints, best-effort (the new one is already saved).
+    Each is first renamed out of sight, so a kill mid-delete leaves a temporary that
+    `remove_stale_temporaries` clears, never half a checkpoint."""
     for old in complete_checkpoints(run_dir)[: -max(1, keep_last)]:
         doomed = old.with_name(f".{old.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(old, doomed)
+        try:
+            os.rename(old, doomed)
+        except OSError as e:
+            log.warning("could not delete the old checkpoint %s (%s); leaving it", old, e)
+            continue
         shutil.rmtree(doomed, ignore_errors=True)
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> None:
-    """Delete what a killed process left half-done: hidden `.step-*` directories (half-written or
-    being deleted), step directories without a trainer state (pruned by a version before the
-    rename above) and RUN/best's temporaries."""
+    """Clear what a killed process left half-done: hidden `.step-*` directories (half-written or
+    being deleted), step directories older than the newest complete one that lack their trainer
+    state (half-deleted by a version that deleted in place), and RUN/best's swap: a kill between its
+    two renames leaves no `best`, and the old copy (whole, as every committed one) is put back."""
     run_dir = Path(run_dir)
     root = run_dir / CHECKPOINTS
+    complete = complete_checkpoints(run_dir)
+    newest = _step_number(complete[-1]) if complete else -1
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(".step-") or (
-                _STEP_DIR.fullmatch(p.name) and not (p / TRAINER_STATE).exists()
-            ):
+            half_deleted = _STEP_DIR.fullmatch(p.name) and _step_number(p) < newest and p not in complete
+            if p.name.startswith(".step-") or half_deleted:
                 shutil.rmtree(p, ignore_errors=True)
-    for p in run_dir.glob(f".{BEST}.*"):
+    best = run_dir / BEST
+    replaced = sorted(run_dir.glob(f".{BEST}.old-*"))
+    if not best.exists() and replaced:
+        os.rename(replaced.pop(), best)
+    for p in [*replaced, *run_dir.glob(f".{BEST}.tmp-*")]:
         shutil.rmtree(p, ignore_errors=True)
+
+
+def _step_number(path: Path) -> int:
+    return int(_STEP_DIR.fullmatch(path.name).group(1))  # type: ignore[union-attr]
 
 
 # --- reading ----------------------------------------------------------------------------
