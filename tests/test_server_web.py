@@ -244,6 +244,16 @@ def test_old_exchanges_beyond_the_context_are_left_out(chat):
     assert questions[0] not in json.dumps(chat.bodies[-1]["messages"])
 
 
+def test_a_long_first_question_gets_the_room_that_is_left(chat):
+    """Nothing to leave out and no max tokens in Settings: sent without a limit, the server fits the
+    reply into what the context has left (as the terminal chat does), instead of an error."""
+    question = "word " * 180  # ~180 tokens of 256: more than half, so less room than the usual 128
+    chat.ask(question)
+    assert chat.texts(".message.error") == []
+    assert chat.texts(".assistant .answer") == ["Hello there!"]
+    assert "max_tokens" in chat.bodies[0] and "max_tokens" not in chat.bodies[-1]
+
+
 def test_a_server_with_an_api_key_gets_a_key_field(browser, checkpoint):
     settings = ServerSettings(model_name=MODEL, api_key=KEY)
     with serve(make_engine(checkpoint, logits_hook=scripted_hook(SCRIPTS)), settings) as keyed:

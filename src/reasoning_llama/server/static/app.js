@@ -207,7 +207,7 @@ function headers() {
   return h;
 }
 
-function requestBody() {
+function requestBody(withLimit = true) {
   const messages = [];
   if (els.systemPrompt.value.trim()) messages.push({ role: "system", content: els.systemPrompt.value });
   for (const m of conversation) {
@@ -218,16 +218,20 @@ function requestBody() {
   const body = { model, messages, stream: true, stream_options: { include_usage: true } };
   const temperature = parseFloat(els.temperature.value);
   if (!Number.isNaN(temperature)) body.temperature = temperature;
-  body.max_tokens = replyBudget();
+  if (withLimit) body.max_tokens = replyBudget();
   return body;
+}
+
+function askedMaxTokens() {
+  return parseInt(els.maxTokens.value, 10); // NaN: Settings leaves it to the server
 }
 
 // Room kept for the reply, as the terminal chat keeps it: what Settings asks for, else the server's
 // default, at most half the context (older exchanges are left out to make room for it).
 function replyBudget() {
-  const asked = parseInt(els.maxTokens.value, 10);
-  if (!Number.isNaN(asked)) return asked;
-  return Math.max(1, Math.min(limits.defaultMaxTokens, Math.floor(limits.maxContext / 2)));
+  const asked = askedMaxTokens();
+  const wanted = Number.isNaN(asked) ? limits.defaultMaxTokens : asked;
+  return Math.max(1, Math.min(wanted, Math.floor(limits.maxContext / 2)));
 }
 
 // Leave the oldest exchange still sent out of the requests (never the question being asked, the
@@ -255,38 +259,49 @@ async function apiError(response) {
   return { message: `${response.status} ${response.statusText}`, code: null };
 }
 
-// POST the conversation, leaving out its oldest exchanges while the server says it is too long.
+// POST the conversation, leaving out its oldest exchanges while the server says it is too long. With
+// none left to drop and no max tokens in Settings, the question alone is sent without a limit: the
+// server then fits the reply into the room left, as for any client.
 async function postConversation(signal) {
   const dropped = [];
-  for (;;) {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST",
-      headers: headers(),
-      body: JSON.stringify(requestBody()),
-      signal,
-    });
-    if (response.ok) {
-      if (dropped.length) {
-        save();
-        setStatus("older messages no longer fit the model's context: they are left out (faded)");
+  let withLimit = true;
+  try {
+    for (;;) {
+      const response = await fetch("/v1/chat/completions", {
+        method: "POST",
+        headers: headers(),
+        body: JSON.stringify(requestBody(withLimit)),
+        signal,
+      });
+      if (response.ok) {
+        if (dropped.length) {
+          save();
+          setStatus("older messages no longer fit the model's context: they are left out (faded)");
+        }
+        return response;
       }
-      return response;
-    }
-    const error = await apiError(response);
-    if (TOO_MUCH_HISTORY.has(error.code)) {
-      const marked = dropOldestExchange();
-      if (marked.length) {
-        dropped.push(...marked);
-        continue;
+      const error = await apiError(response);
+      if (TOO_MUCH_HISTORY.has(error.code)) {
+        const marked = dropOldestExchange();
+        if (marked.length) {
+          dropped.push(...marked);
+          continue;
+        }
+        if (withLimit && Number.isNaN(askedMaxTokens()) && error.code === "context_length_exceeded") {
+          withLimit = false;
+          continue;
+        }
       }
+      if (response.status === 401) els.apiKeyRow.hidden = false;
+      throw new Error(error.message);
     }
+  } catch (error) {
     for (const m of dropped) {
-      // Nothing was sent after all: the history stays as it was.
+      // Nothing was sent after all (refused, or stopped): the history stays as it was.
       delete m.dropped;
       nodeOf.get(m)?.classList.remove("dropped");
     }
-    if (response.status === 401) els.apiKeyRow.hidden = false;
-    throw new Error(error.message);
+    throw error;
   }
 }
 
