@@ -262,6 +262,18 @@ def test_hub_path_on_a_local_copy_in_the_hub_layout(tmp_path, offline_hf):
     ):
         load_rows(local(copy))
     assert load_rows(DataConfig(source="hub", path=str(copy), split="train")).train == loaded.train
+    # A text corpus in that layout is told to name its split's files, and that path reads them alone.
+    corpus = tmp_path / "corpus" / "data"
+    corpus.mkdir(parents=True)
+    for split in ("train", "test"):
+        rows = [{"text": f"{split} document {i}"} for i in range(3)]
+        datasets.Dataset.from_list(rows).to_parquet(str(corpus / f"{split}-00000-of-00001.parquet"))
+    with pytest.raises(DataError, match="several splits") as info:
+        load_rows(DataConfig(source="text", path=str(corpus.parent)))
+    fix = str(info.value).split("read one with ")[1]
+    assert fix == f'data.path="{corpus}/train*"'
+    read = load_rows(DataConfig(source="text", path=fix.split("=", 1)[1].strip('"'))).train
+    assert sorted(r["text"] for r in read) == [f"train document {i}" for i in range(3)]
 
 
 def test_hub_path_on_a_save_to_disk_directory(tmp_path, offline_hf):

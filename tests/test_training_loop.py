@@ -189,7 +189,14 @@ def test_a_start_that_fails_changes_nothing_in_the_run_directory(tmp_path):
         ("train.micro_batch_size=0", "train.micro_batch_size must be positive"),
         ("train.model_overrides={depth: 3}", "unknown model config keys: depth"),
         ("train.min_lr_ratio=2", r"train.min_lr_ratio must be in \[0, 1\], got 2"),
-        ("train.global_batch_tokens=100", r"less than half a micro-batch of 4 rows x 128 tokens \(512\)"),
+        (
+            "train.global_batch_tokens=100",
+            r"micro-batch of 4 rows x 128 tokens \(512\); pass --set train.micro_batch_size=1 or",
+        ),
+        (
+            "train.global_batch_tokens=50",
+            r"\(512\); pass --set train.global_batch_tokens=512$",
+        ),  # one row is too many
     ],
 )
 def test_bad_settings_are_config_errors(tmp_path, override, message):
@@ -221,7 +228,7 @@ def test_an_unavailable_device_names_the_setting_that_picks_the_cpu(tmp_path):
 
 
 def test_local_paths_are_pinned_so_a_run_resumes_from_anywhere(tmp_path, monkeypatch):
-    from reasoning_llama.config import RLConfig, load_config, pin_paths
+    from reasoning_llama.config import RLConfig, load_config, pin_paths, setting
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "rows.jsonl").write_text("")
@@ -232,12 +239,20 @@ def test_local_paths_are_pinned_so_a_run_resumes_from_anywhere(tmp_path, monkeyp
         str(tmp_path / "rows.jsonl"),
         str(tmp_path / "start"),
     )
-    for name in ("KingNish/reasoning-base-20k", "*.jsonl"):  # a hub name, a glob: not local paths
-        config = load_run_config(None, [f'data.path="{name}"'])
+    for source, name in (("hub", "KingNish/reasoning-base-20k"), ("local", "*.jsonl")):  # no local paths
+        config = load_run_config(None, [f"data.source={source}", f'data.path="{name}"'])
         pin_paths(config)
         assert config.data.path == name
-    with pytest.raises(ConfigError, match=r"bad --set value .*; quote it for YAML"):
+    # A directory named like the default hub dataset is no path of a synthetic run's.
+    (tmp_path / "KingNish/reasoning-base-20k").mkdir(parents=True)
+    config = load_run_config(None, [])
+    pin_paths(config)
+    assert config.data.path == "KingNish/reasoning-base-20k"
+    with pytest.raises(ConfigError, match=r"--set data.path=\*.jsonl: YAML cannot read the value .*quote it"):
         load_run_config(None, ["data.path=*.jsonl"])  # unquoted, YAML reads an alias
+    # What the commands build from their path options stays the path, whatever it holds.
+    for path in ("*.jsonl", "runs/a: b", "qa[1].jsonl"):
+        assert load_config(RLConfig, None, [setting("data", path)]).data == path
     rl = load_config(RLConfig, None, ["data=rows.jsonl", "init_from=start"])
     pin_paths(rl)
     assert (rl.data, rl.init_from) == (str(tmp_path / "rows.jsonl"), str(tmp_path / "start"))

@@ -52,9 +52,13 @@ def run_cancellable(
                 cancel.set()  # the engine finishes the request as "cancelled" at its next step
     finally:
         # Also when showing a delta failed (stdout a closed pipe): the process must not exit while
-        # the worker is inside torch, which aborts it.
+        # the worker is inside torch, which aborts it; another Ctrl-C does not cut the wait short.
         cancel.set()
-        worker.join()
+        while worker.is_alive():
+            try:
+                worker.join()
+            except KeyboardInterrupt:
+                continue
 
 
 class StdoutConsole:

@@ -257,6 +257,14 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
     for override in overrides or ():
         if "=" not in override:
             raise ConfigError(f"--set {override}: give key=value, e.g. --set train.lr=3e-4")
+        key, _, value = override.partition("=")
+        try:
+            yaml.safe_load(value)
+        except yaml.YAMLError as e:  # `*.jsonl` reads as an alias, `[a,` as an unclosed list
+            reason = str(e).strip().splitlines()[0]
+            raise ConfigError(
+                f"--set {override}: YAML cannot read the value ({reason}); quote it, e.g. --set '{key}=\"{value}\"'"
+            ) from None
     try:
         merged = OmegaConf.structured(schema)
         if path is not None:
@@ -266,10 +274,11 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         raise ConfigError(f"bad config: {str(e).splitlines()[0]}{_hint(schema, e)}") from None
-    except yaml.YAMLError as e:  # a --set value YAML cannot read (`*.jsonl` is an alias to it)
-        raise ConfigError(
-            f"bad --set value ({' '.join(str(e).split())}); quote it for YAML, e.g. --set 'data.path=\"*.jsonl\"'"
-        ) from None
+
+
+def setting(key: str, value: object) -> str:
+    """A `key=value` override that keeps `value` (a path, say) a string whatever it holds."""
+    return f"{key}={json.dumps(str(value))}"
 
 
 def _read_yaml(path: Path) -> Any:
@@ -309,7 +318,8 @@ def pin_paths(config: RunConfig | RLConfig) -> None:
         return str(local.resolve()) if local is not None and local.exists() else path
 
     if isinstance(config, RunConfig):
-        config.data.path = pinned(config.data.path) or config.data.path
+        if config.data.source != "synthetic":  # the one source that reads no path
+            config.data.path = pinned(config.data.path) or config.data.path
         config.train.init_from = pinned(config.train.init_from)
     else:
         config.data, config.init_from = pinned(config.data), pinned(config.init_from)

@@ -6,6 +6,7 @@ Writes are atomic (`atomic.write_dir`), so a crash mid-write never leaves a half
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import torch
@@ -53,7 +54,7 @@ def load_config(directory: str | Path) -> ModelConfig:
         if _is_transformers_config(directory / CONFIG):
             raise CheckpointError(
                 f"{directory} is a transformers model, not a reasoning-llama checkpoint; convert it with: "
-                f"reasoning-llama import --from hf {directory} --out DIR"
+                f"reasoning-llama import --from hf {shlex.quote(str(directory))} --out DIR"
             ) from None
         raise CheckpointError(str(e)) from None
 

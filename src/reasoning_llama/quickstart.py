@@ -14,6 +14,7 @@ The recipe (`recipes/quickstart.yaml`, loaded by `quickstart_config`) is shaped 
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -231,8 +232,8 @@ def format_report(report: QuickstartReport) -> str:
         f"total {report.total_seconds / 60:.1f} min",
         f"checkpoint: {report.checkpoint}",
         f"plot:       {report.plot}",
-        f"next:       reasoning-llama chat --checkpoint {report.checkpoint}",
-        f"            reasoning-llama eval --checkpoint {report.checkpoint} "
+        f"next:       reasoning-llama chat --checkpoint {shlex.quote(str(report.checkpoint))}",
+        f"            reasoning-llama eval --checkpoint {shlex.quote(str(report.checkpoint))} "
         f"--task synthetic:{','.join(report.after['families'])}{report.difficulty_flag}",
     ]
     return "\n".join(lines)

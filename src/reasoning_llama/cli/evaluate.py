@@ -106,7 +106,7 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
     from reasoning_llama.config import DataConfig
     from reasoning_llama.data.sources import load_rows
 
-    if not path.exists():  # the data source's own message names the training settings
+    if not any(c in str(path) for c in "*?[") and not path.expanduser().exists():  # a glob is the source's
         raise ConfigError(f"--data {path} does not exist; give a .jsonl, .json or .parquet file of rows")
     loaded = load_rows(DataConfig(source="local", path=str(path)))
     if loaded.report.rows_skipped:

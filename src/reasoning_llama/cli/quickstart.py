@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -31,7 +32,9 @@ def quickstart(
     )
     echo_err(format_report(report))
     if report.stop_reason == "interrupted":
-        echo_err(f"interrupted; the run is resumable: reasoning-llama train --out {out} --resume")
+        echo_err(
+            f"interrupted; the run is resumable: reasoning-llama train --out {shlex.quote(str(out))} --resume"
+        )
         raise typer.Exit(INTERRUPTED_EXIT)
     if as_json:
         print(json.dumps(report.to_dict()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -47,7 +48,7 @@ def rl(
     threads: Threads = None,
 ) -> None:
     """Sample answers, reward the correct ones, and train the model towards them (RL with verifiable rewards)."""
-    from reasoning_llama.config import RLConfig, load_config, pin_paths
+    from reasoning_llama.config import RLConfig, load_config, pin_paths, setting
     from reasoning_llama.evaluation import parse_task_spec
     from reasoning_llama.rl.loop import run_rl
     from reasoning_llama.training.loop import RUN_CONFIG, check_run_command
@@ -59,13 +60,13 @@ def rl(
         )
     overrides = list(set_ or [])
     if init_from is not None:
-        overrides.append(f"init_from={resolve_model_dir(init_from)}")
+        overrides.append(setting("init_from", resolve_model_dir(init_from)))
     if task is not None:
         overrides.append(f"families=[{','.join(parse_task_spec(task))}]")
     if data is not None:
-        overrides.append(f"data={data}")
+        overrides.append(setting("data", data))
     if checker is not None:
-        overrides.append(f"checker={checker}")
+        overrides.append(setting("checker", checker))
     if minutes is not None:
         if minutes <= 0:
             raise ConfigError(f"--minutes must be positive, got {minutes}")
@@ -89,7 +90,7 @@ def rl(
             echo_err(f"{key:>24}: {before:6.1%} at step {first} -> {after:6.1%} at step {last}")
     echo_err(f"{result.stop_reason} at step {result.step}; checkpoint: {result.checkpoint}")
     if result.stop_reason == "interrupted":
-        echo_err(f"resume with: reasoning-llama rl --out {out} --resume")
+        echo_err(f"resume with: reasoning-llama rl --out {shlex.quote(str(out))} --resume")
         raise typer.Exit(INTERRUPTED_EXIT)
 
 

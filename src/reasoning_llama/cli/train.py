@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -48,7 +49,7 @@ def train(
     ] = None,
 ) -> None:
     """Train a model (--preset P or --config F, with --set key=value overrides) into --out RUN."""
-    from reasoning_llama.config import load_run_config, pin_paths
+    from reasoning_llama.config import load_run_config, pin_paths, setting
     from reasoning_llama.training import train as run_training
     from reasoning_llama.training.loop import RUN_CONFIG, check_run_command
 
@@ -64,7 +65,7 @@ def train(
     if preset is not None:
         overrides.insert(0, f"train.preset={preset}")
     if init_from is not None:
-        overrides.append(f"train.init_from={resolve_model_dir(init_from)}")
+        overrides.append(setting("train.init_from", resolve_model_dir(init_from)))
     if config is None and preset is None and (resume or init_from is None):
         # (with --init-from alone the model is the checkpoint's, the rest the defaults)
         if not resume:
@@ -103,7 +104,7 @@ def train(
     )
     echo_err(f"{result.stop_reason} at step {result.step} of {result.total_steps}{best}")
     echo_err(
-        f"checkpoint: {result.checkpoint}\nbest model: {out / 'best'}\nplot it:    reasoning-llama plot {out}"
+        f"checkpoint: {result.checkpoint}\nbest model: {out / 'best'}\nplot it:    reasoning-llama plot {shlex.quote(str(out))}"
     )
 
 

@@ -170,7 +170,7 @@ def _load_files(cfg: DataConfig) -> LoadedRows:
         return LoadedRows(rows, None, report, f"{cfg.source} {cfg.path} (saved dataset, split {cfg.split})")
     files = resolve_files(cfg.path, suffixes)
     if directory.is_dir():
-        _refuse_several_splits(directory, files)
+        _refuse_several_splits(directory, files, cfg.source)
     rows: list[dict[str, str]] = []
     for file in files:
         rows += read_file(file, fields, report)
@@ -182,18 +182,24 @@ def _load_files(cfg: DataConfig) -> LoadedRows:
 _SPLIT_FILE = re.compile(r"(?:^|/)(train|test|validation|valid|dev)(?=[-_./])", re.IGNORECASE)
 
 
-def _refuse_several_splits(directory: Path, files: list[Path]) -> None:
+def _refuse_several_splits(directory: Path, files: list[Path], source: str) -> None:
     """A directory in the hub's layout holds its splits side by side: reading all of it would train on
-    the test split. The hub source reads one (a local directory too)."""
-    splits = set()
+    the test split. The hub source reads one of a chat dataset; a text corpus names one's files."""
+    first_of: dict[str, str] = {}  # split -> the path of its first file, up to the split's name
     for file in files:
-        found = _SPLIT_FILE.search(file.relative_to(directory).as_posix())
+        relative = file.relative_to(directory).as_posix()
+        found = _SPLIT_FILE.search(relative)
         if found:
-            splits.add(found.group(1).lower())
-    if len(splits) > 1:
+            first_of.setdefault(found.group(1).lower(), relative[: found.end()])
+    if len(first_of) > 1:
+        if source == "local":
+            fix = f"data.source=hub data.path={directory} data.split=train"
+        else:  # text: `train/…` is a directory of the split, `train-0000.parquet` a prefix of its files
+            split = directory / first_of.get("train", next(iter(first_of.values())))
+            fix = f"data.path={split}" if split.is_dir() else f'data.path="{split}*"'
         raise DataError(
-            f"{directory} holds several splits ({', '.join(sorted(splits))}) in the hub's layout; read one "
-            f"with data.source=hub data.path={directory} data.split=train"
+            f"{directory} holds several splits ({', '.join(sorted(first_of))}) in the hub's layout; read one "
+            f"with {fix}"
         )
 
 
@@ -276,9 +282,13 @@ def _read_json_lines(path: Path, fields: tuple[str, ...], report: ValidationRepo
                 value = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 if number == 1 and _is_one_json_document(path):
+                    rows_are = (
+                        'an array of rows ([{"user": ...}, ...]) or JSON Lines (one row per line)'
+                        if path.suffix.lower() == ".json"
+                        else "JSON Lines, one row per line (an array of rows belongs in a .json file)"
+                    )
                     raise DataError(
-                        f"{path} is one JSON document, not rows: a .json data file is an array of rows "
-                        '([{"user": ...}, ...]) or JSON Lines (one row per line)'
+                        f"{path} is one JSON document, not rows: a {path.suffix} data file is {rows_are}"
                     ) from None
                 raise DataError(
                     f"{path}:{number}: malformed JSON ({e.msg}, column {e.pos + 1}); fix or remove that line"

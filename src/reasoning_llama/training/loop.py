@@ -19,6 +19,7 @@ import itertools
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -154,14 +155,15 @@ def accumulation_steps(config: RunConfig, world_size: int = 1) -> int:
             f"train.global_batch_tokens ({t.global_batch_tokens}) is no whole number of micro-batches of "
             f"{t.micro_batch_size} rows x {config.data.seq_len} tokens x {world_size} processes ({per_micro}); {hint}"
         )
-    if round(t.global_batch_tokens / per_micro) == 0:  # rounding up would multiply the batch asked for
-        rows = max(1, t.global_batch_tokens // (config.data.seq_len * world_size))
+    if 2 * t.global_batch_tokens < per_micro:  # rounding up would multiply the batch asked for
+        rows = round(t.global_batch_tokens / (config.data.seq_len * world_size))
+        fewer_rows = f"--set train.micro_batch_size={rows} or " if rows >= 1 else ""
         raise ConfigError(
             f"train.global_batch_tokens ({t.global_batch_tokens}) is less than half a micro-batch of "
             f"{t.micro_batch_size} rows x {config.data.seq_len} tokens ({per_micro}); pass "
-            f"--set train.micro_batch_size={rows} or --set train.global_batch_tokens={per_micro}"
+            f"{fewer_rows}--set train.global_batch_tokens={per_micro}"
         )
-    return round(t.global_batch_tokens / per_micro)
+    return max(1, round(t.global_batch_tokens / per_micro))
 
 
 def use_flex_attention(setting: str, device: torch.device) -> bool:
@@ -268,7 +270,7 @@ def check_run_command(run_dir: Path, command: str) -> None:
     if other is not None and other != command:
         raise ConfigError(
             f"{run_dir} holds a run of `{other}`, not `{command}`; resume it with: "
-            f"reasoning-llama {other} --out {run_dir} --resume"
+            f"reasoning-llama {other} --out {shlex.quote(str(run_dir))} --resume"
         )
 
 
@@ -540,12 +542,15 @@ class Trainer:
     def resume_command(self, *settings: str) -> str:
         """The command that resumes this run, with `--set` for each of `settings`: as it was launched
         (under torchrun, as many processes a machine), and in one process where its mode needs that said."""
-        sets = "".join(f" --set {setting}" for setting in settings)
-        command = f"reasoning-llama train --out {self.run_dir} --resume{sets}"
+        sets = "".join(f" --set {shlex.quote(setting)}" for setting in settings)
+        out = shlex.quote(str(self.run_dir))
+        command = f"reasoning-llama train --out {out} --resume{sets}"
         if not self.world.distributed:
             return command
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.world.world_size))
-        launched = f"torchrun --nproc_per_node {processes} -m reasoning_llama train --out {self.run_dir} --resume{sets}"
+        launched = (
+            f"torchrun --nproc_per_node {processes} -m reasoning_llama train --out {out} --resume{sets}"
+        )
         # auto: none in one process, ddp under torchrun; the mode this run named works under torchrun only.
         alone = command if self.t.distributed == "auto" else f"{command} --set train.distributed=auto"
         return f"{launched} (or in one process: {alone})"
