@@ -111,6 +111,11 @@ def test_loss_on_rows_is_the_token_mean_of_per_example_cross_entropy(tiny_config
     assert report.loss_tokens == count
     assert report.loss == pytest.approx(total / count, rel=1e-5)
     assert report.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert report.cut_rows == 0
+    # A row longer than the context is scored on what fits of it, and counted.
+    long_row = {**rows[0], "reasoning": "step " * tiny_config.max_seq_len}
+    with_long = evaluation.loss_on_rows(model, tokenizer, [*rows, long_row], batch_size=2)
+    assert with_long.cut_rows == 1 and with_long.loss_tokens > report.loss_tokens
 
 
 @pytest.mark.slow

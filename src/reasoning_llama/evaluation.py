@@ -7,6 +7,7 @@ is exactly what `generate`, `chat` and the server would produce.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,14 +34,19 @@ NO_FAMILY = "data"  # the bucket of rows without a synthetic `family`
 
 def tokenize_for_eval(
     rows: Sequence[dict[str, str]], tokenizer: ChatTokenizer, max_tokens: int, *, system: str | None = None
-) -> TokenizedSplit:
-    """Render rows as training examples, cut to `max_tokens` ids (so overlong rows still count what fits)."""
-    ids, masks = [], []
+) -> tuple[TokenizedSplit, int]:
+    """Render rows as training examples, cut to `max_tokens` ids (so overlong rows still count what
+    fits); also how many were cut."""
+    ids, masks, cut = [], [], 0
     for row in rows:
         example = tokenizer.render_example(row["user"], row["reasoning"], row["assistant"], system=system)
+        cut += len(example.ids) > max_tokens
         ids.append(np.asarray(example.ids[:max_tokens], dtype=np.int32))
         masks.append(np.asarray(example.loss_mask[:max_tokens], dtype=np.bool_))
-    return TokenizedSplit(ids=ids, loss_mask=masks, rows=list(rows), families=[r.get("family") for r in rows])
+    split = TokenizedSplit(
+        ids=ids, loss_mask=masks, rows=list(rows), families=[r.get("family") for r in rows]
+    )
+    return split, cut
 
 
 def loss_on_rows(
@@ -52,16 +58,18 @@ def loss_on_rows(
     amp_dtype: torch.dtype | None = None,
     system: str | None = None,
 ) -> LossReport:
-    """Masked loss and perplexity of the model on raw rows, packed into rows of the model's context."""
+    """Masked loss and perplexity of the model on raw rows, packed into rows of the model's context
+    (a row longer than the context is scored on what fits, and counted in `cut_rows`)."""
     seq_len = model.config.max_seq_len
-    split = tokenize_for_eval(rows, tokenizer, seq_len + 1, system=system)
+    split, cut = tokenize_for_eval(rows, tokenizer, seq_len + 1, system=system)
     keep = [i for i, x in enumerate(split.ids) if len(x) >= 2]
     split = TokenizedSplit([split.ids[i] for i in keep], [split.loss_mask[i] for i in keep])
     if not len(split):
-        return LossReport(math.nan, math.nan, 0)
+        return LossReport(math.nan, math.nan, 0, cut)
     seq_len = min(seq_len, max(len(x) for x in split.ids) - 1)
     loader = BatchLoader(split, seq_len=seq_len, batch_size=batch_size, packing=True, seed=0, shuffle=False)
-    return evaluate_loss(model, loader.iter_epoch_once(), amp_dtype=amp_dtype)
+    report = evaluate_loss(model, loader.iter_epoch_once(), amp_dtype=amp_dtype)
+    return dataclasses.replace(report, cut_rows=cut)
 
 
 # --- generations -----------------------------------------------------------------------------

@@ -246,6 +246,7 @@ class LossReport:
     loss: float  # mean cross-entropy over the loss tokens (nats per token)
     perplexity: float
     loss_tokens: int
+    cut_rows: int = 0  # raw rows longer than the context, scored on what fits (`evaluation.loss_on_rows`)
 
 
 def summed_loss(

@@ -96,6 +96,7 @@ def eval_command(
             atomic.write_text(examples, lines)
     loss = evaluation.loss_on_rows(engine.model, engine.tokenizer, rows)
     report |= {"loss": loss.loss, "perplexity": loss.perplexity, "loss_tokens": loss.loss_tokens}
+    report["rows_cut_to_context"] = loss.cut_rows
     if as_json:
         print(json.dumps(report))
     else:
@@ -135,6 +136,11 @@ def _print_eval(report: dict) -> None:
     console.print(
         f"loss {report['loss']:.4f} nats/token, perplexity {report['perplexity']:.3f} ({report['loss_tokens']} tokens)"
     )
+    if report["rows_cut_to_context"]:
+        console.print(
+            f"note: {report['rows_cut_to_context']} rows are longer than the model's context: the loss counts "
+            "what fits of them"
+        )
 
 
 def register(app: typer.Typer) -> None:
