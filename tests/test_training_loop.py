@@ -162,6 +162,49 @@ def test_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path):
         train(tiny_run(tmp_path), other / "thesis.tex", progress=False)
 
 
+def test_overwrite_refuses_what_it_must_not_delete(tmp_path):
+    """A directory of someone's files that holds no run (quickstart's --overwrite calls start_over too),
+    and a run the new one starts from, which would be gone before it is read."""
+    from reasoning_llama.training.loop import start_over
+
+    other = tmp_path / "results"
+    (other / "best").mkdir(parents=True)
+    (other / "plot.png").write_bytes(b"mine")
+    with pytest.raises(ConfigError, match="does not look like a training run"):
+        start_over(other)
+    assert (other / "plot.png").read_bytes() == b"mine" and (other / "best").is_dir()
+    run = tmp_path / "run"
+    train(tiny_run(tmp_path, "train.max_steps=2"), run, progress=False)
+    start = f"train.init_from={run / 'checkpoints/step-000002'}"
+    with pytest.raises(
+        ConfigError, match=r"is part of the run in .*, which --overwrite deletes; copy it elsewhere"
+    ):
+        train(tiny_run(tmp_path, start, "train.model_overrides={}"), run, overwrite=True, progress=False)
+    assert ckpt.latest_checkpoint(run) == run / "checkpoints/step-000002"
+
+
+def test_a_torchrun_restart_of_an_overwrite_replaces_the_old_run_unless_it_had_begun(tmp_path, monkeypatch):
+    """Under torchrun --max-restarts the command, --overwrite included, runs again after a failure: if
+    the first attempt died before it began, the old run is still to be replaced, not resumed; if it
+    had begun, the restart resumes it."""
+    run = tmp_path / "run"
+    train(tiny_run(tmp_path, "train.max_steps=4", "train.seed=7"), run, progress=False)  # the old run
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    config = tiny_run(tmp_path, "train.max_steps=2")
+    result = train(config, run, overwrite=True, progress=False)  # attempt 0 died before it began
+    assert result.step == 2 and [r["step"] for r in read_metrics(run) if "train_loss" in r] == [1, 2]
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-000002"]
+    # Attempt 0 began and saved step 2 before it died; the restart resumes it (step 2 is not rewritten).
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    config = tiny_run(tmp_path, "train.max_steps=4")
+    train(config, run, overwrite=True, progress=False, stop_at_step=2)
+    saved = (run / "checkpoints/step-000002/trainer_state.pt").stat().st_ino
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert train(config, run, overwrite=True, progress=False).step == 4
+    assert (run / "checkpoints/step-000002/trainer_state.pt").stat().st_ino == saved
+    assert [r["step"] for r in read_metrics(run) if "train_loss" in r] == [1, 2, 3, 4]
+
+
 def test_a_start_that_fails_changes_nothing_in_the_run_directory(tmp_path):
     """The settings are saved once the run has started: a failed fresh start can be retried as it
     was meant, and a failed resume with changed settings leaves the run resumable as it was."""
@@ -251,8 +294,9 @@ def test_local_paths_are_pinned_so_a_run_resumes_from_anywhere(tmp_path, monkeyp
     with pytest.raises(ConfigError, match=r"--set data.path=\*.jsonl: YAML cannot read the value .*quote it"):
         load_run_config(None, ["data.path=*.jsonl"])  # unquoted, YAML reads an alias
     # What the commands build from their path options stays the path, whatever it holds.
-    for path in ("*.jsonl", "runs/a: b", "qa[1].jsonl"):
+    for path in ("*.jsonl", "runs/a: b", "qa[1].jsonl", "runs/😀 é"):
         assert load_config(RLConfig, None, [setting("data", path)]).data == path
+    assert load_run_config(None, ["data.system_prompt=a\tb"]).data.system_prompt == "a\tb"  # as before
     rl = load_config(RLConfig, None, ["data=rows.jsonl", "init_from=start"])
     pin_paths(rl)
     assert (rl.data, rl.init_from) == (str(tmp_path / "rows.jsonl"), str(tmp_path / "start"))

@@ -61,12 +61,22 @@ def test_what_a_killed_process_left_half_done_is_cleared(tmp_path, tiny_config):
     for leftover in (".step-000002.tmp-1a2b3c4d", ".step-000000.old-1a2b3c4d", "step-000000/distributed"):
         (root / leftover).mkdir(parents=True)
     (root / "step-000005").mkdir()  # newer than every complete one: not ours to judge, left alone
-    (tmp_path / ".best.old-1a2b3c4d").mkdir()
-    (tmp_path / ".best.old-1a2b3c4d" / "best.json").write_text("{}")
+    for name, files in (
+        (".best.old-1a2b3c4d", ("best.json", "model.safetensors", "config.json")),
+        (".best.old-00000000", ("best.json",)),
+    ):
+        (tmp_path / name).mkdir()  # the second one half-deleted by an earlier kill: never put back
+        for file in files:
+            (tmp_path / name / file).write_text("{}")
     (tmp_path / ".best.tmp-5e6f7a8b").mkdir()
     ckpt.remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in root.iterdir()) == [saved.name, "step-000005"]
-    assert (tmp_path / "best/best.json").read_text() == "{}" and not list(tmp_path.glob(".best*"))
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == [
+        "best.json",
+        "config.json",
+        "model.safetensors",
+    ]
+    assert not list(tmp_path.glob(".best*"))
 
 
 def test_a_failed_write_is_one_line_and_a_failed_prune_only_a_warning(

@@ -258,8 +258,8 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
         if "=" not in override:
             raise ConfigError(f"--set {override}: give key=value, e.g. --set train.lr=3e-4")
         key, _, value = override.partition("=")
-        try:
-            yaml.safe_load(value)
+        try:  # with OmegaConf's own YAML reader, one override at a time, to name the one it cannot read
+            OmegaConf.from_dotlist([override])
         except yaml.YAMLError as e:  # `*.jsonl` reads as an alias, `[a,` as an unclosed list
             reason = str(e).strip().splitlines()[0]
             raise ConfigError(
@@ -278,7 +278,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
 
 def setting(key: str, value: object) -> str:
     """A `key=value` override that keeps `value` (a path, say) a string whatever it holds."""
-    return f"{key}={json.dumps(str(value))}"
+    return f"{key}={json.dumps(str(value), ensure_ascii=False)}"  # YAML reads no escaped surrogate pair
 
 
 def _read_yaml(path: Path) -> Any:

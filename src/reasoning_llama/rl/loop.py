@@ -198,7 +198,9 @@ class RLTrainer:
         self.progress = progress
         self.device = resolve_device(config.device, use_cpu="--set device=cpu")
         ckpt.seed_everything(config.seed)
-        resume_from = prepare_run_dir(self.run_dir, resume, overwrite=overwrite)
+        resume_from = prepare_run_dir(
+            self.run_dir, resume, overwrite=overwrite, reads=(config.init_from, config.data)
+        )
         if resume and resume_from is None:
             self.say(f"{self.run_dir} stopped before its first checkpoint; starting it over from step 0")
 

@@ -26,7 +26,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +219,15 @@ def check_config(config: RunConfig, model_config: ModelConfig) -> None:
             raise ConfigError(f"train.{name} must be {rule}, got {getattr(t, name)}")
 
 
+def has_begun(run_dir: Path, config: Any) -> bool:
+    """Whether RUN holds this very run (its settings saved by `begin_run`): a torchrun restart of an
+    --overwrite run whose first attempt died before it began still has the old run to replace."""
+    from omegaconf import OmegaConf
+
+    saved = run_dir / RUN_CONFIG
+    return saved.is_file() and saved.read_text() == OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
 def begin_run(run_dir: Path, config: Any, *, overwrite: bool) -> None:
     """The run has started (its data, model and checkpoint are ready): replace the run it overwrites,
     and save its settings."""
@@ -274,9 +283,27 @@ def check_run_command(run_dir: Path, command: str) -> None:
         )
 
 
+def check_replaceable(run_dir: Path, reads: Sequence[str | Path | None] = ()) -> None:
+    """Refuse to replace a directory that holds no run, or a run this one reads from (`reads`: the
+    paths it loads, such as `init_from`), which it would delete before using."""
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    if not holds_run(run_dir):
+        raise ConfigError(
+            f"{run_dir} does not look like a training run (no {RUN_CONFIG}); refusing to delete it"
+        )
+    owned = [(run_dir / name).resolve() for name in RUN_ENTRIES]
+    for path in reads:
+        if path and any(Path(path).resolve().is_relative_to(entry) for entry in owned):
+            raise ConfigError(
+                f"{path} is part of the run in {run_dir}, which --overwrite deletes; copy it elsewhere first"
+            )
+
+
 def start_over(run_dir: Path) -> None:
     """Delete the training run in `run_dir`: its own files (and their atomic writes' temporaries),
     never anything else the directory holds."""
+    check_replaceable(run_dir)
     if not run_dir.is_dir():
         return
     for entry in run_dir.iterdir():
@@ -289,21 +316,24 @@ def start_over(run_dir: Path) -> None:
 
 
 def prepare_run_dir(
-    run_dir: Path, resume: bool, restarted: bool = False, overwrite: bool = False
+    run_dir: Path,
+    resume: bool,
+    restarted: bool = False,
+    overwrite: bool = False,
+    reads: Sequence[str | Path | None] = (),
 ) -> Path | None:
     """Create or check RUN/; the checkpoint to resume from (None: a fresh start). Nothing in RUN
     changes before the run has started (`begin_run`), so a start that fails leaves it as it was.
 
     resume: continue from the latest checkpoint, or start over if the run stopped before saving one.
-    restarted: torchrun brought the group back after a failure (the same, and never an overwrite).
-    overwrite: the run already in RUN/ is to be replaced (`begin_run` deletes it).
+    restarted: torchrun brought the group back after a failure, once this run had begun (the same).
+    overwrite: the run already in RUN/ is to be replaced (`begin_run` deletes it); `reads` (the paths
+    the new run loads) must lie outside it.
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file; a run needs a directory of its own")
-    if overwrite and not restarted and run_dir.is_dir() and any(run_dir.iterdir()) and not holds_run(run_dir):
-        raise ConfigError(
-            f"{run_dir} does not look like a training run (no {RUN_CONFIG}); refusing to delete it"
-        )
+    if overwrite and not restarted:
+        check_replaceable(run_dir, reads)
     if resume or restarted:
         latest = ckpt.latest_checkpoint(run_dir)
         if latest is None and not restarted and not holds_run(run_dir):
@@ -378,7 +408,13 @@ class Trainer:
         model_config = model_config_for(config)
         check_config(config, model_config)
         restarted = dist.elastic_restart_count() > 0
-        resume_from = dist.on_main(world, lambda: prepare_run_dir(self.run_dir, resume, restarted, overwrite))
+        if restarted and overwrite:  # replace the old run unless this one had begun before the restart
+            overwrite = not dist.on_main(world, lambda: has_begun(self.run_dir, config))
+            restarted = not overwrite
+        reads = (t.init_from, config.data.path if config.data.source != "synthetic" else None)
+        resume_from = dist.on_main(
+            world, lambda: prepare_run_dir(self.run_dir, resume, restarted, overwrite, reads)
+        )
         if restarted:
             self.say(f"restart {dist.elastic_restart_count()} of the process group")
         elif resume and resume_from is None:
@@ -436,7 +472,7 @@ class Trainer:
             if world.is_main:
                 truncate_after(self.run_dir, self.state.step)
             self.say(f"resuming from {resume_from} (step {self.state.step} of {self.total_steps})")
-        dist.on_main(world, lambda: begin_run(self.run_dir, config, overwrite=overwrite and not restarted))
+        dist.on_main(world, lambda: begin_run(self.run_dir, config, overwrite=overwrite))
         if world.distributed:
             self.say(
                 f"{world.mode} over {world.world_size} processes: {t.micro_batch_size} rows x "

@@ -38,7 +38,7 @@ from torch import nn
 from reasoning_llama import atomic
 from reasoning_llama.errors import CheckpointError
 from reasoning_llama.loss import ModelWithLoss
-from reasoning_llama.model_files import write_model_files
+from reasoning_llama.model_files import CONFIG, WEIGHTS, write_model_files
 from reasoning_llama.training.distributed import SINGLE, World, barrier, on_main
 
 log = logging.getLogger(__name__)
@@ -263,10 +263,11 @@ def remove_stale_temporaries(run_dir: str | Path) -> None:
             if p.name.startswith(".step-") or half_deleted:
                 shutil.rmtree(p, ignore_errors=True)
     best = run_dir / BEST
-    replaced = sorted(run_dir.glob(f".{BEST}.old-*"))
+    whole = (BEST_INFO, WEIGHTS, CONFIG)  # a copy half-deleted by an earlier kill misses some
+    replaced = [p for p in run_dir.glob(f".{BEST}.old-*") if all((p / name).is_file() for name in whole)]
     if not best.exists() and replaced:
-        os.rename(replaced.pop(), best)
-    for p in [*replaced, *run_dir.glob(f".{BEST}.tmp-*")]:
+        os.rename(max(replaced, key=lambda p: p.stat().st_mtime), best)
+    for p in [*run_dir.glob(f".{BEST}.old-*"), *run_dir.glob(f".{BEST}.tmp-*")]:
         shutil.rmtree(p, ignore_errors=True)
 
 

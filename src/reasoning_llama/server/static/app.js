@@ -218,7 +218,8 @@ function requestBody(withLimit = true) {
   const body = { model, messages, stream: true, stream_options: { include_usage: true } };
   const temperature = parseFloat(els.temperature.value);
   if (!Number.isNaN(temperature)) body.temperature = temperature;
-  if (withLimit) body.max_tokens = replyBudget();
+  const budget = withLimit ? replyBudget() : null;
+  if (budget !== null) body.max_tokens = budget;
   return body;
 }
 
@@ -226,12 +227,14 @@ function askedMaxTokens() {
   return parseInt(els.maxTokens.value, 10); // NaN: Settings leaves it to the server
 }
 
-// Room kept for the reply, as the terminal chat keeps it: what Settings asks for, else the server's
-// default, at most half the context (older exchanges are left out to make room for it).
+// Room kept for the reply (older exchanges are left out to make room for it): what Settings asks
+// for, else the server's default but at most half the context, as the terminal chat keeps it; null
+// when the server's limits are unknown (the server then fits the reply itself).
 function replyBudget() {
   const asked = askedMaxTokens();
-  const wanted = Number.isNaN(asked) ? limits.defaultMaxTokens : asked;
-  return Math.max(1, Math.min(wanted, Math.floor(limits.maxContext / 2)));
+  if (!Number.isNaN(asked)) return asked;
+  if (!limits.maxContext || !limits.defaultMaxTokens) return null;
+  return Math.max(1, Math.min(limits.defaultMaxTokens, Math.floor(limits.maxContext / 2)));
 }
 
 // Leave the oldest exchange still sent out of the requests (never the question being asked, the
