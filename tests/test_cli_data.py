@@ -71,12 +71,14 @@ def test_synthetic_report_then_cache_hit_and_human_output(tmp_path):
         (["--source", "hub"], "error: cannot reach the Hugging Face hub for KingNish/reasoning-base-20k"),
         (["--set", "trian.lr=1"], "Key 'trian' not in 'RunConfig'"),  # a typo'd section, not data's key
         (["--set", "synthetic_train_size=0"], "data.synthetic_train_size must be >= 1"),
+        (["--source", "local", "--path", "PARQUET"], "not-parquet.parquet: cannot read it as parquet"),
     ],
 )
 def test_bad_input_is_one_line_on_stderr(tmp_path, args, message):
+    (tmp_path / "not-parquet.parquet").write_bytes(b"PAR1 not really parquet")
+    args = [str(tmp_path / "not-parquet.parquet") if a == "PARQUET" else a for a in args]
     result = data_stats(tmp_path, *args, "--json")
     assert result.returncode == 2
     assert result.stdout == ""
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and message in lines[0]
-    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr

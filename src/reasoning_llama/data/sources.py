@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -253,10 +254,15 @@ def _load_parquet(path: Path) -> Any:
     import datasets
     import pyarrow
 
+    quiet = logging.getLogger("datasets")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # it logs the failure twice before raising it; ours says it once
     try:
         return datasets.load_dataset("parquet", data_files=str(path), split="train")
     except (pyarrow.ArrowException, OSError, datasets.exceptions.DatasetsError) as e:
         raise DataError(f"{path}: cannot read it as parquet ({e})") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def _first_character(path: Path) -> str:
