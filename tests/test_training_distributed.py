@@ -227,3 +227,4 @@ def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
     stderr = wait(process)
     assert process.returncode != 0
     assert "error:" in stderr and "missing.jsonl" in stderr
+    assert stderr.count("missing.jsonl does not exist") == 1  # rank 0's error, printed by rank 0 alone

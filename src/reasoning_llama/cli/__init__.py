@@ -46,5 +46,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except ReasoningLlamaError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "told_by_main", False):  # under torchrun, rank 0's error is printed by rank 0
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -198,5 +198,7 @@ def on_main(world: World, action: Callable[[], T]) -> T | None:
             outcome = (False, e)
     ok, value = broadcast_from_main(outcome, world)
     if not ok:
+        if not world.is_main:
+            value.told_by_main = True  # rank 0 prints it; the command line need not repeat it per rank
         raise value
     return value
