@@ -75,6 +75,12 @@ def test_bad_inputs_give_one_line_errors(saved, tmp_path: Path) -> None:
         (("import", "--from", "hf", pickled, "--out", out), "never unpickles"),
         (("import", "--from", "hf", tmp_path / "nope", "--out", out), "nope"),
         (("export", "--checkpoint", ckpt, "--to", "gguf", f"{out}/"), f"e.g. {out / 'model.gguf'}"),
+        # an output --overwrite would not replace is named as such, not "pass --overwrite"
+        (("export", "--checkpoint", ckpt, "--to", "hf", tmp_path), "does not look like a model directory"),
+        (
+            ("export", "--checkpoint", ckpt, "--to", "gguf", pickled / "pytorch_model.bin"),
+            "is not a GGUF file; choose",
+        ),
     ]
     for (_, message), result in zip(cases, run_clis([args for args, _ in cases]), strict=True):
         assert_one_line_error(result, message)

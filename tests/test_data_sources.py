@@ -262,6 +262,9 @@ def test_hub_path_on_a_local_copy_in_the_hub_layout(tmp_path, offline_hf):
     ):
         load_rows(local(copy))
     assert load_rows(DataConfig(source="hub", path=str(copy), split="train")).train == loaded.train
+    with pytest.raises(DataError, match="or the split's files: ") as info:  # what eval --data can use
+        load_rows(local(copy))
+    assert load_rows(local(str(info.value).split("or the split's files: ")[1])).train == loaded.train
     # A text corpus in that layout is told to name its split's files, and that path reads them alone.
     corpus = tmp_path / "corpus" / "data"
     corpus.mkdir(parents=True)

@@ -57,3 +57,11 @@ def test_quickstart_fast_runs_end_to_end(tmp_path):
 
     again = run_cli("quickstart", "--fast", "--out", str(out), one_thread=True)
     assert again.returncode == 2 and "pass --overwrite" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_an_out_directory_holding_other_files_is_refused_without_suggesting_overwrite(tmp_path):
+    """--overwrite replaces runs only: a directory of other files is told to choose another --out."""
+    (tmp_path / "notes.txt").write_text("mine")
+    result = run_cli("quickstart", "--fast", "--out", tmp_path, one_thread=True)
+    assert result.returncode == 2 and "holds no run; choose another --out" in result.stderr
+    assert "--overwrite" not in result.stderr and (tmp_path / "notes.txt").read_text() == "mine"

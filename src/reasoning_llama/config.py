@@ -254,9 +254,10 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    example = "train.lr=3e-4" if schema is RunConfig else "lr=1e-4"  # a setting of this command's own
     for override in overrides or ():
         if "=" not in override:
-            raise ConfigError(f"--set {override}: give key=value, e.g. --set train.lr=3e-4")
+            raise ConfigError(f"--set {override}: give key=value, e.g. --set {example}")
         key, _, value = override.partition("=")
         try:  # with OmegaConf's own YAML reader, one override at a time, to name the one it cannot read
             OmegaConf.from_dotlist([override])
@@ -268,7 +269,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
     try:
         merged = OmegaConf.structured(schema)
         if path is not None:
-            merged = OmegaConf.merge(merged, _read_yaml(recipe_path(path, rl=schema is RLConfig)))
+            merged = OmegaConf.merge(merged, _read_yaml(recipe_path(path, rl=schema is RLConfig), schema))
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
@@ -281,7 +282,7 @@ def setting(key: str, value: object) -> str:
     return f"{key}={json.dumps(str(value), ensure_ascii=False)}"  # YAML reads no escaped surrogate pair
 
 
-def _read_yaml(path: Path) -> Any:
+def _read_yaml(path: Path, schema: type) -> Any:
     """A YAML file of settings (a mapping), or a one-line ConfigError saying what is wrong with it."""
     import yaml
     from omegaconf import DictConfig, OmegaConf
@@ -291,7 +292,8 @@ def _read_yaml(path: Path) -> Any:
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
         raise ConfigError(f"{path} is not a readable YAML file: {' '.join(str(e).split())}") from None
     if not isinstance(loaded, DictConfig):
-        raise ConfigError(f"{path} must hold settings as a mapping (e.g. train: {{lr: 3e-4}}), not a list")
+        example = "train: {lr: 3e-4}" if schema is RunConfig else "lr: 1e-4"
+        raise ConfigError(f"{path} must hold settings as a mapping (e.g. {example}), not a list")
     return loaded
 
 
@@ -305,7 +307,8 @@ def _hint(schema: type, error: Exception) -> str:
             if key in {f.name for f in dataclasses.fields(fields)}:
                 return f" (did you mean {section}.{key}?)"
     if "is not a ListConfig" in str(error):
-        return " (a list is written [a, b], e.g. data.families=[chain_sum,max_digit])"
+        families = "data.families" if schema is RunConfig else "families"
+        return f" (a list is written [a, b], e.g. {families}=[chain_sum,max_digit])"
     return ""
 
 

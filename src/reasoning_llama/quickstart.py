@@ -29,7 +29,7 @@ from reasoning_llama.evaluation import GenerationReport, evaluate_generations, s
 from reasoning_llama.generation import Engine
 from reasoning_llama.tokenizer import get_tokenizer
 from reasoning_llama.training import run_checkpoints as ckpt
-from reasoning_llama.training.loop import Trainer, TrainResult, start_over
+from reasoning_llama.training.loop import Trainer, TrainResult, holds_run, start_over
 from reasoning_llama.training.plot import plot_run
 
 RECIPE = "quickstart"  # src/reasoning_llama/recipes/quickstart.yaml, where its reasons are written
@@ -187,6 +187,8 @@ def _engine(model: torch.nn.Module) -> Engine:
 def _clear_previous(out: Path, overwrite: bool) -> None:
     if not out.exists() or not any(out.iterdir()):
         return
+    if not holds_run(out):  # --overwrite would not help: it deletes runs only
+        raise ConfigError(f"{out} is not empty and holds no run; choose another --out")
     if not overwrite:
         raise ConfigError(f"{out} is not empty; pass --overwrite to replace it or choose another --out")
     start_over(out)

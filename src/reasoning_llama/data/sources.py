@@ -193,11 +193,12 @@ def _refuse_several_splits(directory: Path, files: list[Path], source: str) -> N
         if found:
             first_of.setdefault(found.group(1).lower(), relative[: found.end()])
     if len(first_of) > 1:
-        if source == "local":
-            fix = f"data.source=hub data.path={directory} data.split=train"
-        else:  # text: `train/…` is a directory of the split, `train-0000.parquet` a prefix of its files
-            split = directory / first_of.get("train", next(iter(first_of.values())))
-            fix = f"data.path={split}" if split.is_dir() else f'data.path="{split}*"'
+        # `train/…` is a directory of the split, `train-0000.parquet` a prefix of its files.
+        split = directory / first_of.get("train", next(iter(first_of.values())))
+        files = str(split) if split.is_dir() else f"{split}*"
+        fix = f'data.path="{files}"'
+        if source == "local":  # the hub source reads one split of a chat dataset by its name
+            fix = f"data.source=hub data.path={directory} data.split=train, or the split's files: {files}"
         raise DataError(
             f"{directory} holds several splits ({', '.join(sorted(first_of))}) in the hub's layout; read one "
             f"with {fix}"
@@ -233,9 +234,7 @@ def resolve_files(spec: str, suffixes: tuple[str, ...]) -> list[Path]:
         if path.suffix.lower() not in suffixes:
             raise DataError(f"{spec}: unsupported file type {path.suffix or '(none)'!r}; expected {kinds}")
         return [path]
-    raise DataError(
-        f"data path {spec} does not exist; point data.path at a file, directory or glob (train --set data.path=PATH, data stats --path PATH)"
-    )
+    raise DataError(f"data path {spec} does not exist; give an existing file, directory or glob")
 
 
 def read_file(path: Path, fields: tuple[str, ...], report: ValidationReport) -> list[dict[str, str]]:

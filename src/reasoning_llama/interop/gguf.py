@@ -204,8 +204,8 @@ def _check_target(out: Path, overwrite: bool) -> None:
             f"{out} is a directory; the GGUF export writes one file, e.g. {out / 'model.gguf'}"
         )
     if out.exists():
+        with open(out, "rb") as f:  # checked first: --overwrite would not help
+            if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+                raise CheckpointError(f"{out} exists and is not a GGUF file; choose another output file")
         if not overwrite:
             raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
-        with open(out, "rb") as f:
-            if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
-                raise CheckpointError(f"{out} is not a GGUF file; not replacing it")

@@ -228,9 +228,9 @@ def _check_target(out: Path, overwrite: bool, *, source: Path) -> None:
     if out.resolve() == source.resolve():
         raise CheckpointError(f"the output {out} is the input directory; choose another")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not (out / "config.json").is_file():  # checked first: --overwrite would not help
+            raise CheckpointError(
+                f"{out} exists and does not look like a model directory (no config.json); choose another output"
+            )
         if not overwrite:
             raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
-        if not (out / "config.json").is_file():
-            raise CheckpointError(
-                f"{out} does not look like a model directory (no config.json); not replacing it"
-            )
