@@ -199,11 +199,15 @@ class BatchLoader:
         rows_done = int(state["batch_index"]) * int(state["batch_size"]) * int(state["world_size"])
         index, remainder = divmod(rows_done, self.global_batch_rows)
         if remainder:
+            # The rows consumed must be whole batches of the new layout: a micro-batch size whose rows
+            # on all processes divide them works (the saved one always does, on its world size).
+            fitting = [m for m in range(self.batch_size, 0, -1) if rows_done % (m * self.world_size) == 0]
+            saved = f"the saved {state['batch_size']} rows on {state['world_size']} process(es)"
+            hint = f"--set train.micro_batch_size={fitting[0]} or {saved}" if fitting else saved
             raise DataError(
-                f"cannot resume the data position: {rows_done} rows of the epoch were consumed in global "
-                f"batches of {state['batch_size']} x {state['world_size']} rows, which is no whole number of "
-                f"batches of {self.batch_size} x {self.world_size}; keep train.global_batch_tokens a multiple "
-                "of train.micro_batch_size x data.seq_len x the number of processes"
+                f"cannot resume the data position: {rows_done} rows of the epoch were consumed, which is no "
+                f"whole number of batches of {self.batch_size} x {self.world_size} rows (micro-batch x "
+                f"processes); resume with micro-batches whose rows on all processes divide {rows_done}: {hint}"
             )
         if not 0 <= index < max(1, self.batches_per_epoch) or state["epoch"] < 0:
             raise DataError(f"invalid data position: epoch {state['epoch']}, batch {state['batch_index']}")
