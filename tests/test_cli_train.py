@@ -105,11 +105,13 @@ def test_resume_of_nothing_says_how_to_start(tmp_path):
     result = run_cli("train", "--out", tmp_path / "nothing", "--resume")
     assert result.returncode == 2
     assert "holds no training run to resume; start one with --preset P or --config FILE" in result.stderr
-    both, never = run_clis(
+    both, never, two_models = run_clis(
         [
             ("train", "--out", tmp_path / "x", "--preset", "tiny", "--resume", "--overwrite"),
             ("train", "--out", tmp_path / "y", "--preset", "tiny", "--stop-at-step", "0"),
+            ("train", "--out", tmp_path / "z", "--preset", "tiny", "--init-from", tmp_path / "x"),
         ]
     )
     assert both.returncode == 2 and "not both" in both.stderr
+    assert two_models.returncode == 2 and "--preset (a new model) or --init-from" in two_models.stderr
     assert never.returncode == 2 and "--stop-at-step must be >= 1, got 0" in never.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 
 import pytest
@@ -260,6 +261,23 @@ def test_a_checkpoint_too_short_for_the_data_says_to_shorten_the_data(tmp_path):
             progress=False,
         )
     assert "model_overrides" not in str(info.value)
+
+
+def test_model_overrides_that_contradict_init_from_name_settings_that_agree(tmp_path):
+    """A recipe's model_overrides cannot be dropped on the command line: the hint sets them to the
+    checkpoint's values instead, which then runs."""
+    train(tiny_run(tmp_path, "train.max_steps=1"), tmp_path / "start", progress=False)  # dim 32, 1 layer
+    start = f"train.init_from={tmp_path / 'start/checkpoints/step-000001'}"
+    wider = "train.model_overrides={dim: 48, n_layers: 2}"
+    with pytest.raises(ConfigError, match=r"dim=48, n_layers=2 cannot apply") as info:
+        train(tiny_run(tmp_path, start, wider), tmp_path / "run", progress=False)
+    hint = re.search(r"pass the checkpoint's values: (.*)$", str(info.value)).group(1)
+    assert hint == "--set train.model_overrides.dim=32 --set train.model_overrides.n_layers=1"
+    suggested = [s.removeprefix("--set ") for s in hint.split(" --set ")]
+    result = train(
+        tiny_run(tmp_path, start, wider, "train.max_steps=1", *suggested), tmp_path / "run", progress=False
+    )
+    assert result.step == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -55,6 +55,8 @@ def train(
 
     if preset is not None and config is not None:
         raise ConfigError("give --preset or --config, not both")
+    if preset is not None and init_from is not None:
+        raise ConfigError("give --preset (a new model) or --init-from (the model of a checkpoint), not both")
     if stop_at_step is not None and stop_at_step < 1:
         raise ConfigError(f"--stop-at-step must be >= 1, got {stop_at_step}")
     if resume and overwrite:

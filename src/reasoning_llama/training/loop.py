@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import json
 import math
 import os
 import re
@@ -111,15 +112,20 @@ def model_config_for(config: RunConfig) -> ModelConfig:
         from reasoning_llama.model_files import load_config
 
         loaded = load_config(train.init_from)
-        conflicts = [
-            f"{key}={value} (the checkpoint's: {getattr(loaded, key)})"
+        conflicts = {
+            key: getattr(loaded, key)
             for key, value in dict(train.model_overrides).items()
             if hasattr(loaded, key) and getattr(loaded, key) != value
-        ]
+        }
         if conflicts:
+            # (a recipe's overrides cannot be dropped from the command line, but set to the checkpoint's)
+            asked = ", ".join(f"{key}={train.model_overrides[key]}" for key in conflicts)
+            keep = " ".join(
+                f"--set train.model_overrides.{key}={json.dumps(value)}" for key, value in conflicts.items()
+            )
             raise ConfigError(
-                f"train.model_overrides {', '.join(conflicts)} cannot apply to train.init_from "
-                f"{train.init_from}: the model is the checkpoint's; drop them"
+                f"train.model_overrides {asked} cannot apply to train.init_from {train.init_from}: the model "
+                f"is the checkpoint's; drop them, or pass the checkpoint's values: {keep}"
             )
         return loaded
     return ModelConfig.from_dict({**get_preset(train.preset).to_dict(), **dict(train.model_overrides)})
