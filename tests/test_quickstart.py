@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,23 @@ def test_quickstart_fast_runs_end_to_end(tmp_path):
 
     again = run_cli("quickstart", "--fast", "--out", str(out), one_thread=True)
     assert again.returncode == 2 and "pass --overwrite" in again.stderr and "Traceback" not in again.stderr
+
+
+@pytest.mark.slow
+def test_a_quickstart_stopped_before_its_first_validation_says_how_to_resume(tmp_path):
+    """Stopped (as by Ctrl-C) before any best model exists: no evaluation, the resume command, and
+    that command finishes the run."""
+    out = tmp_path / "qs"
+    stopped = run_cli("quickstart", "--fast", "--out", out, "--stop-at-step", "3", one_thread=True)
+    assert stopped.returncode == 0, stopped.stderr
+    assert (
+        "stopped at step 3 of 12; saved" in stopped.stderr and "evaluating the trained" not in stopped.stderr
+    )
+    resume = stopped.stderr.split("resume with: ")[1].strip()
+    assert resume == f"reasoning-llama train --out {shlex.quote(str(out))} --resume"
+    resumed = run_cli(*shlex.split(resume)[1:], "--no-progress", one_thread=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "finished at step 12 of 12" in resumed.stderr and (out / "best/model.safetensors").is_file()
 
 
 def test_an_out_directory_holding_other_files_is_refused_without_suggesting_overwrite(tmp_path):

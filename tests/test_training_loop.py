@@ -437,3 +437,18 @@ def test_timing_steps_leaves_weights_optimizer_and_data_position_as_they_were(tm
     a = load_file(tmp_path / "run/checkpoints/step-000006/model.safetensors")
     b = load_file(tmp_path / "reference/checkpoints/step-000006/model.safetensors")
     assert result.step == reference.step == 6 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_time_budgeted_run_resumes_with_the_plan_it_had_fitted(tmp_path):
+    """A budget refits the planned steps (and the cosine) below max_steps; the saved config still
+    holds max_steps, so the resume command pins the fitted plan."""
+    run = tmp_path / "run"
+    config = tiny_run(tmp_path, "train.max_steps=5000", "train.eval_every=0", "train.save_every=0")
+    stopped = train(config, run, time_budget=20.0, stop_at_step=21, progress=False)  # refits at step 20
+    assert stopped.stop_reason == "stop_at_step" and 21 < stopped.total_steps < 5000
+    planned = f"--set train.max_steps={stopped.total_steps}"
+    assert stopped.resume_with == f"reasoning-llama train --out {run} --resume {planned}"
+    assert f"stopped at step 21 of {stopped.total_steps}" in stopped.stopped_note()
+    config = tiny_run(tmp_path, planned.removeprefix("--set "))
+    resumed = train(config, run, resume=True, stop_at_step=22, progress=False)
+    assert resumed.step == 22 and resumed.total_steps == stopped.total_steps

@@ -80,6 +80,15 @@ class QuickstartReport:
         return "" if self.difficulty is None else f" --difficulty {self.difficulty}"
 
 
+class QuickstartStopped(Exception):
+    """Ctrl-C or `stop_at_step` stopped the training part before its end; its checkpoint is saved,
+    and `result` says how to resume it."""
+
+    def __init__(self, result: TrainResult) -> None:
+        super().__init__(result.stopped_note())
+        self.result = result
+
+
 def bf16_matmul_is_faster() -> bool:
     """Whether this CPU multiplies in bf16 clearly faster than in fp32 (native bf16 instructions)."""
     a, b = torch.randn(256, 128), torch.randn(128, 8192)
@@ -120,6 +129,7 @@ def run_quickstart(
     overwrite: bool = False,
     progress: bool = True,
     say: Any = print,
+    stop_at_step: int | None = None,
 ) -> QuickstartReport:
     """Train, evaluate before/after and plot; `minutes` bounds the training part."""
     started = time.monotonic()
@@ -152,11 +162,15 @@ def run_quickstart(
         train_start = time.monotonic()
         # The run fits its planned steps (and so the cosine) to the budget as it goes.
         result: TrainResult = trainer.run(
-            time_budget=None if fast else budget, deadline=train_start + budget + 30
+            time_budget=None if fast else budget,
+            deadline=train_start + budget + 30,
+            stop_at_step=stop_at_step,
         )
         train_seconds = time.monotonic() - train_start
     finally:
         trainer.close()
+    if result.stop_reason in ("interrupted", "stop_at_step"):  # no evaluation: the user asked to stop
+        raise QuickstartStopped(result)
 
     best = out / ckpt.BEST
     say(f"evaluating the trained model ({best}) on the same {len(test_rows)} problems ...")
@@ -246,4 +260,11 @@ def families_reaching(report: QuickstartReport, threshold: float = 0.9) -> list[
     return [f for f, s in report.after["families"].items() if s["exact_match"] >= threshold]
 
 
-__all__ = ["RECIPE", "QuickstartReport", "format_report", "quickstart_config", "run_quickstart"]
+__all__ = [
+    "RECIPE",
+    "QuickstartReport",
+    "QuickstartStopped",
+    "format_report",
+    "quickstart_config",
+    "run_quickstart",
+]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -21,21 +20,36 @@ def quickstart(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout at the end.")
     ] = False,
+    stop_at_step: Annotated[
+        int | None,
+        typer.Option(
+            help="Save and stop after this step, as Ctrl-C would (resume it with `train --resume`)."
+        ),
+    ] = None,
 ) -> None:
     """Train a tiny model on synthetic reasoning tasks, then show accuracy before/after and a sample."""
-    from reasoning_llama.quickstart import format_report, run_quickstart
+    from reasoning_llama.quickstart import QuickstartStopped, format_report, run_quickstart
 
     if minutes <= 0:
         raise ConfigError(f"--minutes must be positive, got {minutes}")
-    report = run_quickstart(
-        out, minutes=minutes, fast=fast, overwrite=overwrite, progress=not as_json, say=echo_err
-    )
-    echo_err(format_report(report))
-    if report.stop_reason == "interrupted":
-        echo_err(
-            f"interrupted; the run is resumable: reasoning-llama train --out {shlex.quote(str(out))} --resume"
+    if stop_at_step is not None and stop_at_step < 1:
+        raise ConfigError(f"--stop-at-step must be >= 1, got {stop_at_step}")
+    try:
+        report = run_quickstart(
+            out,
+            minutes=minutes,
+            fast=fast,
+            overwrite=overwrite,
+            progress=not as_json,
+            say=echo_err,
+            stop_at_step=stop_at_step,
         )
-        raise typer.Exit(INTERRUPTED_EXIT)
+    except QuickstartStopped as stopped:
+        echo_err(stopped.result.stopped_note())
+        if stopped.result.stop_reason == "interrupted":
+            raise typer.Exit(INTERRUPTED_EXIT) from None
+        return
+    echo_err(format_report(report))
     if as_json:
         print(json.dumps(report.to_dict()))
 

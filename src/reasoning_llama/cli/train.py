@@ -91,11 +91,7 @@ def train(
     if result.rank != 0:  # under torchrun, rank 0 reports for every process
         return
     if result.stop_reason in ("interrupted", "stop_at_step"):
-        what = "interrupted" if result.stop_reason == "interrupted" else "stopped"
-        echo_err(
-            f"{what} at step {result.step} of {result.total_steps}; saved {result.checkpoint}\n"
-            f"resume with: {result.resume_with}"
-        )
+        echo_err(result.stopped_note())
         if result.stop_reason == "interrupted":
             raise typer.Exit(INTERRUPTED_EXIT)
         return

@@ -78,6 +78,14 @@ class TrainResult:
     rank: int = 0  # of the process that returned it (rank 0 reports to the user)
     resume_with: str = ""  # the command that resumes the run as it was launched
 
+    def stopped_note(self) -> str:
+        """Where a run stopped before its end was saved, and the command that continues it."""
+        what = "interrupted" if self.stop_reason == "interrupted" else "stopped"
+        return (
+            f"{what} at step {self.step} of {self.total_steps}; saved {self.checkpoint}\n"
+            f"resume with: {self.resume_with}"
+        )
+
 
 @dataclass
 class Progress:
@@ -578,8 +586,18 @@ class Trainer:
             state.best_step if best is not None else None,
             final,
             self.world.rank,
-            self.resume_command(),
+            self.resume_command(*self._replanned_settings()),
         )
+
+    def _replanned_settings(self) -> list[str]:
+        """The settings that keep a refitted plan (a time-budgeted run) when the run is resumed: the
+        saved config still holds the bound the budget planned within, whose cosine is another one."""
+        if self.total_steps == self.planned_max:
+            return []
+        return [
+            *(["train.epochs=null"] if self.t.epochs is not None else []),
+            f"train.max_steps={self.total_steps}",
+        ]
 
     def resume_command(self, *settings: str) -> str:
         """The command that resumes this run, with `--set` for each of `settings`: as it was launched
