@@ -95,17 +95,26 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path, tokeni
         long_ones = [ids for ids in data.train.ids if len(ids) > 40]
         assert [len(ids) for ids in long_ones] == [65, 65, 65]  # seq_len + 1: n tokens fill n - 1 positions
     else:
-        assert (stats["truncated"], stats["dropped_overlong"], stats["dropped_no_target"]) == (0, 4, 0)
+        assert (stats["truncated"], stats["dropped_overlong"], stats["dropped_no_target"]) == (0, 3, 1)
         assert len(data.train) == 6
     assert max(len(ids) for ids in data.train.ids) <= 65
     assert "4 of 10 examples exceed 65 tokens" in caplog.text
 
 
-def test_nothing_fitting_the_context_is_an_error(tmp_path, tokenizer):
-    cfg = local_cfg(tmp_path, write_rows(tmp_path / "rows.jsonl", chat_rows(3)), seq_len=8, overlong="drop")
+def test_nothing_fitting_the_context_is_an_error_whose_hint_would_help(tmp_path, tokenizer):
+    """data.overlong=truncate is suggested only where it keeps rows: not where the prompt alone is too long."""
+    long_answers = chat_rows(3, reasoning_words=200)
+    cfg = local_cfg(tmp_path, write_rows(tmp_path / "a.jsonl", long_answers), seq_len=32, overlong="drop")
     with pytest.raises(
-        DataError, match=r"none of the 2 train rows fits seq_len 8 with a target left; raise data\.seq_len or"
+        DataError,
+        match=r"none of the 2 train rows fits seq_len 32 with a target left; raise data\.seq_len or set data\.overlong=truncate$",
     ):
+        prepare_data(cfg, tokenizer, progress=False)
+    cfg.overlong = "truncate"  # what the hint says: now it trains
+    assert prepare_data(cfg, tokenizer, progress=False).stats["train"]["truncated"] == 2
+    long_prompts = [{"user": "word " * 40, "reasoning": "r", "assistant": "a"}] * 3
+    cfg = local_cfg(tmp_path, write_rows(tmp_path / "p.jsonl", long_prompts), seq_len=32, overlong="drop")
+    with pytest.raises(DataError, match=r"with a target left; raise data\.seq_len$"):
         prepare_data(cfg, tokenizer, progress=False)
 
 

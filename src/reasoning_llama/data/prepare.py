@@ -151,11 +151,11 @@ def tokenize_rows(
             counts["chunked_documents"] += len(pieces) > 1
         elif len(ids) <= limit:
             pieces = [(ids, mask)]
+        elif not any(mask[1:limit]):
+            counts["dropped_no_target"] += 1  # the prompt alone fills the context, whatever the policy
+            continue
         elif cfg.overlong == "drop":
             counts["dropped_overlong"] += 1
-            continue
-        elif not any(mask[1:limit]):
-            counts["dropped_no_target"] += 1  # the prompt alone fills the context
             continue
         else:
             counts["truncated"] += 1
@@ -345,7 +345,7 @@ def _warn_about_fitting(name: str, stats: dict[str, Any], cfg: DataConfig) -> No
             stats["dropped_no_target"],
         )
     if stats["rows"] and not stats["examples"]:
-        hint = " or set data.overlong=truncate" if cfg.overlong == "drop" else ""
+        hint = " or set data.overlong=truncate" if stats["dropped_overlong"] else ""  # keeps those
         raise DataError(
             f"none of the {stats['rows']} {name} rows fits seq_len {cfg.seq_len} with a target left; "
             f"raise data.seq_len{hint}"
