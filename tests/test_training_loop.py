@@ -137,6 +137,19 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(tmp_p
     assert "training diverged" in resumed.stderr and "--set train.lr=2.5e+29" in resumed.stderr
 
 
+def test_a_run_diverging_before_its_first_checkpoint_says_how_to_start_it_over(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged) as failure:
+        train(tiny_run(tmp_path, "train.lr=1e30", "train.save_every=0"), run, progress=False)
+    assert (
+        "no checkpoint was written yet; start it over with a lower learning rate: "
+        f"reasoning-llama train --out {run} --resume --set train.lr=5e+29."
+    ) in str(failure.value)
+    # --resume of a run without a checkpoint starts it over (a new start would find the run there).
+    result = train(tiny_run(tmp_path, "train.lr=1e-3", "train.max_steps=2"), run, resume=True, progress=False)
+    assert result.step == 2 and [r["step"] for r in read_metrics(run) if "train_loss" in r] == [1, 2]
+
+
 def test_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path):
     run = tmp_path / "run"
     with pytest.raises(ConfigError, match="holds no training run; start one without --resume"):

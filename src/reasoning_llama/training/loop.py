@@ -936,8 +936,8 @@ def _diverged_message(
     what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
     where = (
         f"the last good checkpoint is {checkpoint}; resume it with a lower learning rate: {resume_with_lower_lr}"
-        if checkpoint
-        else "no checkpoint was written yet"
+        if checkpoint  # (--resume of a run without a checkpoint starts it over with its own settings)
+        else f"no checkpoint was written yet; start it over with a lower learning rate: {resume_with_lower_lr}"
     )
     return (
         f"training diverged at step {step}: {what} (lr {lr:.3g}); stopped without saving, {where}. "
