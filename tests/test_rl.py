@@ -13,10 +13,17 @@ from safetensors.torch import load_file
 
 from cli_helpers import run_cli, run_clis
 from reasoning_llama.config import RLConfig, load_config, load_run_config, recipe_names
-from reasoning_llama.errors import ConfigError
+from reasoning_llama.errors import ConfigError, DataError
 from reasoning_llama.generation import Engine
 from reasoning_llama.model import Transformer
-from reasoning_llama.rl.loop import PromptStream, RLTrainer, check_rl_config, held_out_report, run_rl
+from reasoning_llama.rl.loop import (
+    PromptStream,
+    RLTrainer,
+    check_rl_config,
+    held_out_report,
+    load_task_rows,
+    run_rl,
+)
 from reasoning_llama.rl.objective import (
     clipped_policy_loss,
     group_advantages,
@@ -147,6 +154,37 @@ def test_packaged_rl_recipes_are_valid_and_set_every_familys_difficulty():
         config = load_config(RLConfig, recipe, ["init_from=runs/quickstart"])
         check_rl_config(config)
         assert set(config.difficulty) == {*config.families, *config.eval_families}, recipe
+
+
+def test_a_recipes_families_with_a_file_name_the_setting_that_keeps_the_file(tmp_path):
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text("".join(json.dumps({"user": f"{i}?", "assistant": str(i)}) + "\n" for i in range(10)))
+    both = ["init_from=runs/quickstart", f"data={rows}"]
+    with pytest.raises(
+        ConfigError, match=r"not both; keep the file with --set 'families=\[\]', or the"
+    ) as info:
+        check_rl_config(load_config(RLConfig, "rl-chain-sum", both))
+    keep_file = str(info.value).split("keep the file with --set ")[1].split(",")[0].strip("'")
+    config = load_config(RLConfig, "rl-chain-sum", [*both, keep_file])
+    check_rl_config(config)
+    train_rows, held_out = load_task_rows(config)
+    assert len(train_rows) + len(held_out) == 10
+
+
+def test_a_directory_holding_several_splits_is_refused_with_the_data_flag_that_reads_one(tmp_path):
+    """Reading every file of a hub-layout directory would practise on the test split."""
+    for split in ("train", "test"):
+        rows = [{"user": f"{split} {i}?", "assistant": str(i)} for i in range(5)]
+        (tmp_path / f"{split}-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config(RLConfig, None, ["init_from=x", f"data={tmp_path}"])
+    with pytest.raises(DataError, match="holds several splits") as info:
+        load_task_rows(config)
+    flag = str(info.value).split("read one with ")[1]
+    assert flag == f'--data "{tmp_path}/train*"'
+    config.data = flag.removeprefix("--data ").strip('"')
+    train_rows, held_out = load_task_rows(config)
+    assert all(r["user"].startswith("train") for r in [*train_rows, *held_out])
+    assert len(train_rows) + len(held_out) == 5
 
 
 def test_prompts_follow_a_seeded_order_that_depends_on_the_step_alone():

@@ -17,7 +17,7 @@ import glob
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,7 +171,11 @@ def _load_files(cfg: DataConfig) -> LoadedRows:
         return LoadedRows(rows, None, report, f"{cfg.source} {cfg.path} (saved dataset, split {cfg.split})")
     files = resolve_files(cfg.path, suffixes)
     if directory.is_dir():
-        _refuse_several_splits(directory, files, cfg.source)
+        if cfg.source == "local":  # the hub source reads one split of a chat dataset by its name
+            hub = f"data.source=hub data.path={directory} data.split=train"
+            refuse_several_splits(directory, files, lambda split: f"{hub}, or the split's files: {split}")
+        else:
+            refuse_several_splits(directory, files, lambda split: f'data.path="{split}"')
     rows: list[dict[str, str]] = []
     for file in files:
         rows += read_file(file, fields, report)
@@ -183,9 +187,9 @@ def _load_files(cfg: DataConfig) -> LoadedRows:
 _SPLIT_FILE = re.compile(r"(?:^|/)(train|test|validation|valid|dev)(?=[-_./])", re.IGNORECASE)
 
 
-def _refuse_several_splits(directory: Path, files: list[Path], source: str) -> None:
+def refuse_several_splits(directory: Path, files: list[Path], read_one_with: Callable[[str], str]) -> None:
     """A directory in the hub's layout holds its splits side by side: reading all of it would train on
-    the test split. The hub source reads one of a chat dataset; a text corpus names one's files."""
+    the test split. `read_one_with(files)` says how the command reads one split's files instead."""
     first_of: dict[str, str] = {}  # split -> the path of its first file, up to the split's name
     for file in files:
         relative = file.relative_to(directory).as_posix()
@@ -195,13 +199,9 @@ def _refuse_several_splits(directory: Path, files: list[Path], source: str) -> N
     if len(first_of) > 1:
         # `train/…` is a directory of the split, `train-0000.parquet` a prefix of its files.
         split = directory / first_of.get("train", next(iter(first_of.values())))
-        files = str(split) if split.is_dir() else f"{split}*"
-        fix = f'data.path="{files}"'
-        if source == "local":  # the hub source reads one split of a chat dataset by its name
-            fix = f"data.source=hub data.path={directory} data.split=train, or the split's files: {files}"
         raise DataError(
             f"{directory} holds several splits ({', '.join(sorted(first_of))}) in the hub's layout; read one "
-            f"with {fix}"
+            f"with {read_one_with(str(split) if split.is_dir() else f'{split}*')}"
         )
 
 

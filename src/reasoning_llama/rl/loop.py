@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from reasoning_llama.config import RLConfig
-from reasoning_llama.data.sources import read_file, resolve_files
+from reasoning_llama.data.sources import read_file, refuse_several_splits, resolve_files
 from reasoning_llama.data.validation import ValidationReport
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.evaluation import synthetic_test_rows
@@ -61,10 +61,14 @@ class RLResult:
 def check_rl_config(config: RLConfig) -> None:
     if config.init_from is None:
         raise ConfigError("rl needs a model to start from: --init-from CHECKPOINT")
-    if bool(config.families) == bool(config.data):
+    if config.families and config.data:  # (e.g. a recipe's families, and --data)
         raise ConfigError(
-            "give the task as synthetic families (--task synthetic:FAMILY) or a file (--data), one"
+            f"rl practises one task: synthetic families ({', '.join(config.families)}) or a file "
+            f"(data={config.data}), not both; keep the file with --set 'families=[]', or the families "
+            "with --set data=null"
         )
+    if not config.families and not config.data:
+        raise ConfigError("give the task as synthetic families (--task synthetic:FAMILY) or a file (--data)")
     unknown = [f for f in [*config.families, *config.eval_families, *config.difficulty] if f not in FAMILIES]
     if unknown:
         raise ConfigError(f"unknown synthetic family {', '.join(unknown)}; known: {', '.join(FAMILIES)}")
@@ -128,11 +132,10 @@ def load_task_rows(config: RLConfig) -> tuple[list[dict[str, str]], list[dict[st
         )
         return [e.as_row() for e in examples], held_out
     report = ValidationReport()
-    rows = [
-        row
-        for path in resolve_files(str(config.data), (".json", ".jsonl", ".parquet"))
-        for row in read_file(path, ("user", "assistant"), report)
-    ]
+    files = resolve_files(str(config.data), (".json", ".jsonl", ".parquet"))
+    if Path(config.data).expanduser().is_dir():
+        refuse_several_splits(Path(config.data).expanduser(), files, lambda split: f'--data "{split}"')
+    rows = [row for path in files for row in read_file(path, ("user", "assistant"), report)]
     if report.rows_skipped:
         print(f"warning: {report.summary()}", file=sys.stderr)
     random.Random(f"reasoning-llama/rl/split/{config.seed}").shuffle(rows)
