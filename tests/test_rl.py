@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from cli_helpers import run_cli, run_clis
-from reasoning_llama.config import RLConfig, load_config, load_run_config, recipe_names
+from reasoning_llama.config import RLConfig, load_config, load_run_config, pin_paths, recipe_names
 from reasoning_llama.errors import ConfigError, DataError
 from reasoning_llama.generation import Engine
 from reasoning_llama.model import Transformer
@@ -108,6 +109,26 @@ def test_checkers():
         make_checker("math:hypot")(row, "3")
     with pytest.raises(ConfigError, match=r"checker 'logging:debug' returned None; a reward is a number"):
         make_checker("logging:debug")(row, "3")
+
+
+def test_a_users_checker_loads_from_the_working_directory_or_from_its_file(tmp_path, monkeypatch):
+    """The installed `reasoning-llama` script has no working directory on sys.path, unlike `python -m`."""
+    (tmp_path / "my_checker_module.py").write_text("def half(expected, predicted):\n    return 0.5\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    row = {"user": "q", "assistant": "3"}
+    assert make_checker("my_checker_module:half")(row, "3") == 0.5
+    assert make_checker(f"{tmp_path}/my_checker_module.py:half")(row, "3") == 0.5
+    with pytest.raises(ConfigError, match=r"the file nope.py does not exist"):
+        make_checker("nope.py:half")
+    with pytest.raises(ConfigError, match=r"cannot import 'whole' from .*or path/to/file.py:function$"):
+        make_checker("my_checker_module.py:whole")
+    # A run saves its checker file's absolute path, so --resume finds it from any directory.
+    config = load_config(
+        RLConfig, None, ["init_from=x", "data=qa.jsonl", "checker=my_checker_module.py:half"]
+    )
+    pin_paths(config)
+    assert config.checker == f"{tmp_path}/my_checker_module.py:half"
 
 
 # --- which tokens carry gradient -------------------------------------------------------------

@@ -170,7 +170,8 @@ class RLConfig:
 
     init_from: str | None = None  # the checkpoint (or run directory) to improve
     # What to practise: synthetic task families (their train split), or a file of rows with `user` and
-    # `assistant` (no reasoning needed) scored by `checker`: exact, numeric or package.module:function.
+    # `assistant` (no reasoning needed) scored by `checker`: exact, numeric, package.module:function
+    # or path/to/file.py:function.
     families: list[str] = field(default_factory=list)
     data: str | None = None
     checker: str = "exact"
@@ -326,6 +327,9 @@ def pin_paths(config: RunConfig | RLConfig) -> None:
         config.train.init_from = pinned(config.train.init_from)
     else:
         config.data, config.init_from = pinned(config.data), pinned(config.init_from)
+        source, _, function = config.checker.rpartition(":")
+        if source.endswith(".py"):  # a checker given by its file
+            config.checker = f"{pinned(source)}:{function}"
 
 
 def run_config_to_dict(config: RunConfig) -> dict[str, Any]:

@@ -27,7 +27,9 @@ def rl(
     ] = None,
     checker: Annotated[
         str | None,
-        typer.Option(help="How --data answers are scored: exact, numeric or package.module:function."),
+        typer.Option(
+            help="How --data answers are scored: exact, numeric, package.module:function or file.py:function."
+        ),
     ] = None,
     config: Annotated[
         Path | None,

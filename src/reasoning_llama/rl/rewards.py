@@ -2,17 +2,21 @@
 
 A synthetic row (one with a `family`) is scored by its family's own checker. Rows of a user's file
 (`user` + `assistant`, no reasoning needed) are scored by the checker the config names: `exact`
-(normalised text), `numeric` (the last number in the answer, by value) or `package.module:function`,
-a function of (expected, predicted) returning a bool or a reward in [0, 1].
+(normalised text), `numeric` (the last number in the answer, by value), or `package.module:function`
+or `path/to/file.py:function`: a function of (expected, predicted) returning a bool or a reward in [0, 1].
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import numbers
+import os
 import re
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.tasks import FAMILIES, check_answer
@@ -35,12 +39,26 @@ def numbers_match(expected: str, predicted: str) -> bool:
 
 
 def _imported(spec: str) -> Callable[[str, str], float | bool]:
-    module_name, _, attribute = spec.partition(":")
+    """`package.module:function`, importable from here (the working directory first, as `python -m`
+    has it), or `path/to/file.py:function`."""
+    source, _, attribute = spec.rpartition(":")
     try:
-        function = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as e:
+        if source.endswith(".py"):
+            path = Path(source).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"checker {spec!r}: the file {source} does not exist")
+            loader = importlib.util.spec_from_file_location(f"reasoning_llama_checker_{path.stem}", path)
+            module = importlib.util.module_from_spec(loader)  # type: ignore[arg-type]
+            loader.loader.exec_module(module)  # type: ignore[union-attr]
+        else:
+            if "" not in sys.path and os.getcwd() not in sys.path:  # an installed script lacks it
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(source)
+        function = getattr(module, attribute)
+    except (ImportError, AttributeError, SyntaxError) as e:
         raise ConfigError(
-            f"checker {spec!r}: cannot import {attribute!r} from {module_name!r} ({e})"
+            f"checker {spec!r}: cannot import {attribute!r} from {source!r} ({type(e).__name__}: {e}); "
+            "give package.module:function importable from the working directory, or path/to/file.py:function"
         ) from None
     if not callable(function):
         raise ConfigError(f"checker {spec!r} is not a function")
@@ -58,7 +76,9 @@ def make_checker(spec: str) -> Checker:
     elif ":" in spec:
         other = _imported(spec)
     else:
-        raise ConfigError(f"unknown checker {spec!r}; use exact, numeric or package.module:function")
+        raise ConfigError(
+            f"unknown checker {spec!r}; use exact, numeric, package.module:function or file.py:function"
+        )
 
     def reward(row: dict[str, str], predicted: str) -> float:
         family = row.get("family")
