@@ -209,11 +209,16 @@ def test_bad_input_is_one_line_without_traceback(checkpoint, tmp_path):
         (["--checkpoint", checkpoint, "--prompt", "  "], "--prompt is empty"),
         (
             ["--checkpoint", checkpoint, "--prompt", "hi", "--max-new-tokens", "5000"],
-            "(9 tokens) plus max_new_tokens (5000)",
+            "(9 tokens) plus --max-new-tokens (5000) is 5009 tokens, beyond the model's context of 4096; "
+            "shorten the prompt or lower --max-new-tokens",
         ),
         (["--checkpoint", checkpoint, "--prompt", "word " * 4100], "fills the model's context of 4096"),
-        (["--checkpoint", checkpoint, "--prompt", "hi", "--top-p", "1.5"], "top_p must be"),
-        (["--checkpoint", checkpoint, "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be"),
+        # (the flags' names, not the API's: /set in chat takes the API's)
+        (["--checkpoint", checkpoint, "--prompt", "hi", "--top-p", "1.5"], "error: --top-p must be"),
+        (
+            ["--checkpoint", checkpoint, "--prompt", "hi", "--max-new-tokens", "0"],
+            "error: --max-new-tokens must",
+        ),
     ]
     results = run_clis([("generate", *args) for args, _ in cases])
     for (args, message), result in zip(cases, results, strict=True):

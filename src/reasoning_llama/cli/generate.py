@@ -15,7 +15,7 @@ import typer
 
 from reasoning_llama.cli import options
 from reasoning_llama.cli.model_dir import ModelDir, resolve_model_dir
-from reasoning_llama.cli.options import INTERRUPTED_EXIT, sampling_params
+from reasoning_llama.cli.options import INTERRUPTED_EXIT, in_flag_terms, sampling_params
 from reasoning_llama.errors import RequestError
 
 if TYPE_CHECKING:
@@ -63,7 +63,8 @@ def generate(
     if max_new_tokens is None:  # the default shrinks to fit; an explicit value must fit
         room = engine.room_for_reply(len(prompt_ids))
         params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, room))
-    engine.check_request(prompt_ids, params)
+    with in_flag_terms():
+        engine.check_request(prompt_ids, params)
 
     if as_json:
         result = run_cancellable(engine, prompt_ids, params, lambda delta: None)

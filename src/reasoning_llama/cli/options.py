@@ -4,11 +4,14 @@ and the exit code of an interrupted command."""
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from reasoning_llama.errors import ConfigError
+from reasoning_llama.errors import ConfigError, RequestError
 
 if TYPE_CHECKING:
     from reasoning_llama.sampling import SamplingParams
@@ -72,8 +75,23 @@ def sampling_params(options: dict[str, object]) -> SamplingParams:
         values["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
     values["stop"] = tuple(values.get("stop") or ())  # type: ignore[arg-type]
     params = SamplingParams(**values)  # type: ignore[arg-type]
-    params.validate()
+    with in_flag_terms():
+        params.validate()
     return params
+
+
+@contextmanager
+def in_flag_terms() -> Iterator[None]:
+    """A RequestError naming a sampling value by its API name (`max_new_tokens`) names the command's
+    flag instead (`--max-new-tokens`)."""
+    try:
+        yield
+    except RequestError as e:
+        if e.param is None:
+            raise
+        flag = f"--{e.param.replace('_', '-')}"
+        message = re.sub(rf"(?<![\w-]){re.escape(e.param)}\b", flag, str(e))
+        raise RequestError(message, param=e.param, code=e.code) from None
 
 
 Threads = Annotated[
