@@ -422,11 +422,12 @@ def test_export_refuses_final_block_and_protects_existing_directories(our_model,
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    with pytest.raises(CheckpointError, match="--overwrite"):
-        export_hf(our_model[1], precious)
-    with pytest.raises(CheckpointError, match="not replacing"):
-        export_hf(our_model[1], precious, overwrite=True)
+    for overwrite in (False, True):  # --overwrite would not replace it, so it is not suggested
+        with pytest.raises(CheckpointError, match="no config.json\); choose another output$"):
+            export_hf(our_model[1], precious, overwrite=overwrite)
     assert (precious / "notes.txt").read_text() == "keep me"
     export_hf(our_model[1], tmp_path / "hf")
+    with pytest.raises(CheckpointError, match="already exists; pass --overwrite to replace it"):
+        export_hf(our_model[1], tmp_path / "hf")
     export_hf(our_model[1], tmp_path / "hf", overwrite=True, dtype="bfloat16")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
