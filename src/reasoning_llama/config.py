@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -280,7 +281,44 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
 
 def setting(key: str, value: object) -> str:
     """A `key=value` override that keeps `value` (a path, say) a string whatever it holds."""
-    return f"{key}={json.dumps(str(value), ensure_ascii=False)}"  # YAML reads no escaped surrogate pair
+    # `\${` keeps OmegaConf from reading `${...}` in a path as an interpolation. JSON's quoting is
+    # YAML's, but YAML reads no escaped surrogate pair (hence ensure_ascii=False) while it refuses
+    # raw control characters and folds raw line separators (hence those escaped).
+    quoted = json.dumps(_not_interpolated(str(value)), ensure_ascii=False)
+    return f"{key}={_YAML_UNSAFE.sub(_escaped, quoted)}"
+
+
+# OmegaConf reads `\${` as a literal `${`, and `\\` as a backslash only right before one.
+_NOT_INTERPOLATED = re.compile(r"(\\*)\$\{")
+# What YAML reads raw inside double quotes: printable characters, line separators excepted.
+_YAML_UNSAFE = re.compile(
+    r"[^\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufefe\uff00-\ufffd\U00010000-\U0010ffff]"
+)
+
+
+def _not_interpolated(text: str) -> str:
+    return _NOT_INTERPOLATED.sub(r"\1\1\\${", text)
+
+
+def _escaped(character: re.Match[str]) -> str:
+    return f"\\u{ord(character.group()):04x}"
+
+
+def config_yaml(config: Any) -> str:
+    """A config dataclass as the YAML that `load_config` reads back as it was: a `${` in a value (a
+    path, say) is escaped, or reading it again would take it for an interpolation."""
+    from omegaconf import OmegaConf
+
+    def literal(value: Any) -> Any:
+        if isinstance(value, str):
+            return _not_interpolated(value)
+        if isinstance(value, dict):
+            return {key: literal(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [literal(item) for item in value]
+        return value
+
+    return OmegaConf.to_yaml(OmegaConf.create(literal(dataclasses.asdict(config))))
 
 
 def _read_yaml(path: Path, schema: type) -> Any:
@@ -300,13 +338,15 @@ def _read_yaml(path: Path, schema: type) -> Any:
 
 def _hint(schema: type, error: Exception) -> str:
     """What the user most likely meant, for the mistakes OmegaConf's message leaves unexplained."""
-    from omegaconf.errors import ConfigKeyError
+    from omegaconf.errors import ConfigKeyError, InterpolationResolutionError
 
     key = getattr(error, "full_key", None)
     if isinstance(error, ConfigKeyError) and schema is RunConfig and key and "." not in key:
         for section, fields in (("train", TrainConfig), ("data", DataConfig)):
             if key in {f.name for f in dataclasses.fields(fields)}:
                 return f" (did you mean {section}.{key}?)"
+    if isinstance(error, InterpolationResolutionError):
+        return " (${...} is OmegaConf's interpolation, e.g. ${oc.env:HOME}; write \\${ for a literal ${)"
     if "is not a ListConfig" in str(error):
         families = "data.families" if schema is RunConfig else "families"
         return f" (a list is written [a, b], e.g. {families}=[chain_sum,max_digit])"

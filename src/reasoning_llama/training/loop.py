@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from reasoning_llama import atomic
-from reasoning_llama.config import ModelConfig, RunConfig, get_preset
+from reasoning_llama.config import ModelConfig, RunConfig, config_yaml, get_preset
 from reasoning_llama.data.batching import Batch, BatchLoader
 from reasoning_llama.data.prefetch import Prefetcher
 from reasoning_llama.data.prepare import PreparedData, prepare_data
@@ -236,10 +236,8 @@ def check_config(config: RunConfig, model_config: ModelConfig) -> None:
 def has_begun(run_dir: Path, config: Any) -> bool:
     """Whether RUN holds this very run (its settings saved by `begin_run`): a torchrun restart of an
     --overwrite run whose first attempt died before it began still has the old run to replace."""
-    from omegaconf import OmegaConf
-
     saved = run_dir / RUN_CONFIG
-    return saved.is_file() and saved.read_text() == OmegaConf.to_yaml(OmegaConf.structured(config))
+    return saved.is_file() and saved.read_text() == config_yaml(config)
 
 
 def begin_run(run_dir: Path, config: Any, *, overwrite: bool) -> None:
@@ -252,9 +250,7 @@ def begin_run(run_dir: Path, config: Any, *, overwrite: bool) -> None:
 
 def save_run_config(run_dir: Path, config: Any) -> None:
     """RUN/run_config.yaml: the settings of a run (a config dataclass), which `--resume` reads."""
-    from omegaconf import OmegaConf
-
-    atomic.write_text(run_dir / RUN_CONFIG, OmegaConf.to_yaml(OmegaConf.structured(config)))
+    atomic.write_text(run_dir / RUN_CONFIG, config_yaml(config))
 
 
 def holds_run(run_dir: Path) -> bool:

@@ -1,0 +1,40 @@
+"""Config plumbing: overrides the commands build from paths, and saved settings, read back as given."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reasoning_llama.config import RLConfig, config_yaml, load_config, load_run_config, setting
+from reasoning_llama.errors import ConfigError
+
+# What a file name may hold (no surrogates, no NUL), `${` and YAML's special characters included.
+NAMES = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.one_of(NAMES, st.builds(lambda a, b: f"{a}${{{b}}}", NAMES, NAMES)))
+def test_a_setting_keeps_any_path_as_the_string_it_is_and_so_do_saved_settings(name, tmp_path_factory):
+    config = load_config(RLConfig, None, [setting("data", f"/data/{name}"), "init_from=x"])
+    assert config.data == f"/data/{name}"
+    saved = tmp_path_factory.mktemp("saved") / "run_config.yaml"
+    saved.write_text(config_yaml(config), encoding="utf-8")
+    assert load_config(RLConfig, saved).data == config.data
+
+
+def test_saved_settings_read_back_as_they_were(tmp_path):
+    """`${` in a saved path would be read as an interpolation by `--resume` if it were not escaped."""
+    config = load_run_config("quickstart", [setting("data.path", "/data/a${b}.jsonl"), "data.source=local"])
+    assert config.data.path == "/data/a${b}.jsonl"
+    saved = tmp_path / "run_config.yaml"
+    saved.write_text(config_yaml(config))
+    assert dataclasses.asdict(load_run_config(saved)) == dataclasses.asdict(config)
+
+
+def test_an_interpolation_that_fails_says_how_to_write_a_literal():
+    with pytest.raises(ConfigError, match=r"Interpolation key 'b' not found \(\$\{\.\.\.\} is OmegaConf"):
+        load_run_config(None, ["data.path=/data/${b}"])
+    assert load_run_config(None, ["data.path=/data/\\${b}"]).data.path == "/data/${b}"  # as it says
