@@ -423,7 +423,7 @@ def test_export_refuses_final_block_and_protects_existing_directories(our_model,
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
     for overwrite in (False, True):  # --overwrite would not replace it, so it is not suggested
-        with pytest.raises(CheckpointError, match="no config.json\); choose another output$"):
+        with pytest.raises(CheckpointError, match=r"no config.json\); choose another output$"):
             export_hf(our_model[1], precious, overwrite=overwrite)
     assert (precious / "notes.txt").read_text() == "keep me"
     export_hf(our_model[1], tmp_path / "hf")

@@ -228,3 +228,11 @@ def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
     assert process.returncode != 0
     assert "error:" in stderr and "missing.jsonl" in stderr
     assert stderr.count("missing.jsonl does not exist") == 1  # rank 0's error, printed by rank 0 alone
+
+
+def test_a_bad_argument_is_said_once_per_machine_not_once_per_process(tmp_path):
+    """Before the processes form a group, each meets the same error in the same arguments."""
+    process = torchrun(tmp_path, tmp_path / "run", run_config(tmp_path), "--set", "train.lr=fast")
+    stderr = wait(process)
+    assert process.returncode != 0
+    assert stderr.count("error: bad config: Value 'fast' of type 'str' could not be converted to Float") == 1

@@ -4,6 +4,7 @@ and the exit code of an interrupted command."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from reasoning_llama.errors import ConfigError, RequestError
+from reasoning_llama.errors import ConfigError, ReasoningLlamaError, RequestError
 
 if TYPE_CHECKING:
     from reasoning_llama.sampling import SamplingParams
@@ -78,6 +79,18 @@ def sampling_params(options: dict[str, object]) -> SamplingParams:
     with in_flag_terms():
         params.validate()
     return params
+
+
+@contextmanager
+def said_once_per_machine() -> Iterator[None]:
+    """Errors in a command's arguments and files are the same in every process torchrun starts on one
+    machine (before they form a group to share them): the machine's first process says them."""
+    try:
+        yield
+    except ReasoningLlamaError as e:
+        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            e.told_by_main = True  # type: ignore[attr-defined]  (see cli.main)
+        raise
 
 
 @contextmanager

@@ -9,7 +9,13 @@ from typing import Annotated
 import typer
 
 from reasoning_llama.cli.model_dir import resolve_model_dir
-from reasoning_llama.cli.options import INTERRUPTED_EXIT, Threads, echo_err, set_threads
+from reasoning_llama.cli.options import (
+    INTERRUPTED_EXIT,
+    Threads,
+    echo_err,
+    said_once_per_machine,
+    set_threads,
+)
 from reasoning_llama.errors import ConfigError
 
 
@@ -53,38 +59,41 @@ def train(
     from reasoning_llama.training import train as run_training
     from reasoning_llama.training.loop import RUN_CONFIG, check_run_command
 
-    if preset is not None and config is not None:
-        raise ConfigError("give --preset or --config, not both")
-    if preset is not None and init_from is not None:
-        raise ConfigError("give --preset (a new model) or --init-from (the model of a checkpoint), not both")
-    if stop_at_step is not None and stop_at_step < 1:
-        raise ConfigError(f"--stop-at-step must be >= 1, got {stop_at_step}")
-    if resume and overwrite:
-        raise ConfigError(
-            "give --resume (continue the run in --out) or --overwrite (start it over), not both"
-        )
-    overrides = list(set_ or [])
-    if preset is not None:
-        overrides.insert(0, f"train.preset={preset}")
-    if init_from is not None:
-        overrides.append(setting("train.init_from", resolve_model_dir(init_from)))
-    if config is None and preset is None and (resume or init_from is None):
-        # (with --init-from alone the model is the checkpoint's, the rest the defaults)
+    with said_once_per_machine():  # under torchrun, every process of a machine would say it
+        if preset is not None and config is not None:
+            raise ConfigError("give --preset or --config, not both")
+        if preset is not None and init_from is not None:
+            raise ConfigError(
+                "give --preset (a new model) or --init-from (the model of a checkpoint), not both"
+            )
+        if stop_at_step is not None and stop_at_step < 1:
+            raise ConfigError(f"--stop-at-step must be >= 1, got {stop_at_step}")
+        if resume and overwrite:
+            raise ConfigError(
+                "give --resume (continue the run in --out) or --overwrite (start it over), not both"
+            )
+        overrides = list(set_ or [])
+        if preset is not None:
+            overrides.insert(0, f"train.preset={preset}")
+        if init_from is not None:
+            overrides.append(setting("train.init_from", resolve_model_dir(init_from)))
+        if config is None and preset is None and (resume or init_from is None):
+            # (with --init-from alone the model is the checkpoint's, the rest the defaults)
+            if not resume:
+                raise ConfigError(
+                    "give --preset P, --config FILE or --init-from MODEL (or --resume to continue the run in --out)"
+                )
+            config = out / RUN_CONFIG  # resume with the run's own recipe
+            if not config.is_file():
+                raise ConfigError(
+                    f"--resume: {out} holds no training run to resume; start one with --preset P or --config FILE"
+                )
+        if resume:
+            check_run_command(out, "train")
+        run_config = load_run_config(config, overrides)
         if not resume:
-            raise ConfigError(
-                "give --preset P, --config FILE or --init-from MODEL (or --resume to continue the run in --out)"
-            )
-        config = out / RUN_CONFIG  # resume with the run's own recipe
-        if not config.is_file():
-            raise ConfigError(
-                f"--resume: {out} holds no training run to resume; start one with --preset P or --config FILE"
-            )
-    if resume:
-        check_run_command(out, "train")
-    run_config = load_run_config(config, overrides)
-    if not resume:
-        pin_paths(run_config)
-    set_threads(threads)
+            pin_paths(run_config)
+        set_threads(threads)
     result = run_training(
         run_config, out, resume=resume, overwrite=overwrite, progress=progress, stop_at_step=stop_at_step
     )
