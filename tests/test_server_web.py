@@ -242,6 +242,14 @@ def test_old_exchanges_beyond_the_context_are_left_out(chat):
     assert chat.texts(".message.user.dropped") == faded
     chat.ask("One more.")
     assert questions[0] not in json.dumps(chat.bodies[-1]["messages"])
+    # Less room for the reply leaves room for older exchanges: they are offered again.
+    chat.page.click("#settings summary")
+    chat.page.fill("#max-tokens", "16")
+    chat.page.press("#max-tokens", "Tab")  # the field's change: on leaving it
+    assert chat.page.locator(".message.dropped").count() == 0
+    chat.ask("And another.")
+    sent_now = [m["content"] for m in chat.bodies[-1]["messages"] if m["role"] == "user"]
+    assert len(sent_now) > len(sent) + 2 and len(chat.texts(".message.user.dropped")) < len(faded)
 
 
 def test_a_long_first_question_gets_the_room_that_is_left(chat):

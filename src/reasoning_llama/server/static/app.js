@@ -435,6 +435,19 @@ for (const input of [els.temperature, els.maxTokens, els.systemPrompt, els.apiKe
   input.addEventListener("change", saveSettings);
 }
 
+// Less room for the reply or a shorter system prompt may leave room for older exchanges: they are
+// offered again, and the next question leaves out only what still does not fit.
+for (const input of [els.maxTokens, els.systemPrompt]) {
+  input.addEventListener("change", () => {
+    const faded = conversation.filter((m) => m.dropped);
+    for (const m of faded) {
+      delete m.dropped;
+      nodeOf.get(m)?.classList.remove("dropped");
+    }
+    if (faded.length) save();
+  });
+}
+
 async function init() {
   const settings = load(STORE.settings, {});
   if (settings.temperature !== undefined) els.temperature.value = settings.temperature;
