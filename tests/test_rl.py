@@ -286,17 +286,20 @@ def digit_rl(checkpoint, prompts, *overrides: str) -> RLConfig:
 @pytest.mark.slow
 # SGD at 0.1: larger steps overshoot on some CPUs' rounding (at 0.5 the reward went 0.75, then 0 and
 # stayed there on an AVX-512 CPU; at 0.15-0.2 it dipped to ~0.05 for a step); 0.1 rose smoothly on both.
-@pytest.mark.parametrize("optimizer", [["optimizer=adamw"], ["optimizer=sgd", "lr=0.1", "beta1=0"]])
+# AdamW at 1e-3 rises more slowly on some CPUs (0.87 over steps 13-15 on a Xeon, 1.0 from step 19).
+@pytest.mark.parametrize(
+    "optimizer", [["optimizer=adamw", "max_steps=20"], ["optimizer=sgd", "lr=0.1", "beta1=0", "max_steps=15"]]
+)
 def test_reward_alone_teaches_the_answer_it_rewards(digit_model, tmp_path, optimizer):
     checkpoint, prompts = digit_model
     run = tmp_path / "rl"
-    config = digit_rl(checkpoint, prompts, "max_steps=15", *optimizer)
+    config = digit_rl(checkpoint, prompts, *optimizer)
     result = run_rl(config, run, progress=False, echo=lambda _: None)
     steps = [r for r in read_metrics(run) if "reward_mean" in r]
     first, last = steps[0]["reward_mean"], sum(r["reward_mean"] for r in steps[-3:]) / 3
     assert first < 0.3, first  # before any update: about one sample in ten says 7
     assert last > 0.9, (first, last)  # a flipped sign would drive it to 0; gradient on the prompt, nowhere
-    assert result.evaluations[15]["acc/data"] == 1.0  # greedy answers on held-out rows: 7
+    assert result.evaluations[config.max_steps]["acc/data"] == 1.0  # greedy answers on held-out rows: 7
     # Every sample is right at the end, so no group carries signal any more.
     assert steps[-1]["kl"] > 0 and steps[-1]["zero_signal_groups"] == 1.0
 
