@@ -100,11 +100,19 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_or_starts_over(tmp_pat
     assert train_steps(run) == [1, 2]
     assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step-000002"]
 
+    # --resume reads the run's own settings even with the --preset it was started with (not the
+    # preset's defaults, which lack the --set values above).
+    resumed = run_cli(
+        "train", "--out", run, "--resume", "--preset", "tiny", "--stop-at-step", "3", one_thread=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert train_steps(run) == [1, 2, 3]
+
 
 def test_resume_of_nothing_says_how_to_start(tmp_path):
     result = run_cli("train", "--out", tmp_path / "nothing", "--resume")
     assert result.returncode == 2
-    assert "holds no training run to resume; start one with --preset P or --config FILE" in result.stderr
+    assert "holds no run of `train` to resume; start one with --preset P or --config FILE" in result.stderr
     both, never, two_models = run_clis(
         [
             ("train", "--out", tmp_path / "x", "--preset", "tiny", "--resume", "--overwrite"),

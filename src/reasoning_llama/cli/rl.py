@@ -10,6 +10,7 @@ import typer
 
 from reasoning_llama.cli.model_dir import resolve_model_dir
 from reasoning_llama.cli.options import INTERRUPTED_EXIT, Threads, echo_err, set_threads
+from reasoning_llama.cli.run_settings import run_settings
 from reasoning_llama.errors import ConfigError
 
 
@@ -50,16 +51,11 @@ def rl(
     threads: Threads = None,
 ) -> None:
     """Sample answers, reward the correct ones, and train the model towards them (RL with verifiable rewards)."""
-    from reasoning_llama.config import RLConfig, load_config, pin_paths, setting
+    from reasoning_llama.config import RLConfig, setting
     from reasoning_llama.evaluation import parse_task_spec
     from reasoning_llama.rl.loop import run_rl
-    from reasoning_llama.training.loop import RUN_CONFIG, check_run_command
 
     set_threads(threads)
-    if resume and overwrite:
-        raise ConfigError(
-            "give --resume (continue the run in --out) or --overwrite (start it over), not both"
-        )
     overrides = list(set_ or [])
     if init_from is not None:
         overrides.append(setting("init_from", resolve_model_dir(init_from)))
@@ -73,17 +69,16 @@ def rl(
         if minutes <= 0:
             raise ConfigError(f"--minutes must be positive, got {minutes}")
         overrides.append(f"max_minutes={minutes}")
-    if resume and config is None:
-        config = out / RUN_CONFIG  # resume with the run's own recipe
-        if not config.is_file():
-            raise ConfigError(
-                f"--resume: {out} holds no RL run to resume; start one with --init-from and --task"
-            )
-    if resume:
-        check_run_command(out, "rl")
-    run_config = load_config(RLConfig, config, overrides)
-    if not resume:
-        pin_paths(run_config)
+    run_config = run_settings(
+        RLConfig,
+        out,
+        config,
+        overrides,
+        resume=resume,
+        overwrite=overwrite,
+        command="rl",
+        how_to_start="--init-from and --task",
+    )
     result = run_rl(run_config, out, resume=resume, overwrite=overwrite, progress=progress, echo=echo_err)
     first, last = min(result.evaluations, default=None), max(result.evaluations, default=None)
     if first is not None and last is not None and first != last:

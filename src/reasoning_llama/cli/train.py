@@ -16,6 +16,7 @@ from reasoning_llama.cli.options import (
     said_once_per_machine,
     set_threads,
 )
+from reasoning_llama.cli.run_settings import run_settings
 from reasoning_llama.errors import ConfigError
 
 
@@ -55,9 +56,8 @@ def train(
     ] = None,
 ) -> None:
     """Train a model (--preset P or --config F, with --set key=value overrides) into --out RUN."""
-    from reasoning_llama.config import load_run_config, pin_paths, setting
+    from reasoning_llama.config import RunConfig, setting
     from reasoning_llama.training import train as run_training
-    from reasoning_llama.training.loop import RUN_CONFIG, check_run_command
 
     with said_once_per_machine():  # under torchrun, every process of a machine would say it
         if preset is not None and config is not None:
@@ -68,31 +68,26 @@ def train(
             )
         if stop_at_step is not None and stop_at_step < 1:
             raise ConfigError(f"--stop-at-step must be >= 1, got {stop_at_step}")
-        if resume and overwrite:
+        if not resume and config is None and preset is None and init_from is None:
+            # (with --init-from alone the model is the checkpoint's, the rest the defaults)
             raise ConfigError(
-                "give --resume (continue the run in --out) or --overwrite (start it over), not both"
+                "give --preset P, --config FILE or --init-from MODEL (or --resume to continue the run in --out)"
             )
         overrides = list(set_ or [])
         if preset is not None:
             overrides.insert(0, f"train.preset={preset}")
         if init_from is not None:
             overrides.append(setting("train.init_from", resolve_model_dir(init_from)))
-        if config is None and preset is None and (resume or init_from is None):
-            # (with --init-from alone the model is the checkpoint's, the rest the defaults)
-            if not resume:
-                raise ConfigError(
-                    "give --preset P, --config FILE or --init-from MODEL (or --resume to continue the run in --out)"
-                )
-            config = out / RUN_CONFIG  # resume with the run's own recipe
-            if not config.is_file():
-                raise ConfigError(
-                    f"--resume: {out} holds no training run to resume; start one with --preset P or --config FILE"
-                )
-        if resume:
-            check_run_command(out, "train")
-        run_config = load_run_config(config, overrides)
-        if not resume:
-            pin_paths(run_config)
+        run_config = run_settings(
+            RunConfig,
+            out,
+            config,
+            overrides,
+            resume=resume,
+            overwrite=overwrite,
+            command="train",
+            how_to_start="--preset P or --config FILE",
+        )
         set_threads(threads)
     result = run_training(
         run_config, out, resume=resume, overwrite=overwrite, progress=progress, stop_at_step=stop_at_step

@@ -1,0 +1,44 @@
+"""The settings of a run that `train` or `rl` starts, or resumes, in its --out directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+from reasoning_llama.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def run_settings(
+    schema: type[T],
+    out: Path,
+    recipe: Path | None,
+    overrides: list[str],
+    *,
+    resume: bool,
+    overwrite: bool,
+    command: str,
+    how_to_start: str,
+) -> T:
+    """A recipe (or the defaults) with `overrides`; on --resume without a recipe, the run's own saved
+    settings. A new run's local paths are made absolute, so it resumes from any directory."""
+    from reasoning_llama.config import load_config, pin_paths
+    from reasoning_llama.training.loop import RUN_CONFIG, check_run_command
+
+    if resume and overwrite:
+        raise ConfigError(
+            "give --resume (continue the run in --out) or --overwrite (start it over), not both"
+        )
+    if resume:
+        if recipe is None:
+            recipe = out / RUN_CONFIG
+            if not recipe.is_file():
+                raise ConfigError(
+                    f"--resume: {out} holds no run of `{command}` to resume; start one with {how_to_start}"
+                )
+        check_run_command(out, command)
+    settings = load_config(schema, recipe, overrides)
+    if not resume:
+        pin_paths(settings)  # type: ignore[arg-type]
+    return settings
