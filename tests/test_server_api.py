@@ -388,6 +388,7 @@ def bad_request(server, **body) -> openai.BadRequestError:
         ({"extra_body": {"frobnicate": True}}, "frobnicate"),
         ({"extra_body": {"top_k": -1}}, "top_k"),
         ({"stream": True, "stream_options": {"include_usage": "perhaps"}}, "stream_options.include_usage"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),  # options of a stream not asked for
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
             "messages.0.content.0.type",
@@ -437,6 +438,13 @@ def test_malformed_or_missing_json_is_a_400_envelope(greedy):
         assert error["type"] == "invalid_request_error"
     response = httpx.post(url, content=b"{", headers={"content-type": "application/json"})
     assert "not valid JSON" in response.json()["error"]["message"]
+    # Bodies FastAPI cannot read at all: still said how they fail, not just "error parsing the body".
+    for content, why in (
+        (b"\xff", "JSON is UTF-8 text"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    ):
+        response = httpx.post(url, content=content, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and why in response.json()["error"]["message"], response.text
     # curl -d without -H sends a form content type: say what to send instead
     response = httpx.post(url, content=b'{"model": "tiny-test"}', headers={"content-type": "text/plain"})
     assert (
@@ -464,6 +472,11 @@ def test_api_key_is_required_when_set(strict):
     assert response.status_code == 401 and "Authorization: Bearer" in response.json()["error"]["message"]
     response = httpx.get(f"{strict.url}/v1/models", headers={"authorization": f"Basic {KEY}"})
     assert response.status_code == 401
+    # The key is checked before the body is read: a caller without it learns nothing of the parsing.
+    response = httpx.post(
+        f"{strict.url}/v1/chat/completions", content=b'{"x', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
     reply = client(strict, api_key=KEY).chat.completions.create(model=MODEL, messages=ask("hi"))
     assert reply.choices[0].message.content == ANSWER
     assert strict.health()["api_key_required"] is True  # health and the page stay open

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from importlib.resources import files
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -45,7 +45,7 @@ from reasoning_llama.server.schemas import (
     TextChoice,
     Usage,
 )
-from reasoning_llama.server.security import BodySizeLimit, api_key_checker
+from reasoning_llama.server.security import ApiKeyCheck, BodySizeLimit
 from reasoning_llama.server.settings import ServerSettings
 from reasoning_llama.server.worker import EngineFailed, EngineWorker, Job, QueueFull
 from reasoning_llama.tokenizer import ChatTokenizer
@@ -86,9 +86,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     )
     app.state.server = state
     install_error_handlers(app)
-    app.include_router(
-        _api_router(state), prefix="/v1", dependencies=[Depends(api_key_checker(settings.api_key))]
-    )
+    app.include_router(_api_router(state), prefix="/v1")
     app.include_router(_service_router(state))
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
     install_openapi(
@@ -98,8 +96,10 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         shortest_chat_prompt=len(state.tokenizer.render_prompt([{"role": "user", "content": ""}])),
         capacity=state.worker.capacity,
     )
-    # The last added runs first: count every answer (413s too); refuse big bodies before parsing.
+    # The last added runs first: count every answer (401s and 413s too); check the key before
+    # reading the body; refuse big bodies before parsing them.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyCheck, api_key=settings.api_key)
     app.add_middleware(_CountRequests, metrics=state.metrics)
     return app
 

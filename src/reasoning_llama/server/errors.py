@@ -136,6 +136,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
         message = error.detail if isinstance(error.detail, str) else "request failed"
+        # FastAPI's one message for every body it could not read: say which way it failed.
+        if isinstance(error.__cause__, UnicodeDecodeError):
+            message = f"the request body is not valid JSON: JSON is UTF-8 text ({error.__cause__.reason})"
+        elif isinstance(error.__cause__, RecursionError):
+            message = "the request body is not valid JSON here: it is nested too deeply"
         if error.status_code == 404:
             message = "no such route; the API lives under /v1 (its schema: GET /openapi.json)"
         return APIError(error.status_code, message, headers=dict(error.headers or {})).response()

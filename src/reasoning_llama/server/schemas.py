@@ -95,8 +95,21 @@ class ResponseFormat(_Request):
     type: Literal["text"] = Field(description="Only plain text: there is no JSON mode.")
 
 
+# Rules between fields, in the schema as in the validators that enforce them.
+_STREAM_OPTIONS_NEED_STREAM = {
+    "if": {"properties": {"stream_options": {"type": "object"}}, "required": ["stream_options"]},
+    "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+}
+_TOP_LOGPROBS_NEED_LOGPROBS = {
+    "if": {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}}, "required": ["top_logprobs"]},
+    "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+}
+
+
 class _Sampling(_Request):
     """Fields shared by chat and raw completions; extra fields (top_k ...) are this server's own."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": [_STREAM_OPTIONS_NEED_STREAM]})
 
     model: str = Field(description="The served model's id (GET /v1/models).")
     temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
@@ -160,6 +173,13 @@ class _Sampling(_Request):
             raise ValueError("logit_bias is not supported")
         return value
 
+    @field_validator("stream_options")
+    @classmethod
+    def _needs_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
     def sampler_seed(self) -> int | None:
         return None if self.seed is None else self.seed % SEED_MODULUS
 
@@ -173,17 +193,8 @@ class _Sampling(_Request):
 
 
 class ChatCompletionRequest(_Sampling):
-    # top_logprobs >= 1 needs logprobs: true, in the schema as in `_needs_logprobs`.
     model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
-        json_schema_extra={
-            "if": {
-                "properties": {"top_logprobs": {"type": "integer", "minimum": 1}},
-                "required": ["top_logprobs"],
-            },
-            "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
-        },
+        json_schema_extra={"allOf": [_STREAM_OPTIONS_NEED_STREAM, _TOP_LOGPROBS_NEED_LOGPROBS]}
     )
 
     messages: list[ChatMessage] = Field(

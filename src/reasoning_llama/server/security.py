@@ -3,33 +3,40 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
 
-from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from reasoning_llama.server.errors import APIError
 
 
-def api_key_checker(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
-    """A FastAPI dependency: with a key configured, demand `Authorization: Bearer <key>`."""
-    expected = api_key.encode() if api_key else None
+class ApiKeyCheck:
+    """ASGI middleware: with a key configured, the API (`/v1/...`) demands `Authorization: Bearer
+    <key>`, before anything reads the request's body (an unauthorised caller learns nothing of it)."""
 
-    async def check(request: Request) -> None:
-        if expected is None:
+    def __init__(self, app: ASGIApp, api_key: str | None, prefix: str = "/v1") -> None:
+        self.app = app
+        self.expected = api_key.encode() if api_key else None
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        guarded = path == self.prefix or path.startswith(self.prefix + "/")
+        if scope["type"] != "http" or self.expected is None or not guarded:
+            await self.app(scope, receive, send)
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        headers = dict(scope["headers"])
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise APIError(
-                401,
-                "missing API key: send the header 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
+            error = APIError(
+                401, "missing API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key"
             )
         # compare_digest takes time independent of where the strings differ.
-        if not hmac.compare_digest(token.strip().encode(), expected):
-            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
-
-    return check
+        elif not hmac.compare_digest(token.strip().encode("latin-1"), self.expected):
+            error = APIError(401, "incorrect API key provided", code="invalid_api_key")
+        else:
+            await self.app(scope, receive, send)
+            return
+        await error.response()(scope, receive, send)
 
 
 class BodySizeLimit:
