@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cli_helpers import run_cli
+from cli_helpers import run_cli, run_clis
 from reasoning_llama import evaluation
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.generation import Engine
@@ -73,6 +73,19 @@ def test_unfinished_output_is_neither_correct_nor_well_formed(tiny_config):
             evaluation.evaluate_generations(engine, rows, max_new_tokens=bad)
 
 
+def test_a_prompt_filling_the_context_counts_wrong_and_is_reported_not_averaged(tiny_config):
+    rows = evaluation.synthetic_test_rows(["chain_sum"], 2, seed=5)
+    too_long = {**rows[1], "user": "word " * tiny_config.max_seq_len}
+    engine = forcing_engine(
+        Transformer(tiny_config), {rows[0]["user"]: (rows[0]["reasoning"], rows[0]["assistant"])}
+    )
+    report = evaluation.evaluate_generations(engine, [rows[0], too_long])
+    assert report.overall.n == 2 and report.overall.prompts_not_fitting == 1
+    assert report.overall.exact_match == 0.5  # the one not attempted is wrong
+    reasoning = len(get_tokenizer().encode(rows[0]["reasoning"]))
+    assert report.overall.mean_reasoning_tokens == reasoning  # over the one attempted
+
+
 def test_answer_matching():
     assert evaluation.row_is_correct({"assistant": "7", "family": "chain_sum"}, " 07 ")
     assert evaluation.row_is_correct({"assistant": "1 2 5", "family": "sort_digits"}, "1, 2, 5")
@@ -89,6 +102,8 @@ def test_task_spec_and_test_split_rows():
         evaluation.parse_task_spec("math")
     with pytest.raises(ConfigError, match="unknown synthetic family nope"):
         evaluation.parse_task_spec("synthetic:nope")
+    with pytest.raises(ConfigError, match="unknown task 'synthetic:'"):  # not the default families
+        evaluation.parse_task_spec("synthetic:")
     rows = evaluation.synthetic_test_rows(["chain_sum", "count_letter"], 4, seed=0)
     assert sorted(r["family"] for r in rows) == ["chain_sum"] * 4 + ["count_letter"] * 4
     assert all(problem_split(r["user"]) == "test" for r in rows)
@@ -139,7 +154,7 @@ def test_eval_cli_json_on_tasks_and_on_a_data_file(tmp_path, tiny_config):
 
     rows = evaluation.synthetic_test_rows(["chain_sum"], 3, seed=2)
     data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"user": "no answer"}\n')
     result = run_cli(
         "eval",
         "--checkpoint",
@@ -153,10 +168,44 @@ def test_eval_cli_json_on_tasks_and_on_a_data_file(tmp_path, tiny_config):
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    expected = evaluation.loss_on_rows(model, get_tokenizer(), rows)
+    expected = evaluation.loss_on_rows(model, get_tokenizer(), rows[:3])
     assert report["rows"] == 3 and "families" not in report
+    # The skipped row is in the report, with where it is, as `data stats --json` has it.
+    assert report["validation"]["rows_read"] == 4 and report["validation"]["rows_skipped"] == 1
+    assert report["validation"]["first_offending"][0].startswith(f"{data}:4:")
     assert report["loss"] == pytest.approx(expected.loss, rel=1e-4)
     assert report["perplexity"] == pytest.approx(expected.perplexity, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_eval_cli_prints_its_table_on_stdout_and_writes_examples_beside_never_over_the_data(
+    tmp_path, tiny_config
+):
+    checkpoint = save_model(tmp_path / "ckpt", Transformer(tiny_config))
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in evaluation.synthetic_test_rows(["chain_sum"], 2)))
+    (tmp_path / "adir").mkdir()
+    common = ["eval", "--checkpoint", checkpoint, "--data", data, "--generate", "--max-new-tokens", "4"]
+    over_data, into_dir, no_parent, fine = run_clis(
+        [
+            (*common, "--examples", data),
+            (*common, "--examples", tmp_path / "adir"),
+            (*common, "--examples", tmp_path / "nowhere" / "e.jsonl"),
+            (*common, "--examples", tmp_path / "e.jsonl"),
+        ],
+        one_thread=True,
+    )
+    assert over_data.returncode == 2 and "is the --data file; give another file" in over_data.stderr
+    assert into_dir.returncode == 2 and "is a directory; give a file name" in into_dir.stderr
+    assert (
+        no_parent.returncode == 2
+        and f"the directory {tmp_path / 'nowhere'} does not exist" in no_parent.stderr
+    )
+    assert all("Traceback" not in r.stderr for r in (over_data, into_dir, no_parent))
+    assert data.read_text().count("\n") == 2  # untouched
+    assert fine.returncode == 0, fine.stderr
+    assert "exact match" in fine.stdout and "perplexity" in fine.stdout  # the output, not a message
+    assert len((tmp_path / "e.jsonl").read_text().splitlines()) == 2
 
 
 @pytest.mark.slow

@@ -41,6 +41,18 @@ def test_jsonl_records_read_back_in_order_and_a_torn_line_is_skipped(tmp_path):
     assert records[-1] == {"step": 10, "val_loss": 0.6, "acc/chain_sum": 1.0, "acc/overall": 1.0}
 
 
+def test_lines_that_are_no_records_are_skipped_by_line_and_plot_still_draws(tmp_path, caplog):
+    """Valid JSON that is no record (a number, an object without a step) is named, not a traceback."""
+    write_run(tmp_path, steps=10)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('5\n{"lr": 0.2}\n["step"]\n')
+    records = read_metrics(tmp_path)
+    assert len(records) == 12 and all(isinstance(r["step"], int) for r in records)
+    for line in (13, 14, 15):  # after 10 train and 2 validation records
+        assert f"metrics.jsonl:{line}: skipping a line that is no metrics record" in caplog.text
+    assert plot_run(tmp_path).read_bytes().startswith(PNG_SIGNATURE)
+
+
 def test_truncate_after_drops_later_steps(tmp_path):
     write_run(tmp_path, steps=10)
     truncate_after(tmp_path, 5)

@@ -83,7 +83,8 @@ class Score:
     exact_match: float = 0.0  # share of answers equal to the reference after normalisation
     format_adherence: float = 0.0  # share of well-formed outputs: reasoning, assistant header, answer, closed
     finished: float = 0.0  # share that ended by themselves rather than hitting max_new_tokens
-    mean_reasoning_tokens: float = 0.0
+    mean_reasoning_tokens: float = 0.0  # over the problems whose prompt fits the context
+    prompts_not_fitting: int = 0  # prompts that fill the model's context: not attempted, counted wrong
 
 
 @dataclass
@@ -115,12 +116,14 @@ def _score(items: list[dict[str, Any]]) -> Score:
     n = len(items)
     if not n:
         return Score()
+    attempted = [i for i in items if i["prompt_fits"]]
     return Score(
         n=n,
         exact_match=sum(i["correct"] for i in items) / n,
         format_adherence=sum(i["well_formed"] for i in items) / n,
         finished=sum(i["finished"] for i in items) / n,
-        mean_reasoning_tokens=sum(i["reasoning_tokens"] for i in items) / n,
+        mean_reasoning_tokens=sum(i["reasoning_tokens"] for i in attempted) / max(1, len(attempted)),
+        prompts_not_fitting=n - len(attempted),
     )
 
 
@@ -178,10 +181,11 @@ def evaluate_generations(
 
 def parse_task_spec(spec: str) -> list[str]:
     """`synthetic` (the default families) or `synthetic:chain_sum,sort_digits` -> family names."""
-    kind, _, names = spec.partition(":")
-    if kind != "synthetic":
+    kind, colon, names = spec.partition(":")
+    named = [n.strip() for n in names.split(",") if n.strip()]
+    if kind != "synthetic" or (colon and not named):
         raise ConfigError(f"unknown task {spec!r}; use synthetic or synthetic:FAMILY[,FAMILY...]")
-    families = families_or_default([n.strip() for n in names.split(",") if n.strip()])
+    families = families_or_default(named)
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
         raise ConfigError(f"unknown synthetic family {', '.join(unknown)}; known: {', '.join(FAMILIES)}")

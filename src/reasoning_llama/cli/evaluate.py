@@ -45,7 +45,8 @@ def eval_command(
     examples: Annotated[
         Path | None,
         typer.Option(
-            help="Also write one JSON line per problem: family, user, reference, reasoning, answer, correct ..."
+            help="Also write one JSON line per problem (family, user, reference, reasoning, answer, "
+            "correct ...) to this file, replacing it if it exists."
         ),
     ] = None,
     quantize: options.Quantize = None,
@@ -70,15 +71,17 @@ def eval_command(
         )
     if examples is not None and task is None and not generate:
         raise ConfigError("--examples lists generations: use it with --task, or with --data and --generate")
+    if examples is not None:
+        _check_output(examples, data)
     directory = resolve_model_dir(checkpoint)
     if task is not None:
         families = evaluation.parse_task_spec(task)
         rows = evaluation.synthetic_test_rows(families, limit or 100, seed=seed or 0, difficulty=difficulty)
         level = "" if difficulty is None else f" at difficulty {difficulty}"
         source = f"synthetic test split{level}: {', '.join(families)}"
-        generate = True
+        generate, validation = True, None
     else:
-        rows = _read_rows(data)  # type: ignore[arg-type]
+        rows, validation = _read_rows(data)  # type: ignore[arg-type]
         rows = rows[:limit] if limit else rows
         source = str(data)
     engine = Engine.from_checkpoint(
@@ -86,6 +89,8 @@ def eval_command(
     )
     progress = not as_json and sys.stderr.isatty()
     report: dict = {"checkpoint": str(directory), "source": source, "rows": len(rows)}
+    if validation is not None:
+        report["validation"] = validation
     if generate:
         scores = evaluation.evaluate_generations(
             engine, rows, max_new_tokens=max_new_tokens, progress=progress
@@ -103,7 +108,19 @@ def eval_command(
         _print_eval(report)
 
 
-def _read_rows(path: Path) -> list[dict[str, str]]:
+def _check_output(path: Path, data: Path | None) -> None:
+    """Before any work: --examples must name a file that can be written, and never the data read."""
+    target = path.expanduser()
+    if target.is_dir():
+        raise ConfigError(f"--examples {path} is a directory; give a file name, e.g. {path}/examples.jsonl")
+    if not target.parent.is_dir():
+        raise ConfigError(f"--examples {path}: the directory {target.parent} does not exist")
+    if data is not None and target.exists() and target.resolve() == data.expanduser().resolve():
+        raise ConfigError(f"--examples {path} is the --data file; give another file")
+
+
+def _read_rows(path: Path) -> tuple[list[dict[str, str]], dict]:
+    """The rows of a --data file, and its validation report (rows read, skipped and where)."""
     from reasoning_llama.config import DataConfig
     from reasoning_llama.data.sources import load_rows
 
@@ -112,14 +129,14 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
     loaded = load_rows(DataConfig(source="local", path=str(path)))
     if loaded.report.rows_skipped:
         echo_err(f"warning: {loaded.report.summary()}")
-    return loaded.train + (loaded.val or [])
+    return loaded.train + (loaded.val or []), loaded.report.to_dict()
 
 
 def _print_eval(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=True)
+    console = Console()  # the command's output (stdout); messages go to stderr
     console.print(f"[bold]{report['checkpoint']}[/bold] on {report['source']} ({report['rows']} rows)")
     if "families" in report:
         table = Table("family", "n", "exact match", "format", "finished", "reasoning tokens")
@@ -136,6 +153,12 @@ def _print_eval(report: dict) -> None:
     console.print(
         f"loss {report['loss']:.4f} nats/token, perplexity {report['perplexity']:.3f} ({report['loss_tokens']} tokens)"
     )
+    not_fitting = report.get("overall", {}).get("prompts_not_fitting")
+    if not_fitting:
+        console.print(
+            f"note: {not_fitting} prompts fill the model's context, leaving no room for an answer: they "
+            "count as wrong (reasoning tokens average the others)"
+        )
     if report["rows_cut_to_context"]:
         console.print(
             f"note: {report['rows_cut_to_context']} rows are longer than the model's context: the loss counts "

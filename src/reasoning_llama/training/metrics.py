@@ -56,16 +56,23 @@ def _tensorboard_writer(directory: Path) -> Any:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every record of RUN/metrics.jsonl; a torn last line (a killed run) is skipped."""
+    """Every record of RUN/metrics.jsonl (a JSON object with an integer `step`); other lines, such as
+    a torn last line of a killed run, are skipped with a warning naming them."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            log.warning("skipping a malformed line in %s", path)
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        elif line.strip():
+            log.warning(
+                "%s:%d: skipping a line that is no metrics record (a JSON object with a step)", path, number
+            )
     return records
 
 
