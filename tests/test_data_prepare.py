@@ -262,3 +262,12 @@ def test_a_corrupt_cache_file_is_rebuilt(tmp_path, tokenizer, caplog):
 def test_bad_settings_are_config_errors(tmp_path, tokenizer, settings, message):
     with pytest.raises(ConfigError, match=message):
         prepare_data(DataConfig(cache_dir=str(tmp_path), **settings), tokenizer, progress=False)
+
+
+def test_the_default_cache_is_the_user_cache(tmp_path, tokenizer, monkeypatch):
+    """$REASONING_LLAMA_CACHE moves every rebuildable file, tokenized data included."""
+    monkeypatch.setenv("REASONING_LLAMA_CACHE", str(tmp_path / "cache"))
+    cfg = DataConfig(synthetic_train_size=12, synthetic_val_size=3)
+    assert cfg.cache_dir is None
+    prepare_data(cfg, tokenizer, progress=False)
+    assert len(list((tmp_path / "cache" / "data").glob("*.npz"))) == 1

@@ -116,7 +116,7 @@ class DataConfig:
     overlong: str = "truncate"  # or "drop": examples longer than seq_len
     train_on_prompt: bool = False
     system_prompt: str | None = None
-    cache_dir: str = "~/.cache/reasoning-llama/data"
+    cache_dir: str | None = None  # tokenized data; None: the user cache's data/ (see user_cache.py)
     seed: int = 1234
 
 

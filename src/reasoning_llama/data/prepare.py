@@ -24,6 +24,7 @@ from reasoning_llama.data.packing import best_fit_pack
 from reasoning_llama.data.sources import load_rows
 from reasoning_llama.errors import ConfigError, DataError
 from reasoning_llama.tokenizer import EOT, ChatTokenizer
+from reasoning_llama.user_cache import user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ def prepare_data(
     splits = {"train": train_rows, "val": val_rows}
 
     key = cache_key(cfg, tokenizer, splits)
-    path = Path(cfg.cache_dir).expanduser() / f"{key}.npz"
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else user_cache_dir("data")
+    path = cache / f"{key}.npz"
     arrays = _read_cache(path) if use_cache else None
     hit = arrays is not None
     if arrays is None:
