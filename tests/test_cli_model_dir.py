@@ -60,6 +60,7 @@ def test_generate_info_and_export_take_a_run_directory(run_dir, tmp_path):
     done = run_cli("info", "--checkpoint", run_dir, "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["config"]["dim"] == 32
+    assert json.loads(done.stdout)["source"] == str(run_dir / ckpt.BEST)  # the model read, not the run
     done = run_cli("export", tmp_path / "hf", "--checkpoint", run_dir)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "hf" / "config.json").is_file()

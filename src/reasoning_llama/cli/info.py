@@ -28,11 +28,12 @@ def info(
 
     if (preset is None) == (checkpoint is None):
         raise ConfigError("give exactly one of --preset or --checkpoint")
-    config = get_preset(preset) if preset else load_config(resolve_model_dir(checkpoint))
+    directory = None if checkpoint is None else resolve_model_dir(checkpoint)  # a run's: its best/
+    config = get_preset(preset) if preset else load_config(directory)
     with torch.device("meta"):  # shapes only: no memory, no init time
         model = Transformer(config)
     report = {
-        "source": preset or str(checkpoint),
+        "source": preset or str(directory),
         "config": config.to_dict(),
         "parameters": model.parameter_breakdown(),
     }
