@@ -194,9 +194,12 @@ def test_resume_refuses_a_different_setup():
         loader(split, batch_size=2, packing=False).load_state_dict(state)
     moved = loader(split, batch_size=2)
     next(iter(moved))  # 2 rows consumed: no whole number of 3-row batches
+    # Steps of 6 rows: micro-batches of 2 rows divide both the 2 rows consumed and a step.
     with pytest.raises(DataError, match=r"no whole number of batches of 3 x 1 rows.*micro_batch_size=2 or"):
+        loader(split, batch_size=3, batches_per_step=2).load_state_dict(moved.state_dict())
+    loader(split, batch_size=2, batches_per_step=3).load_state_dict(moved.state_dict())  # as suggested
+    with pytest.raises(DataError, match=r"micro_batch_size=1 or"):  # steps of 3 rows: 2 would not do
         loader(split, batch_size=3).load_state_dict(moved.state_dict())
-    loader(split, batch_size=2).load_state_dict(moved.state_dict())  # what the message suggests
     with pytest.raises(DataError, match="examples 30 -> 31"):
         loader(random_split(31, seed=6), batch_size=2).load_state_dict(state)
     with pytest.raises(DataError, match="layout_crc32"):
@@ -243,6 +246,42 @@ def test_a_position_moves_to_another_world_size(saved, resumed):
     expected, _ = global_batches(*saved, state, 6)  # and across its end
     got, _ = global_batches(*resumed, state, 6)
     assert got == expected
+
+
+@pytest.mark.parametrize(
+    "accumulated, shared", [((4, 1, 2), (4, 2, 1)), ((2, 1, 4), (2, 2, 2)), ((1, 1, 4), (1, 4, 1))]
+)
+def test_a_step_holds_the_same_rows_whatever_shares_it(accumulated, shared):
+    """(batch_size, world_size, batches_per_step): one process accumulating micro-batches and several
+    processes sharing them take the same rows each optimizer step, across epoch ends too (the last
+    step of an epoch is partly empty rather than borrowing the next epoch's first rows)."""
+    split = random_split(61, seed=4)  # 15 packed rows: no step size here divides them
+
+    def steps(batch_size: int, world_size: int, per_step: int, count: int) -> list[list]:
+        streams = [
+            iter(
+                loader(
+                    split,
+                    batch_size=batch_size,
+                    seed=5,
+                    rank=r,
+                    world_size=world_size,
+                    batches_per_step=per_step,
+                )
+            )
+            for r in range(world_size)
+        ]
+        return [
+            sorted(epoch_examples([next(stream) for stream in streams for _ in range(per_step)]))
+            for _ in range(count)
+        ]
+
+    one, many = loader(split, batch_size=accumulated[0], batches_per_step=accumulated[2]), None
+    per_epoch = one.batches_per_epoch // one.batches_per_step
+    assert one.rows_per_epoch % one.rows_per_step  # the last step of an epoch is a partial one
+    one, many = steps(*accumulated, 2 * per_epoch + 1), steps(*shared, 2 * per_epoch + 1)
+    assert one == many
+    assert sorted(t for step in one[:per_epoch] for t in step) == as_tuples(split)  # each once an epoch
 
 
 def test_empty_split_and_bad_settings():

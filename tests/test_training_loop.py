@@ -398,7 +398,7 @@ def test_init_from_starts_from_the_checkpoint_weights(tmp_path):
         "train.model_overrides.dim=64",
     )
     with pytest.raises(
-        ConfigError, match=r"train.model_overrides dim=64 \(the checkpoint's: 32\) cannot apply"
+        ConfigError, match=r"train.model_overrides dim=64 cannot apply.*model_overrides.dim=32$"
     ):
         train(wider, tmp_path / "third", progress=False)
 

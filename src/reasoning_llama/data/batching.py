@@ -77,9 +77,11 @@ class BatchLoader:
 
     With `packing`, rows are built once by best-fit packing (seeded) and each epoch shuffles
     the rows; without it, each row holds one example. Every batch has `batch_size` rows: the
-    last one of an epoch is filled up with empty (all-padding) rows, so no example is lost or
+    last ones of an epoch are filled up with empty (all-padding) rows, so no example is lost or
     repeated. With `world_size` > 1 each rank takes a disjoint, interleaved share of every
-    global batch of `batch_size * world_size` rows.
+    global batch of `batch_size * world_size` rows. An epoch is a whole number of optimizer steps
+    of `batches_per_step` batches, so a step never mixes two epochs and holds the same rows
+    whatever the world size (one process accumulating two batches, or two processes one each).
     """
 
     def __init__(
@@ -93,14 +95,19 @@ class BatchLoader:
         shuffle: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        batches_per_step: int = 1,
     ) -> None:
-        if seq_len <= 0 or batch_size <= 0:
-            raise ConfigError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
+        if seq_len <= 0 or batch_size <= 0 or batches_per_step <= 0:
+            raise ConfigError(
+                f"seq_len, batch_size and batches_per_step must be positive, got {seq_len}, {batch_size} "
+                f"and {batches_per_step}"
+            )
         if world_size <= 0 or not 0 <= rank < world_size:
             raise ConfigError(f"rank must lie in 0..world_size-1, got rank {rank} of {world_size}")
         self.split = split
         self.seq_len, self.batch_size, self.packing = seq_len, batch_size, packing
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
+        self.batches_per_step = batches_per_step
         positions_used = np.array([len(ids) - 1 for ids in split.ids], dtype=np.int64)
         if len(positions_used) and (positions_used.max() > seq_len or positions_used.min() < 1):
             raise DataError(
@@ -130,9 +137,14 @@ class BatchLoader:
         return self.batch_size * self.world_size
 
     @property
+    def rows_per_step(self) -> int:
+        """Rows of one optimizer step over all ranks."""
+        return self.global_batch_rows * self.batches_per_step
+
+    @property
     def batches_per_epoch(self) -> int:
-        """Batches each rank yields per epoch (the same on every rank)."""
-        return math.ceil(self.rows_per_epoch / self.global_batch_rows)
+        """Batches each rank yields per epoch (the same on every rank): whole steps."""
+        return math.ceil(self.rows_per_epoch / self.rows_per_step) * self.batches_per_step
 
     def __iter__(self) -> Iterator[Batch]:
         """Batches forever from the current position; the position advances before each yield."""
@@ -175,6 +187,7 @@ class BatchLoader:
             "seq_len": self.seq_len,
             "batch_size": self.batch_size,
             "world_size": self.world_size,
+            "rows_per_step": self.rows_per_step,
             "examples": len(self.split),
             "layout_crc32": self._layout,
             "rows_per_epoch": self.rows_per_epoch,
@@ -185,7 +198,7 @@ class BatchLoader:
         mine = self.state_dict()
         # Rows per batch and the world size may change (a resume on more or fewer GPUs): the position
         # is kept in rows consumed, which then must fall on a batch boundary of the new layout.
-        free = ("epoch", "batch_index", "batch_size", "world_size")
+        free = ("epoch", "batch_index", "batch_size", "world_size", "rows_per_step")
         changed = [
             f"{key} {state.get(key)!r} -> {mine[key]!r}"
             for key in mine
@@ -200,8 +213,13 @@ class BatchLoader:
         index, remainder = divmod(rows_done, self.global_batch_rows)
         if remainder:
             # The rows consumed must be whole batches of the new layout: a micro-batch size whose rows
-            # on all processes divide them works (the saved one always does, on its world size).
-            fitting = [m for m in range(self.batch_size, 0, -1) if rows_done % (m * self.world_size) == 0]
+            # on all processes divide them, and the rows of a step (as training checks), works; the
+            # saved one always does, on its world size.
+            fitting = [
+                m
+                for m in range(self.batch_size, 0, -1)
+                if rows_done % (m * self.world_size) == 0 and self.rows_per_step % (m * self.world_size) == 0
+            ]
             saved = f"the saved {state['batch_size']} rows on {state['world_size']} process(es)"
             hint = f"--set train.micro_batch_size={fitting[0]} or {saved}" if fitting else saved
             raise DataError(

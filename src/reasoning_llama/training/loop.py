@@ -445,11 +445,11 @@ class Trainer:
             "rank": world.rank,
             "world_size": world.world_size,
         }
-        self.train_loader = BatchLoader(data.train, **shape, seed=t.seed)
+        self.accum = accumulation_steps(config, world.world_size)
+        self.train_loader = BatchLoader(data.train, **shape, seed=t.seed, batches_per_step=self.accum)
         self.val_loader = (
             BatchLoader(data.val, **shape, seed=t.seed, shuffle=False) if len(data.val) else None
         )
-        self.accum = accumulation_steps(config, world.world_size)
         self.total_steps = planned_steps(config, self.train_loader.batches_per_epoch, self.accum)
         self.planned_max = self.total_steps
         self.task_rows = _task_rows(config)
