@@ -210,6 +210,29 @@ def test_a_killed_rank_brings_the_group_back_from_the_last_checkpoint(tmp_path, 
     assert_same_run(run, reference)
 
 
+def test_ctrl_c_under_torchrun_saves_at_the_next_step_and_names_the_resume(tmp_path):
+    """A terminal's Ctrl-C reaches torchrun and its workers (and torchrun forwards it again): the ranks
+    agree to stop within a step, long before torchrun's 30 s, save, and say so once."""
+    run = tmp_path / "run"
+    rare = ("train.log_every=1000", "train.eval_every=0", "train.save_every=0")  # no other sync point
+    process = torchrun(tmp_path, run, run_config(tmp_path, "train.max_steps=100000", *rare))
+    deadline = time.monotonic() + 120
+    while not losses(run):  # step 1 is logged
+        assert process.poll() is None and time.monotonic() < deadline, "no step was logged"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)  # the whole foreground group, as a terminal does
+    stderr = wait(process, timeout=60)
+    assert stderr.count("interrupted: finishing the step") == 1 and stderr.count("interrupted at step") == 1
+    stopped = ckpt.latest_checkpoint(run)
+    assert stopped is not None, stderr[-3000:]
+    assert "resume with: torchrun --nproc_per_node 2 -m reasoning_llama train --out" in stderr
+    step = ckpt.load_trainer_state(stopped)["progress"]["step"]
+    resumed = train(
+        run_config(tmp_path, f"train.max_steps={step + 2}", *rare), run, resume=True, progress=False
+    )
+    assert resumed.step == step + 2  # the printed one-process form of the resume
+
+
 def worker_pid(agent_pid: int, rank: int) -> int:
     """The pid of the torchrun worker with RANK=rank (a child of the agent)."""
     children = Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()

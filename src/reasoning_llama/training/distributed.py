@@ -183,6 +183,35 @@ def broadcast_from_main(value: T, world: World) -> T:
     return box[0]
 
 
+class StopVote:
+    """Whether any rank was asked to stop (Ctrl-C), agreed at every step without waiting for it: each
+    step starts a vote on a gloo group of its own (CPU tensors: no device sync, no wait on the
+    training's collectives) and reads the previous step's, so every rank stops after the same step."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self._group = dist.new_group(backend="gloo") if world.distributed else None
+        self._pending: tuple[torch.Tensor, Any] | None = None
+
+    def cast(self, wants_stop: bool) -> bool:
+        """This step's vote; True on every rank alike once a vote said stop (one step later when distributed)."""
+        if not self.world.distributed:
+            return wants_stop
+        decided = self.close()
+        ballot = torch.tensor([float(wants_stop)])
+        self._pending = (ballot, dist.all_reduce(ballot, group=self._group, async_op=True))
+        return decided
+
+    def close(self) -> bool:
+        """Wait for the vote in flight (before the group goes away); whether it said stop."""
+        if self._pending is None:
+            return False
+        ballot, work = self._pending
+        self._pending = None
+        work.wait()
+        return bool(ballot.item() > 0)
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

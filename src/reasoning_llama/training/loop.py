@@ -368,19 +368,32 @@ def prepare_run_dir(
 # --- the loop ---------------------------------------------------------------------------------
 
 
+# A second Ctrl-C this soon after the first is the same one, forwarded (torchrun passes the terminal's
+# Ctrl-C on to processes that had it already): only a later one aborts.
+SECOND_CTRL_C_AFTER = 1.0
+
+
 @contextmanager
-def sigint_flag() -> Iterator[threading.Event]:
+def sigint_flag(*, announce: bool = True) -> Iterator[threading.Event]:
     """First Ctrl-C sets the flag (the loop saves and stops); a second one aborts at once."""
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
+    first = [0.0]
 
     def handler(signum: int, frame: Any) -> None:
         if flag.is_set():
-            raise KeyboardInterrupt
+            if time.monotonic() - first[0] > SECOND_CTRL_C_AFTER:
+                raise KeyboardInterrupt
+            return
         flag.set()
-        print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr)
+        first[0] = time.monotonic()
+        if announce:
+            print(
+                "\ninterrupted: finishing the step, then saving a checkpoint (Ctrl-C again to abort)",
+                file=sys.stderr,
+            )
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -521,7 +534,8 @@ class Trainer:
         pin = self.device.type == "cuda"
         batches = Prefetcher(self.train_loader, depth=2 * self.accum, pin_memory=pin)
         writer = MetricsWriter(self.run_dir) if self.world.is_main else nullcontext()
-        with writer, bar, batches, sigint_flag() as interrupted:
+        vote = dist.StopVote(self.world)  # whether any rank had Ctrl-C, agreed every step
+        with writer, bar, batches, sigint_flag(announce=self.world.is_main) as interrupted:
             first_step, started = state.step, time.monotonic()
             while state.step < self.total_steps:
                 done = state.step - first_step
@@ -531,7 +545,8 @@ class Trainer:
                 self.step([next(batches) for _ in range(self.accum)], lr)
                 bar.update(1)
                 last = state.step == self.total_steps
-                # Ranks decide together, at log steps when distributed (each decision is a round trip).
+                stop_asked = vote.cast(interrupted.is_set())
+                # Other decisions ranks take together at log steps when distributed (each is a round trip).
                 sync_point = last or not self.world.distributed or state.step % t.log_every == 0
                 if state.step % t.log_every == 0 or state.step in (1, self.total_steps):
                     record = self._train_record(lr)
@@ -557,7 +572,7 @@ class Trainer:
                         stop_reason = "early_stopping"
                         self.say(f"early stopping: {state.evals_since_best} validations without improvement")
 
-                if sync_point and self._agree(interrupted.is_set()) and not last:
+                if stop_asked and not last:
                     stop_reason = "interrupted"
                 elif stop_at_step is not None and state.step >= stop_at_step and not last:
                     stop_reason = "stop_at_step"
@@ -568,6 +583,7 @@ class Trainer:
                     self.last_checkpoint = self.save()
                 if stop_reason != "finished":
                     break
+            vote.close()
         if self.val_loader is None and stop_reason in ("finished", "deadline", "early_stopping"):
             info = {"step": state.step, "val_loss": None}
             ckpt.save_best(self.run_dir, self.loss_model, info, self.world)  # keep the last
