@@ -3,6 +3,7 @@ run, a killed rank comes back from its checkpoint, and a run moves between world
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -43,9 +44,10 @@ def torchrun(
     nproc: int = 2,
     restarts: int = 0,
     launcher: tuple[str, ...] = ("--standalone",),
+    cwd: Path | None = None,
 ) -> subprocess.Popen:
     """`torchrun --standalone --nproc_per_node N -m reasoning_llama train --config F --out RUN ...`
-    (`launcher` replaces `--standalone`: a multi-node rendezvous)."""
+    (`launcher` replaces `--standalone`: a multi-node rendezvous; `cwd`: where it runs)."""
     path = tmp_path / f"config-{time.monotonic_ns()}.yaml"
     OmegaConf.save(OmegaConf.structured(config), path)
     command = [
@@ -67,7 +69,13 @@ def torchrun(
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+        cwd=cwd,
     )
 
 
@@ -157,22 +165,22 @@ def test_two_processes_give_the_one_process_run(tmp_path, reference, mode):
 def test_two_machines_meet_through_c10d_rendezvous_and_give_the_one_process_run(tmp_path, reference):
     """The README's multi-node command: one launcher per machine (here two on loopback, one process
     each), the same command on both, meeting at a c10d rendezvous endpoint, one run directory."""
-    with socket.socket() as probe:  # a free port for the rendezvous store
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     run = tmp_path / "run"
     config = run_config(tmp_path, "train.distributed=ddp")
-    launcher = (
-        "--nnodes=2",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{port}",
-        "--rdzv-id=two-nodes",
-    )
+    launcher = two_machines()
     machines = [torchrun(tmp_path, run, config, nproc=1, launcher=launcher) for _ in range(2)]
     stderr = [finish(machine) for machine in machines]
     assert sum("ddp over 2 processes" in e for e in stderr) == 1  # rank 0 alone reports
     assert sum(e.count("finished at step 6 of 6") for e in stderr) == 1
     assert_same_run(run, reference)
+
+
+def two_machines() -> tuple[str, ...]:
+    """The launcher flags of one of two machines meeting at a c10d rendezvous on loopback."""
+    with socket.socket() as probe:  # a free port for the rendezvous store
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return ("--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes")
 
 
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
@@ -260,3 +268,30 @@ def test_a_bad_argument_is_said_once_per_machine_not_once_per_process(tmp_path):
     stderr = wait(process)
     assert process.returncode != 0
     assert stderr.count("error: bad config: Value 'fast' of type 'str' could not be converted to Float") == 1
+    # Settings every process checks alike (here the global batch against 2 x 3 rows) are said once too.
+    process = torchrun(tmp_path, tmp_path / "run", run_config(tmp_path, "train.micro_batch_size=3"))
+    stderr = wait(process)
+    assert (
+        process.returncode != 0 and stderr.count("error: train.global_batch_tokens (1024) is no whole") == 1
+    )
+
+
+def test_data_missing_on_one_machine_stops_both_with_its_message(tmp_path):
+    """Each machine reads its own files: a rank that cannot shares its error, and rank 0 says it
+    (naming the rank) instead of failing in the next collective with a traceback."""
+    rows = [{"user": f"What is {i}?", "reasoning": "It is given.", "assistant": str(i)} for i in range(60)]
+    machine_a, machine_b = tmp_path / "a", tmp_path / "b"
+    machine_a.mkdir(), machine_b.mkdir()
+    (machine_a / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = run_config(tmp_path, "train.distributed=ddp", "data.source=local", "data.path=data.jsonl")
+    launcher = two_machines()
+    a, b = (
+        torchrun(tmp_path, tmp_path / "run", config, nproc=1, launcher=launcher, cwd=m)
+        for m in (machine_a, machine_b)
+    )
+    stderr_a, stderr_b = wait(a), wait(b)
+    assert a.returncode != 0 and b.returncode != 0
+    assert "error: on rank 1: data path data.jsonl does not exist" in stderr_a, stderr_a[-3000:]
+    workers = stderr_a.split("torch/distributed/elastic")[0]  # before torchrun's own failure report
+    assert "Traceback" not in workers and "Connection closed" not in stderr_a
+    assert "error: data path data.jsonl does not exist" in stderr_b  # its own machine shows it too

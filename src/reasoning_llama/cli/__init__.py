@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 import typer
@@ -42,7 +43,11 @@ for _name in COMMANDS:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: project errors become one line on stderr and exit code 2."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Under torchrun every process of a machine meets the same warnings (data it reads alike): its first says them.
+    quiet = os.environ.get("LOCAL_RANK", "0") != "0"
+    logging.basicConfig(
+        level=logging.ERROR if quiet else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         app(args=argv, standalone_mode=True)
     except ReasoningLlamaError as e:

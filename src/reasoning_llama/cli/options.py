@@ -82,12 +82,14 @@ def sampling_params(options: dict[str, object]) -> SamplingParams:
 
 
 @contextmanager
-def said_once_per_machine() -> Iterator[None]:
-    """Errors in a command's arguments and files are the same in every process torchrun starts on one
-    machine (before they form a group to share them): the machine's first process says them."""
+def said_once_per_machine(
+    kinds: tuple[type[ReasoningLlamaError], ...] = (ReasoningLlamaError,),
+) -> Iterator[None]:
+    """Errors of `kinds` are the same in every process torchrun starts on one machine (those in a
+    command's arguments and files, or in its settings): the machine's first process says them."""
     try:
         yield
-    except ReasoningLlamaError as e:
+    except kinds as e:
         if int(os.environ.get("LOCAL_RANK", "0")) != 0:
             e.told_by_main = True  # type: ignore[attr-defined]  (see cli.main)
         raise

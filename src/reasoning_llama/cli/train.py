@@ -89,9 +89,10 @@ def train(
             how_to_start="--preset P or --config FILE",
         )
         set_threads(threads)
-    result = run_training(
-        run_config, out, resume=resume, overwrite=overwrite, progress=progress, stop_at_step=stop_at_step
-    )
+    with said_once_per_machine((ConfigError,)):  # every process checks the same settings alike
+        result = run_training(
+            run_config, out, resume=resume, overwrite=overwrite, progress=progress, stop_at_step=stop_at_step
+        )
     if result.rank != 0:  # under torchrun, rank 0 reports for every process
         return
     if result.stop_reason in ("interrupted", "stop_at_step"):

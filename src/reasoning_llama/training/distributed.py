@@ -15,6 +15,7 @@ the token-level mean over the whole global batch, as in one process (see `Traine
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from collections.abc import Callable
@@ -215,6 +216,45 @@ class StopVote:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+def on_every(world: World, action: Callable[[], T]) -> T:
+    """Run `action` on every rank (each reads its own files, say) and agree on the outcome: if any
+    rank failed, the first such error is raised on every rank (rank 0 prints it, naming the rank)."""
+    try:
+        outcome: tuple[bool, Any] = (True, action())
+    except Exception as e:
+        if not world.distributed:
+            raise
+        outcome = (False, e)
+    if not world.distributed:
+        return outcome[1]
+    failures: list[Any] = [None] * world.world_size
+    dist.all_gather_object(failures, None if outcome[0] else _portable(outcome[1]))
+    failed = next((rank for rank, error in enumerate(failures) if error is not None), None)
+    if failed is None:
+        return outcome[1]
+    if failed == world.rank:
+        error = outcome[1]
+        # Rank 0 prints it; so does this rank if it runs on another machine (whose terminal shows it).
+        error.told_by_main = not world.is_main and os.environ.get("GROUP_RANK", "0") == "0"
+        raise error
+    error = failures[failed]
+    with contextlib.suppress(Exception):  # the same kind of error, saying where it happened
+        error = type(error)(f"on rank {failed}: {error}")
+    error.told_by_main = not world.is_main
+    raise error
+
+
+def _portable(error: Exception) -> Exception:
+    """`error` if it survives pickling (to reach the other ranks), else a RuntimeError saying it."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 def on_main(world: World, action: Callable[[], T]) -> T | None:

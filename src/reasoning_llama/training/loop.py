@@ -450,7 +450,13 @@ class Trainer:
             dist.on_main(
                 world, lambda: prepared.append(prepare_data(config.data, self.tokenizer, progress=progress))
             )
-            data = prepared[0] if prepared else prepare_data(config.data, self.tokenizer, progress=False)
+            # The others read their own copy (on other machines, their own files): every rank agrees.
+            data = dist.on_every(
+                world,
+                lambda: (
+                    prepared[0] if prepared else prepare_data(config.data, self.tokenizer, progress=False)
+                ),
+            )
         shape = {
             "seq_len": config.data.seq_len,
             "batch_size": t.micro_batch_size,
@@ -467,7 +473,7 @@ class Trainer:
         self.planned_max = self.total_steps
         self.task_rows = _task_rows(config)
 
-        self.model = build_model(config, self.device)
+        self.model = dist.on_every(world, lambda: build_model(config, self.device))  # init_from: a file
         self.compiled = use_compile(t.compile, self.device)
         on_gpu = self.device.type != "cpu"
         # Under FSDP on a GPU the sharding policy casts to bf16 itself; elsewhere autocast does.
@@ -721,9 +727,9 @@ class Trainer:
 
     def _check_finite(self, lr: float | None = None) -> None:
         """Stop the run (unsaved) if any step since the last check had a non-finite loss or gradient."""
-        if bool(self._nonfinite):
+        if bool(self._nonfinite):  # on every rank alike: gradients are reduced over all of them
             loss = float(dist.all_reduce_sum(self._loss_sum.clone(), self.world))
-            raise TrainingDiverged(
+            diverged = TrainingDiverged(
                 _diverged_message(
                     self.state.step,
                     loss,
@@ -733,6 +739,8 @@ class Trainer:
                     self.resume_command(f"train.lr={self.t.lr / 2:.3g}"),
                 )
             )
+            diverged.told_by_main = not self.world.is_main  # type: ignore[attr-defined]  (rank 0 says it)
+            raise diverged
 
     def _train_record(self, lr: float) -> dict[str, Any]:
         self._check_finite(lr)
