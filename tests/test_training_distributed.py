@@ -164,13 +164,34 @@ def test_two_processes_give_the_one_process_run(tmp_path, reference, mode):
 
 def test_two_machines_meet_through_c10d_rendezvous_and_give_the_one_process_run(tmp_path, reference):
     """The README's multi-node command: one launcher per machine (here two on loopback, one process
-    each), the same command on both, meeting at a c10d rendezvous endpoint, one run directory."""
+    each), the same command on both, meeting at a c10d rendezvous endpoint, one run directory. Stopped,
+    it prints the multi-node command that resumes it, which (with the endpoint filled in) does."""
     run = tmp_path / "run"
     config = run_config(tmp_path, "train.distributed=ddp")
     launcher = two_machines()
-    machines = [torchrun(tmp_path, run, config, nproc=1, launcher=launcher) for _ in range(2)]
+    machines = [
+        torchrun(tmp_path, run, config, "--stop-at-step", "3", nproc=1, launcher=launcher) for _ in range(2)
+    ]
     stderr = [finish(machine) for machine in machines]
     assert sum("ddp over 2 processes" in e for e in stderr) == 1  # rank 0 alone reports
+    hints = [e.split("resume with: ")[1].splitlines()[0] for e in stderr if "resume with: " in e]
+    assert len(hints) == 1, stderr
+    prefix = "torchrun --nnodes 2 --nproc_per_node 1 --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m "
+    assert hints[0].startswith(prefix) and " on each of the 2 machines" in hints[0], hints[0]
+    endpoint = next(flag for flag in two_machines() if flag.startswith("--rdzv-endpoint")).split("=")[1]
+    args = shlex.split(hints[0].split(" on each of")[0].replace("HOST:PORT", endpoint))[1:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    machines = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", *args, "--no-progress"],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        for _ in range(2)
+    ]
+    stderr = [finish(machine) for machine in machines]
     assert sum(e.count("finished at step 6 of 6") for e in stderr) == 1
     assert_same_run(run, reference)
 

@@ -626,9 +626,15 @@ class Trainer:
         if not self.world.distributed:
             return command
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.world.world_size))
-        launched = (
-            f"torchrun --nproc_per_node {processes} -m reasoning_llama train --out {out} --resume{sets}"
-        )
+        machines = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+        train = f"-m reasoning_llama train --out {out} --resume{sets}"
+        launched = f"torchrun --nproc_per_node {processes} {train}"
+        if machines > 1:  # torchrun does not tell its workers the rendezvous endpoint: the user knows it
+            launched = (
+                f"torchrun --nnodes {machines} --nproc_per_node {processes} --rdzv-backend c10d "
+                f"--rdzv-endpoint HOST:PORT {train} on each of the {machines} machines, with the "
+                "rendezvous endpoint it started with"
+            )
         # auto: none in one process, ddp under torchrun; the mode this run named works under torchrun only.
         alone = command if self.t.distributed == "auto" else f"{command} --set train.distributed=auto"
         return f"{launched} (or in one process: {alone})"
