@@ -251,7 +251,7 @@ def test_ctrl_c_under_torchrun_saves_at_the_next_step_and_names_the_resume(tmp_p
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGINT)  # the whole foreground group, as a terminal does
     stderr = wait(process, timeout=60)
-    assert stderr.count("interrupted: finishing the step") == 1 and stderr.count("interrupted at step") == 1
+    assert stderr.count("interrupted: finishing this step") == 1 and stderr.count("interrupted at step") == 1
     stopped = ckpt.latest_checkpoint(run)
     assert stopped is not None, stderr[-3000:]
     assert "resume with: torchrun --nproc_per_node 2 -m reasoning_llama train --out" in stderr

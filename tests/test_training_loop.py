@@ -465,3 +465,9 @@ def test_a_time_budgeted_run_resumes_with_the_plan_it_had_fitted(tmp_path):
     config = tiny_run(tmp_path, planned.removeprefix("--set "))
     resumed = train(config, run, resume=True, stop_at_step=22, progress=False)
     assert resumed.step == 22 and resumed.total_steps == stopped.total_steps
+    # With a first estimate of a step's time (the quickstart's speed probe) the plan holds from step 1.
+    config = tiny_run(tmp_path, "train.max_steps=5000", "train.eval_every=0", "train.save_every=0")
+    early = train(
+        config, tmp_path / "early", time_budget=40.0, seconds_per_step=0.5, stop_at_step=2, progress=False
+    )
+    assert early.total_steps == 80 and early.resume_with.endswith("--resume --set train.max_steps=80")

@@ -153,8 +153,7 @@ def run_quickstart(
         config.train.dtype = "bfloat16" if bf16_matmul_is_faster() else "float32"
     trainer = Trainer(config, out, progress=progress, tokenizer=tokenizer, data=data, echo=say)
     try:
-        if not fast:
-            tune_threads(trainer, say)
+        probed = None if fast else tune_threads(trainer, say)
         say(f"evaluating the untrained model on {len(test_rows)} held-out problems ...")
         before = evaluate_generations(_engine(trainer.model), test_rows, progress=progress)
         trainer.model.train()
@@ -163,6 +162,7 @@ def run_quickstart(
         # The run fits its planned steps (and so the cosine) to the budget as it goes.
         result: TrainResult = trainer.run(
             time_budget=None if fast else budget,
+            seconds_per_step=probed,
             deadline=train_start + budget + 30,
             stop_at_step=stop_at_step,
         )

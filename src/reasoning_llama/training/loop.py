@@ -391,7 +391,8 @@ def sigint_flag(*, announce: bool = True) -> Iterator[threading.Event]:
         first[0] = time.monotonic()
         if announce:
             print(
-                "\ninterrupted: finishing the step, then saving a checkpoint (Ctrl-C again to abort)",
+                "\ninterrupted: finishing this step (with several processes, also the next), then "
+                "saving a checkpoint (Ctrl-C again to abort)",
                 file=sys.stderr,
             )
 
@@ -428,7 +429,7 @@ class Trainer:
         say = echo or (lambda msg: tqdm.write(msg, file=sys.stderr))
         self.say = say if world.is_main else (lambda msg: None)
         self.amp = amp_dtype_for(self.device, t.dtype)
-        model_config = model_config_for(config)
+        model_config = dist.on_every(world, lambda: model_config_for(config))  # init_from: a file
         check_config(config, model_config)
         restarted = dist.elastic_restart_count() > 0
         if restarted and overwrite:  # replace the old run unless this one had begun before the restart
@@ -518,15 +519,21 @@ class Trainer:
         stop_at_step: int | None = None,
         deadline: float | None = None,
         time_budget: float | None = None,
+        seconds_per_step: float | None = None,
     ) -> TrainResult:
         """Train to the planned step; stop early on Ctrl-C, `stop_at_step`, `deadline` or early stopping.
 
         time_budget: seconds for this call; after FIRST_REPLAN steps and every REPLAN_EVERY steps the
         planned number of steps (and so the cosine) is refitted to the measured speed, evaluations
         included, at most `max_steps`: the one planner of a budgeted run (runs planned this way depend
-        on the machine's speed, so they do not resume bitwise-identically).
+        on the machine's speed, so they do not resume bitwise-identically). seconds_per_step: a first
+        estimate (a speed probe's), which plans the budget from the first step.
         """
         t, state = self.t, self.state
+        if time_budget and seconds_per_step:
+            fitting = state.step + int(time_budget / seconds_per_step)
+            planned = max(state.step + 1, min(self.planned_max, fitting))
+            self.total_steps = dist.broadcast_from_main(planned, self.world)
         stop_reason: StopReason = "finished"
         final: dict[str, Any] = {}
         self._window = (0, time.perf_counter())
@@ -742,7 +749,7 @@ class Trainer:
                     float(self._grad_norm),
                     lr or self.lr(),
                     self.last_checkpoint,
-                    self.resume_command(f"train.lr={self.t.lr / 2:.3g}"),
+                    self.resume_command(*self._replanned_settings(), f"train.lr={self.t.lr / 2:.3g}"),
                 )
             )
             diverged.told_by_main = not self.world.is_main  # type: ignore[attr-defined]  (rank 0 says it)
@@ -853,6 +860,7 @@ def train(
     stop_at_step: int | None = None,
     deadline: float | None = None,
     time_budget: float | None = None,
+    seconds_per_step: float | None = None,
     tokenizer: ChatTokenizer | None = None,
     data: PreparedData | None = None,
     echo: Callable[[str], None] | None = None,
@@ -861,7 +869,8 @@ def train(
 
     stop_at_step: save and stop after this step (as an interruption would); deadline: a
     `time.monotonic()` value after which the run evaluates, saves and stops; time_budget: seconds
-    the run should take, to which the planned steps are refitted as it goes (see `Trainer.run`).
+    the run should take, to which the planned steps are refitted as it goes (see `Trainer.run`), from
+    `seconds_per_step` (an estimate) on.
     """
     trainer = Trainer(
         config,
@@ -874,7 +883,12 @@ def train(
         echo=echo,
     )
     try:
-        result = trainer.run(stop_at_step=stop_at_step, deadline=deadline, time_budget=time_budget)
+        result = trainer.run(
+            stop_at_step=stop_at_step,
+            deadline=deadline,
+            time_budget=time_budget,
+            seconds_per_step=seconds_per_step,
+        )
     except BaseException:
         trainer.close(together=False)
         raise
