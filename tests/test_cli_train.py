@@ -107,6 +107,10 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_or_starts_over(tmp_pat
     )
     assert resumed.returncode == 0, resumed.stderr
     assert train_steps(run) == [1, 2, 3]
+    other = run_cli("train", "--out", run, "--resume", "--preset", "small-100m", one_thread=True)
+    assert (
+        other.returncode == 2 and "was started with --preset tiny; resume it without --preset" in other.stderr
+    )
 
 
 def test_resume_of_nothing_says_how_to_start(tmp_path):

@@ -65,8 +65,9 @@ def test_a_quickstart_stopped_before_its_first_validation_says_how_to_resume(tmp
     """Stopped (as by Ctrl-C) before any best model exists: no evaluation, the resume command, and
     that command finishes the run."""
     out = tmp_path / "qs"
-    stopped = run_cli("quickstart", "--fast", "--out", out, "--stop-at-step", "3", one_thread=True)
+    stopped = run_cli("quickstart", "--fast", "--out", out, "--stop-at-step", "3", "--json", one_thread=True)
     assert stopped.returncode == 0, stopped.stderr
+    assert json.loads(stopped.stdout)["stop_reason"] == "stop_at_step"  # --json still gives one object
     assert (
         "stopped at step 3 of 12; saved" in stopped.stderr and "evaluating the trained" not in stopped.stderr
     )

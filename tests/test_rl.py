@@ -123,6 +123,16 @@ def test_a_users_checker_loads_from_the_working_directory_or_from_its_file(tmp_p
         make_checker("nope.py:half")
     with pytest.raises(ConfigError, match=r"cannot import 'whole' from .*or path/to/file.py:function$"):
         make_checker("my_checker_module.py:whole")
+    # A file loads as an import would: a dataclass in it finds its module; a failure is one line.
+    (tmp_path / "typed.py").write_text(
+        "from __future__ import annotations\nfrom dataclasses import dataclass\n\n"
+        "@dataclass\nclass Verdict:\n    score: float\n\n"
+        "def judge(expected, predicted):\n    return Verdict(1.0).score\n"
+    )
+    assert make_checker(f"{tmp_path}/typed.py:judge")(row, "3") == 1.0
+    (tmp_path / "broken.py").write_text("undefined_name\n")
+    with pytest.raises(ConfigError, match=r"cannot import 'f' from .*broken.py' \(NameError"):
+        make_checker(f"{tmp_path}/broken.py:f")
     # A run saves its checker file's absolute path, so --resume finds it from any directory.
     config = load_config(
         RLConfig, None, ["init_from=x", "data=qa.jsonl", "checker=my_checker_module.py:half"]
@@ -384,8 +394,24 @@ def test_the_rl_command_runs_plots_and_refuses_bad_setups(digit_model, tmp_path)
         in as_training.stderr
     )
     assert "holds a run of `train`, not `rl`; resume it with: reasoning-llama train --out" in as_rl.stderr
-    neither = run_cli("rl", "--init-from", checkpoint, "--out", tmp_path / "x")
+    neither, both = run_clis(
+        [
+            ("rl", "--init-from", checkpoint, "--out", tmp_path / "x"),
+            (
+                "rl",
+                "--init-from",
+                checkpoint,
+                "--task",
+                "synthetic:add",
+                "--data",
+                prompts,
+                "--out",
+                tmp_path / "x",
+            ),
+        ]
+    )
     assert neither.returncode == 2 and "--task synthetic:FAMILY" in neither.stderr
+    assert both.returncode == 2 and "give --task or --data, not both" in both.stderr
     unknown = run_cli("rl", "--init-from", checkpoint, "--task", "synthetic:nope", "--out", tmp_path / "y")
     assert unknown.returncode == 2 and "unknown synthetic family nope" in unknown.stderr
     optimizer = run_cli(

@@ -98,7 +98,7 @@ def eval_command(
         report |= scores.to_dict()
         if examples is not None:
             lines = "".join(json.dumps(example) + "\n" for example in scores.examples)
-            atomic.write_text(examples, lines)
+            atomic.write_text(examples.expanduser(), lines)
     loss = evaluation.loss_on_rows(engine.model, engine.tokenizer, rows)
     report |= {"loss": loss.loss, "perplexity": loss.perplexity, "loss_tokens": loss.loss_tokens}
     report["rows_cut_to_context"] = loss.cut_rows

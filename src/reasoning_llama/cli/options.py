@@ -90,7 +90,8 @@ def said_once_per_machine(
     try:
         yield
     except kinds as e:
-        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        # (an error the processes shared has its printer chosen already: see distributed.on_every)
+        if int(os.environ.get("LOCAL_RANK", "0")) != 0 and not hasattr(e, "told_by_main"):
             e.told_by_main = True  # type: ignore[attr-defined]  (see cli.main)
         raise
 

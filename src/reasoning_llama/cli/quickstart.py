@@ -45,8 +45,19 @@ def quickstart(
             stop_at_step=stop_at_step,
         )
     except QuickstartStopped as stopped:
-        echo_err(stopped.result.stopped_note())
-        if stopped.result.stop_reason == "interrupted":
+        result = stopped.result
+        echo_err(result.stopped_note())
+        if as_json:
+            keys = ("step", "total_steps", "stop_reason", "checkpoint", "resume_with")
+            print(
+                json.dumps(
+                    {
+                        key: str(getattr(result, key)) if key == "checkpoint" else getattr(result, key)
+                        for key in keys
+                    }
+                )
+            )
+        if result.stop_reason == "interrupted":
             raise typer.Exit(INTERRUPTED_EXIT) from None
         return
     echo_err(format_report(report))

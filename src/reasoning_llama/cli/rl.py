@@ -56,6 +56,8 @@ def rl(
     from reasoning_llama.rl.loop import run_rl
 
     set_threads(threads)
+    if task is not None and data is not None:
+        raise ConfigError("rl practises one task: give --task or --data, not both")
     overrides = list(set_ or [])
     if init_from is not None:
         overrides.append(setting("init_from", resolve_model_dir(init_from)))

@@ -88,6 +88,16 @@ def train(
             command="train",
             how_to_start="--preset P or --config FILE",
         )
+        if resume and preset is not None and config is None:
+            from reasoning_llama.config import load_run_config
+            from reasoning_llama.training.loop import RUN_CONFIG
+
+            started = load_run_config(out / RUN_CONFIG).train.preset
+            if started != preset:
+                raise ConfigError(
+                    f"--preset {preset}: the run in {out} was started with --preset {started}; "
+                    "resume it without --preset"
+                )
         set_threads(threads)
     with said_once_per_machine((ConfigError,)):  # every process checks the same settings alike
         result = run_training(

@@ -47,15 +47,23 @@ def _imported(spec: str) -> Callable[[str, str], float | bool]:
             path = Path(source).expanduser()
             if not path.is_file():
                 raise ConfigError(f"checker {spec!r}: the file {source} does not exist")
-            loader = importlib.util.spec_from_file_location(f"reasoning_llama_checker_{path.stem}", path)
+            name = f"reasoning_llama_checker_{path.stem}"
+            loader = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(loader)  # type: ignore[arg-type]
-            loader.loader.exec_module(module)  # type: ignore[union-attr]
+            sys.modules[name] = module  # as an import would (dataclasses look their module up there)
+            try:
+                loader.loader.exec_module(module)  # type: ignore[union-attr]
+            except BaseException:
+                del sys.modules[name]
+                raise
         else:
             if "" not in sys.path and os.getcwd() not in sys.path:  # an installed script lacks it
                 sys.path.insert(0, os.getcwd())
             module = importlib.import_module(source)
         function = getattr(module, attribute)
-    except (ImportError, AttributeError, SyntaxError) as e:
+    except ConfigError:
+        raise
+    except Exception as e:  # the user's module failed to load: one line naming why
         raise ConfigError(
             f"checker {spec!r}: cannot import {attribute!r} from {source!r} ({type(e).__name__}: {e}); "
             "give package.module:function importable from the working directory, or path/to/file.py:function"
