@@ -342,6 +342,46 @@ def test_export_then_import_gives_identical_weights(our_model, exported, tmp_pat
     assert all(torch.equal(t, original[k]) for k, t in back.state_dict().items())
 
 
+def test_a_half_precision_model_imports_as_float32_and_runs_int8(our_model, tmp_path) -> None:
+    """Every checkpoint holds fp32 weights (training keeps fp32 masters; int8 kernels take fp32)."""
+    from safetensors import safe_open
+
+    from reasoning_llama.generation import Engine
+    from reasoning_llama.sampling import SamplingParams
+
+    bf16 = export_hf(our_model[1], tmp_path / "hf-bf16", dtype="bfloat16")
+    imported = import_hf(bf16, tmp_path / "back")
+    with safe_open(str(imported / "model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float32}  # noqa: SIM118
+    # A checkpoint saved in bf16 some other way still decodes with int8 weights.
+    model_files.save_model(tmp_path / "bf16-ckpt", model_files.load_model(our_model[1]).to(torch.bfloat16))
+    engine = Engine.from_checkpoint(tmp_path / "bf16-ckpt", device="cpu", quantize="int8")
+    result = engine.generate(
+        get_tokenizer().render_prompt([{"role": "user", "content": "hi"}]), SamplingParams(max_new_tokens=3)
+    )
+    assert result.completion_tokens == 3
+
+
+def test_outputs_may_be_the_working_directory_or_under_home(
+    our_model, exported, tmp_path, monkeypatch
+) -> None:
+    """`.` is swapped by its absolute name (a rename of `.` fails); `~` is the home directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    assert export_hf(our_model[1], "~/hf") == tmp_path / "home" / "hf"
+    monkeypatch.chdir(tmp_path / "home" / "hf")
+    export_hf(our_model[1], ".", overwrite=True)
+    assert json.loads((tmp_path / "home" / "hf" / "config.json").read_text())["model_type"] == "llama"
+    monkeypatch.chdir(tmp_path)
+    import_hf("~/hf", "~/back")
+    assert (tmp_path / "home" / "back" / "model.safetensors").is_file()
+    from pathlib import Path
+
+    from reasoning_llama.cli.model_dir import resolve_model_dir
+
+    assert resolve_model_dir(Path("~/back")) == tmp_path / "home" / "back"  # every --checkpoint
+
+
 def test_import_reads_sharded_safetensors(tmp_path) -> None:
     hf = randomized(hf_llama(REAL_VOCAB), seed=11)
     hf.save_pretrained(tmp_path / "src", max_shard_size="200KB")

@@ -361,7 +361,7 @@ class Engine:
             )
         if quantize is not None and compile:
             raise ConfigError("--compile does not apply to int8 weights; drop --compile or --quantize")
-        dtype = None
+        dtype = torch.float32 if quantize else None  # int8 kernels take fp32 activations, whatever was saved
         if resolved.type == "cuda" and torch.cuda.is_bf16_supported():
             dtype = torch.bfloat16
         model = load_model(directory, device=resolved, dtype=dtype)

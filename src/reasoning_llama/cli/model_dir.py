@@ -24,6 +24,7 @@ def resolve_model_dir(path: Path) -> Path:
     """The checkpoint directory `path` names (see the module docstring)."""
     from reasoning_llama.training import run_checkpoints as ckpt
 
+    path = path.expanduser()
     if (path / CONFIG).is_file():
         return path
     if (path / ckpt.BEST / CONFIG).is_file():

@@ -20,6 +20,7 @@ rows are not a whole number of q8_0 blocks falls back to f16, as there).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +61,7 @@ def export_gguf(
 ) -> Path:
     """Write our checkpoint (without the final block) as one GGUF file for llama.cpp."""
     gguf = _gguf()
-    checkpoint_dir, out = Path(checkpoint_dir), Path(out)
+    checkpoint_dir, out = Path(checkpoint_dir).expanduser(), Path(os.path.abspath(Path(out).expanduser()))
     if dtype not in GGUF_DTYPES:
         raise CheckpointError(f"unknown GGUF dtype {dtype!r}; choose one of: {', '.join(GGUF_DTYPES)}")
     config = model_files.load_config(checkpoint_dir)

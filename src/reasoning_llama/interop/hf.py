@@ -15,6 +15,7 @@ start, because HF pre-tokenizes the role's newline and the message text as one s
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,8 @@ def export_hf(
     checkpoint_dir: str | Path, out: str | Path, *, dtype: str = "float32", overwrite: bool = False
 ) -> Path:
     """Write a transformers `LlamaForCausalLM` directory (weights, configs, tokenizer) from our checkpoint."""
-    checkpoint_dir, out = Path(checkpoint_dir), Path(out)
+    # (absolute: `.` or `..` cannot be swapped in place by name)
+    checkpoint_dir, out = Path(checkpoint_dir).expanduser(), Path(os.path.abspath(Path(out).expanduser()))
     if dtype not in _DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose one of: {', '.join(_DTYPES)}")
     config = model_files.load_config(checkpoint_dir)
@@ -95,7 +97,7 @@ def check_exportable(checkpoint_dir: Path, config: ModelConfig) -> None:
 
 def import_hf(source: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Convert a local safetensors `LlamaForCausalLM` directory into our checkpoint at `out`."""
-    source, out = Path(source), Path(out)
+    source, out = Path(source).expanduser(), Path(os.path.abspath(Path(out).expanduser()))
     hf_config = read_hf_config(source)
     files = hf_weight_files(source)
     config = from_hf_config(hf_config)
@@ -114,7 +116,9 @@ def import_hf(source: str | Path, out: str | Path, *, overwrite: bool = False) -
         model = Transformer(config)
     model_files.check_state_dict(model, state, what=f"weights in {source} do not match its config.json")
     model.load_state_dict(state, assign=True)
-    return model_files.save_model(out, model)
+    # float32 like every checkpoint training writes (a bf16 model would train in bf16, without the
+    # fp32 master weights autocast keeps, and the int8 path expects fp32)
+    return model_files.save_model(out, model.float())
 
 
 def read_hf_config(source: Path) -> dict[str, Any]:

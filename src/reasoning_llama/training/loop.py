@@ -144,7 +144,8 @@ def build_model(config: RunConfig, device: torch.device) -> Transformer:
     if config.train.init_from:
         from reasoning_llama.model_files import load_model
 
-        return load_model(config.train.init_from, device=device).train()
+        # fp32 master weights whatever the file holds (autocast makes the bf16 copies)
+        return load_model(config.train.init_from, device=device, dtype=torch.float32).train()
     torch.manual_seed(config.train.seed)
     return Transformer(model_config_for(config)).to(device).train()
 
