@@ -229,6 +229,19 @@ def test_bad_input_is_one_line_without_traceback(checkpoint, tmp_path):
         assert result.stdout == ""
 
 
+def test_an_output_that_cannot_be_written_is_one_line(checkpoint):
+    """A full disk (here /dev/full) behind stdout: `error: ...`, exit 2, not a traceback."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "reasoning_llama", "generate", "--checkpoint", str(checkpoint), "--prompt", "hi",
+             "--max-new-tokens", "2", "--json"],
+            stdout=full, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+        )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: cannot write the output: No space left on device"
+    ]
+
+
 # -- chat ---------------------------------------------------------------------------------
 
 
@@ -271,6 +284,22 @@ def test_the_chat_session_drops_the_oldest_exchanges_and_refuses_what_cannot_fit
     session.handle("word " * 100)
     assert "error: the prompt (" in out.getvalue() and "fills the model's context of 96" in out.getvalue()
     assert session.messages == history
+    # A max_new_tokens asked for keeps that much room, beyond half the context (older exchanges go).
+    session.handle("/set max_new_tokens 60")
+    session.handle("Last question?")
+    assert len(engine.tokenizer.render_prompt(session.messages[:-1])) + 60 <= 96
+    # Text is shown as typed: no emoji codes, no wrapping of long lines.
+    session.handle("/set stop :smile:")
+    session.handle("/history")
+    assert "stop = (':smile:',)" in out.getvalue() and "😄" not in out.getvalue()
+    # A system prompt that alone fills the context is named, not "the prompt".
+    long_system = ChatSession(
+        engine, SamplingParams(max_new_tokens=8), Console(file=out, width=200), system="word " * 100
+    )
+    long_system.handle("hi")
+    assert (
+        "the system prompt (" in out.getvalue() and "start the chat with a shorter --system" in out.getvalue()
+    )
 
 
 def test_set_parses_and_validates_values():

@@ -271,3 +271,11 @@ def test_the_default_cache_is_the_user_cache(tmp_path, tokenizer, monkeypatch):
     assert cfg.cache_dir is None
     prepare_data(cfg, tokenizer, progress=False)
     assert len(list((tmp_path / "cache" / "data").glob("*.npz"))) == 1
+
+
+def test_a_cache_that_cannot_be_written_is_reported_as_none(tmp_path, tokenizer, caplog):
+    (tmp_path / "a-file").write_text("not a directory")
+    cfg = DataConfig(synthetic_train_size=12, synthetic_val_size=3, cache_dir=str(tmp_path / "a-file"))
+    with caplog.at_level(logging.WARNING):
+        stats = prepare_data(cfg, tokenizer, progress=False).stats
+    assert stats["cache"] == {"hit": False, "path": None} and "could not write the data cache" in caplog.text

@@ -11,7 +11,7 @@ import queue
 import sys
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from reasoning_llama.errors import RequestError
 from reasoning_llama.generation import Delta, Engine, GenerationResult
@@ -163,13 +163,20 @@ class ChatSession:
         *,
         system: str | None = None,
         hide_reasoning: bool = False,
+        asked_max_new_tokens: bool = False,
     ) -> None:
         self.engine = engine
         self.params = params
         self.console = console
         self.system = system
         self.hide_reasoning = hide_reasoning
+        # A max_new_tokens asked for (flag or /set) keeps that much room; the default at most half the context.
+        self.asked_max_new_tokens = asked_max_new_tokens
         self.messages: list[dict[str, str]] = []
+
+    def say(self, text: str, **style: Any) -> None:
+        """A line of the user's or the model's text, printed as it is (no markup, no emoji codes, no wrapping)."""
+        self.console.print(text, markup=False, emoji=False, soft_wrap=True, **style)
 
     def handle(self, line: str) -> bool:
         """Act on one input (a message or a /command); False means quit."""
@@ -183,7 +190,7 @@ class ChatSession:
 
     def command(self, text: str) -> bool:
         name, _, rest = text.partition(" ")
-        say = self.console.print
+        say = self.say
         if name in ("/quit", "/exit"):
             return False
         if name == "/reset":
@@ -194,22 +201,22 @@ class ChatSession:
             try:
                 self.params = apply_setting(self.params, key, value)
                 name = key.replace("-", "_")
-                say(f"{name} = {getattr(self.params, name)!r}", style="dim", markup=False)
+                self.asked_max_new_tokens |= name == "max_new_tokens"
+                say(f"{name} = {getattr(self.params, name)!r}", style="dim")
             except RequestError as e:
-                say(f"error: {e}", style="red", markup=False)
+                say(f"error: {e}", style="red")
         elif name == "/show":
             say(
                 ", ".join(f"{name}={getattr(self.params, name)!r}" for name in chat_settings(self.params)),
                 style="dim",
-                markup=False,
             )
         elif name == "/history":
             for message in self.messages:
-                say(f"{message['role']}: {message['content']}", markup=False)
+                say(f"{message['role']}: {message['content']}")
         elif name == "/help":
-            say(CHAT_HELP, markup=False)
+            say(CHAT_HELP)
         else:
-            say(f"unknown command {name}; /help lists them", style="red", markup=False)
+            say(f"unknown command {name}; /help lists them", style="red")
         return True
 
     def turn(self, user_text: str) -> None:
@@ -228,7 +235,8 @@ class ChatSession:
     ) -> tuple[list[dict[str, str]], list[int], SamplingParams] | None:
         """Drop the oldest exchanges until the prompt leaves room to answer; cap max_new_tokens to the room."""
         tokenizer, context = self.engine.tokenizer, self.engine.max_context
-        wanted = min(self.params.max_new_tokens, context // 2)
+        asked = self.params.max_new_tokens
+        wanted = asked if self.asked_max_new_tokens else min(asked, context // 2)
         prompt_ids = tokenizer.render_prompt(messages, system=self.system)
         while len(prompt_ids) + wanted > context and len(messages) > 1:
             messages = messages[2:]  # the oldest user + assistant exchange
@@ -236,7 +244,14 @@ class ChatSession:
         try:
             room = self.engine.room_for_reply(len(prompt_ids))
         except RequestError as e:
-            self.console.print(f"error: {e}", style="red", markup=False)
+            problem = str(e)
+            alone = len(tokenizer.render_prompt([{"role": "user", "content": ""}], system=self.system))
+            if self.system and alone >= context:  # no message could fit: say which part is too long
+                problem = (
+                    f"the system prompt ({alone} tokens with its framing) fills the model's context of "
+                    f"{context}; start the chat with a shorter --system"
+                )
+            self.say(f"error: {problem}", style="red")
             return None
         return (
             messages,

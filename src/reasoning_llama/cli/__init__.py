@@ -6,6 +6,7 @@ A module adds its commands to `app` in its `register(app)`.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -53,4 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     except ReasoningLlamaError as e:
         if not getattr(e, "told_by_main", False):  # under torchrun, rank 0's error is printed by rank 0
             print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT):  # a full or failing disk or output
+            raise
+        print(f"error: cannot write {e.filename or 'the output'}: {e.strerror}", file=sys.stderr)
         sys.exit(2)

@@ -11,10 +11,15 @@ import typer
 from reasoning_llama.cli import options
 from reasoning_llama.cli.model_dir import ModelDir, resolve_model_dir
 from reasoning_llama.cli.options import sampling_params
+from reasoning_llama.errors import ConfigError
 
 
 def _line_reader() -> Callable[[], str]:
     """prompt_toolkit on a terminal (Esc-Enter for a new line); plain lines from a pipe."""
+    if sys.stdin is None:  # started with stdin closed (`<&-`)
+        raise ConfigError(
+            "chat reads your messages from stdin, which is closed; give it a terminal or a pipe"
+        )
     if not sys.stdin.isatty():
         return lambda: input("you> ")
     from prompt_toolkit import PromptSession
@@ -65,7 +70,14 @@ def chat(
         compile=compile_step,
     )
     console = Console(highlight=False)
-    session = ChatSession(engine, params, console, system=system, hide_reasoning=hide_reasoning)
+    session = ChatSession(
+        engine,
+        params,
+        console,
+        system=system,
+        hide_reasoning=hide_reasoning,
+        asked_max_new_tokens=max_new_tokens is not None,
+    )
     console.print(
         f"chatting with {checkpoint} · /help for commands · Ctrl-D to quit", style="dim", markup=False
     )

@@ -52,7 +52,7 @@ def _print_report(stats: dict[str, Any]) -> None:
     echo(f"source: {stats['source']}")
     echo(f"rows: {stats['validation']['summary']}")
     cache = stats["cache"]
-    echo(f"cache: {'hit' if cache['hit'] else 'written'} {cache['path'] or '(off)'}")
+    echo(f"cache: {'hit' if cache['hit'] else 'written'} {cache['path']}" if cache["path"] else "cache: none")
     echo(f"seq_len {stats['seq_len']}: examples may have up to {stats['max_example_tokens']} tokens")
     for name in ("train", "val"):
         s, length = stats[name], stats[name]["length"]

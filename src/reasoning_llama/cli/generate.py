@@ -69,12 +69,12 @@ def generate(
     if as_json:
         result = run_cancellable(engine, prompt_ids, params, lambda delta: None)
         print(json.dumps(result_json(result)))
-        return
-    err = Console(stderr=True, highlight=False)
-    view = StreamView(err, StdoutConsole(), hide_reasoning)
-    result = run_cancellable(engine, prompt_ids, params, view.show)
-    view.end(result)
-    if result.finish_reason == "cancelled":
+    else:
+        err = Console(stderr=True, highlight=False)
+        view = StreamView(err, StdoutConsole(), hide_reasoning)
+        result = run_cancellable(engine, prompt_ids, params, view.show)
+        view.end(result)
+    if result.finish_reason == "cancelled":  # (the partial result is out; scripts see it was cut)
         raise typer.Exit(INTERRUPTED_EXIT)
 
 

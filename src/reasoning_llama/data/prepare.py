@@ -74,15 +74,14 @@ def prepare_data(
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else user_cache_dir("data")
     path = cache / f"{key}.npz"
     arrays = _read_cache(path) if use_cache else None
-    hit = arrays is not None
+    hit, written = arrays is not None, False
     if arrays is None:
         arrays = {}
         for name, rows in splits.items():
             arrays |= {
                 f"{name}/{k}": v for k, v in tokenize_rows(rows, tokenizer, cfg, name, progress).items()
             }
-        if use_cache:
-            _write_cache(path, arrays)
+        written = use_cache and _write_cache(path, arrays)
 
     prepared = {name: _split_from_arrays(arrays, name, rows) for name, rows in splits.items()}
     stats: dict[str, Any] = {
@@ -91,7 +90,8 @@ def prepare_data(
         "max_example_tokens": cfg.seq_len + 1,
         "overlong": cfg.overlong,
         "validation": loaded.report.to_dict(),
-        "cache": {"hit": hit, "path": str(path) if use_cache else None},
+        # path: where the data is cached (None: not cached, switched off or not writable)
+        "cache": {"hit": hit, "path": str(path) if hit or written else None},
     }
     for name in splits:
         stats[name] = _split_stats(arrays, name, len(splits[name]), cfg.seq_len)
@@ -273,12 +273,15 @@ def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
         return None
 
 
-def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write atomically (temporary sibling, then rename); a cache that cannot be written is only a warning."""
+def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> bool:
+    """Write atomically (temporary sibling, then rename); a cache that cannot be written is only a
+    warning. Whether it was written."""
     try:
         atomic.write_with(path, lambda f: np.savez(f, **arrays))
     except OSError as e:
         log.warning("could not write the data cache %s (%s); continuing without it", path, e)
+        return False
+    return True
 
 
 # --- statistics -------------------------------------------------------------------------------
