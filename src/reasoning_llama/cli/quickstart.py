@@ -48,15 +48,12 @@ def quickstart(
         result = stopped.result
         echo_err(result.stopped_note())
         if as_json:
-            keys = ("step", "total_steps", "stop_reason", "checkpoint", "resume_with")
-            print(
-                json.dumps(
-                    {
-                        key: str(getattr(result, key)) if key == "checkpoint" else getattr(result, key)
-                        for key in keys
-                    }
-                )
-            )
+            where = {
+                "step": result.step,
+                "total_steps": result.total_steps,
+                "checkpoint": str(result.checkpoint),
+            }
+            print(json.dumps({**where, "stop_reason": result.stop_reason, "resume_with": result.resume_with}))
         if result.stop_reason == "interrupted":
             raise typer.Exit(INTERRUPTED_EXIT) from None
         return

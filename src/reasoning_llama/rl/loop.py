@@ -133,8 +133,9 @@ def load_task_rows(config: RLConfig) -> tuple[list[dict[str, str]], list[dict[st
         return [e.as_row() for e in examples], held_out
     report = ValidationReport()
     files = resolve_files(str(config.data), (".json", ".jsonl", ".parquet"))
-    if Path(config.data).expanduser().is_dir():
-        refuse_several_splits(Path(config.data).expanduser(), files, lambda split: f'--data "{split}"')
+    directory = Path(config.data).expanduser()
+    if directory.is_dir():
+        refuse_several_splits(directory, files, lambda split: f'--data "{split}"')
     rows = [row for path in files for row in read_file(path, ("user", "assistant"), report)]
     if report.rows_skipped:
         print(f"warning: {report.summary()}", file=sys.stderr)

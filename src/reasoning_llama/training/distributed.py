@@ -31,6 +31,7 @@ from reasoning_llama.errors import ConfigError
 Mode = Literal["none", "ddp", "fsdp"]
 MODES = ("auto", "none", "ddp", "fsdp")
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,12 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+def left_to_main(error: E, world: World) -> E:
+    """`error`, met alike by every rank, marked so that only rank 0 prints it (see `cli.main`)."""
+    error.told_by_main = not world.is_main  # type: ignore[attr-defined]
+    return error
+
+
 def on_every(world: World, action: Callable[[], T]) -> T:
     """Run `action` on every rank (each reads its own files, say) and agree on the outcome: if any
     rank failed, the first such error is raised on every rank (rank 0 prints it, naming the rank)."""
@@ -242,8 +249,7 @@ def on_every(world: World, action: Callable[[], T]) -> T:
     error = failures[failed]
     with contextlib.suppress(Exception):  # the same kind of error, saying where it happened
         error = type(error)(f"on rank {failed}: {error}")
-    error.told_by_main = not world.is_main
-    raise error
+    raise left_to_main(error, world)
 
 
 def _portable(error: Exception) -> Exception:
@@ -267,7 +273,5 @@ def on_main(world: World, action: Callable[[], T]) -> T | None:
             outcome = (False, e)
     ok, value = broadcast_from_main(outcome, world)
     if not ok:
-        if not world.is_main:
-            value.told_by_main = True  # rank 0 prints it; the command line need not repeat it per rank
-        raise value
+        raise left_to_main(value, world)
     return value

@@ -532,9 +532,7 @@ class Trainer:
         """
         t, state = self.t, self.state
         if time_budget and seconds_per_step:
-            fitting = state.step + int(time_budget / seconds_per_step)
-            planned = max(state.step + 1, min(self.planned_max, fitting))
-            self.total_steps = dist.broadcast_from_main(planned, self.world)
+            self._fit_plan(time_budget, seconds_per_step)
         stop_reason: StopReason = "finished"
         final: dict[str, Any] = {}
         self._window = (0, time.perf_counter())
@@ -692,12 +690,16 @@ class Trainer:
     def _replan(self, first_step: int, started: float, time_budget: float, bar: tqdm) -> None:
         """Fit the planned steps to the time left at the speed measured so far (evaluations included)."""
         elapsed = time.monotonic() - started
-        per_step = elapsed / (self.state.step - first_step)
-        fitting = self.state.step + int((time_budget - elapsed) / per_step)
-        planned = max(self.state.step + 1, min(self.planned_max, fitting))
-        self.total_steps = dist.broadcast_from_main(planned, self.world)  # rank 0's clock decides
+        self._fit_plan(time_budget - elapsed, elapsed / (self.state.step - first_step))
         bar.total = self.total_steps
         bar.refresh()
+
+    def _fit_plan(self, seconds_left: float, per_step: float) -> None:
+        """Plan as many more steps as `seconds_left` holds at `per_step` seconds each (at least one,
+        at most `max_steps`); rank 0's clock decides."""
+        fitting = self.state.step + int(seconds_left / per_step)
+        planned = max(self.state.step + 1, min(self.planned_max, fitting))
+        self.total_steps = dist.broadcast_from_main(planned, self.world)
 
     def lr(self) -> float:
         t = self.t
@@ -753,8 +755,7 @@ class Trainer:
                     self.resume_command(*self._replanned_settings(), f"train.lr={self.t.lr / 2:.3g}"),
                 )
             )
-            diverged.told_by_main = not self.world.is_main  # type: ignore[attr-defined]  (rank 0 says it)
-            raise diverged
+            raise dist.left_to_main(diverged, self.world)  # every rank has it
 
     def _train_record(self, lr: float) -> dict[str, Any]:
         self._check_finite(lr)

@@ -252,6 +252,14 @@ function dropOldestExchange() {
   return marked;
 }
 
+// Send `messages` again with the next question (and show them so).
+function offerAgain(messages) {
+  for (const m of messages) {
+    delete m.dropped;
+    nodeOf.get(m)?.classList.remove("dropped");
+  }
+}
+
 async function apiError(response) {
   try {
     const body = await response.json();
@@ -299,11 +307,7 @@ async function postConversation(signal) {
       throw new Error(error.message);
     }
   } catch (error) {
-    for (const m of dropped) {
-      // Nothing was sent after all (refused, or stopped): the history stays as it was.
-      delete m.dropped;
-      nodeOf.get(m)?.classList.remove("dropped");
-    }
+    offerAgain(dropped); // nothing was sent after all (refused, or stopped): the history stays as it was
     throw error;
   }
 }
@@ -440,10 +444,7 @@ for (const input of [els.temperature, els.maxTokens, els.systemPrompt, els.apiKe
 for (const input of [els.maxTokens, els.systemPrompt]) {
   input.addEventListener("change", () => {
     const faded = conversation.filter((m) => m.dropped);
-    for (const m of faded) {
-      delete m.dropped;
-      nodeOf.get(m)?.classList.remove("dropped");
-    }
+    offerAgain(faded);
     if (faded.length) save();
   });
 }
