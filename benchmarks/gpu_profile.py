@@ -10,7 +10,8 @@ What `train_throughput.py` and `decode.py` measure says how fast; this says why.
 - head_loss: forward + backward of the head and loss over every position of that batch: the two
   forms of `linear_cross_entropy`, chunked (the CPU's) and compiled (CUDA's);
 - attention: forward + backward of one layer's attention at that shape: FlexAttention with the
-  document mask (every row one document) against SDPA's causal flash kernel;
+  document mask (every row one document) and flash attention's variable-length form (each row one
+  sequence, as `train.attention=varlen` calls it) against SDPA's causal flash kernel;
 - decode: the batch-1 (and batch-8, -64) CUDA graph's replay time against the engine's time per
   token (the rest is host work between steps), the compiled step's kernels run without the graph,
   and the host's operations per engine step.
@@ -40,7 +41,13 @@ from reasoning_llama.cpu_layout import prepare_for_gpu_decode
 from reasoning_llama.decoding import StaticDecodeStep
 from reasoning_llama.generation import Engine, resolve_device
 from reasoning_llama.loss import linear_cross_entropy
-from reasoning_llama.model import Transformer, document_block_mask
+from reasoning_llama.model import (
+    Transformer,
+    document_block_mask,
+    document_segments,
+    varlen_attn,
+    varlen_causal_attention,
+)
 from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.tokenizer import get_tokenizer
 from train_throughput import llama_shape, ours, random_batch, sync
@@ -186,12 +193,21 @@ def attention(config: ModelConfig, device: torch.device, rows: int, seq_len: int
     def flex_call() -> torch.Tensor:
         return flex(q, k, v, block_mask=document_block_mask(doc_ids), enable_gqa=True)
 
+    def varlen_call() -> torch.Tensor:
+        """As the model calls it: rows flattened into one sequence per example, segments built per batch."""
+        flat = (t.transpose(1, 2).reshape(rows * seq_len, t.shape[1], config.head_dim) for t in (q, k, v))
+        return varlen_causal_attention(*flat, document_segments(doc_ids, per_row=1))
+
     variants = {
         "flex_document_mask": flex_call,
+        "varlen_document_segments": varlen_call,
         "sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
     }
-    if device.type != "cuda":
-        variants.pop("flex_document_mask")  # no CPU backward
+    if device.type != "cuda":  # neither has a CPU backward pass
+        variants.pop("flex_document_mask")
+        variants.pop("varlen_document_segments")
+    elif varlen_attn is None:
+        variants.pop("varlen_document_segments")
     for name, fn in variants.items():
 
         def forward_backward(fn: Callable[[], torch.Tensor] = fn) -> None:

@@ -6,14 +6,17 @@ Each side runs the whole optimizer step (forward, backward, fused AdamW); warm-u
 included) are not timed, and the sides are interleaved repeat by repeat, so a noisy machine hits
 both alike. Figures:
 
-- tokens/s of ours (compiled layers on CUDA, the training default), ours uncompiled, transformers;
+- tokens/s of ours (compiled layers on CUDA, the training default), ours uncompiled, transformers,
+  and on CUDA ours with `train.attention=varlen` (flash attention over each example) instead of
+  FlexAttention;
 - MFU = tokens/s x FLOPs per token / peak FLOP/s. FLOPs per token (forward + backward) =
   6 x (matmul parameters, the head included, the embedding table not) + 12 x layers x heads x
   head dim x T (attention scores and values, PaLM's convention: the full T x T square, as nanochat
   and torchtitan count it). Peak bf16 FLOP/s is looked up by device name (dense, no sparsity) or
   given with --peak-tflops; on a CPU no MFU is reported unless a peak is given;
 - on variable-length data (the synthetic tasks' examples): loss-carrying tokens/s of our packed
-  batches against the seed's one example per padded row, same rows per batch;
+  batches against the seed's one example per padded row, same rows per batch (on CUDA the packed
+  rows also through varlen attention);
 - on CUDA, the time one epoch of a 20M-token dataset would take at our rate.
 
     python benchmarks/train_throughput.py [--device cuda] [--preset small-100m] [--seq-len 1280]
@@ -40,10 +43,10 @@ from reasoning_llama.data.batching import Batch, BatchLoader
 from reasoning_llama.data.prepare import TokenizedSplit
 from reasoning_llama.generation import resolve_device
 from reasoning_llama.loss import ModelWithLoss
-from reasoning_llama.model import Transformer
+from reasoning_llama.model import Transformer, varlen_attn
 from reasoning_llama.tasks import generate_examples
 from reasoning_llama.tokenizer import get_tokenizer
-from reasoning_llama.training.loop import optimizer_step, use_flex_attention
+from reasoning_llama.training.loop import attention_kind, optimizer_step
 from reasoning_llama.training.optim import build_optimizer
 
 # Dense bf16 tensor-core peaks (FLOP/s), from the vendors' data sheets.
@@ -77,6 +80,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=None, help="Peak bf16 TFLOP/s for the MFU.")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--skip-eager", action="store_true", help="Leave out ours uncompiled (CUDA).")
+    parser.add_argument(
+        "--skip-varlen", action="store_true", help="Leave out ours with varlen attention (CUDA)."
+    )
     parser.add_argument("--quick", action="store_true", help="A tiny run that checks the script works.")
     return parser.parse_args()
 
@@ -136,7 +142,14 @@ def random_batch(config: ModelConfig, rows: int, seq_len: int) -> Batch:
     )
 
 
-def ours(config: ModelConfig, device: torch.device, *, compiled: bool) -> Callable[[Batch], None]:
+def ours(
+    config: ModelConfig,
+    device: torch.device,
+    *,
+    compiled: bool,
+    attention: str = "auto",
+    segments_per_row: int = 1,
+) -> Callable[[Batch], None]:
     """One optimizer step as `Trainer` takes it (ModelWithLoss, fused AdamW, bf16 autocast on CUDA)."""
     torch.manual_seed(0)
     model = Transformer(config).to(device).train()
@@ -145,7 +158,8 @@ def ours(config: ModelConfig, device: torch.device, *, compiled: bool) -> Callab
     loss_model = ModelWithLoss(
         model,
         select_positions=not on_gpu,
-        flex=use_flex_attention("auto", device),
+        attention=attention_kind(attention, device),
+        segments_per_row=segments_per_row,
         amp_dtype=amp,
         compile_loss=compiled,
     )
@@ -212,7 +226,14 @@ def interleaved_rates(
 
 
 def variable_length(
-    config: ModelConfig, device: torch.device, seq_len: int, rows: int, steps: int, warmup: int
+    config: ModelConfig,
+    device: torch.device,
+    seq_len: int,
+    rows: int,
+    steps: int,
+    warmup: int,
+    *,
+    with_varlen: bool = False,
 ) -> dict[str, object]:
     """Loss tokens/s on synthetic examples: packed rows against one example per padded row."""
     tokenizer = get_tokenizer()
@@ -224,13 +245,19 @@ def variable_length(
             ids.append(np.asarray(example.ids, dtype=np.int32))
             masks.append(np.asarray(example.loss_mask, dtype=np.bool_))
     split = TokenizedSplit(ids=ids, loss_mask=masks)
-    step = ours(config, device, compiled=False)
     out: dict[str, object] = {
         "examples": len(split),
         "mean_example_tokens": float(np.mean([len(x) for x in ids])),
     }
-    for packing in (True, False):
-        batches = iter(BatchLoader(split, seq_len=seq_len, batch_size=rows, packing=packing, seed=0))
+    runs = [("packed", True, "auto"), ("padded", False, "auto")]
+    if with_varlen:
+        runs.append(("packed_varlen", True, "varlen"))
+    for name, packing, attention in runs:
+        loader = BatchLoader(split, seq_len=seq_len, batch_size=rows, packing=packing, seed=0)
+        step = ours(
+            config, device, compiled=False, attention=attention, segments_per_row=loader.segments_per_row
+        )
+        batches = iter(loader)
         for _ in range(warmup):
             step(next(batches))
         sync(device)
@@ -240,9 +267,7 @@ def variable_length(
             step(batch)
             loss_tokens += batch.n_loss_tokens
         sync(device)
-        out["packed" if packing else "padded"] = {
-            "loss_tokens_per_s": loss_tokens / (time.perf_counter() - start)
-        }
+        out[name] = {"loss_tokens_per_s": loss_tokens / (time.perf_counter() - start)}
     out["packed_over_padded"] = out["packed"]["loss_tokens_per_s"] / out["padded"]["loss_tokens_per_s"]  # type: ignore[index]
     return out
 
@@ -265,6 +290,9 @@ def main() -> None:
     tokens_per_step = rows * seq_len
 
     sides: dict[str, Callable[[Batch], None]] = {"ours": ours(config, device, compiled=gpu)}
+    with_varlen = gpu and not args.skip_varlen and varlen_attn is not None
+    if with_varlen:
+        sides["ours_varlen"] = ours(config, device, compiled=True, attention="varlen")
     if gpu and not args.skip_eager:
         sides["ours_uncompiled"] = ours(config, device, compiled=False)
     if not args.skip_transformers:
@@ -296,11 +324,15 @@ def main() -> None:
         report["mfu"] = {name: rate * flops["total"] / peak for name, rate in rates.items()}
     if "transformers" in rates:
         report["ours_over_transformers"] = rates["ours"] / rates["transformers"]
+    if "ours_varlen" in rates:
+        report["varlen_over_flex"] = rates["ours_varlen"] / rates["ours"]
     if "ours_uncompiled" in rates:
         report["compiled_over_uncompiled"] = rates["ours"] / rates["ours_uncompiled"]
     if gpu:
         report["epoch_seconds_20m_tokens"] = EPOCH_TOKENS / rates["ours"]
-    report["variable_length"] = variable_length(config, device, seq_len, rows, steps, warmup)
+    report["variable_length"] = variable_length(
+        config, device, seq_len, rows, steps, warmup, with_varlen=with_varlen
+    )
     print(json.dumps(report))
     sys.stdout.flush()
 

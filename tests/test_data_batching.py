@@ -15,7 +15,7 @@ from reasoning_llama.data.packing import best_fit_pack
 from reasoning_llama.data.prefetch import Prefetcher
 from reasoning_llama.data.prepare import TokenizedSplit
 from reasoning_llama.errors import ConfigError, DataError
-from reasoning_llama.model import Transformer
+from reasoning_llama.model import Transformer, example_starts
 from reasoning_llama.tokenizer import PAD, get_tokenizer
 
 
@@ -157,6 +157,15 @@ def test_every_example_exactly_once_per_epoch_in_a_new_order(packing):
     second_order = [tokens[0] for b in epochs[1] for tokens, _ in examples_in(b)]
     assert first_order != second_order
     assert data.epoch == 2 and data.batch_index == 0
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_segments_per_row_is_the_most_runs_any_row_holds(packing):
+    """Varlen attention's room: every row of an epoch fits it, and some row fills it."""
+    data = loader(random_split(60, max_len=30, seed=5), packing=packing, batch_size=3)
+    runs = torch.cat([example_starts(b.doc_ids).sum(dim=1) for b in data.epoch_batches()])
+    assert int(runs.max()) == data.segments_per_row == (2 if not packing else data.segments_per_row)
+    assert data.segments_per_row > (2 if packing else 1)
 
 
 def test_order_is_deterministic_per_seed():

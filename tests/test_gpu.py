@@ -26,9 +26,13 @@ from test_training_loop import tiny_run
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def test_a_training_step_never_waits_on_the_host(tmp_path):
-    trainer = Trainer(tiny_run(tmp_path, "train.device=cuda"), tmp_path / "run", progress=False)
-    assert trainer.compiled and trainer.loss_model.flex and not trainer.loss_model.select_positions
+@pytest.mark.parametrize("attention", ["auto", "varlen"])
+def test_a_training_step_never_waits_on_the_host(tmp_path, attention):
+    settings = ("train.device=cuda", f"train.attention={attention}")
+    trainer = Trainer(tiny_run(tmp_path, *settings), tmp_path / "run", progress=False)
+    expected = "flex" if attention == "auto" else attention
+    assert trainer.compiled and trainer.loss_model.attention == expected
+    assert not trainer.loss_model.select_positions
     batches = iter(trainer.train_loader)
     trainer.step([next(batches).pin_memory() for _ in range(trainer.accum)], 1e-3)  # compiles
     micro = [next(batches).pin_memory() for _ in range(trainer.accum)]
@@ -52,13 +56,40 @@ def test_flex_attention_and_compiled_layers_match_the_dense_path_with_gradients(
         for layer in model.layers:
             layer.compile(dynamic=False)
     results = []
-    for m, flex in ((reference, False), (model, True)):
-        loss = batch_loss(ModelWithLoss(m, select_positions=False, flex=flex), batch)
+    for m, attention in ((reference, "sdpa"), (model, "flex")):
+        loss = batch_loss(ModelWithLoss(m, select_positions=False, attention=attention), batch)
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-4)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_varlen_attention_matches_the_dense_path_in_bf16_with_gradients(compiled):
+    """Flash attention's variable-length kernel takes bf16 only: both sides under bf16 autocast, so
+    they agree to bf16 rounding (the layout itself is checked exactly on CPU, tests/test_model.py)."""
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=256)
+    batch = packed_batch(seq_len=256).to("cuda")
+    reference = Transformer(config).cuda()
+    model = Transformer(config).cuda()
+    model.load_state_dict(reference.state_dict())
+    if compiled:
+        for layer in model.layers:
+            layer.compile(dynamic=False)
+    results = []
+    for m, attention in ((reference, "sdpa"), (model, "varlen")):
+        loss_model = ModelWithLoss(
+            m, select_positions=False, attention=attention, segments_per_row=4, amp_dtype=torch.bfloat16
+        )
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = batch_loss(loss_model, batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-2, atol=1e-2)
+    for name, grad in results[0][1].items():
+        error = (results[1][1][name] - grad).norm() / grad.norm()
+        assert error < 3e-2, (name, float(error))
 
 
 # -- decoding ------------------------------------------------------------------------------

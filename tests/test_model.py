@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from reasoning_llama.config import PRESETS, ModelConfig, get_preset
 from reasoning_llama.errors import ConfigError
@@ -12,6 +14,8 @@ from reasoning_llama.model import (
     Transformer,
     default_positions,
     document_block_mask,
+    document_segments,
+    example_starts,
     one_query_attention,
 )
 
@@ -198,3 +202,59 @@ def test_flex_attention_document_mask_gives_the_dense_mask_outputs():
         dense = model.hidden_states(ids, positions, doc_ids=doc_ids)
         flex = model.hidden_states(ids, positions, block_mask=block_mask)
     assert (flex - dense).abs().max().item() <= 1e-4
+
+
+def reference_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, **options):
+    """What flash attention's variable-length kernel (CUDA only) computes, written out for a CPU:
+    causal attention inside each sequence `cu_seq_q[i]:cu_seq_q[i + 1]` of the (N, H, D) rows."""
+    assert torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32 and max_q == max_k
+    assert options.get("is_causal") or options.get("window_size") == (-1, 0)
+    groups = q.shape[1] // k.shape[1]
+    assert groups == 1 or options.get("enable_gqa")
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    bounds = cu_seq_q.tolist()
+    assert bounds[-1] == q.shape[0] and all(b - a <= max_q for a, b in itertools.pairwise(bounds))
+    pieces = [
+        F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True)
+        for a, b in itertools.pairwise(bounds)
+        if b > a
+    ]
+    return torch.cat(pieces, dim=1).transpose(0, 1)
+
+
+def test_document_segments_cut_the_flattened_rows_at_every_example():
+    doc_ids = torch.zeros(2, 200, dtype=torch.long)
+    for row, starts in enumerate(([0, 37, 90, 170], [0, 130, 185, 190])):
+        for doc, start in enumerate(starts):
+            doc_ids[row, start:] = doc
+    segments = document_segments(doc_ids, per_row=5)
+    expected = [0, 37, 90, 170, 200, 330, 385, 390] + [400] * 3  # two spare, empty sequences
+    assert segments.offsets.tolist() == expected and segments.offsets.dtype == torch.int32
+    assert segments.longest == 200
+
+
+@pytest.mark.parametrize("takes_gqa", [True, False])
+def test_varlen_attention_gives_the_dense_paths_loss_and_gradients(monkeypatch, takes_gqa):
+    """The GPU's varlen path (rows flattened into one sequence per example, grouped key heads, the
+    output put back) against the dense mask on packed rows with padding. Flash attention itself
+    runs on CUDA only (tests/test_gpu.py); here a written-out kernel stands in for it, for both of
+    the call forms PyTorch releases have had."""
+    from reasoning_llama import model as model_module
+    from reasoning_llama.loss import ModelWithLoss, batch_loss
+    from test_loss import packed_batch
+
+    monkeypatch.setattr(model_module, "varlen_attn", reference_varlen_attn)
+    monkeypatch.setattr(model_module, "VARLEN_TAKES_GQA", takes_gqa)
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64)
+    model = Transformer(config)
+    batch = packed_batch(seq_len=64)
+    assert example_starts(batch.doc_ids).sum(dim=1).tolist() == [3, 2]  # two examples, one; padding
+    results = []
+    for attention in ("sdpa", "varlen"):
+        model.zero_grad()
+        loss = batch_loss(ModelWithLoss(model, attention=attention, segments_per_row=4), batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -246,6 +246,8 @@ def test_a_start_that_fails_changes_nothing_in_the_run_directory(tmp_path):
         ("train.micro_batch_size=0", "train.micro_batch_size must be positive"),
         ("train.model_overrides={depth: 3}", "unknown model config keys: depth"),
         ("train.min_lr_ratio=2", r"train.min_lr_ratio must be in \[0, 1\], got 2"),
+        ("train.attention=dense", "train.attention must be auto, flex, varlen or sdpa, got 'dense'"),
+        ("train.attention=varlen", "train.attention=varlen needs a GPU .*; use sdpa"),
         (
             "train.global_batch_tokens=100",
             r"micro-batch of 4 rows x 128 tokens \(512\); pass --set train.micro_batch_size=1 or",

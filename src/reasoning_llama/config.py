@@ -142,7 +142,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
     device: str = "auto"
     compile: bool | None = None  # torch.compile of the decoder layers; unset = on CUDA only
-    attention: str = "auto"  # auto = FlexAttention on CUDA, sdpa (dense mask) on CPU; or flex, sdpa
+    attention: str = "auto"  # auto = FlexAttention on CUDA, sdpa (dense mask) on CPU; or flex, varlen, sdpa
     # Data parallelism under torchrun: none, ddp or fsdp (FSDP2); auto = ddp when torchrun started
     # more than one process, else none.
     distributed: str = "auto"

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reasoning_llama.data.batching import Batch
-from reasoning_llama.model import Transformer, compiled_once, document_block_mask
+from reasoning_llama.model import Transformer, compiled_once, document_block_mask, document_segments
 
 # Keep the forward's exponentiated logit slices for the backward pass (instead of recomputing them)
 # up to this many logits (fp32): small batches, as on a CPU, skip a quarter of the matmuls and half of
@@ -185,7 +185,9 @@ class ModelWithLoss(nn.Module):
     select_positions: run the final norm, block and head only at loss positions; picking them is a
         host sync, free on a CPU, and prompt tokens skip the head's cost. Otherwise every position goes
         through the head with weight 0 off the loss mask: static shapes and no sync, for GPUs.
-    flex: attend through FlexAttention's block mask (built here, once per batch) instead of a dense one.
+    attention: how a packed example is kept to itself: "sdpa" (a dense mask), "flex" (FlexAttention's
+        block mask) or "varlen" (flash attention's variable-length sequences, with room for
+        `segments_per_row` a row); either of the last two is built here, once per batch.
     amp_dtype: the head's matmul dtype (bf16 under autocast); the softmax is fp32 whatever it is.
     compile_loss: let CUDA take the compiled form of the head + loss (False: the chunked one, as
         with `train.compile=false`).
@@ -196,25 +198,33 @@ class ModelWithLoss(nn.Module):
         model: Transformer,
         *,
         select_positions: bool = True,
-        flex: bool = False,
+        attention: str = "sdpa",
+        segments_per_row: int = 0,
         amp_dtype: torch.dtype | None = None,
         compile_loss: bool = True,
     ) -> None:
         super().__init__()
+        if attention == "varlen" and segments_per_row < 1:
+            raise ValueError("varlen attention needs segments_per_row (BatchLoader.segments_per_row)")
         self.model = model
-        self.select_positions, self.flex, self.amp_dtype = select_positions, flex, amp_dtype
+        self.select_positions, self.attention, self.amp_dtype = select_positions, attention, amp_dtype
+        self.segments_per_row = segments_per_row
         self.compiled_loss = None if compile_loss else False  # None: linear_cross_entropy decides
+
+    def _examples(self, doc_ids: Tensor) -> dict[str, Any]:
+        """How `hidden_states` is told where the packed examples are, for this module's attention."""
+        if self.attention == "flex":
+            return {"block_mask": document_block_mask(doc_ids)}
+        if self.attention == "varlen":
+            return {"segments": document_segments(doc_ids, self.segments_per_row)}
+        return {"doc_ids": doc_ids}  # the dense mask
 
     def forward(
         self, inputs: Tensor, targets: Tensor, loss_mask: Tensor, positions: Tensor, doc_ids: Tensor
     ) -> Tensor:
-        block_mask = document_block_mask(doc_ids) if self.flex else None
-        # The dense mask is built from doc ids only where no block mask replaces it.
-        doc = None if self.flex else doc_ids
+        examples = self._examples(doc_ids)
         if self.select_positions:
-            hidden = self.model.hidden_states(
-                inputs, positions, doc_ids=doc, block_mask=block_mask, select=loss_mask
-            )
+            hidden = self.model.hidden_states(inputs, positions, select=loss_mask, **examples)
             return linear_cross_entropy(
                 hidden,
                 self.model.head.weight,
@@ -222,7 +232,7 @@ class ModelWithLoss(nn.Module):
                 dtype=self.amp_dtype,
                 compiled=self.compiled_loss,
             )
-        hidden = self.model.hidden_states(inputs, positions, doc_ids=doc, block_mask=block_mask)
+        hidden = self.model.hidden_states(inputs, positions, **examples)
         return linear_cross_entropy(
             hidden.flatten(0, 1),
             self.model.head.weight,

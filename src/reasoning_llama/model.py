@@ -6,13 +6,15 @@ Attention is grouped-query with rotate-half RoPE (the transformers convention, s
 move to `LlamaForCausalLM` by renaming alone). One forward serves training (plain causal,
 padded or packed rows) and inference (a preallocated KV cache written at given positions).
 Packed rows attend inside each example through a dense boolean mask with SDPA (CPU, where
-FlexAttention has no backward pass) or a FlexAttention block mask (GPU: a fused kernel that skips
-the blocks an example cannot see, built once per batch by `document_block_mask`).
+FlexAttention has no backward pass), a FlexAttention block mask (GPU: a fused kernel that skips
+the blocks an example cannot see, built once per batch by `document_block_mask`), or flash
+attention's variable-length form (GPU: every example a sequence of its own, `document_segments`).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +26,13 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from reasoning_llama.config import ModelConfig
+
+try:  # flash attention over variable-length sequences: CUDA only, in recent PyTorch releases
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+# Newer releases take a window (causal = (-1, 0)) and grouped key heads; older ones only is_causal.
+VARLEN_TAKES_GQA = varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
 class RMSNorm(nn.Module):
@@ -151,6 +160,27 @@ class KVCache:
         return k_cache[row_index.squeeze(1), :, :length], v_cache[row_index.squeeze(1), :, :length]
 
 
+@dataclass(frozen=True)
+class Segments:
+    """Packed rows as flash attention's variable-length input: the B x T tokens taken row after row
+    and cut into one sequence per example (or run of padding) of a row."""
+
+    offsets: Tensor  # (capacity + 1,) int32: where each sequence starts, then B*T; spare ones are empty
+    longest: int  # no sequence is longer (the row length)
+
+
+def varlen_causal_attention(q: Tensor, k: Tensor, v: Tensor, segments: Segments) -> Tensor:
+    """Causal attention inside each sequence of `segments`: q (B*T, H, D), k and v (B*T, H_kv, D)."""
+    if varlen_attn is None:
+        raise RuntimeError("this PyTorch has no torch.nn.attention.varlen (variable-length flash attention)")
+    offsets, longest = segments.offsets, segments.longest
+    if VARLEN_TAKES_GQA:
+        return varlen_attn(q, k, v, offsets, offsets, longest, longest, window_size=(-1, 0), enable_gqa=True)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return varlen_attn(q, k, v, offsets, offsets, longest, longest, is_causal=True)
+
+
 @dataclass
 class AttentionInputs:
     """What every layer needs besides the hidden states, built once per forward."""
@@ -160,6 +190,7 @@ class AttentionInputs:
     mask: Tensor | None  # bool (B, 1, T_q, T_k), True = may attend; None = plain causal
     positions: Tensor
     block_mask: BlockMask | None = None  # FlexAttention's sparse form of the mask, used instead of it
+    segments: Segments | None = None  # or the examples as flash attention's variable-length sequences
     kv_cache: KVCache | None = None
     cache_rows: Tensor | None = None
     cache_length: int = 0
@@ -195,6 +226,10 @@ class Attention(nn.Module):
                 self.layer_index, inputs.positions, k, v, inputs.cache_rows, inputs.cache_length
             )
             k, v = k.to(q.dtype), v.to(q.dtype)
+        if inputs.segments is not None:
+            rows = (t.transpose(1, 2).reshape(batch * length, t.shape[1], self.head_dim) for t in (q, k, v))
+            out = varlen_causal_attention(*rows, inputs.segments)
+            return self.o_proj(out.reshape(batch, length, -1))
         if inputs.block_mask is not None:
             # Inside a compiled layer dynamo compiles flex_attention itself; outside one it must be
             # compiled too, as uncompiled it runs a slow reference path.
@@ -267,6 +302,7 @@ class Transformer(nn.Module):
         attention_mask: Tensor | None = None,
         doc_ids: Tensor | None = None,
         block_mask: BlockMask | None = None,
+        segments: Segments | None = None,
         kv_cache: KVCache | None = None,
         cache_rows: Tensor | None = None,
         cache_length: int | None = None,
@@ -279,6 +315,7 @@ class Transformer(nn.Module):
         doc_ids: (B, T) ints, one per packed example: attention stays inside an example
             and positions restart at each one.
         block_mask: `document_block_mask(doc_ids)`: the same restriction through FlexAttention.
+        segments: `document_segments(doc_ids, ...)`: the same through flash attention (CUDA).
         kv_cache / cache_rows: write this step's keys and values at `positions` in the
             cache rows `cache_rows` (default: rows 0..B-1) and attend to every earlier slot;
             cache_length (the largest position + 1) spares a device-to-host read when given.
@@ -286,7 +323,7 @@ class Transformer(nn.Module):
             which skips most of the head's cost in training and prefill.
         """
         inputs = self._attention_inputs(
-            ids, positions, attention_mask, doc_ids, block_mask, kv_cache, cache_rows, cache_length
+            ids, positions, attention_mask, doc_ids, block_mask, segments, kv_cache, cache_rows, cache_length
         )
         x = self.embed(ids)
         for layer in self.layers:
@@ -305,6 +342,7 @@ class Transformer(nn.Module):
         attention_mask: Tensor | None,
         doc_ids: Tensor | None,
         block_mask: BlockMask | None,
+        segments: Segments | None,
         kv_cache: KVCache | None,
         cache_rows: Tensor | None,
         cache_length: int | None,
@@ -324,9 +362,11 @@ class Transformer(nn.Module):
             self._check_context(cache_length)
             key_slots = torch.arange(cache_length, device=device)
             mask = (key_slots.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)
-            return AttentionInputs(cos, sin, mask, positions, None, kv_cache, cache_rows, cache_length)
-        if block_mask is not None:
-            return AttentionInputs(cos, sin, None, positions, block_mask)
+            return AttentionInputs(
+                cos, sin, mask, positions, kv_cache=kv_cache, cache_rows=cache_rows, cache_length=cache_length
+            )
+        if block_mask is not None or segments is not None:
+            return AttentionInputs(cos, sin, None, positions, block_mask=block_mask, segments=segments)
         if attention_mask is None and doc_ids is None:
             return AttentionInputs(cos, sin, None, positions)
         idx = torch.arange(length, device=device)
@@ -370,13 +410,31 @@ def default_positions(
     """RoPE positions: count real tokens under a padding mask, restart at each packed example."""
     idx = torch.arange(length, device=device).expand(batch, length)
     if doc_ids is not None:
-        starts = torch.ones_like(doc_ids, dtype=torch.bool)
-        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-        segment_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+        segment_start = torch.where(example_starts(doc_ids), idx, torch.zeros_like(idx)).cummax(dim=1).values
         return idx - segment_start
     if attention_mask is not None:
         return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
     return idx
+
+
+def example_starts(doc_ids: Tensor) -> Tensor:
+    """(B, T) bool: True where a packed example (or a run of padding) begins, the row's start included."""
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return starts
+
+
+def document_segments(doc_ids: Tensor, per_row: int) -> Segments:
+    """`Segments` of packed rows with room for `per_row` sequences a row (`BatchLoader.segments_per_row`).
+
+    Built on the device without reading anything back, into the same shape every batch, so a
+    compiled layer never recompiles; a row with more sequences than `per_row` would be merged.
+    """
+    batch, length = doc_ids.shape
+    total = batch * length
+    starts = torch.nonzero_static(example_starts(doc_ids).flatten(), size=batch * per_row, fill_value=total)
+    offsets = torch.cat([starts.flatten(), starts.new_full((1,), total)]).to(torch.int32)
+    return Segments(offsets, length)
 
 
 def document_block_mask(doc_ids: Tensor, block_size: int = 128, *, compiled: bool | None = None) -> BlockMask:

@@ -132,6 +132,14 @@ class BatchLoader:
         return len(self.rows)
 
     @property
+    def segments_per_row(self) -> int:
+        """The most runs of one example (or of padding) in any row: room for varlen attention."""
+        padded = self._row_tokens < self.seq_len
+        return max(
+            1, max((len(row) + int(pad) for row, pad in zip(self.rows, padded, strict=True)), default=1)
+        )
+
+    @property
     def global_batch_rows(self) -> int:
         """Rows of one global batch: this rank's `batch_size` times the world size."""
         return self.batch_size * self.world_size

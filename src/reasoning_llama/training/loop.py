@@ -46,7 +46,7 @@ from reasoning_llama.errors import ConfigError, ReasoningLlamaError
 from reasoning_llama.evaluation import evaluate_generations, synthetic_test_rows
 from reasoning_llama.generation import Engine
 from reasoning_llama.loss import ModelWithLoss, batch_loss, loss_report, summed_loss
-from reasoning_llama.model import Transformer
+from reasoning_llama.model import Transformer, varlen_attn
 from reasoning_llama.tokenizer import ChatTokenizer, get_tokenizer
 from reasoning_llama.training import distributed as dist
 from reasoning_llama.training import run_checkpoints as ckpt
@@ -181,14 +181,21 @@ def accumulation_steps(config: RunConfig, world_size: int = 1) -> int:
     return max(1, round(t.global_batch_tokens / per_micro))
 
 
-def use_flex_attention(setting: str, device: torch.device) -> bool:
-    """`train.attention`: auto = FlexAttention on CUDA; sdpa (dense mask) elsewhere, and always on a
-    CPU, where FlexAttention has no backward pass."""
-    if setting not in ("auto", "flex", "sdpa"):
-        raise ConfigError(f"train.attention must be auto, flex or sdpa, got {setting!r}")
-    if setting == "flex" and device.type == "cpu":
-        raise ConfigError("train.attention=flex needs a GPU (FlexAttention has no CPU backward); use sdpa")
-    return setting == "flex" or (setting == "auto" and device.type == "cuda")
+def attention_kind(setting: str, device: torch.device) -> str:
+    """`train.attention`: auto = FlexAttention on CUDA and sdpa (the dense mask) elsewhere; flex and
+    varlen (flash attention over each example) need a GPU, as neither has a CPU backward pass."""
+    if setting not in ("auto", "flex", "varlen", "sdpa"):
+        raise ConfigError(f"train.attention must be auto, flex, varlen or sdpa, got {setting!r}")
+    if setting in ("flex", "varlen") and device.type == "cpu":
+        raise ConfigError(f"train.attention={setting} needs a GPU (it has no CPU backward pass); use sdpa")
+    if setting == "varlen" and varlen_attn is None:
+        raise ConfigError(
+            f"train.attention=varlen needs torch.nn.attention.varlen, which torch {torch.__version__} "
+            "lacks; use flex"
+        )
+    if setting == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    return setting
 
 
 def use_compile(setting: bool | None, device: torch.device) -> bool:
@@ -483,7 +490,10 @@ class Trainer:
         self.loss_model = ModelWithLoss(
             self.model,
             select_positions=not on_gpu,
-            flex=use_flex_attention(t.attention, self.device),
+            attention=attention_kind(t.attention, self.device),
+            segments_per_row=max(
+                loader.segments_per_row for loader in (self.train_loader, self.val_loader) if loader
+            ),
             amp_dtype=self.amp,
             compile_loss=self.compiled,
         )
