@@ -23,9 +23,11 @@ CODE_REASONING = "The user wants code, so I will show a short Python example. " 
 CODE_ANSWER = "Here:\n```python\nprint('hi')\n```\nThat is **all** for `now`."
 XSS_REASONING = "<script>alert('reasoning')</script> hmm"
 XSS_ANSWER = "<img src=x onerror=alert(1)> and <b>bold?</b>"
+LIST_ANSWER = "3. three\n4. four\n\nThen my_var_name, _this_ and 2 * 3.\n\n5. five"
 SCRIPTS = {
     "[code]": (CODE_REASONING.strip(), CODE_ANSWER),
     "[xss]": (XSS_REASONING, XSS_ANSWER),
+    "[list]": ("Listing.", LIST_ANSWER),
     "[long]": ("word " * 240, "never reached"),
     "": ("Thinking it over.", "Hello there!"),
 }
@@ -65,16 +67,18 @@ def browser():
 class Chat:
     """A fresh browser context (empty localStorage) on the chat page, recording what a test checks."""
 
-    def __init__(self, browser, server) -> None:
+    def __init__(self, browser, server, routes: dict | None = None) -> None:
         self.server = server
         self.context = browser.new_context()
         self.dialogs: list[str] = []
         self.foreign: list[str] = []
         self.bodies: list[dict] = []
         self.context.route("**/*", self._only_this_server)
+        for pattern, handler in (routes or {}).items():  # these run first: the last registered does
+            self.context.route(pattern, handler)
         self.page = self.context.new_page()
         self.page.on("dialog", self._dialog)
-        self.page.on("request", self._request)
+        self.context.on("request", self._request)
         self.open()
 
     def _only_this_server(self, route) -> None:
@@ -203,6 +207,7 @@ def test_model_and_user_html_stay_text(chat):
 
 def test_settings_reach_the_request(chat):
     chat.page.click("#settings summary")
+    assert not chat.page.is_visible("#api-key")  # this server needs none
     chat.page.fill("#temperature", "0")
     chat.page.fill("#max-tokens", "3")
     chat.page.fill("#system-prompt", "Be terse.")
@@ -268,8 +273,12 @@ def test_a_server_with_an_api_key_gets_a_key_field(browser, checkpoint):
         chat = Chat(browser, keyed)
         try:
             assert chat.page.is_visible("#api-key")
+            chat.page.fill("#api-key", "ключ")
             chat.ask("hello")
-            assert "missing API key" in chat.texts(".message.error")[0]
+            assert "only ASCII" in chat.texts(".message.error")[0]
+            chat.page.fill("#api-key", "")
+            chat.ask("hello")
+            assert "missing API key" in chat.texts(".message.error")[-1]
             assert chat.page.input_value("#prompt") == "hello"  # the question is back in the box
             assert chat.page.locator(".message.user").count() == 0
             chat.page.fill("#api-key", KEY)
@@ -280,3 +289,136 @@ def test_a_server_with_an_api_key_gets_a_key_field(browser, checkpoint):
             assert chat.page.input_value("#api-key") == KEY
         finally:
             chat.context.close()
+
+
+def ask_while_streaming(chat, question: str = "[long] take your time") -> None:
+    chat.ask(question, wait=False)
+    chat.page.wait_for_function(
+        "() => [...document.querySelectorAll('.assistant .reasoning')].pop()?.textContent.length > 20"
+    )
+
+
+def test_new_chat_during_a_reply_starts_empty(chat):
+    ask_while_streaming(chat)
+    chat.page.click("#new-chat")
+    chat.wait_done()
+    assert chat.page.locator(".message").count() == 0
+    assert chat.page.text_content("#status") == ""
+    chat.page.reload()
+    chat.page.wait_for_selector("body[data-ready=true]")
+    assert chat.page.locator(".message").count() == 0
+    chat.ask("hi")
+    assert chat.bodies[-1]["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_leaving_the_page_during_a_reply_keeps_it_marked(chat):
+    ask_while_streaming(chat)
+    chat.page.reload()
+    chat.page.wait_for_selector("body[data-ready=true]")
+    assert chat.texts(".message.user") == ["[long] take your time"]
+    assert chat.texts(".assistant .note") == ["(interrupted: the page was left)"]
+    assert chat.texts(".assistant .reasoning")[0].startswith("word word")
+
+
+def at_end(page) -> bool:
+    return page.evaluate("() => innerHeight + scrollY >= document.body.scrollHeight - 48")
+
+
+def test_the_page_follows_a_reply_unless_the_reader_scrolled_up(chat):
+    chat.page.set_viewport_size({"width": 800, "height": 400})
+    history = [{"role": r, "content": f"message {i}"} for i in range(20) for r in ("user", "assistant")]
+    chat.page.evaluate(
+        f"localStorage.setItem('reasoning-llama.conversation', {json.dumps(json.dumps(history))})"
+    )
+    chat.open()
+    ask_while_streaming(chat)
+    chat.page.wait_for_function(
+        "() => document.querySelector('.assistant:last-child .reasoning').textContent.length > 300"
+    )
+    assert at_end(chat.page)
+    chat.page.evaluate("window.scrollTo(0, 0)")
+    chat.page.wait_for_timeout(300)  # more reasoning streams in
+    assert chat.page.evaluate("scrollY") == 0
+    chat.page.click("#stop")
+    chat.wait_done()
+
+
+def test_thinking_reopened_during_the_answer_stays_open(chat):
+    chat.ask("[code] again", wait=False)
+    chat.page.wait_for_function("() => document.querySelector('.assistant .answer').textContent.length > 0")
+    chat.page.locator(".assistant details.thinking summary").click()
+    chat.wait_done()
+    assert chat.page.locator(".assistant details.thinking").get_attribute("open") is not None
+
+
+def test_tabs_of_the_page_share_one_conversation(chat):
+    other = chat.context.new_page()
+    other.goto(f"{chat.server.url}/")
+    other.wait_for_selector("body[data-ready=true]")
+    chat.ask("from the first tab")
+    other.wait_for_function("() => document.querySelectorAll('.message.user').length == 1")
+    other.fill("#prompt", "from the second tab")
+    other.press("#prompt", "Enter")
+    other.wait_for_selector("#send:not([hidden])")
+    other.wait_for_function("() => document.querySelectorAll('.assistant .answer').length == 2")
+    assert [m["content"] for m in chat.bodies[-1]["messages"]] == [
+        "from the first tab",
+        "Hello there!",
+        "from the second tab",
+    ]
+    chat.page.reload()
+    chat.page.wait_for_selector("body[data-ready=true]")
+    assert chat.texts(".message.user") == ["from the first tab", "from the second tab"]
+
+
+def test_a_failed_question_leaves_a_new_draft_alone(chat):
+    chat.page.click("#settings summary")
+    chat.page.fill("#max-tokens", "5000")  # beyond the 256-token context: refused
+    chat.page.evaluate(
+        "() => { const prompt = document.getElementById('prompt'); prompt.value = 'first';"
+        " document.getElementById('composer').requestSubmit(); prompt.value = 'my next draft'; }"
+    )
+    chat.wait_done()
+    chat.page.wait_for_selector(".message.error")
+    assert chat.page.input_value("#prompt") == "my next draft"
+    assert "(not sent: “first”)" in chat.texts(".message.error")[0]
+    assert chat.page.locator(".message.user").count() == 0
+
+
+def test_a_conversation_too_large_for_the_browser_still_works(chat):
+    chat.ask("x" * 6_000_000)  # over the browser's storage and the server's body limit
+    assert "larger than" in chat.texts(".message.error")[0]
+    chat.page.fill("#prompt", "")
+    chat.ask("hello")
+    assert chat.texts(".assistant .answer") == ["Hello there!"]
+
+
+def test_markdown_lists_keep_their_numbers_and_snake_case_its_underscores(chat):
+    chat.ask("[list] please")
+    starts = chat.page.eval_on_selector_all(".assistant .answer ol", "lists => lists.map(l => l.start)")
+    assert starts == [3, 5]
+    assert chat.texts(".assistant .answer ol li") == ["three", "four", "five"]
+    assert chat.texts(".assistant .answer em") == ["this"]
+    assert "my_var_name" in chat.texts(".assistant .answer p")[0]
+
+
+def test_max_tokens_is_read_as_a_number_and_a_late_health_check_is_retried(browser, server):
+    failed = []
+
+    def health_fails_once(route) -> None:
+        if failed:
+            route.continue_()
+        else:
+            failed.append(route.request.url)
+            route.fulfill(status=503, body="starting")
+
+    chat = Chat(browser, server, routes={"**/health": health_fails_once})
+    try:
+        assert failed and chat.page.text_content("#status") == "cannot reach the server"
+        chat.page.click("#settings summary")
+        chat.page.fill("#max-tokens", "1e2")
+        chat.ask("hello")
+        assert chat.texts(".assistant .answer") == ["Hello there!"]
+        assert (chat.bodies[-1]["model"], chat.bodies[-1]["max_tokens"]) == (MODEL, 100)
+    finally:
+        chat.context.close()

@@ -31,6 +31,7 @@ let limits = { maxContext: null, defaultMaxTokens: null }; // from /health
 // [{role, content, reasoning?, note?, dropped?}]; dropped: beyond the context, no longer sent
 let conversation = load(STORE.conversation, []);
 let controller = null; // the AbortController of the generation in flight
+let streaming = null; // {chat, reply} of the generation in flight, kept if the page is left during it
 const nodeOf = new WeakMap(); // message -> its bubble
 // Errors that leaving out the oldest exchange can fix.
 const TOO_MUCH_HISTORY = new Set(["context_length_exceeded", "too_many_messages", "prompt_too_long"]);
@@ -44,8 +45,14 @@ function load(key, fallback) {
   }
 }
 
+// Keep the conversation for a reload (and for the page's other tabs). A browser's storage is a few
+// MB: a conversation beyond it is kept on the page only, and the page says so.
 function save() {
-  localStorage.setItem(STORE.conversation, JSON.stringify(conversation));
+  try {
+    localStorage.setItem(STORE.conversation, JSON.stringify(conversation));
+  } catch {
+    setStatus("this conversation is too large for the browser to keep: it will not survive a reload");
+  }
 }
 
 function saveSettings() {
@@ -73,7 +80,9 @@ function el(tag, className, text) {
   return node;
 }
 
-const INLINE = /(`+)([\s\S]*?[^`])\1(?!`)|\*\*(?=\S)([\s\S]*?\S)\*\*|\*(?=\S)([^*]*?\S)\*|_(?=\S)([^_]*?\S)_/;
+// Underscores inside a word (snake_case) stay underscores, as in CommonMark.
+const INLINE =
+  /(`+)([\s\S]*?[^`])\1(?!`)|\*\*(?=\S)([\s\S]*?\S)\*\*|\*(?=\S)([^*]*?\S)\*|(?<![\p{L}\p{N}_])_(?=\S)([^_]*?\S)_(?![\p{L}\p{N}_])/u;
 
 function appendInline(parent, text) {
   while (text) {
@@ -125,6 +134,7 @@ function renderMarkdown(text, container) {
     if (listItem.test(line)) {
       const ordered = /^\s*\d/.test(line);
       const list = container.appendChild(el(ordered ? "ol" : "ul"));
+      if (ordered) list.start = parseInt(line, 10); // a list that goes on after a paragraph keeps its numbers
       while (i < lines.length && listItem.test(lines[i])) {
         appendInline(list.appendChild(el("li")), lines[i].replace(listItem, ""));
         i++;
@@ -196,14 +206,29 @@ function renderConversation() {
     if (message.role === "user") userBubble(message);
     else if (message.role === "assistant") assistantBubble(message).show(message, false);
   }
+  scrollToEnd();
+}
+
+function scrollToEnd() {
   window.scrollTo(0, document.body.scrollHeight);
+}
+
+// Run `update`, then keep the page at its end if it was there (a reader who scrolled up stays put).
+function following(update) {
+  const atEnd = window.innerHeight + window.scrollY >= document.body.scrollHeight - 48;
+  update();
+  if (atEnd) scrollToEnd();
 }
 
 // ---- talking to the server ---------------------------------------------------------------
 
 function headers() {
   const h = { "Content-Type": "application/json" };
-  if (els.apiKey.value) h.Authorization = `Bearer ${els.apiKey.value}`;
+  const key = els.apiKey.value;
+  if (key && !/^[\x21-\x7e]+$/.test(key)) {
+    throw new Error("the API key in Settings may hold only ASCII letters, digits and punctuation");
+  }
+  if (key) h.Authorization = `Bearer ${key}`;
   return h;
 }
 
@@ -224,7 +249,10 @@ function requestBody(withLimit = true) {
 }
 
 function askedMaxTokens() {
-  return parseInt(els.maxTokens.value, 10); // NaN: Settings leaves it to the server
+  // As typed (1e3 is 1000; 1.5 goes to the server, which says it must be a whole number); NaN when
+  // empty: Settings leaves it to the server.
+  const value = els.maxTokens.value.trim();
+  return value === "" ? NaN : Number(value);
 }
 
 // Room kept for the reply (older exchanges are left out to make room for it): what Settings asks
@@ -342,19 +370,25 @@ function setBusy(busy) {
 }
 
 async function send(text) {
+  controller = new AbortController();
+  setBusy(true);
+  await ready; // the model's name and limits come from /health
+  if (!model) await readHealth();
+  const chat = conversation; // "New chat" during the reply starts another: this reply then leaves it alone
   const user = { role: "user", content: text };
-  conversation.push(user);
+  chat.push(user);
   save();
   const userNode = userBubble(user);
   const reply = { role: "assistant", content: "", reasoning: "" };
   const bubble = assistantBubble(reply);
   bubble.thinking.open = true; // open while the reasoning streams
   bubble.show(reply, true);
-  controller = new AbortController();
-  setBusy(true);
+  scrollToEnd();
+  streaming = { chat, reply };
   setStatus("generating…");
   let finishReason = null;
   try {
+    if (!model) throw new Error("cannot reach the server");
     const response = await postConversation(controller.signal);
     for await (const data of sseData(response)) {
       if (data === "[DONE]") break;
@@ -365,37 +399,48 @@ async function send(text) {
       const delta = choice.delta || {};
       if (delta.reasoning_content) reply.reasoning += delta.reasoning_content;
       if (delta.content) {
+        if (!reply.content) bubble.thinking.open = false; // the answer begins; the reader may reopen it
         reply.content += delta.content;
-        bubble.thinking.open = false;
       }
       if (choice.finish_reason) finishReason = choice.finish_reason;
-      bubble.show(reply, true);
+      following(() => bubble.show(reply, true));
     }
     if (finishReason === "length") reply.note = "(stopped at the token limit)";
+    else if (finishReason === null) reply.note = "(the reply ended early: the connection closed)";
     if (els.status.textContent === "generating…") setStatus("");
   } catch (error) {
-    if (error.name === "AbortError") {
+    if (conversation !== chat) {
+      // stopped by "New chat": the reply belonged to the conversation that was cleared
+    } else if (error.name === "AbortError") {
       reply.note = "(stopped)";
       setStatus("stopped");
     } else {
-      errorBubble(`Error: ${error.message}`);
       setStatus("");
       if (!reply.content && !reply.reasoning) {
-        // Nothing came back: take the question out of the history and put it back in the box.
+        // Nothing came back: take the question out of the history and put it back in the box,
+        // unless the next one is being typed there already.
         userNode.remove();
         bubble.node.remove();
-        conversation.pop();
+        chat.pop();
         save();
-        els.prompt.value = text;
+        if (els.prompt.value.trim()) errorBubble(`Error: ${error.message} (not sent: “${text}”)`);
+        else {
+          errorBubble(`Error: ${error.message}`);
+          els.prompt.value = text;
+        }
         finish();
         return;
       }
+      errorBubble(`Error: ${error.message}`);
+      reply.note = "(interrupted)";
     }
   }
-  bubble.thinking.open = false; // collapsed once the message is complete
-  bubble.show(reply, false);
-  conversation.push(reply);
-  save();
+  streaming = null;
+  if (conversation === chat) {
+    bubble.show(reply, false);
+    chat.push(reply);
+    save();
+  }
   finish();
 }
 
@@ -427,8 +472,8 @@ els.stop.addEventListener("click", () => {
 });
 
 els.newChat.addEventListener("click", () => {
+  conversation = []; // before the abort, so the reply in flight sees it is no longer this chat's
   if (controller) controller.abort();
-  conversation = [];
   save();
   renderConversation();
   setStatus("");
@@ -449,6 +494,35 @@ for (const input of [els.maxTokens, els.systemPrompt]) {
   });
 }
 
+// Leaving the page during a reply keeps what came of it, marked, so the history stays question, reply.
+window.addEventListener("pagehide", () => {
+  if (!streaming || streaming.chat !== conversation) return;
+  // A new array: the reply in flight, failing as the page goes, then leaves this one alone.
+  conversation = [...conversation, { ...streaming.reply, note: "(interrupted: the page was left)" }];
+  save();
+});
+
+// Another tab of this page changed the conversation: follow it (a reply in flight finishes first).
+window.addEventListener("storage", (event) => {
+  if (event.key !== STORE.conversation || controller) return;
+  conversation = load(STORE.conversation, []);
+  renderConversation();
+});
+
+async function readHealth() {
+  try {
+    const health = await (await fetch("/health")).json();
+    model = health.model;
+    limits = { maxContext: health.max_context, defaultMaxTokens: health.default_max_tokens };
+    els.modelName.textContent = `${health.model} · context ${health.max_context} tokens`;
+    els.maxTokens.max = String(health.max_context);
+    return health;
+  } catch {
+    setStatus("cannot reach the server");
+    return null;
+  }
+}
+
 async function init() {
   const settings = load(STORE.settings, {});
   if (settings.temperature !== undefined) els.temperature.value = settings.temperature;
@@ -456,21 +530,15 @@ async function init() {
   if (settings.systemPrompt !== undefined) els.systemPrompt.value = settings.systemPrompt;
   els.apiKey.value = localStorage.getItem(STORE.apiKey) || "";
   renderConversation();
-  try {
-    const health = await (await fetch("/health")).json();
-    model = health.model;
-    limits = { maxContext: health.max_context, defaultMaxTokens: health.default_max_tokens };
-    els.modelName.textContent = `${health.model} · context ${health.max_context} tokens`;
-    els.maxTokens.max = String(health.max_context);
-    if (health.api_key_required) els.apiKeyRow.hidden = false;
-    if (health.api_key_required && !els.apiKey.value) {
+  const health = await readHealth();
+  if (health && health.api_key_required) {
+    els.apiKeyRow.hidden = false;
+    if (!els.apiKey.value) {
       document.getElementById("settings").open = true;
       setStatus("this server needs an API key: enter it under Settings");
     }
-  } catch {
-    setStatus("cannot reach the server");
   }
   document.body.dataset.ready = "true";
 }
 
-init();
+const ready = init();
