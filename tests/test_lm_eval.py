@@ -2,7 +2,7 @@
 generation task through /v1/chat/completions and a loglikelihood task through /v1/completions, both
 the task files README's section ships (docs/lm-eval/), on held-out problems that `reasoning-llama eval`
 scores itself. Nothing here knows the right numbers in advance: the harness must agree with our own
-evaluator and with the engine's log-probabilities."""
+evaluator, and its log-probabilities with transformers' on the exported weights."""
 
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
+import transformers
 
 from cli_helpers import run_cli
-from reasoning_llama.generation import Engine
+from reasoning_llama.tokenizer import get_tokenizer
 
 TASKS = Path(__file__).parent.parent / "docs" / "lm-eval"
 FAMILIES = "synthetic:chain_sum,max_digit,sort_digits"  # the quickstart's
@@ -116,6 +118,8 @@ def test_lm_eval_through_the_server_agrees_with_reasoning_llama_eval(tmp_path):
                 "max_length": "256",
             },
             "reasoning_llama_loglikelihood",
+            "--batch_size",
+            "3",  # several prompts in one request
         )
 
     # generation: the harness's exact match is eval's, answer by answer
@@ -124,17 +128,20 @@ def test_lm_eval_through_the_server_agrees_with_reasoning_llama_eval(tmp_path):
     assert [s["filtered_resps"][0] for s in by_doc] == [e["answer"] for e in examples]
     assert [bool(s["exact_match"]) for s in by_doc] == [e["correct"] for e in examples]
 
-    # loglikelihood: each answer's log-probability after its question, as the engine computes it
-    engine = Engine.from_checkpoint(checkpoint, device="cpu", max_batch_size=1)
-    tokenizer = engine.tokenizer
+    # loglikelihood: each answer's log-probability after its question, as transformers computes it
+    # from the exported weights (an implementation of the model other than the server's)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tokenizer = get_tokenizer()
     greedy = []
     for sample in sorted(loglik_samples, key=lambda s: s["doc_id"]):
         context, continuation = sample["arguments"]["gen_args_0"].values()
         ids, context_ids = tokenizer.encode(context + continuation), tokenizer.encode(context)
-        scored = engine.prompt_logprobs(ids, top=1)[len(context_ids) - 1 :]
+        with torch.no_grad():
+            logprobs = hf(torch.tensor([ids])).logits[0, len(context_ids) - 1 : -1].log_softmax(-1)
+        targets = torch.tensor(ids[len(context_ids) :])
         logprob, is_greedy = map(str, sample["filtered_resps"][0])
-        assert float(logprob) == pytest.approx(sum(e.logprob for e in scored), abs=1e-3)
-        greedy.append(all(e.top[0][0] == e.token for e in scored))
+        assert float(logprob) == pytest.approx(float(logprobs.gather(1, targets[:, None]).sum()), abs=1e-3)
+        greedy.append(bool((logprobs.argmax(-1) == targets).all()))
         assert (is_greedy == "True") == greedy[-1]
     assert loglik["acc,none"] == pytest.approx(sum(greedy) / len(greedy))
     assert math.isfinite(loglik["perplexity,none"])

@@ -214,6 +214,14 @@ def test_n_completions_and_capacity(checkpoint):
         assert caught.value.param == "n" and "at most 4 choices" in caught.value.message
         schema = httpx.get(f"{server.url}/openapi.json").json()["components"]["schemas"]
         assert schema["CompletionRequest"]["properties"]["n"]["maximum"] == 4
+        # several prompts: one choice each, as many as the places
+        with pytest.raises(openai.BadRequestError) as caught:
+            client(server).completions.create(model=MODEL, prompt=["Once", "Twice"], max_tokens=5, n=2)
+        assert caught.value.param == "prompt" and "take n = 1" in caught.value.message
+        with pytest.raises(openai.BadRequestError) as caught:
+            client(server).completions.create(model=MODEL, prompt=["Once"] * 5, max_tokens=5)
+        assert caught.value.param == "prompt" and "at most 4 choices" in caught.value.message
+        assert schema["CompletionRequest"]["properties"]["prompt"]["anyOf"][1]["maxItems"] == 4
         assert server.wait_idle()["in_flight"] == 0
 
 
@@ -278,6 +286,26 @@ def test_completion_accepts_token_ids_as_the_prompt(greedy):
     assert choice.text.startswith("<|im_end|><|im_start|>userOnce")
     for token, offset in zip(choice.logprobs.tokens, choice.logprobs.text_offset, strict=True):
         assert choice.text[offset : offset + len(token)] == token  # special ids by their names too
+
+
+def test_several_prompts_in_one_request_answer_as_each_alone(greedy):
+    """A list of prompts (as lm-evaluation-harness sends with --batch_size): one choice per prompt, in
+    order, each the answer that prompt gets alone; streamed the same; the usage counts every prompt."""
+    texts = ["Once upon a time", "The quick brown fox"]
+    body = {"model": MODEL, "max_tokens": 5, "logprobs": 1, "echo": True}
+    alone = [client(greedy).completions.create(prompt=t, **body).choices[0] for t in texts]
+    for prompts in (texts, [TOKENIZER.encode(t) for t in texts]):
+        reply = client(greedy).completions.create(prompt=prompts, **body)
+        assert [c.index for c in reply.choices] == [0, 1]
+        for choice, single in zip(reply.choices, alone, strict=True):
+            assert choice.text == single.text
+            assert choice.logprobs.token_logprobs == pytest.approx(single.logprobs.token_logprobs, abs=1e-5)
+        assert reply.usage.prompt_tokens == sum(len(TOKENIZER.encode(t)) for t in texts)
+    streamed = {0: "", 1: ""}
+    for chunk in client(greedy).completions.create(prompt=texts, stream=True, **body):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == {0: alone[0].text, 1: alone[1].text}
 
 
 def test_logprobs_of_an_end_id_are_reported_without_text(scripted):

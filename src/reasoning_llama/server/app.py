@@ -170,23 +170,26 @@ class _ServerState:
                 values[name] = getattr(body, name)
         return SamplingParams(**values, **own)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, n: int = 1) -> list[Job]:
-        """One engine request per choice, all queued or none; choice i samples with seed + i."""
-        if n > self.worker.capacity:  # never fits, however idle the server: a 400, as the schema says
+    def submit(self, prompts: Sequence[tuple[list[int], SamplingParams]], n: int = 1) -> list[Job]:
+        """One engine request per choice of each (prompt ids, params), all queued or none: prompt by
+        prompt, n choices each; choice i samples with seed + i."""
+        if len(prompts) * n > self.worker.capacity:  # never fits, however idle: a 400, as the schema says
+            param = "prompt" if len(prompts) > 1 else "n"
             raise bad_request(
-                f"n: at most {self.worker.capacity} choices on this server (its slots plus queue places)",
-                param="n",
+                f"{param}: at most {self.worker.capacity} choices on this server (its slots plus queue places)",
+                param=param,
             )
-        choices = [params]
-        for i in range(1, n):
-            seed = None if params.seed is None else (params.seed + i) % SEED_MODULUS
-            choices.append(dataclasses.replace(params, seed=seed))
+        choices = []
+        for prompt_ids, params in prompts:
+            try:
+                self.engine.check_request(prompt_ids, params)  # sampling values, empty prompt, context
+            except RequestError as e:
+                raise from_request_error(e) from None
+            for i in range(n):
+                seed = None if params.seed is None or i == 0 else (params.seed + i) % SEED_MODULUS
+                choices.append((prompt_ids, dataclasses.replace(params, seed=seed) if i else params))
         try:
-            self.engine.check_request(prompt_ids, params)  # sampling values, empty prompt, context
-        except RequestError as e:
-            raise from_request_error(e) from None
-        try:
-            jobs = self.worker.submit_all(prompt_ids, choices)
+            jobs = self.worker.submit_all(choices)
         except QueueFull as e:
             raise APIError(
                 503,
@@ -194,16 +197,15 @@ class _ServerState:
                 code="server_overloaded",
                 headers={"Retry-After": str(self.settings.retry_after_s)},
             ) from None
-        self.metrics.prompt_tokens.inc(len(prompt_ids) * n)
+        self.metrics.prompt_tokens.inc(sum(len(ids) for ids, _ in prompts) * n)
         return jobs
 
     def record(self, job: Job, result: GenerationResult) -> None:
         self.metrics.record_generation(result)
 
 
-def _usage(results: Sequence[GenerationResult]) -> Usage:
-    """The prompt once (as OpenAI counts it), the completions of every choice together."""
-    prompt = results[0].prompt_tokens
+def _usage(prompt: int, results: Sequence[GenerationResult]) -> Usage:
+    """The prompts' tokens, each prompt once (as OpenAI counts them), the completions of every choice."""
     completion = sum(r.completion_tokens for r in results)
     return Usage(
         prompt_tokens=prompt,
@@ -313,10 +315,10 @@ def _api_router(state: _ServerState) -> APIRouter:
         params = state.sampling_params(
             body, len(prompt_ids), reasoning_budget=body.reasoning_budget, logprobs=body.logprobs_wanted()
         )
-        jobs = state.submit(prompt_ids, params, body.n)
+        jobs = state.submit([(prompt_ids, params)], body.n)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            events = _chat_stream(state, jobs, completion_id, created, body.include_usage())
+            events = _chat_stream(state, jobs, completion_id, created, body.include_usage(), len(prompt_ids))
             return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
         results = await _collect(state, request, jobs)
         choices = [
@@ -335,39 +337,49 @@ def _api_router(state: _ServerState) -> APIRouter:
             created=created,
             model=settings.model_name,
             choices=choices,
-            usage=_usage(results),
+            usage=_usage(len(prompt_ids), results),
         )
 
     @router.post("/completions", response_model=None, responses=generation_responses(Completion, Completion))
     async def completions(body: CompletionRequest, request: Request) -> Completion | Response:
         state.check_model(body.model)
-        prompt = body.single_prompt()
-        if isinstance(prompt, str):
-            prompt_ids, prompt_text = state.tokenizer.encode(prompt), prompt  # plain BPE: never a special id
-        else:
-            prompt_ids, prompt_text = list(prompt), state.tokenizer.decode(prompt)
-        state.check_size(1, len(prompt_text))
-        params = state.sampling_params(body, len(prompt_ids), raw=True, logprobs=body.logprobs)
-        jobs = state.submit(prompt_ids, params, body.n)
-        echo = None
+        prompts = []  # (ids, text) of each prompt
+        for prompt in body.prompts():
+            if isinstance(prompt, str):
+                prompts.append((state.tokenizer.encode(prompt), prompt))  # plain BPE: never a special id
+            else:
+                prompts.append((list(prompt), state.tokenizer.decode(prompt)))
+        state.check_size(1, sum(len(text) for _, text in prompts))
+        jobs = state.submit(
+            [
+                (ids, state.sampling_params(body, len(ids), raw=True, logprobs=body.logprobs))
+                for ids, _ in prompts
+            ],
+            body.n,
+        )
+        echoes: list[_Echo | None] = [None] * len(jobs)
         if body.echo:
-            entries = None
-            if body.logprobs is not None:
-                try:
-                    scored = await asyncio.to_thread(state.engine.prompt_logprobs, prompt_ids, body.logprobs)
-                except BaseException:  # the choices already queued would run for nobody
-                    for job in jobs:
-                        job.cancel()
-                    raise
-                entries = [None, *scored]  # nothing predicts the first token
-            echo = _Echo(prompt_text, prompt_ids, entries)
+            try:
+                for p, (ids, text) in enumerate(prompts):
+                    entries = None
+                    if body.logprobs is not None:
+                        scored = await asyncio.to_thread(state.engine.prompt_logprobs, ids, body.logprobs)
+                        entries = [None, *scored]  # nothing predicts the first token
+                    echoes[p * body.n : (p + 1) * body.n] = [_Echo(text, ids, entries)] * body.n
+            except BaseException:  # the choices already queued would run for nobody
+                for job in jobs:
+                    job.cancel()
+                raise
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            events = _completion_stream(state, jobs, completion_id, created, body.include_usage(), echo)
+            events = _completion_stream(
+                state, jobs, completion_id, created, body.include_usage(), echoes, prompt_tokens
+            )
             return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
         results = await _collect(state, request, jobs)
         choices = []
-        for index, result in enumerate(results):
+        for index, (result, echo) in enumerate(zip(results, echoes, strict=True)):
             builder = CompletionLogprobsBuilder(state.tokenizer)
             parts = [] if echo is None else echo.logprobs(builder)
             text = result.answer if echo is None else echo.text + result.answer
@@ -383,7 +395,7 @@ def _api_router(state: _ServerState) -> APIRouter:
             created=created,
             model=settings.model_name,
             choices=choices,
-            usage=_usage(results),
+            usage=_usage(prompt_tokens, results),
         )
 
     return router
@@ -406,7 +418,12 @@ def _model_card(state: _ServerState) -> ModelCard:
 
 
 async def _chat_stream(
-    state: _ServerState, jobs: Sequence[Job], completion_id: str, created: int, include_usage: bool
+    state: _ServerState,
+    jobs: Sequence[Job],
+    completion_id: str,
+    created: int,
+    include_usage: bool,
+    prompt_tokens: int,
 ) -> AsyncIterator[str]:
     """OpenAI's chunk sequence: each choice's role, then reasoning/content deltas, each choice's
     finish, the usage of all, [DONE]."""
@@ -441,7 +458,7 @@ async def _chat_stream(
                 created=created,
                 model=state.settings.model_name,
                 choices=[],
-                usage=_usage(results),
+                usage=_usage(prompt_tokens, results),
             )
             yield _sse(usage.model_dump_json())
     except (EngineFailed, QueueFull) as e:
@@ -455,7 +472,8 @@ async def _completion_stream(
     completion_id: str,
     created: int,
     include_usage: bool,
-    echo: _Echo | None,
+    echoes: Sequence[_Echo | None],
+    prompt_tokens: int,
 ) -> AsyncIterator[str]:
     """OpenAI's text_completion chunks: each choice's echoed prompt (if asked), the raw continuation's
     pieces, each choice's finish, the usage of all, [DONE]."""
@@ -467,8 +485,8 @@ async def _completion_stream(
         return _sse(_chunk_json(body, include_usage))
 
     builders = [CompletionLogprobsBuilder(state.tokenizer) for _ in jobs]
-    if echo is not None:
-        for index, builder in enumerate(builders):
+    for index, (builder, echo) in enumerate(zip(builders, echoes, strict=True)):
+        if echo is not None:
             logprobs = echo.logprobs(builder)
             yield chunk([TextChoice(index=index, text=echo.text, logprobs=logprobs[0] if logprobs else None)])
     results = []
@@ -483,7 +501,7 @@ async def _completion_stream(
             results.append(event)
             yield chunk([TextChoice(index=index, text="", finish_reason=event.finish_reason)])
         if include_usage:
-            yield chunk([], _usage(results))
+            yield chunk([], _usage(prompt_tokens, results))
     except (EngineFailed, QueueFull) as e:
         yield _sse(_failure(e, state.settings).body())
     yield _sse("[DONE]")

@@ -16,8 +16,8 @@ _ERRORS = {
     400: "The request is invalid; `param` names the field. A value the schema refuses (a bad or "
     "unsupported value, an unknown field, a body that is not a JSON object), or one of the limits "
     "the schema cannot state, each with its `code`: the prompt plus max_tokens beyond the model's "
-    "context (context_length_exceeded), more characters in all messages together than the server "
-    "takes (prompt_too_long), a conversation that does not end with a user message or whose system "
+    "context (context_length_exceeded), more characters in all messages (or prompts) together than the "
+    "server takes (prompt_too_long), a conversation that does not end with a user message or whose system "
     "message has no user message to join (invalid_conversation).",
     401: "The server has an API key and the request did not send it as 'Authorization: Bearer <key>'.",
     404: "The model is not the one this server serves (code model_not_found).",
@@ -139,10 +139,12 @@ def _state_limits(
             branch["maxLength"] = settings.max_total_chars
         elif branch.get("items", {}).get("type") == "string":
             branch["items"]["maxLength"] = settings.max_total_chars
+            branch["maxItems"] = min(branch["maxItems"], capacity)  # one choice each
         elif branch.get("items", {}).get("type") == "integer":
             branch["maxItems"] = max_context - 1
         else:
             branch["items"]["maxItems"] = max_context - 1
+            branch["maxItems"] = min(branch["maxItems"], capacity)
 
 
 def _branch(schema: dict[str, Any], kind: str) -> dict[str, Any]:

@@ -30,7 +30,8 @@ from reasoning_llama.sampling import (
 from reasoning_llama.tokenizer import N_VOCAB
 
 MAX_CHOICES = 16  # n: choices per request, each its own request in the engine's batch
-MAX_STOPS = 4
+MAX_STOPS = 16  # OpenAI takes 4; lm-evaluation-harness adds its end-of-text string to a task's own 4
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (each times n choices within the capacity)
 SEED_MODULUS = 2**63  # SamplingParams' seeds are [0, 2**63); the API takes any integer
 
 
@@ -99,6 +100,13 @@ class ResponseFormat(_Request):
 _STREAM_OPTIONS_NEED_STREAM = {
     "if": {"properties": {"stream_options": {"type": "object"}}, "required": ["stream_options"]},
     "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+}
+_SEVERAL_PROMPTS_TAKE_ONE_CHOICE = {
+    "if": {
+        "properties": {"prompt": {"type": "array", "minItems": 2, "items": {"type": ["string", "array"]}}},
+        "required": ["prompt"],
+    },
+    "then": {"properties": {"n": {"const": 1}}},
 }
 _TOP_LOGPROBS_NEED_LOGPROBS = {
     "if": {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}}, "required": ["top_logprobs"]},
@@ -267,14 +275,18 @@ TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class CompletionRequest(_Sampling):
+    model_config = ConfigDict(
+        json_schema_extra={"allOf": [_STREAM_OPTIONS_NEED_STREAM, _SEVERAL_PROMPTS_TAKE_ONE_CHOICE]}
+    )
+
     prompt: (
         PromptText
-        | Annotated[list[PromptText], Field(min_length=1, max_length=1)]
+        | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)]
         | TokenIds
-        | Annotated[list[TokenIds], Field(min_length=1, max_length=1)]
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     ) = Field(
-        description="One prompt: text (encoded as plain text, never special ids) or token ids; a list "
-        "holding one of either is the same prompt."
+        description="A prompt, text (encoded as plain text, never special ids) or token ids, or a list of "
+        "prompts of either kind (then n is 1): one choice per prompt, in their order."
     )
     max_tokens: PositiveInt | None = 16  # OpenAI's default for raw completions
     echo: bool = Field(default=False, description="Return the prompt before the completion.")
@@ -287,20 +299,24 @@ class CompletionRequest(_Sampling):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, value: Any) -> Any:
+    def _prompts(cls, value: Any, info: ValidationInfo) -> Any:
         """Say what is wrong in words (the union's own errors list every branch)."""
-        one = value
-        if isinstance(value, list) and value and isinstance(value[0], (str, list)):
-            if len(value) != 1:
-                raise ValueError("send exactly one prompt per request")
-            one = value[0]
-        if one in ("", []):
-            raise ValueError("the prompt is empty")
-        if isinstance(one, list) and all(_is_integer(i) for i in one):
-            if not all(0 <= i < N_VOCAB for i in one):
-                raise ValueError(f"token ids must be in [0, {N_VOCAB})")
-        elif not isinstance(one, str):
-            raise ValueError("give a string, a list of token ids, or a list holding one of either")
+        several = isinstance(value, list) and bool(value) and isinstance(value[0], (str, list))
+        if several and len(value) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(value)}")
+        if several and len(value) > 1 and info.data.get("n", 1) != 1:
+            raise ValueError(
+                "several prompts in one request take n = 1; send a prompt alone for more choices"
+            )
+        for i, one in enumerate(value if several else [value]):
+            where = f"prompt {i}: " if several else ""
+            if one in ("", []):
+                raise ValueError(f"{where}the prompt is empty")
+            if isinstance(one, list) and all(_is_integer(t) for t in one):
+                if not all(0 <= t < N_VOCAB for t in one):
+                    raise ValueError(f"{where}token ids must be in [0, {N_VOCAB})")
+            elif not isinstance(one, str):
+                raise ValueError(f"{where}give a string, a list of token ids, or a list of either")
         return value
 
     @field_validator("suffix", mode="before")
@@ -313,12 +329,12 @@ class CompletionRequest(_Sampling):
     def token_limits(self) -> dict[str, int]:
         return {} if self.max_tokens is None else {"max_tokens": self.max_tokens}
 
-    def single_prompt(self) -> str | list[int]:
-        """The prompt: text or token ids, out of its one-element list if sent in one."""
+    def prompts(self) -> list[str | list[int]]:
+        """Every prompt (text or token ids), one when a single one was sent."""
         prompt = self.prompt
         if isinstance(prompt, list) and isinstance(prompt[0], (str, list)):
-            return prompt[0]
-        return prompt  # type: ignore[return-value]
+            return list(prompt)
+        return [prompt]  # type: ignore[list-item]
 
 
 # --- responses ------------------------------------------------------------------------

@@ -98,14 +98,14 @@ class EngineWorker:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Job:
         """Queue a generation in the engine; raises QueueFull at capacity, RequestError for bad input."""
-        return self.submit_all(prompt_ids, [params])[0]
+        return self.submit_all([(prompt_ids, params)])[0]
 
-    def submit_all(self, prompt_ids: list[int], params: Sequence[SamplingParams]) -> list[Job]:
-        """Queue one generation of the prompt per SamplingParams, all or none (QueueFull, RequestError)."""
-        for p in params:
+    def submit_all(self, requests: Sequence[tuple[list[int], SamplingParams]]) -> list[Job]:
+        """Queue one generation per (prompt ids, SamplingParams), all or none (QueueFull, RequestError)."""
+        for prompt_ids, p in requests:
             self.engine.check_request(prompt_ids, p)
         loop = asyncio.get_running_loop()
-        jobs = [Job(loop) for _ in params]
+        jobs = [Job(loop) for _ in requests]
         with self._cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -116,7 +116,7 @@ class EngineWorker:
                     if len(jobs) > 1
                     else f"all {self.capacity} places (slots + queue) are taken"
                 )
-            for job, p in zip(jobs, params, strict=True):
+            for job, (prompt_ids, p) in zip(jobs, requests, strict=True):
                 job.request = self.engine.add_request(
                     prompt_ids, p, on_event=lambda event, job=job: self._on_event(job, event)
                 )
