@@ -45,8 +45,9 @@ def test_a_training_step_never_waits_on_the_host(tmp_path, attention):
     trainer.close()
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_flex_attention_and_compiled_layers_match_the_dense_path_with_gradients(compiled):
+def against_the_dense_path(attention: str, compiled: bool, amp_dtype: torch.dtype | None = None) -> list:
+    """(loss, gradients) of the dense-mask path and of `attention` (its layers compiled or not), from
+    the same weights on the same packed rows."""
     config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=256)
     batch = packed_batch(seq_len=256).to("cuda")
     reference = Transformer(config).cuda()
@@ -56,39 +57,33 @@ def test_flex_attention_and_compiled_layers_match_the_dense_path_with_gradients(
         for layer in model.layers:
             layer.compile(dynamic=False)
     results = []
-    for m, attention in ((reference, "sdpa"), (model, "flex")):
-        loss = batch_loss(ModelWithLoss(m, select_positions=False, attention=attention), batch)
+    for m, kind in ((reference, "sdpa"), (model, attention)):
+        loss_model = ModelWithLoss(
+            m, select_positions=False, attention=kind, segments_per_row=4, amp_dtype=amp_dtype
+        )
+        with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = batch_loss(loss_model, batch)
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-4)
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    return results
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_flex_attention_and_compiled_layers_match_the_dense_path_with_gradients(compiled):
+    (loss, grads), (flex_loss, flex_grads) = against_the_dense_path("flex", compiled)
+    torch.testing.assert_close(flex_loss, loss, rtol=1e-4, atol=1e-4)
+    for name, grad in grads.items():
+        torch.testing.assert_close(flex_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_varlen_attention_matches_the_dense_path_in_bf16_with_gradients(compiled):
     """Flash attention's variable-length kernel takes bf16 only: both sides under bf16 autocast, so
     they agree to bf16 rounding (the layout itself is checked exactly on CPU, tests/test_model.py)."""
-    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=256)
-    batch = packed_batch(seq_len=256).to("cuda")
-    reference = Transformer(config).cuda()
-    model = Transformer(config).cuda()
-    model.load_state_dict(reference.state_dict())
-    if compiled:
-        for layer in model.layers:
-            layer.compile(dynamic=False)
-    results = []
-    for m, attention in ((reference, "sdpa"), (model, "varlen")):
-        loss_model = ModelWithLoss(
-            m, select_positions=False, attention=attention, segments_per_row=4, amp_dtype=torch.bfloat16
-        )
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = batch_loss(loss_model, batch)
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-2, atol=1e-2)
-    for name, grad in results[0][1].items():
-        error = (results[1][1][name] - grad).norm() / grad.norm()
+    (loss, grads), (varlen_loss, varlen_grads) = against_the_dense_path("varlen", compiled, torch.bfloat16)
+    torch.testing.assert_close(varlen_loss, loss, rtol=2e-2, atol=1e-2)
+    for name, grad in grads.items():
+        error = (varlen_grads[name] - grad).norm() / grad.norm()
         assert error < 3e-2, (name, float(error))
 
 
