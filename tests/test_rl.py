@@ -3,8 +3,10 @@ exact resume, and the `rl` command."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 import sys
 
 import pytest
@@ -344,6 +346,17 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(digit_model, tmp_path,
     assert again.run().evaluations == result.evaluations
     evaluated = [r["step"] for r in read_metrics(tmp_path / "b") if any(k.startswith("acc/") for k in r)]
     assert evaluated == sorted(set(evaluated)) and evaluated[0] == 0 and evaluated[-1] == 4
+
+
+def test_a_resume_without_the_starting_model_says_why_it_needs_it(digit_model, tmp_path):
+    checkpoint, prompts = digit_model
+    shutil.copytree(checkpoint, tmp_path / "start")
+    config = digit_rl(tmp_path / "start", prompts, "max_steps=2", "save_every=1", "eval_size=1")
+    quiet = {"progress": False, "echo": lambda _: None}
+    RLTrainer(dataclasses.replace(config, max_steps=1), tmp_path / "run", **quiet).run()
+    shutil.rmtree(tmp_path / "start")
+    with pytest.raises(ConfigError, match=r"start, the model this RL run started from, is gone; .* KL"):
+        RLTrainer(config, tmp_path / "run", resume=True, **quiet)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 
 import pytest
 import torch
@@ -225,6 +226,13 @@ def test_a_start_that_fails_changes_nothing_in_the_run_directory(tmp_path):
     run = tmp_path / "run"
     missing = ["data.source=local", f"data.path={tmp_path / 'nope.jsonl'}"]
     with pytest.raises(DataError):
+        train(tiny_run(tmp_path, *missing), run / "deeper", progress=False)
+    assert not run.exists()  # not even made
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match=r"--out .*: cannot create the directory"):
+        train(tiny_run(tmp_path), tmp_path / "a_file" / "run", progress=False)
+    run.mkdir()
+    with pytest.raises(DataError):
         train(tiny_run(tmp_path, *missing), run, progress=False)
     train(tiny_run(tmp_path, "train.max_steps=2"), run, progress=False)  # not "already holds a run"
     saved = (run / "run_config.yaml").read_text()
@@ -403,6 +411,26 @@ def test_init_from_starts_from_the_checkpoint_weights(tmp_path):
         ConfigError, match=r"train.model_overrides dim=64 cannot apply.*model_overrides.dim=32$"
     ):
         train(wider, tmp_path / "third", progress=False)
+
+
+def test_a_resumed_run_is_its_own_model_even_without_init_from(tmp_path):
+    """init_from is only where a run starts: once it has a checkpoint it resumes without it, to the
+    weights of an uninterrupted run; and settings cannot change a resumed run's model."""
+    train(tiny_run(tmp_path, "train.max_steps=2"), tmp_path / "source", progress=False)
+    shutil.copytree(tmp_path / "source/checkpoints/step-000002", tmp_path / "start")
+    settings = ("train.max_steps=4", f"train.init_from={tmp_path / 'start'}")
+    train(tiny_run(tmp_path, *settings), tmp_path / "whole", progress=False)
+    train(tiny_run(tmp_path, *settings), tmp_path / "cut", progress=False, stop_at_step=2)
+    shutil.rmtree(tmp_path / "start")
+    assert train(tiny_run(tmp_path, *settings), tmp_path / "cut", progress=False, resume=True).step == 4
+    a = load_file(tmp_path / "whole/checkpoints/step-000004/model.safetensors")
+    b = load_file(tmp_path / "cut/checkpoints/step-000004/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    wider = tiny_run(tmp_path, "train.max_steps=3", "train.model_overrides.dim=64")
+    with pytest.raises(
+        ConfigError, match=r"^--resume: the run's model has dim=32, which a resumed run keeps"
+    ):
+        train(wider, tmp_path / "source", progress=False, resume=True)
 
 
 def test_time_budget_refits_the_planned_steps(tmp_path, monkeypatch):

@@ -213,6 +213,11 @@ class RLTrainer:
         self.prompts = PromptStream(train_rows, config.prompts_per_step, config.seed)
 
         assert config.init_from is not None
+        if resume_from is not None and not Path(config.init_from).is_dir():
+            raise ConfigError(
+                f"--resume: {config.init_from}, the model this RL run started from, is gone; the run measures "
+                "its KL against it, so put it back there to resume"
+            )
         self.policy: Transformer = load_model(config.init_from, device=self.device, dtype=torch.float32)
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)  # the initial model, for KL
         self.container = ModelWithLoss(self.policy)  # what checkpoints save: the model under `model.`

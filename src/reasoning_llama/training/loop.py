@@ -113,9 +113,24 @@ def amp_dtype_for(device: torch.device, dtype: str) -> torch.dtype | None:
     return names[dtype]
 
 
-def model_config_for(config: RunConfig) -> ModelConfig:
-    """The preset with `model_overrides` applied, or the config of the `init_from` checkpoint."""
+def model_config_for(config: RunConfig, resumed: Path | None = None) -> ModelConfig:
+    """The preset with `model_overrides` applied, or the config of the `init_from` checkpoint; for a
+    run that resumes, its own checkpoint's (`resumed`), which the settings must not contradict."""
     train = config.train
+    if resumed is not None:
+        from reasoning_llama.model_files import load_config
+
+        own = load_config(resumed)
+        if not train.init_from:  # (init_from's model already had to agree with the overrides)
+            asked = model_config_for(config).to_dict()
+            changed = {key: value for key, value in own.to_dict().items() if asked.get(key) != value}
+            if changed:
+                keep = " ".join(f"train.model_overrides.{k}={json.dumps(v)}" for k, v in changed.items())
+                raise ConfigError(
+                    f"--resume: the run's model has {keep.replace('train.model_overrides.', '')}, which "
+                    "a resumed run keeps; drop the settings that change it, or start a new run (another --out)"
+                )
+        return own
     if train.init_from:
         from reasoning_llama.model_files import load_config
 
@@ -139,15 +154,18 @@ def model_config_for(config: RunConfig) -> ModelConfig:
     return ModelConfig.from_dict({**get_preset(train.preset).to_dict(), **dict(train.model_overrides)})
 
 
-def build_model(config: RunConfig, device: torch.device) -> Transformer:
-    """A freshly initialised model (seeded), or the weights of `train.init_from`."""
-    if config.train.init_from:
+def build_model(
+    config: RunConfig, model_config: ModelConfig, device: torch.device, *, resuming: bool = False
+) -> Transformer:
+    """A freshly initialised model (seeded), or the weights of `train.init_from`; not when resuming,
+    where the checkpoint's weights replace them (and init_from may be gone)."""
+    if config.train.init_from and not resuming:
         from reasoning_llama.model_files import load_model
 
         # fp32 master weights whatever the file holds (autocast makes the bf16 copies)
         return load_model(config.train.init_from, device=device, dtype=torch.float32).train()
     torch.manual_seed(config.train.seed)
-    return Transformer(model_config_for(config)).to(device).train()
+    return Transformer(model_config).to(device).train()
 
 
 def accumulation_steps(config: RunConfig, world_size: int = 1) -> int:
@@ -253,7 +271,15 @@ def begin_run(run_dir: Path, config: Any, *, overwrite: bool) -> None:
     and save its settings."""
     if overwrite:
         start_over(run_dir)
+    make_run_dir(run_dir)
     save_run_config(run_dir, config)
+
+
+def make_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {run_dir}: cannot create the directory ({e.strerror or e})") from None
 
 
 def save_run_config(run_dir: Path, config: Any) -> None:
@@ -366,10 +392,10 @@ def prepare_run_dir(
                 f"{run_dir} already holds a training run; pass --resume to continue it, --overwrite to "
                 "start it over, or choose another --out"
             )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {run_dir}: cannot create the directory ({e.strerror or e})") from None
+    # Made when the run begins; here only whether it can be, so that a bad --out fails first.
+    existing = next(p for p in (run_dir.absolute(), *run_dir.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        make_run_dir(run_dir)  # fails, saying why
     return latest
 
 
@@ -437,13 +463,20 @@ class Trainer:
         say = echo or (lambda msg: tqdm.write(msg, file=sys.stderr))
         self.say = say if world.is_main else (lambda msg: None)
         self.amp = amp_dtype_for(self.device, t.dtype)
-        model_config = dist.on_every(world, lambda: model_config_for(config))  # init_from: a file
-        check_config(config, model_config)
         restarted = dist.elastic_restart_count() > 0
         if restarted and overwrite:  # replace the old run unless this one had begun before the restart
             overwrite = not dist.on_main(world, lambda: has_begun(self.run_dir, config))
             restarted = not overwrite
-        reads = (t.init_from, config.data.path if config.data.source != "synthetic" else None)
+        # A run that resumes is its own model, whatever train.init_from holds now (or if it is gone).
+        own = (
+            dist.on_main(world, lambda: ckpt.latest_checkpoint(self.run_dir)) if resume or restarted else None
+        )
+        model_config = dist.on_every(world, lambda: model_config_for(config, own))  # a file
+        check_config(config, model_config)
+        reads = (
+            None if own else t.init_from,
+            config.data.path if config.data.source != "synthetic" else None,
+        )
         resume_from = dist.on_main(
             world, lambda: prepare_run_dir(self.run_dir, resume, restarted, overwrite, reads)
         )
@@ -482,7 +515,9 @@ class Trainer:
         self.planned_max = self.total_steps
         self.task_rows = _task_rows(config)
 
-        self.model = dist.on_every(world, lambda: build_model(config, self.device))  # init_from: a file
+        self.model = dist.on_every(  # init_from: a file
+            world, lambda: build_model(config, model_config, self.device, resuming=resume_from is not None)
+        )
         self.compiled = use_compile(t.compile, self.device)
         on_gpu = self.device.type != "cpu"
         # Under FSDP on a GPU the sharding policy casts to bf16 itself; elsewhere autocast does.
