@@ -82,3 +82,26 @@ def test_bad_input_is_one_line_on_stderr(tmp_path, args, message):
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+
+
+def test_a_library_that_prints_its_own_warnings_is_not_printed_twice():
+    """huggingface_hub has a handler of its own (its retries offline): the command line's root
+    handler leaves its records to it, and still prints everyone else's."""
+    import io
+    import logging
+
+    from huggingface_hub.utils import logging as hub_logging
+
+    from reasoning_llama.cli import NotHandledElsewhere
+
+    hub = hub_logging.get_logger("huggingface_hub.utils._http")
+    ours = logging.getLogger("reasoning_llama.data.sources")
+    assert logging.getLogger("huggingface_hub").handlers  # the library's own
+    printed = io.StringIO()
+    handler = logging.StreamHandler(printed)
+    handler.addFilter(NotHandledElsewhere())
+    for logger in (hub, ours):
+        record = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "retrying", None, None)
+        if handler.filter(record):
+            handler.emit(record)
+    assert printed.getvalue() == "retrying\n"  # ours once; the hub's left to its own handler

@@ -263,8 +263,10 @@ def test_the_chat_session_drops_the_oldest_exchanges_and_refuses_what_cannot_fit
         engine, SamplingParams(max_new_tokens=16, reasoning_budget=2), Console(file=out, width=200)
     )
     session.handle("/set stop [red]")
-    assert "stop = ('[red]',)" in out.getvalue()
+    assert "stop = ['[red]']" in out.getvalue()
     session.handle("/set stop none")
+    session.handle("/history")
+    assert out.getvalue().splitlines()[-1] == "(no messages yet)"
     session.handle("/show")
     shown = out.getvalue().splitlines()[-1]
     assert [item.split("=")[0] for item in shown.split(", ")] == chat_settings(session.params)
@@ -291,7 +293,7 @@ def test_the_chat_session_drops_the_oldest_exchanges_and_refuses_what_cannot_fit
     # Text is shown as typed: no emoji codes, no wrapping of long lines.
     session.handle("/set stop :smile:")
     session.handle("/history")
-    assert "stop = (':smile:',)" in out.getvalue() and "😄" not in out.getvalue()
+    assert "stop = [':smile:']" in out.getvalue() and "😄" not in out.getvalue()
     # A system prompt that alone fills the context is named, not "the prompt".
     long_system = ChatSession(
         engine, SamplingParams(max_new_tokens=8), Console(file=out, width=200), system="word " * 100
@@ -368,13 +370,14 @@ def test_chat_in_a_terminal(checkpoint):
         chat.send("/reset\r")
         chat.expect("history cleared")
         chat.send("/history\r/show\r")
+        chat.expect(r"\(no messages yet\)")
         chat.expect(r"temperature=0\.7")
         assert "user:" not in chat.before
 
         chat.send("/set max_new_tokens 4000\r")
         chat.expect("max_new_tokens = 4000")
         chat.send("/set reasoning_budget none\r")
-        chat.expect("reasoning_budget = None")
+        chat.expect("reasoning_budget = none")
         chat.send("Tell me a long story.\r")
         chat.expect("Thinking")
         chat.sendintr()  # Ctrl-C mid-answer stops it and keeps the chat

@@ -84,3 +84,22 @@ def test_an_out_directory_holding_other_files_is_refused_without_suggesting_over
     result = run_cli("quickstart", "--fast", "--out", tmp_path, one_thread=True)
     assert result.returncode == 2 and "holds no run; choose another --out" in result.stderr
     assert "--overwrite" not in result.stderr and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_the_summary_leaves_out_empty_reasoning_lines_and_cuts_a_long_one():
+    from reasoning_llama.quickstart import SAMPLE_LINES, QuickstartReport, format_report
+
+    scores = {"families": {"max_digit": {"exact_match": 0.0, "format_adherence": 0.0}}}
+    overall = {"exact_match": 0.0, "format_adherence": 0.0, "n": 1}
+    sample = {"family": "max_digit", "user": "q", "answer": "1", "reference": "2", "correct": False}
+    report = QuickstartReport(
+        run_dir="r", checkpoint="r/best", plot="r/plot.png", steps=1, planned_steps=1,
+        stop_reason="finished", train_seconds=1.0, total_seconds=2.0,
+        before={**scores, "overall": overall}, after={**scores, "overall": overall},
+        sample={**sample, "reasoning": "\n\n\nstep one\n\n" + "\n".join(f"line {i}" for i in range(30))},
+    )  # fmt: skip
+    text = format_report(report)
+    reasoning = text.split("reasoning: ")[1].split("\n  answer:")[0].splitlines()
+    assert reasoning[0] == "step one" and len(reasoning) == SAMPLE_LINES + 1
+    assert reasoning[-1].strip() == f"... ({31 - SAMPLE_LINES} more lines)"
+    assert all(line.strip() for line in reasoning)

@@ -288,7 +288,12 @@ def test_a_bad_argument_is_said_once_per_machine_not_once_per_process(tmp_path):
     process = torchrun(tmp_path, tmp_path / "run", run_config(tmp_path), "--set", "train.lr=fast")
     stderr = wait(process)
     assert process.returncode != 0
-    assert stderr.count("error: bad config: Value 'fast' of type 'str' could not be converted to Float") == 1
+    assert (
+        stderr.count(
+            "error: bad config: train.lr: Value 'fast' of type 'str' could not be converted to Float"
+        )
+        == 1
+    )
     # Settings every process checks alike (here the global batch against 2 x 3 rows) are said once too.
     process = torchrun(tmp_path, tmp_path / "run", run_config(tmp_path, "train.micro_batch_size=3"))
     stderr = wait(process)

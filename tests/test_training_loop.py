@@ -354,6 +354,7 @@ def test_an_override_without_a_value_says_so():
         (["lr=1e-3"], r"Key 'lr' not in 'RunConfig' \(did you mean train.lr\?\)"),
         (["seq_len=64"], r"did you mean data.seq_len\?"),
         (["data.families=chain_sum"], r"a list is written \[a, b\]"),
+        (["train.lr=abc"], r"^bad config: train.lr: Value 'abc' of type 'str' could not be converted"),
     ],
 )
 def test_common_override_mistakes_get_a_hint(overrides, message):

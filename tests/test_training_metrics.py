@@ -97,3 +97,18 @@ def test_plot_cli_with_out_and_error_on_a_non_run(tmp_path):
         and "is missing or empty; is" in result.stderr
         and "Traceback" not in result.stderr
     )
+
+
+def test_a_curve_of_one_point_is_drawn_as_a_dot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from reasoning_llama.training.plot import draw
+
+    fig, axis = plt.subplots()
+    assert draw(axis, [1], [2.0]).get_marker() == "o"  # a line of one point would show nothing
+    assert draw(axis, [1, 2], [2.0, 1.0]).get_marker() in (None, "None")
+    assert draw(axis, [1, 2], [2.0, 1.0], dots=True).get_marker() == "o"
+    plt.close(fig)

@@ -152,6 +152,13 @@ def apply_setting(params: SamplingParams, key: str, raw: str) -> SamplingParams:
     return updated
 
 
+def shown(value: object) -> str:
+    """A setting as `/show` prints it: stop strings as a list, "none" for nothing."""
+    if isinstance(value, tuple):
+        return repr(list(value)) if value else "none"
+    return "none" if value is None else repr(value)
+
+
 class ChatSession:
     """A multi-turn conversation with one engine; earlier reasoning is dropped from the history."""
 
@@ -202,17 +209,21 @@ class ChatSession:
                 self.params = apply_setting(self.params, key, value)
                 name = key.replace("-", "_")
                 self.asked_max_new_tokens |= name == "max_new_tokens"
-                say(f"{name} = {getattr(self.params, name)!r}", style="dim")
+                say(f"{name} = {shown(getattr(self.params, name))}", style="dim")
             except RequestError as e:
                 say(f"error: {e}", style="red")
         elif name == "/show":
             say(
-                ", ".join(f"{name}={getattr(self.params, name)!r}" for name in chat_settings(self.params)),
+                ", ".join(
+                    f"{name}={shown(getattr(self.params, name))}" for name in chat_settings(self.params)
+                ),
                 style="dim",
             )
         elif name == "/history":
             for message in self.messages:
                 say(f"{message['role']}: {message['content']}")
+            if not self.messages:
+                say("(no messages yet)", style="dim")
         elif name == "/help":
             say(CHAT_HELP)
         else:

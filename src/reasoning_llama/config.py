@@ -276,7 +276,9 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
-        raise ConfigError(f"bad config: {str(e).splitlines()[0]}{_hint(schema, e)}") from None
+        reason, key = str(e).splitlines()[0], getattr(e, "full_key", None)
+        where = f"{key}: " if key and f"'{key.rsplit('.', 1)[-1]}'" not in reason else ""  # the value's key
+        raise ConfigError(f"bad config: {where}{reason}{_hint(schema, e)}") from None
 
 
 def setting(key: str, value: object) -> str:

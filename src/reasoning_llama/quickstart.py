@@ -157,7 +157,7 @@ def run_quickstart(
         say(f"evaluating the untrained model on {len(test_rows)} held-out problems ...")
         before = evaluate_generations(_engine(trainer.model), test_rows, progress=progress)
         trainer.model.train()
-        say(f"training for about {minutes:g} minutes ...")
+        say("training a few steps (--fast) ..." if fast else f"training for about {minutes:g} minutes ...")
         train_start = time.monotonic()
         # The run fits its planned steps (and so the cosine) to the budget as it goes.
         result: TrainResult = trainer.run(
@@ -218,6 +218,9 @@ def _pick_sample(report: GenerationReport) -> dict[str, Any]:
     return {k: chosen[k] for k in ("family", "user", "reasoning", "answer", "reference", "correct")}
 
 
+SAMPLE_LINES = 12  # of the sample's reasoning shown
+
+
 def format_report(report: QuickstartReport) -> str:
     """The human summary: accuracy before/after per family, a sample, where things are."""
     lines = [
@@ -237,11 +240,15 @@ def format_report(report: QuickstartReport) -> str:
     reaching = families_reaching(report)
     lines.append(f"families at >= 90% exact match: {', '.join(reaching) if reaching else 'none yet'}")
     sample = report.sample
+    # An untrained model's reasoning is often mostly empty lines: those are left out, and a long one cut.
+    reasoning = [line for line in sample["reasoning"].splitlines() if line.strip()]
+    if len(reasoning) > SAMPLE_LINES:
+        reasoning = [*reasoning[:SAMPLE_LINES], f"... ({len(reasoning) - SAMPLE_LINES} more lines)"]
     lines += [
         "",
         "sample conversation (held-out):",
         f"  user:      {sample['user']}",
-        "  reasoning: " + "\n             ".join(sample["reasoning"].splitlines() or [""]),
+        "  reasoning: " + "\n             ".join(reasoning or [""]),
         f"  answer:    {sample['answer']}   ({'correct' if sample['correct'] else 'expected ' + sample['reference']})",
         "",
         f"trained {report.steps} steps ({report.stop_reason}) in {report.train_seconds / 60:.1f} min; "

@@ -42,6 +42,20 @@ for _name in COMMANDS:
     importlib.import_module(f"{__name__}.{_name}").register(app)
 
 
+class NotHandledElsewhere(logging.Filter):
+    """Leaves a library's records to its own handler (huggingface_hub has one), so none shows twice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None and logger is not logging.root:
+            if logger.handlers:
+                return False
+            if not logger.propagate:
+                break
+            logger = logger.parent
+        return True
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: project errors become one line on stderr and exit code 2."""
     # Under torchrun every process of a machine meets the same warnings (data it reads alike): its first says them.
@@ -49,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.ERROR if quiet else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    for handler in logging.root.handlers:
+        handler.addFilter(NotHandledElsewhere())
     try:
         app(args=argv, standalone_mode=True)
     except ReasoningLlamaError as e:

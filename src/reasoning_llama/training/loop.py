@@ -408,7 +408,7 @@ SECOND_CTRL_C_AFTER = 1.0
 
 
 @contextmanager
-def sigint_flag(*, announce: bool = True) -> Iterator[threading.Event]:
+def sigint_flag(*, announce: bool = True, processes: int = 1) -> Iterator[threading.Event]:
     """First Ctrl-C sets the flag (the loop saves and stops); a second one aborts at once."""
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
@@ -424,9 +424,9 @@ def sigint_flag(*, announce: bool = True) -> Iterator[threading.Event]:
         flag.set()
         first[0] = time.monotonic()
         if announce:
+            also = " (and, as the processes agree on it, the next)" if processes > 1 else ""
             print(
-                "\ninterrupted: finishing this step (with several processes, also the next), then "
-                "saving a checkpoint (Ctrl-C again to abort)",
+                f"\ninterrupted: finishing this step{also}, then saving a checkpoint (Ctrl-C again to abort)",
                 file=sys.stderr,
             )
 
@@ -592,7 +592,12 @@ class Trainer:
         batches = Prefetcher(self.train_loader, depth=2 * self.accum, pin_memory=pin)
         writer = MetricsWriter(self.run_dir) if self.world.is_main else nullcontext()
         vote = dist.StopVote(self.world)  # whether any rank had Ctrl-C, agreed every step
-        with writer, bar, batches, sigint_flag(announce=self.world.is_main) as interrupted:
+        with (
+            writer,
+            bar,
+            batches,
+            sigint_flag(announce=self.world.is_main, processes=self.world.world_size) as interrupted,
+        ):
             first_step, started = state.step, time.monotonic()
             while state.step < self.total_steps:
                 done = state.step - first_step

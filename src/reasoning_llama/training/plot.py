@@ -4,6 +4,7 @@ the learning rate, held-out task accuracy, and the KL to the initial model (RL).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.training.metrics import METRICS_FILE, read_metrics
@@ -12,6 +13,13 @@ from reasoning_llama.training.metrics import METRICS_FILE, read_metrics
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
     return [s for s, _ in points], [v for _, v in points]
+
+
+def draw(axis: Any, steps: list[int], values: list[float], *, dots: bool = False, **style: Any) -> Any:
+    """One curve on `axis`: with dots where asked, and always for a single point (a line of one
+    point is invisible)."""
+    dotted = dots or len(steps) == 1
+    return axis.plot(steps, values, marker="o" if dotted else None, markersize=3, **style)[0]
 
 
 PLOT_FILE = "plot.png"
@@ -48,26 +56,23 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         for key, label in (("train_loss", "train"), ("val_loss", "validation")):
             steps, values = _series(records, key)
             if steps:
-                ax["loss"].plot(
-                    steps, values, label=label, marker="o" if key == "val_loss" else None, markersize=3
-                )
+                draw(ax["loss"], steps, values, dots=key == "val_loss", label=label)
         ax["loss"].set(title="loss", xlabel="step", ylabel="cross-entropy (nats/token)", yscale="log")
         ax["loss"].legend()
     if "reward" in ax:
         for key in reward_keys:
-            ax["reward"].plot(*_series(records, key), label=key.replace("_", " "))
+            draw(ax["reward"], *_series(records, key), label=key.replace("_", " "))
         ax["reward"].set(title="samples (train prompts)", xlabel="step", ylim=(-0.02, 1.02))
         ax["reward"].legend()
-    ax["lr"].plot(*_series(records, "lr"))
+    draw(ax["lr"], *_series(records, "lr"))
     ax["lr"].set(title="learning rate", xlabel="step")
     if "accuracy" in ax:
         for key in accuracy_keys:
-            steps, values = _series(records, key)
-            ax["accuracy"].plot(steps, values, label=key.removeprefix("acc/"), marker="o", markersize=3)
+            draw(ax["accuracy"], *_series(records, key), dots=True, label=key.removeprefix("acc/"))
         ax["accuracy"].set(title="task exact match (held-out)", xlabel="step", ylim=(-0.02, 1.02))
         ax["accuracy"].legend()
     if "kl" in ax:
-        ax["kl"].plot(*_series(records, "kl"))
+        draw(ax["kl"], *_series(records, "kl"))
         ax["kl"].set(title="KL to the initial model (per token)", xlabel="step")
     fig.suptitle(run_dir.name)
     out.parent.mkdir(parents=True, exist_ok=True)
