@@ -158,7 +158,7 @@ def ours(
     loss_model = ModelWithLoss(
         model,
         select_positions=not on_gpu,
-        attention=attention_kind(attention, device),
+        attention=attention_kind(attention, device, amp),
         segments_per_row=segments_per_row,
         amp_dtype=amp,
         compile_loss=compiled,

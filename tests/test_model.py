@@ -17,6 +17,7 @@ from reasoning_llama.model import (
     document_segments,
     example_starts,
     one_query_attention,
+    varlen_call_form,
 )
 
 
@@ -204,13 +205,13 @@ def test_flex_attention_document_mask_gives_the_dense_mask_outputs():
     assert (flex - dense).abs().max().item() <= 1e-4
 
 
-def reference_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, **options):
+def written_out_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, causal, grouped):
     """What flash attention's variable-length kernel (CUDA only) computes, written out for a CPU:
     causal attention inside each sequence `cu_seq_q[i]:cu_seq_q[i + 1]` of the (N, H, D) rows."""
     assert torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32 and max_q == max_k
-    assert options.get("is_causal") or options.get("window_size") == (-1, 0)
+    assert causal
     groups = q.shape[1] // k.shape[1]
-    assert groups == 1 or options.get("enable_gqa")
+    assert groups == 1 or grouped
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     bounds = cu_seq_q.tolist()
     assert bounds[-1] == q.shape[0] and all(b - a <= max_q for a, b in itertools.pairwise(bounds))
@@ -220,6 +221,36 @@ def reference_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, **options):
         if b > a
     ]
     return torch.cat(pieces, dim=1).transpose(0, 1)
+
+
+# The three signatures `torch.nn.attention.varlen.varlen_attn` has had, each taking only its own options.
+def varlen_with_is_causal(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    return written_out_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, False)
+
+
+def varlen_with_window(
+    q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)
+):
+    return written_out_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, window_size == (-1, 0), False)
+
+
+def varlen_with_gqa(
+    q,
+    k,
+    v,
+    cu_seq_q,
+    cu_seq_k,
+    max_q,
+    max_k,
+    *,
+    return_aux=None,
+    scale=None,
+    window_size=(-1, -1),
+    enable_gqa=False,
+):
+    return written_out_varlen_attn(
+        q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, window_size == (-1, 0), enable_gqa
+    )
 
 
 def test_document_segments_cut_the_flattened_rows_at_every_example():
@@ -233,18 +264,20 @@ def test_document_segments_cut_the_flattened_rows_at_every_example():
     assert segments.longest == 200
 
 
-@pytest.mark.parametrize("takes_gqa", [True, False])
-def test_varlen_attention_gives_the_dense_paths_loss_and_gradients(monkeypatch, takes_gqa):
+@pytest.mark.parametrize("kernel", [varlen_with_is_causal, varlen_with_window, varlen_with_gqa])
+def test_varlen_attention_gives_the_dense_paths_loss_and_gradients(monkeypatch, kernel):
     """The GPU's varlen path (rows flattened into one sequence per example, grouped key heads, the
     output put back) against the dense mask on packed rows with padding. Flash attention itself
-    runs on CUDA only (tests/test_gpu.py); here a written-out kernel stands in for it, for both of
-    the call forms PyTorch releases have had."""
+    runs on CUDA only (tests/test_gpu.py); here a written-out kernel stands in for it, under each
+    of the signatures PyTorch releases have had."""
     from reasoning_llama import model as model_module
     from reasoning_llama.loss import ModelWithLoss, batch_loss
     from test_loss import packed_batch
 
-    monkeypatch.setattr(model_module, "varlen_attn", reference_varlen_attn)
-    monkeypatch.setattr(model_module, "VARLEN_TAKES_GQA", takes_gqa)
+    monkeypatch.setattr(model_module, "varlen_attn", kernel)
+    causal, grouped = varlen_call_form(kernel)
+    monkeypatch.setattr(model_module, "VARLEN_CAUSAL", causal)
+    monkeypatch.setattr(model_module, "VARLEN_TAKES_GQA", grouped)
     config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64)
     model = Transformer(config)
     batch = packed_batch(seq_len=64)

@@ -351,24 +351,31 @@ def test_thinking_reopened_during_the_answer_stays_open(chat):
     assert chat.page.locator(".assistant details.thinking").get_attribute("open") is not None
 
 
-def test_tabs_of_the_page_share_one_conversation(chat):
+def test_tabs_of_the_page_share_one_conversation_one_reply_at_a_time(chat):
     other = chat.context.new_page()
     other.goto(f"{chat.server.url}/")
     other.wait_for_selector("body[data-ready=true]")
-    chat.ask("from the first tab")
-    other.wait_for_function("() => document.querySelectorAll('.message.user').length == 1")
+    ask_while_streaming(chat, "[long] from the first tab")
+    # While the first tab gets its reply the second waits, keeping what was typed, New chat included.
     other.fill("#prompt", "from the second tab")
     other.press("#prompt", "Enter")
-    other.wait_for_selector("#send:not([hidden])")
+    other.click("#new-chat")
+    assert other.text_content("#status").startswith("another tab of this page is getting a reply")
+    assert other.input_value("#prompt") == "from the second tab"
+    chat.page.click("#stop")
+    chat.wait_done()
+    other.wait_for_function("() => document.querySelectorAll('.assistant .note').length == 1")
+    assert other.text_content("#status") == ""
+    other.press("#prompt", "Enter")
     other.wait_for_function("() => document.querySelectorAll('.assistant .answer').length == 2")
+    other.wait_for_selector("#send:not([hidden])")
     assert [m["content"] for m in chat.bodies[-1]["messages"]] == [
-        "from the first tab",
-        "Hello there!",
+        "[long] from the first tab",
         "from the second tab",
-    ]
+    ]  # the first reply was stopped in its reasoning: no answer to send back
     chat.page.reload()
     chat.page.wait_for_selector("body[data-ready=true]")
-    assert chat.texts(".message.user") == ["from the first tab", "from the second tab"]
+    assert chat.texts(".message.user") == ["[long] from the first tab", "from the second tab"]
 
 
 def test_a_failed_question_leaves_a_new_draft_alone(chat):
@@ -422,3 +429,15 @@ def test_max_tokens_is_read_as_a_number_and_a_late_health_check_is_retried(brows
         assert (chat.bodies[-1]["model"], chat.bodies[-1]["max_tokens"]) == (MODEL, 100)
     finally:
         chat.context.close()
+
+
+def test_a_stored_conversation_with_foreign_entries_keeps_its_messages(chat):
+    stored = [None, 5, {"role": "user", "content": "kept"}, {"role": "tool"}, {"role": "assistant"}]
+    chat.page.evaluate(
+        f"localStorage.setItem('reasoning-llama.conversation', {json.dumps(json.dumps(stored))})"
+    )
+    chat.open()
+    assert chat.texts(".message.user") == ["kept"]
+    chat.ask("hello")
+    assert chat.texts(".assistant .answer") == ["Hello there!"]
+    assert [m["content"] for m in chat.bodies[-1]["messages"]] == ["kept", "hello"]

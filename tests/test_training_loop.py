@@ -255,7 +255,7 @@ def test_a_start_that_fails_changes_nothing_in_the_run_directory(tmp_path):
         ("train.model_overrides={depth: 3}", "unknown model config keys: depth"),
         ("train.min_lr_ratio=2", r"train.min_lr_ratio must be in \[0, 1\], got 2"),
         ("train.attention=dense", "train.attention must be auto, flex, varlen or sdpa, got 'dense'"),
-        ("train.attention=varlen", "train.attention=varlen needs a GPU .*; use sdpa"),
+        ("train.attention=varlen", "train.attention=varlen needs a GPU .*; pass --set train.attention=sdpa$"),
         (
             "train.global_batch_tokens=100",
             r"micro-batch of 4 rows x 128 tokens \(512\); pass --set train.micro_batch_size=1 or",
@@ -269,6 +269,17 @@ def test_a_start_that_fails_changes_nothing_in_the_run_directory(tmp_path):
 def test_bad_settings_are_config_errors(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         train(tiny_run(tmp_path, override), tmp_path / "run", progress=False)
+
+
+def test_attention_settings_on_a_gpu():
+    from reasoning_llama.training.loop import attention_kind
+
+    gpu = torch.device("cuda")  # named only: nothing runs on it
+    assert attention_kind("auto", gpu, torch.bfloat16) == "flex"
+    assert attention_kind("auto", torch.device("cpu"), None) == "sdpa"
+    assert attention_kind("varlen", gpu, torch.bfloat16) == "varlen"  # this torch has varlen_attn
+    with pytest.raises(ConfigError, match=r"takes no float32\); pass --set train.dtype=bfloat16"):
+        attention_kind("varlen", gpu, None)
 
 
 def test_a_checkpoint_too_short_for_the_data_says_to_shorten_the_data(tmp_path):
@@ -427,11 +438,13 @@ def test_a_resumed_run_is_its_own_model_even_without_init_from(tmp_path):
     a = load_file(tmp_path / "whole/checkpoints/step-000004/model.safetensors")
     b = load_file(tmp_path / "cut/checkpoints/step-000004/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    wider = tiny_run(tmp_path, "train.max_steps=3", "train.model_overrides.dim=64")
-    with pytest.raises(
-        ConfigError, match=r"^--resume: the run's model has dim=32, which a resumed run keeps"
-    ):
-        train(wider, tmp_path / "source", progress=False, resume=True)
+    for run, start in (("source", ()), ("cut", settings)):  # from a preset, and from init_from
+        wider = tiny_run(tmp_path, *start, "train.max_steps=5", "train.model_overrides.dim=64")
+        with pytest.raises(
+            ConfigError,
+            match=r"^--resume: the run's model has dim=32, which .* \(or pass --set train.model_overrides.dim=32\)",
+        ):
+            train(wider, tmp_path / run, progress=False, resume=True)
 
 
 def test_time_budget_refits_the_planned_steps(tmp_path, monkeypatch):

@@ -31,8 +31,19 @@ try:  # flash attention over variable-length sequences: CUDA only, in recent PyT
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:
     varlen_attn = None
-# Newer releases take a window (causal = (-1, 0)) and grouped key heads; older ones only is_causal.
-VARLEN_TAKES_GQA = varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+def varlen_call_form(fn: Callable | None) -> tuple[dict[str, Any], bool]:
+    """How `fn` (a release's `varlen_attn`) is asked for causal attention, and whether it takes fewer
+    key than query heads: releases have had `is_causal`, then a window ((-1, 0) is causal), then
+    also `enable_gqa`."""
+    parameters = inspect.signature(fn).parameters if fn is not None else {}
+    causal: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
+    grouped = "enable_gqa" in parameters
+    return ({**causal, "enable_gqa": True} if grouped else causal), grouped
+
+
+VARLEN_CAUSAL, VARLEN_TAKES_GQA = varlen_call_form(varlen_attn)
 
 
 class RMSNorm(nn.Module):
@@ -174,11 +185,10 @@ def varlen_causal_attention(q: Tensor, k: Tensor, v: Tensor, segments: Segments)
     if varlen_attn is None:
         raise RuntimeError("this PyTorch has no torch.nn.attention.varlen (variable-length flash attention)")
     offsets, longest = segments.offsets, segments.longest
-    if VARLEN_TAKES_GQA:
-        return varlen_attn(q, k, v, offsets, offsets, longest, longest, window_size=(-1, 0), enable_gqa=True)
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return varlen_attn(q, k, v, offsets, offsets, longest, longest, is_causal=True)
+    if not VARLEN_TAKES_GQA:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return varlen_attn(q, k, v, offsets, offsets, longest, longest, **VARLEN_CAUSAL)
 
 
 @dataclass

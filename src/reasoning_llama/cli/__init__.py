@@ -43,12 +43,13 @@ for _name in COMMANDS:
 
 
 class NotHandledElsewhere(logging.Filter):
-    """Leaves a library's records to its own handler (huggingface_hub has one), so none shows twice."""
+    """Leaves a library's records to its own handler (huggingface_hub has one), so none shows twice;
+    a NullHandler (a library's way of printing nothing by itself) is no handler here."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         logger: logging.Logger | None = logging.getLogger(record.name)
         while logger is not None and logger is not logging.root:
-            if logger.handlers:
+            if any(not isinstance(h, logging.NullHandler) for h in logger.handlers):
                 return False
             if not logger.propagate:
                 break

@@ -121,15 +121,16 @@ def model_config_for(config: RunConfig, resumed: Path | None = None) -> ModelCon
         from reasoning_llama.model_files import load_config
 
         own = load_config(resumed)
-        if not train.init_from:  # (init_from's model already had to agree with the overrides)
-            asked = model_config_for(config).to_dict()
-            changed = {key: value for key, value in own.to_dict().items() if asked.get(key) != value}
-            if changed:
-                keep = " ".join(f"train.model_overrides.{k}={json.dumps(v)}" for k, v in changed.items())
-                raise ConfigError(
-                    f"--resume: the run's model has {keep.replace('train.model_overrides.', '')}, which "
-                    "a resumed run keeps; drop the settings that change it, or start a new run (another --out)"
-                )
+        start = own if train.init_from else model_config_for(config)
+        asked = {**start.to_dict(), **dict(train.model_overrides)}
+        changed = {key: value for key, value in own.to_dict().items() if asked.get(key) != value}
+        if changed:
+            values = ", ".join(f"{key}={json.dumps(value)}" for key, value in changed.items())
+            keep = " ".join(f"--set train.model_overrides.{k}={json.dumps(v)}" for k, v in changed.items())
+            raise ConfigError(
+                f"--resume: the run's model has {values}, which a resumed run keeps; drop the settings "
+                f"that change it (or pass {keep}), or start a new run (another --out)"
+            )
         return own
     if train.init_from:
         from reasoning_llama.model_files import load_config
@@ -199,17 +200,25 @@ def accumulation_steps(config: RunConfig, world_size: int = 1) -> int:
     return max(1, round(t.global_batch_tokens / per_micro))
 
 
-def attention_kind(setting: str, device: torch.device) -> str:
+def attention_kind(setting: str, device: torch.device, amp: torch.dtype | None) -> str:
     """`train.attention`: auto = FlexAttention on CUDA and sdpa (the dense mask) elsewhere; flex and
-    varlen (flash attention over each example) need a GPU, as neither has a CPU backward pass."""
+    varlen (flash attention over each example) need a GPU, as neither has a CPU backward pass, and
+    varlen bf16 (`amp`, the autocast dtype)."""
     if setting not in ("auto", "flex", "varlen", "sdpa"):
         raise ConfigError(f"train.attention must be auto, flex, varlen or sdpa, got {setting!r}")
     if setting in ("flex", "varlen") and device.type == "cpu":
-        raise ConfigError(f"train.attention={setting} needs a GPU (it has no CPU backward pass); use sdpa")
+        raise ConfigError(
+            f"train.attention={setting} needs a GPU (it has no CPU backward pass); pass --set train.attention=sdpa"
+        )
+    if setting == "varlen" and amp is None:
+        raise ConfigError(
+            "train.attention=varlen needs bf16 (flash attention takes no float32); pass "
+            "--set train.dtype=bfloat16, or --set train.attention=flex"
+        )
     if setting == "varlen" and varlen_attn is None:
         raise ConfigError(
             f"train.attention=varlen needs torch.nn.attention.varlen, which torch {torch.__version__} "
-            "lacks; use flex"
+            "lacks; pass --set train.attention=flex"
         )
     if setting == "auto":
         return "flex" if device.type == "cuda" else "sdpa"
@@ -463,6 +472,7 @@ class Trainer:
         say = echo or (lambda msg: tqdm.write(msg, file=sys.stderr))
         self.say = say if world.is_main else (lambda msg: None)
         self.amp = amp_dtype_for(self.device, t.dtype)
+        attention = attention_kind(t.attention, self.device, self.amp)
         restarted = dist.elastic_restart_count() > 0
         if restarted and overwrite:  # replace the old run unless this one had begun before the restart
             overwrite = not dist.on_main(world, lambda: has_begun(self.run_dir, config))
@@ -525,10 +535,10 @@ class Trainer:
         self.loss_model = ModelWithLoss(
             self.model,
             select_positions=not on_gpu,
-            attention=attention_kind(t.attention, self.device),
-            segments_per_row=max(
-                loader.segments_per_row for loader in (self.train_loader, self.val_loader) if loader
-            ),
+            attention=attention,
+            segments_per_row=0
+            if attention != "varlen"
+            else max(loader.segments_per_row for loader in (self.train_loader, self.val_loader) if loader),
             amp_dtype=self.amp,
             compile_loss=self.compiled,
         )

@@ -7,7 +7,12 @@ const STORE = {
   conversation: "reasoning-llama.conversation",
   settings: "reasoning-llama.settings",
   apiKey: "reasoning-llama.api-key",
+  answering: "reasoning-llama.answering", // {tab, since} while a tab streams a reply
 };
+// The page's tabs share one conversation, so one of them at a time gets a reply; a mark older than
+// this is left by a tab that went away without clearing it.
+const TAB = `${Date.now()}-${Math.random()}`;
+const STALE_MARK_MS = 10 * 60 * 1000;
 
 const $ = (id) => document.getElementById(id);
 const els = {
@@ -29,7 +34,7 @@ const els = {
 let model = null;
 let limits = { maxContext: null, defaultMaxTokens: null }; // from /health
 // [{role, content, reasoning?, note?, dropped?}]; dropped: beyond the context, no longer sent
-let conversation = load(STORE.conversation, []);
+let conversation = loadConversation();
 let controller = null; // the AbortController of the generation in flight
 let streaming = null; // {chat, reply} of the generation in flight, kept if the page is left during it
 const nodeOf = new WeakMap(); // message -> its bubble
@@ -47,6 +52,31 @@ function load(key, fallback) {
 
 // Keep the conversation for a reload (and for the page's other tabs). A browser's storage is a few
 // MB: a conversation beyond it is kept on the page only, and the page says so.
+// The stored conversation, without anything in it that is not a message (an older page's, or edited).
+function loadConversation() {
+  const stored = load(STORE.conversation, []);
+  if (!Array.isArray(stored)) return [];
+  const message = (m) =>
+    m && typeof m === "object" && (m.role === "user" || m.role === "assistant") && typeof m.content === "string";
+  return stored.filter(message);
+}
+
+function otherTabAnswering() {
+  const mark = load(STORE.answering, null);
+  return Boolean(mark && mark.tab !== TAB && Date.now() - mark.since < STALE_MARK_MS);
+}
+
+function markAnswering(answering) {
+  try {
+    if (answering) localStorage.setItem(STORE.answering, JSON.stringify({ tab: TAB, since: Date.now() }));
+    else if (load(STORE.answering, null)?.tab === TAB) localStorage.removeItem(STORE.answering);
+  } catch {
+    // storage full or refused: the tabs then simply do not know of each other
+  }
+}
+
+const WAIT_FOR_OTHER_TAB = "another tab of this page is getting a reply: wait for it to finish";
+
 function save() {
   try {
     localStorage.setItem(STORE.conversation, JSON.stringify(conversation));
@@ -372,8 +402,7 @@ function setBusy(busy) {
 async function send(text) {
   controller = new AbortController();
   setBusy(true);
-  await ready; // the model's name and limits come from /health
-  if (!model) await readHealth();
+  markAnswering(true);
   const chat = conversation; // "New chat" during the reply starts another: this reply then leaves it alone
   const user = { role: "user", content: text };
   chat.push(user);
@@ -388,7 +417,10 @@ async function send(text) {
   setStatus("generating…");
   let finishReason = null;
   try {
+    await ready; // the model's name and limits come from /health
+    if (!model) await readHealth();
     if (!model) throw new Error("cannot reach the server");
+    controller.signal.throwIfAborted();
     const response = await postConversation(controller.signal);
     for await (const data of sseData(response)) {
       if (data === "[DONE]") break;
@@ -446,6 +478,7 @@ async function send(text) {
 
 function finish() {
   controller = null;
+  markAnswering(false);
   setBusy(false);
   els.prompt.focus();
 }
@@ -456,6 +489,10 @@ els.composer.addEventListener("submit", (event) => {
   event.preventDefault();
   const text = els.prompt.value.trim();
   if (!text || controller) return;
+  if (otherTabAnswering()) {
+    setStatus(WAIT_FOR_OTHER_TAB);
+    return;
+  }
   els.prompt.value = "";
   send(text);
 });
@@ -472,6 +509,10 @@ els.stop.addEventListener("click", () => {
 });
 
 els.newChat.addEventListener("click", () => {
+  if (otherTabAnswering()) {
+    setStatus(WAIT_FOR_OTHER_TAB);
+    return;
+  }
   conversation = []; // before the abort, so the reply in flight sees it is no longer this chat's
   if (controller) controller.abort();
   save();
@@ -496,17 +537,22 @@ for (const input of [els.maxTokens, els.systemPrompt]) {
 
 // Leaving the page during a reply keeps what came of it, marked, so the history stays question, reply.
 window.addEventListener("pagehide", () => {
+  markAnswering(false);
   if (!streaming || streaming.chat !== conversation) return;
   // A new array: the reply in flight, failing as the page goes, then leaves this one alone.
   conversation = [...conversation, { ...streaming.reply, note: "(interrupted: the page was left)" }];
   save();
 });
 
-// Another tab of this page changed the conversation: follow it (a reply in flight finishes first).
+// Another tab of this page changed the conversation, or began or ended a reply: follow it.
 window.addEventListener("storage", (event) => {
-  if (event.key !== STORE.conversation || controller) return;
-  conversation = load(STORE.conversation, []);
-  renderConversation();
+  if (controller) return; // this tab is getting a reply: the others wait for it
+  if (event.key === STORE.answering) {
+    setStatus(otherTabAnswering() ? WAIT_FOR_OTHER_TAB : "");
+  } else if (event.key === STORE.conversation) {
+    conversation = loadConversation();
+    renderConversation();
+  }
 });
 
 async function readHealth() {
@@ -530,6 +576,7 @@ async function init() {
   if (settings.systemPrompt !== undefined) els.systemPrompt.value = settings.systemPrompt;
   els.apiKey.value = localStorage.getItem(STORE.apiKey) || "";
   renderConversation();
+  if (otherTabAnswering()) setStatus(WAIT_FOR_OTHER_TAB);
   const health = await readHealth();
   if (health && health.api_key_required) {
     els.apiKeyRow.hidden = false;
