@@ -38,9 +38,8 @@ from reasoning_llama.config import RLConfig, load_config, load_run_config
 from reasoning_llama.evaluation import evaluate_generations, synthetic_test_rows
 from reasoning_llama.generation import Engine
 from reasoning_llama.model_files import load_model
-from reasoning_llama.rl.loop import EVAL_SEED, held_out_report, load_task_rows, run_rl
+from reasoning_llama.rl.loop import EVAL_SEED, held_out_report, load_task_rows, run_rl, sampling_params
 from reasoning_llama.rl.rewards import make_checker
-from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.tasks import generate_examples
 from reasoning_llama.tokenizer import get_tokenizer
 from reasoning_llama.training import run_checkpoints as ckpt
@@ -101,13 +100,12 @@ def scores(checkpoint: Path, config: RLConfig) -> dict[str, float]:
     engine = Engine(
         model, get_tokenizer(), max_batch_size=config.prompts_per_step * config.samples_per_prompt
     )
-    params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
     _, held_out = load_task_rows(config)
     return held_out_report(
         engine,
         held_out,
         make_checker(config.checker),
-        params,
+        sampling_params(config),
         config.samples_per_prompt,
         seed=config.seed + 1,
     )

@@ -359,6 +359,63 @@ def test_a_resume_without_the_starting_model_says_why_it_needs_it(digit_model, t
         RLTrainer(config, tmp_path / "run", resume=True, **quiet)
 
 
+def test_what_would_fail_in_the_run_fails_before_it_begins(digit_model, tmp_path):
+    """A checker that raises, or prompts beyond the context, are found before the run directory holds
+    a run (so the same command works once fixed); prompts that do not fit are left out, said once."""
+    checkpoint, prompts = digit_model
+    (tmp_path / "checks.py").write_text("def broken(expected, given):\n    raise ValueError('boom')\n")
+    quiet = {"progress": False, "echo": lambda _: None}
+    with pytest.raises(ConfigError, match="raised ValueError: boom"):
+        RLTrainer(
+            digit_rl(checkpoint, prompts, f"checker={tmp_path / 'checks.py'}:broken"),
+            tmp_path / "run",
+            **quiet,
+        )
+    assert not (tmp_path / "run").exists()
+    rows = [{"user": "Say a digit.", "assistant": "7"}] * 10 + [{"user": "word " * 80, "assistant": "7"}]
+    said = []
+    trainer = RLTrainer(
+        digit_rl(checkpoint, write_rows(tmp_path / "long.jsonl", rows), "prompts_per_step=2", "eval_size=1"),
+        tmp_path / "run",
+        progress=False,
+        echo=said.append,
+    )  # the 64-token context holds 56 prompt tokens beside max_new_tokens 8
+    held_out = 1  # eval_size: one of the 11 rows is held out (here a short one), the long one trained
+    assert [m for m in said if "left out" in m] == [
+        f"warning: 1 of {11 - held_out} prompts of --data {tmp_path / 'long.jsonl'} are left out: with "
+        "max_new_tokens 8 they do not fit the model's context of 64 (the longest is 89 tokens)"
+    ]
+    assert all(len(r["user"]) < 50 for r in trainer.prompts.rows)
+
+
+def test_clipping_counts_every_update_and_no_clip_is_grad_clip_zero(digit_model, tmp_path):
+    checkpoint, prompts = digit_model
+    quiet = {"progress": False, "echo": lambda _: None}
+    config = digit_rl(
+        checkpoint, prompts, "max_steps=2", "updates_per_batch=4", "lr=3e-3", "eval_size=1", "grad_clip=0"
+    )
+    run_rl(config, tmp_path / "run", **quiet)
+    steps = [r for r in read_metrics(tmp_path / "run") if "clipped" in r]
+    assert any(r["clipped"] > 0 for r in steps)  # later updates move the ratios off 1 (the first never)
+    assert steps[-1]["kl"] > 0  # grad_clip 0: unclipped gradients, which moved the policy
+    with pytest.raises(ConfigError, match="eval_every must be >= 0, got -1"):
+        check_rl_config(digit_rl(checkpoint, prompts, "eval_every=-1"))
+    with pytest.raises(ConfigError, match=r"clip_low must be in \[0, 1\), got 1.5"):
+        check_rl_config(digit_rl(checkpoint, prompts, "clip_low=1.5"))
+
+
+def test_a_run_started_over_logs_its_first_evaluation_once(digit_model, tmp_path):
+    checkpoint, prompts = digit_model
+    quiet = {"progress": False, "echo": lambda _: None}
+    config = digit_rl(checkpoint, prompts, "max_steps=1", "eval_size=1")
+    run_rl(config, tmp_path / "run", **quiet)
+    shutil.rmtree(tmp_path / "run/checkpoints")  # as if killed before its first checkpoint
+    (tmp_path / "run/latest").unlink()
+    run_rl(config, tmp_path / "run", resume=True, **quiet)
+    evaluated = [r["step"] for r in read_metrics(tmp_path / "run") if "acc/data" in r]
+    assert evaluated == [0, 1]
+
+
 @pytest.mark.slow
 def test_the_kl_is_penalised_over_every_sample_and_reported_from_a_few(digit_model, tmp_path):
     checkpoint, prompts = digit_model

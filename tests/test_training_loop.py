@@ -334,10 +334,13 @@ def test_local_paths_are_pinned_so_a_run_resumes_from_anywhere(tmp_path, monkeyp
         str(tmp_path / "rows.jsonl"),
         str(tmp_path / "start"),
     )
-    for source, name in (("hub", "KingNish/reasoning-base-20k"), ("local", "*.jsonl")):  # no local paths
+    for source, name, pinned in (
+        ("hub", "KingNish/reasoning-base-20k", "KingNish/reasoning-base-20k"),  # no local path
+        ("local", "shards/*.jsonl", str(tmp_path / "shards/*.jsonl")),  # a glob, matching or not
+    ):
         config = load_run_config(None, [f"data.source={source}", f'data.path="{name}"'])
         pin_paths(config)
-        assert config.data.path == name
+        assert config.data.path == pinned
     # A directory named like the default hub dataset is no path of a synthetic run's.
     (tmp_path / "KingNish/reasoning-base-20k").mkdir(parents=True)
     config = load_run_config(None, [])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import re
 from dataclasses import dataclass, field
@@ -356,11 +357,13 @@ def _hint(schema: type, error: Exception) -> str:
 
 
 def pin_paths(config: RunConfig | RLConfig) -> None:
-    """Make the local files and directories a run reads absolute, so `--resume` finds them from any
-    working directory (names that are no local path, such as a hub dataset or a glob, stay)."""
+    """Make the local files, directories and globs a run reads absolute, so `--resume` finds them from
+    any working directory (names that are no local path, such as a hub dataset, stay)."""
 
     def pinned(path: str | None) -> str | None:
         local = Path(path).expanduser() if path else None
+        if local is not None and glob.has_magic(str(local)):
+            return str(local if local.is_absolute() else Path.cwd() / local)
         return str(local.resolve()) if local is not None and local.exists() else path
 
     if isinstance(config, RunConfig):

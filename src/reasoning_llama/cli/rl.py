@@ -58,7 +58,7 @@ def rl(
     set_threads(threads)
     if task is not None and data is not None:
         raise ConfigError("rl practises one task: give --task or --data, not both")
-    overrides = list(set_ or [])
+    overrides = []  # the flags' settings, then --set's, which win (as an error's suggestion may need)
     if init_from is not None:
         overrides.append(setting("init_from", resolve_model_dir(init_from)))
     if task is not None:
@@ -71,6 +71,7 @@ def rl(
         if minutes <= 0:
             raise ConfigError(f"--minutes must be positive, got {minutes}")
         overrides.append(f"max_minutes={minutes}")
+    overrides += set_ or []
     run_config = run_settings(
         RLConfig,
         out,

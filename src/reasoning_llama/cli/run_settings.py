@@ -22,7 +22,8 @@ def run_settings(
     how_to_start: str,
 ) -> T:
     """A recipe (or the defaults) with `overrides`; on --resume without a recipe, the run's own saved
-    settings. A new run's local paths are made absolute, so it resumes from any directory."""
+    settings. Local paths are made absolute (a new run's, and those given with --resume), so the run
+    resumes from any directory."""
     from reasoning_llama.config import load_config, pin_paths
     from reasoning_llama.training.loop import RUN_CONFIG, check_run_command
 
@@ -39,6 +40,5 @@ def run_settings(
                 )
         check_run_command(out, command)
     settings = load_config(schema, recipe, overrides)
-    if not resume:
-        pin_paths(settings)  # type: ignore[arg-type]
+    pin_paths(settings)  # type: ignore[arg-type]
     return settings

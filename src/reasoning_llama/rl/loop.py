@@ -41,11 +41,11 @@ from reasoning_llama.rl.rewards import Checker, make_checker
 from reasoning_llama.rl.rollout import Sample, sample_groups, sampled_log_probs
 from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.tasks import FAMILIES, generate_examples
-from reasoning_llama.tokenizer import get_tokenizer
+from reasoning_llama.tokenizer import ChatTokenizer, get_tokenizer
 from reasoning_llama.training import run_checkpoints as ckpt
 from reasoning_llama.training.loop import begin_run, prepare_run_dir, sigint_flag
 from reasoning_llama.training.metrics import MetricsWriter, read_metrics, truncate_after
-from reasoning_llama.training.optim import lr_at, param_groups, set_lr
+from reasoning_llama.training.optim import clip_gradients, lr_at, param_groups, set_lr
 
 EVAL_SEED = 7  # the held-out problems: the test split, drawn with a seed of their own
 
@@ -73,7 +73,7 @@ def check_rl_config(config: RLConfig) -> None:
     if unknown:
         raise ConfigError(f"unknown synthetic family {', '.join(unknown)}; known: {', '.join(FAMILIES)}")
     positive = ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "updates_per_batch", "max_steps")
-    for name in (*positive, "micro_batch_size", "train_size", "save_every", "log_every"):
+    for name in (*positive, "micro_batch_size", "train_size", "save_every", "log_every", "keep_last"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
     if config.kl_samples < 0:
@@ -84,6 +84,22 @@ def check_rl_config(config: RLConfig) -> None:
         raise ConfigError(f"unknown optimizer {config.optimizer!r}; use adamw or sgd")
     if not (config.temperature > 0 and config.lr > 0 and 0 <= config.min_lr_ratio <= 1):
         raise ConfigError("temperature and lr must be > 0 and min_lr_ratio in [0, 1]")
+    at_least_zero = (
+        "eval_every",
+        "warmup_steps",
+        "eval_size",
+        "grad_clip",
+        "kl_coef",
+        "top_k",
+        "weight_decay",
+    )
+    for name in (*at_least_zero, "clip_high", "format_reward"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
+    if not 0 <= config.clip_low < 1:
+        raise ConfigError(f"clip_low must be in [0, 1), got {config.clip_low}")
+    if config.max_minutes is not None and config.max_minutes <= 0:
+        raise ConfigError(f"max_minutes must be > 0, got {config.max_minutes}")
 
 
 def step_seeds(seed: int, step: int, count: int) -> list[int]:
@@ -92,12 +108,39 @@ def step_seeds(seed: int, step: int, count: int) -> list[int]:
     return [rng.getrandbits(63) for _ in range(count)]
 
 
+def fitting(
+    rows: list[dict[str, str]],
+    tokenizer: ChatTokenizer,
+    config: RLConfig,
+    context: int,
+    say: Callable[[str], None],
+) -> list[dict[str, str]]:
+    """The rows whose prompt leaves room for max_new_tokens in the model's context; the others are
+    counted and left out (said once), as `eval` leaves out prompts that do not fit."""
+    room = context - config.max_new_tokens
+    lengths = [len(tokenizer.render_prompt([{"role": "user", "content": row["user"]}])) for row in rows]
+    kept = [row for row, length in zip(rows, lengths, strict=True) if length <= room]
+    if len(kept) < len(rows):
+        where = f"--data {config.data}" if config.data else "the synthetic problems"
+        say(
+            f"warning: {len(rows) - len(kept)} of {len(rows)} prompts of {where} are left out: with "
+            f"max_new_tokens {config.max_new_tokens} they do not fit the model's context of {context} "
+            f"(the longest is {max(lengths)} tokens)"
+        )
+    return kept
+
+
 class PromptStream:
     """Train rows in a fresh seeded order every epoch; `rows_for(step)` depends on the step alone."""
 
     def __init__(self, rows: Sequence[dict[str, str]], per_step: int, seed: int) -> None:
         if len(rows) < per_step:
-            raise ConfigError(f"{len(rows)} train rows are fewer than prompts_per_step ({per_step})")
+            raise ConfigError(
+                f"{len(rows)} usable train prompts are fewer than prompts_per_step ({per_step}); give more "
+                f"rows, or pass --set prompts_per_step={len(rows)}"
+                if rows
+                else "no usable train prompts (see the warnings above)"
+            )
         self.rows, self.per_step, self.seed = list(rows), per_step, seed
         self._orders: dict[int, list[int]] = {}
 
@@ -160,7 +203,10 @@ def held_out_report(
     if not rows:
         return {}
     prompts = [engine.tokenizer.render_prompt([{"role": "user", "content": r["user"]}]) for r in rows]
-    greedy = engine.generate_batch(prompts, SamplingParams(max_new_tokens=params.max_new_tokens))
+    greedy_params = SamplingParams(
+        max_new_tokens=params.max_new_tokens, reasoning_budget=params.reasoning_budget
+    )
+    greedy = engine.generate_batch(prompts, greedy_params)
     seeds = step_seeds(seed, -1, len(rows) * group_size)
     groups = sample_groups(engine, rows, group_size, params, seeds, checker)
     by_family: dict[str, list[tuple[bool, bool]]] = {}
@@ -173,6 +219,18 @@ def held_out_report(
         report[f"acc/{family}"] = sum(s for s, _ in scores) / len(scores)
         report[f"pass@{group_size}/{family}"] = sum(g for _, g in scores) / len(scores)
     return report
+
+
+def sampling_params(config: RLConfig) -> SamplingParams:
+    """How a run samples its answers (training, and held-out pass@G)."""
+    params = SamplingParams(
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        reasoning_budget=config.reasoning_budget,
+    )
+    params.validate()
+    return params
 
 
 def build_rl_optimizer(model: Transformer, config: RLConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -209,8 +267,7 @@ class RLTrainer:
             self.say(f"{self.run_dir} stopped before its first checkpoint; starting it over from step 0")
 
         self.checker: Checker = make_checker(config.checker)
-        train_rows, self.held_out = load_task_rows(config)
-        self.prompts = PromptStream(train_rows, config.prompts_per_step, config.seed)
+        train_rows, held_out = load_task_rows(config)
 
         assert config.init_from is not None
         if resume_from is not None and not Path(config.init_from).is_dir():
@@ -219,19 +276,22 @@ class RLTrainer:
                 "its KL against it, so put it back there to resume"
             )
         self.policy: Transformer = load_model(config.init_from, device=self.device, dtype=torch.float32)
+        # Found now, not steps into the run: prompts the context cannot hold, and a checker that fails.
+        tokenizer = get_tokenizer()
+        context = self.policy.config.max_seq_len
+        train_rows, held_out = (
+            fitting(rows, tokenizer, config, context, self.say) for rows in (train_rows, held_out)
+        )
+        self.prompts = PromptStream(train_rows, config.prompts_per_step, config.seed)
+        self.held_out = held_out
+        self.checker(train_rows[0], train_rows[0]["assistant"])
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)  # the initial model, for KL
         self.container = ModelWithLoss(self.policy)  # what checkpoints save: the model under `model.`
         self.optimizer = build_rl_optimizer(self.policy, config, self.device)
-        self.tokenizer = get_tokenizer()
+        self.tokenizer = tokenizer
         group = config.prompts_per_step * config.samples_per_prompt
         self.engine = Engine(self.policy, self.tokenizer, max_batch_size=group, device=self.device)
-        self.params = SamplingParams(
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            top_k=config.top_k,
-            reasoning_budget=config.reasoning_budget,
-        )
-        self.params.validate()
+        self.params = sampling_params(config)
         self.step, self.elapsed = 0, 0.0
         self.last_checkpoint = resume_from
         if resume_from is not None:
@@ -330,12 +390,12 @@ class RLTrainer:
                 if c.kl_coef:
                     loss = loss + c.kl_coef * kl.sum() / max(n_tokens, 1)
                 loss.backward()
-                if update == 0:
+                clipped_total += clipped.item() / updates  # a share of the batch's tokens, over its updates
+                if update == 0:  # as sampled: the loss and KL before this batch moved the policy
                     loss_total += loss.item()
-                    clipped_total += clipped.item()
                     kl_total += kl.detach().sum().item()
                 done += count
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.grad_clip))
+            grad_norm = float(clip_gradients(self.policy.parameters(), c.grad_clip))
             if math.isfinite(grad_norm):
                 self.optimizer.step()
         self.policy.eval()

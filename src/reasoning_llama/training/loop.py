@@ -52,7 +52,7 @@ from reasoning_llama.training import distributed as dist
 from reasoning_llama.training import run_checkpoints as ckpt
 from reasoning_llama.training.distributed import World
 from reasoning_llama.training.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsWriter, truncate_after
-from reasoning_llama.training.optim import build_optimizer, lr_at, set_lr
+from reasoning_llama.training.optim import build_optimizer, clip_gradients, lr_at, set_lr
 from reasoning_llama.training.plot import PLOT_FILE
 
 RUN_CONFIG = "run_config.yaml"
@@ -392,8 +392,8 @@ def prepare_run_dir(
         if latest is None and not restarted and not holds_run(run_dir):
             raise ConfigError(f"--resume: {run_dir} holds no training run; start one without --resume")
         ckpt.remove_stale_temporaries(run_dir)
-        if latest is None:  # the run stopped before its first checkpoint: start it over
-            truncate_after(run_dir, 0)
+        if latest is None:  # the run stopped before its first checkpoint: start it over, logs included
+            truncate_after(run_dir, -1)
     else:
         latest = None
         if holds_run(run_dir) and not overwrite:
@@ -987,7 +987,7 @@ def optimizer_step(
             loss.backward()
         total += loss.detach().float() / world.world_size
     params = [p for p in wrapped.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    norm = clip_gradients(params, grad_clip)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
     if not skip_nonfinite or math.isfinite(norm.item()):
         set_lr(optimizer, lr)
