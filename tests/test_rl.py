@@ -388,6 +388,25 @@ def test_what_would_fail_in_the_run_fails_before_it_begins(digit_model, tmp_path
     assert all(len(r["user"]) < 50 for r in trainer.prompts.rows)
 
 
+def test_a_file_too_small_to_hold_prompts_out_says_so(digit_model, tmp_path):
+    checkpoint, _ = digit_model
+    few = write_rows(tmp_path / "few.jsonl", [{"user": "Say a digit.", "assistant": "7"}] * 4)
+    said = []
+    RLTrainer(
+        digit_rl(checkpoint, few, "prompts_per_step=2"), tmp_path / "run", progress=False, echo=said.append
+    )
+    assert any(m.startswith("warning: no prompts held out") for m in said)
+
+
+def test_a_recipe_of_the_other_command_is_named_so():
+    with pytest.raises(
+        ConfigError, match="quickstart is a recipe of `reasoning-llama train`; this command's are: rl-"
+    ):
+        load_config(RLConfig, "quickstart")
+    with pytest.raises(ConfigError, match="rl-max-digit is a recipe of `reasoning-llama rl`"):
+        load_run_config("rl-max-digit")
+
+
 def test_clipping_counts_every_update_and_no_clip_is_grad_clip_zero(digit_model, tmp_path):
     checkpoint, prompts = digit_model
     quiet = {"progress": False, "echo": lambda _: None}

@@ -153,10 +153,10 @@ def test_a_run_diverging_before_its_first_checkpoint_says_how_to_start_it_over(t
 
 def test_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path):
     run = tmp_path / "run"
-    with pytest.raises(ConfigError, match="holds no training run; start one without --resume"):
+    with pytest.raises(ConfigError, match="holds no run; start one without --resume"):
         train(tiny_run(tmp_path), run, resume=True, progress=False)
     train(tiny_run(tmp_path, "train.max_steps=1"), run, progress=False)
-    with pytest.raises(ConfigError, match=r"already holds a training run; pass --resume .* --overwrite"):
+    with pytest.raises(ConfigError, match=r"already holds a run; pass --resume .* --overwrite"):
         train(tiny_run(tmp_path), run, progress=False)
     (run / "notes.txt").write_text("kept")
     train(tiny_run(tmp_path, "train.max_steps=2"), run, overwrite=True, progress=False)

@@ -241,6 +241,12 @@ def recipe_path(name_or_path: str | Path, *, rl: bool = False) -> Path:
     packaged = RECIPES / f"{name_or_path}.yaml"
     if path.parent == Path(".") and path.name in recipe_names(rl=rl):
         return packaged
+    if path.parent == Path(".") and path.name in recipe_names(rl=not rl):
+        other = "rl" if not rl else "train"
+        raise ConfigError(
+            f"{name_or_path} is a recipe of `reasoning-llama {other}`; this command's are: "
+            f"{', '.join(recipe_names(rl=rl))}"
+        )
     raise ConfigError(
         f"config file {name_or_path} does not exist; give a YAML file or a packaged recipe: {', '.join(recipe_names(rl=rl))}"
     )

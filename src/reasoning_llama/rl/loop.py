@@ -284,6 +284,10 @@ class RLTrainer:
         )
         self.prompts = PromptStream(train_rows, config.prompts_per_step, config.seed)
         self.held_out = held_out
+        if not held_out:
+            self.say(
+                "warning: no prompts held out (a file gives one in five, up to eval_size): no held-out evaluation"
+            )
         self.checker(train_rows[0], train_rows[0]["assistant"])
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)  # the initial model, for KL
         self.container = ModelWithLoss(self.policy)  # what checkpoints save: the model under `model.`

@@ -390,7 +390,7 @@ def prepare_run_dir(
     if resume or restarted:
         latest = ckpt.latest_checkpoint(run_dir)
         if latest is None and not restarted and not holds_run(run_dir):
-            raise ConfigError(f"--resume: {run_dir} holds no training run; start one without --resume")
+            raise ConfigError(f"--resume: {run_dir} holds no run; start one without --resume")
         ckpt.remove_stale_temporaries(run_dir)
         if latest is None:  # the run stopped before its first checkpoint: start it over, logs included
             truncate_after(run_dir, -1)
@@ -398,7 +398,7 @@ def prepare_run_dir(
         latest = None
         if holds_run(run_dir) and not overwrite:
             raise ConfigError(
-                f"{run_dir} already holds a training run; pass --resume to continue it, --overwrite to "
+                f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
                 "start it over, or choose another --out"
             )
     # Made when the run begins; here only whether it can be, so that a bad --out fails first.
