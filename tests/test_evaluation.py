@@ -208,6 +208,25 @@ def test_eval_cli_prints_its_table_on_stdout_and_writes_examples_beside_never_ov
     assert len((tmp_path / "e.jsonl").read_text().splitlines()) == 2
 
 
+def test_eval_cli_scores_answer_only_rows_with_rls_checkers(tmp_path, tiny_config):
+    """The rows `rl --data` practises (user and assistant, no reasoning) are scored by their answers,
+    with the checkers `rl` takes; there is no loss to measure without reasoning."""
+    checkpoint = save_model(tmp_path / "ckpt", Transformer(tiny_config))
+    data = tmp_path / "qa.jsonl"
+    data.write_text((json.dumps({"user": "Say 7.", "assistant": "7"}) + "\n") * 3)
+    (tmp_path / "checks.py").write_text("def anything(expected, given):\n    return True\n")
+    common = ["eval", "--checkpoint", checkpoint, "--data", data, "--max-new-tokens", "4", "--json"]
+    lenient, plain = run_clis(
+        [(*common, "--checker", f"{tmp_path / 'checks.py'}:anything"), tuple(common)], one_thread=True
+    )
+    assert lenient.returncode == 0 and plain.returncode == 0, lenient.stderr + plain.stderr
+    lenient, plain_report = json.loads(lenient.stdout), json.loads(plain.stdout)
+    assert lenient["rows"] == plain_report["rows"] == 3 and lenient["loss"] is None
+    assert lenient["overall"]["exact_match"] == 1.0  # every answer, whatever it is, by this checker
+    assert plain_report["overall"]["exact_match"] == 0.0  # 4 tokens of an untrained model: no "7"
+    assert "has no reasoning to measure a loss on: scoring its answers instead" in plain.stderr
+
+
 @pytest.mark.slow
 def test_eval_cli_with_int8_weights_scores_the_int8_engine(tmp_path, tiny_config):
     checkpoint = save_model(tmp_path / "ckpt", Transformer(tiny_config))
@@ -238,6 +257,7 @@ def test_eval_cli_with_int8_weights_scores_the_int8_engine(tmp_path, tiny_config
         (["--data", "x.jsonl", "--difficulty", "3"], "--seed and --difficulty choose synthetic problems"),
         (["--task", "synthetic", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         (["--data", "missing.jsonl"], "--data missing.jsonl does not exist; give a .jsonl"),
+        (["--task", "synthetic", "--checker", "exact"], "--checker scores the answers of --data rows"),
     ],
 )
 def test_eval_cli_errors_are_one_line(tmp_path, tiny_config, args, message):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from reasoning_llama.tasks import FAMILIES, check_answer, families_or_default, g
 from reasoning_llama.tokenizer import ChatTokenizer
 
 NO_FAMILY = "data"  # the bucket of rows without a synthetic `family`
+ANSWER_ONLY_BUDGET = 128  # tokens to reason and answer in, for rows that give no reasoning to size it by
 
 
 # --- loss on raw rows ------------------------------------------------------------------
@@ -107,8 +108,11 @@ def row_is_correct(row: dict[str, str], predicted: str) -> bool:
 
 
 def default_max_new_tokens(rows: Sequence[dict[str, str]], tokenizer: ChatTokenizer) -> int:
-    """Room for twice the longest reference generation, so a slightly verbose model is not cut off."""
-    longest = max(len(tokenizer.render_generation(r["reasoning"], r["assistant"])) for r in rows)
+    """Room for twice the longest reference generation, so a slightly verbose model is not cut off;
+    rows without reasoning (only an answer to check) leave room for one: at least ANSWER_ONLY_BUDGET."""
+    longest = max(len(tokenizer.render_generation(r.get("reasoning", ""), r["assistant"])) for r in rows)
+    if any("reasoning" not in r for r in rows):
+        return max(ANSWER_ONLY_BUDGET, 2 * longest)
     return 2 * longest + 16
 
 
@@ -134,8 +138,11 @@ def evaluate_generations(
     max_new_tokens: int | None = None,
     system: str | None = None,
     progress: bool = False,
+    correct: Callable[[dict[str, str], str], bool] | None = None,
 ) -> GenerationReport:
-    """Greedy-generate an answer to every row's `user` and score it against the row's `assistant`."""
+    """Greedy-generate an answer to every row's `user` and score it against the row's `assistant`
+    (with `correct(row, answer)`, by default `row_is_correct`)."""
+    correct = correct or row_is_correct
     if not rows:
         raise ConfigError("nothing to evaluate: no rows")
     if max_new_tokens is not None and max_new_tokens < 1:
@@ -161,7 +168,7 @@ def evaluate_generations(
                 "reference": row["assistant"],
                 "reasoning": result.reasoning if result else "",
                 "answer": result.answer if result else "",
-                "correct": bool(result and row_is_correct(row, result.answer)),
+                "correct": bool(result and correct(row, result.answer)),
                 "well_formed": bool(result and result.well_formed),
                 "finished": bool(result and result.finish_reason == "stop"),
                 "reasoning_tokens": result.reasoning_tokens if result else 0,

@@ -23,7 +23,11 @@ def eval_command(
         typer.Option(help="synthetic or synthetic:FAMILY,...: held-out problems of the TEST split."),
     ] = None,
     data: Annotated[
-        Path | None, typer.Option(help="A .json/.jsonl/.parquet file with user/reasoning/assistant.")
+        Path | None,
+        typer.Option(
+            help="A .json/.jsonl/.parquet file with user/reasoning/assistant (or user/assistant only, as "
+            "`rl --data` takes: then the answers are scored, no loss)."
+        ),
     ] = None,
     limit: Annotated[
         int | None, typer.Option(help="Problems per family (--task; default 100) or rows (--data).")
@@ -31,6 +35,13 @@ def eval_command(
     generate: Annotated[
         bool, typer.Option(help="With --data: also generate answers and score them (slower).")
     ] = False,
+    checker: Annotated[
+        str | None,
+        typer.Option(
+            help="With --data: how an answer is scored, as in `rl`: exact (default), numeric, "
+            "package.module:function or file.py:function; full credit counts as correct."
+        ),
+    ] = None,
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Generation budget (default: 2x the longest reference).")
     ] = None,
@@ -69,6 +80,8 @@ def eval_command(
         raise ConfigError(
             "--seed and --difficulty choose synthetic problems: use them with --task, not --data"
         )
+    if checker is not None and data is None:
+        raise ConfigError("--checker scores the answers of --data rows; synthetic tasks have their own")
     if examples is not None and task is None and not generate:
         raise ConfigError("--examples lists generations: use it with --task, or with --data and --generate")
     if examples is not None:
@@ -84,6 +97,16 @@ def eval_command(
         rows, validation = _read_rows(data)  # type: ignore[arg-type]
         rows = rows[:limit] if limit else rows
         source = str(data)
+        if not all("reasoning" in row for row in rows):  # answers only: nothing to measure a loss on
+            if examples is None and not generate:
+                echo_err(f"note: {data} has no reasoning to measure a loss on: scoring its answers instead")
+            generate = True
+    correct = None
+    if checker is not None:
+        from reasoning_llama.rl.rewards import make_checker
+
+        reward = make_checker(checker)
+        correct = lambda row, answer: reward(row, answer) == 1.0  # noqa: E731
     engine = Engine.from_checkpoint(
         directory, device=device, max_batch_size=batch_size, quantize=quantize, compile=compile_step
     )
@@ -93,15 +116,18 @@ def eval_command(
         report["validation"] = validation
     if generate:
         scores = evaluation.evaluate_generations(
-            engine, rows, max_new_tokens=max_new_tokens, progress=progress
+            engine, rows, max_new_tokens=max_new_tokens, progress=progress, correct=correct
         )
         report |= scores.to_dict()
         if examples is not None:
             lines = "".join(json.dumps(example) + "\n" for example in scores.examples)
             atomic.write_text(examples.expanduser(), lines)
-    loss = evaluation.loss_on_rows(engine.model, engine.tokenizer, rows)
-    report |= {"loss": loss.loss, "perplexity": loss.perplexity, "loss_tokens": loss.loss_tokens}
-    report["rows_cut_to_context"] = loss.cut_rows
+    if all("reasoning" in row for row in rows):
+        loss = evaluation.loss_on_rows(engine.model, engine.tokenizer, rows)
+        report |= {"loss": loss.loss, "perplexity": loss.perplexity, "loss_tokens": loss.loss_tokens}
+        report["rows_cut_to_context"] = loss.cut_rows
+    else:
+        report |= {"loss": None, "perplexity": None, "loss_tokens": 0, "rows_cut_to_context": 0}
     if as_json:
         print(json.dumps(report))
     else:
@@ -120,16 +146,26 @@ def _check_output(path: Path, data: Path | None) -> None:
 
 
 def _read_rows(path: Path) -> tuple[list[dict[str, str]], dict]:
-    """The rows of a --data file, and its validation report (rows read, skipped and where)."""
+    """The rows of a --data file, and its validation report (rows read, skipped and where): with
+    reasoning, or else (none has any) answers only, as `rl --data` takes them."""
     from reasoning_llama.config import DataConfig
-    from reasoning_llama.data.sources import load_rows
+    from reasoning_llama.data.sources import load_rows, read_answer_rows
+    from reasoning_llama.data.validation import ValidationReport
+    from reasoning_llama.errors import DataError
 
     if not any(c in str(path) for c in "*?[") and not path.expanduser().exists():  # a glob is the source's
         raise ConfigError(f"--data {path} does not exist; give a .jsonl, .json or .parquet file of rows")
-    loaded = load_rows(DataConfig(source="local", path=str(path)))
-    if loaded.report.rows_skipped:
-        echo_err(f"warning: {loaded.report.summary()}")
-    return loaded.train + (loaded.val or []), loaded.report.to_dict()
+    try:
+        loaded = load_rows(DataConfig(source="local", path=str(path)))
+        rows, report = loaded.train + (loaded.val or []), loaded.report
+    except DataError:
+        report = ValidationReport()
+        rows = read_answer_rows(str(path), report)
+        if not rows:
+            raise
+    if report.rows_skipped:
+        echo_err(f"warning: {report.summary()}")
+    return rows, report.to_dict()
 
 
 def _print_eval(report: dict) -> None:
@@ -150,9 +186,11 @@ def _print_eval(report: dict) -> None:
                 f"{s['mean_reasoning_tokens']:.1f}",
             )
         console.print(table)
-    console.print(
-        f"loss {report['loss']:.4f} nats/token, perplexity {report['perplexity']:.3f} ({report['loss_tokens']} tokens)"
-    )
+    if report["loss"] is not None:
+        console.print(
+            f"loss {report['loss']:.4f} nats/token, perplexity {report['perplexity']:.3f} "
+            f"({report['loss_tokens']} tokens)"
+        )
     not_fitting = report.get("overall", {}).get("prompts_not_fitting")
     if not_fitting:
         console.print(

@@ -237,6 +237,16 @@ def resolve_files(spec: str, suffixes: tuple[str, ...]) -> list[Path]:
     raise DataError(f"data path {spec} does not exist; give an existing file, directory or glob")
 
 
+def read_answer_rows(data: str, report: ValidationReport) -> list[dict[str, str]]:
+    """Rows with `user` and `assistant` (no reasoning needed) of a file, a directory of one split, or a
+    glob: what `rl --data` practises and `eval --data` scores; skipped rows are counted in `report`."""
+    files = resolve_files(data, CHAT_SUFFIXES)
+    directory = Path(data).expanduser()
+    if directory.is_dir():
+        refuse_several_splits(directory, files, lambda split: f'--data "{split}"')
+    return [row for path in files for row in read_file(path, ("user", "assistant"), report)]
+
+
 def read_file(path: Path, fields: tuple[str, ...], report: ValidationReport) -> list[dict[str, str]]:
     """Validated rows of one file, by its suffix."""
     suffix = path.suffix.lower()

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from reasoning_llama.config import RLConfig
-from reasoning_llama.data.sources import read_file, refuse_several_splits, resolve_files
+from reasoning_llama.data.sources import read_answer_rows
 from reasoning_llama.data.validation import ValidationReport
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.evaluation import synthetic_test_rows
@@ -175,11 +175,7 @@ def load_task_rows(config: RLConfig) -> tuple[list[dict[str, str]], list[dict[st
         )
         return [e.as_row() for e in examples], held_out
     report = ValidationReport()
-    files = resolve_files(str(config.data), (".json", ".jsonl", ".parquet"))
-    directory = Path(config.data).expanduser()
-    if directory.is_dir():
-        refuse_several_splits(directory, files, lambda split: f'--data "{split}"')
-    rows = [row for path in files for row in read_file(path, ("user", "assistant"), report)]
+    rows = read_answer_rows(str(config.data), report)
     if report.rows_skipped:
         print(f"warning: {report.summary()}", file=sys.stderr)
     random.Random(f"reasoning-llama/rl/split/{config.seed}").shuffle(rows)
