@@ -356,16 +356,18 @@ class RLTrainer:
         # A batch in which every group is uniform has no gradient, and an optimizer step on nothing
         # would still move the weights (Adam's momentum): skip the update.
         updates = 0 if bool(no_signal.all()) else c.updates_per_batch
-        measured = trained or samples  # the KL to the initial model is measured over these
-        if c.kl_coef == 0 and c.kl_samples:  # only reported: a share of the samples estimates it
-            measured = measured[: c.kl_samples]
+        # The KL to the initial model, before this step's update: penalised over every sample (with
+        # kl_coef, all are trained), or only reported, from the step's first kl_samples samples (0 =
+        # all), the same share of every step whichever groups carry signal, so steps compare.
+        penalised = c.kl_coef > 0 and updates > 0
+        measured = trained if penalised else samples[: c.kl_samples or len(samples)]
         self.policy.train()
         reference = self._log_probs(self.reference, measured)
         old = self._log_probs(self.policy, trained) if updates > 1 else None
         lr = self.lr()
         set_lr(self.optimizer, lr)
         loss_total, clipped_total, kl_total, grad_norm = 0.0, 0.0, 0.0, 0.0
-        if updates == 0:  # the KL is still measured
+        if not penalised:
             kl_total = kl_estimate(self._log_probs(self.policy, measured), reference).sum().item()
         for update in range(updates):
             self.optimizer.zero_grad(set_to_none=True)
@@ -384,16 +386,15 @@ class RLTrainer:
                     clip_low=c.clip_low,
                     clip_high=c.clip_high,
                 )
-                # The reference covers every trained token when the KL is penalised, a prefix otherwise.
-                compared = max(0, min(count, len(reference) - done))
-                kl = kl_estimate(log_probs[:compared], reference[done : done + compared])
-                if c.kl_coef:
+                if penalised:
+                    kl = kl_estimate(log_probs, reference[span])
                     loss = loss + c.kl_coef * kl.sum() / max(n_tokens, 1)
+                    if update == 0:
+                        kl_total += kl.detach().sum().item()
                 loss.backward()
                 clipped_total += clipped.item() / updates  # a share of the batch's tokens, over its updates
-                if update == 0:  # as sampled: the loss and KL before this batch moved the policy
+                if update == 0:  # as sampled: the loss before this batch moved the policy
                     loss_total += loss.item()
-                    kl_total += kl.detach().sum().item()
                 done += count
             grad_norm = float(clip_gradients(self.policy.parameters(), c.grad_clip))
             if math.isfinite(grad_norm):
