@@ -34,7 +34,9 @@ from pathlib import Path
 
 import torch
 
+from reasoning_llama.cli.model_dir import resolve_model_dir
 from reasoning_llama.config import RLConfig, load_config, load_run_config
+from reasoning_llama.errors import ReasoningLlamaError
 from reasoning_llama.evaluation import evaluate_generations, synthetic_test_rows
 from reasoning_llama.generation import Engine
 from reasoning_llama.model_files import load_model
@@ -162,6 +164,11 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.start is not None:  # a checkpoint or a run directory, as every command takes it
+        try:
+            args.start = resolve_model_dir(args.start)
+        except ReasoningLlamaError as e:
+            sys.exit(f"error: --start: {e}")
     root = args.out or Path(tempfile.mkdtemp(prefix="rl_gain-"))
     root.mkdir(parents=True, exist_ok=True)
     start_steps, minutes = (30, 0.1) if args.quick else (args.start_steps, args.minutes)

@@ -543,3 +543,15 @@ def test_the_default_task_rows_come_even_from_a_family_smaller_than_train_size()
     train_rows, held_out = load_task_rows(config)
     assert config.train_size * len(DEFAULT_FAMILIES) > len(train_rows) > (config.train_size - 1000) * 3
     assert len({row["user"] for row in train_rows}) == len(train_rows) and held_out
+
+
+def test_init_from_as_a_setting_takes_a_run_directory_too(digit_model, tmp_path):
+    from reasoning_llama.cli.run_settings import run_settings
+
+    checkpoint, prompts = digit_model
+    run = checkpoint.parent.parent  # its latest checkpoint is `checkpoint` (no best: no validation)
+    settings = run_settings(
+        RLConfig, tmp_path / "rl", None, [f"init_from={run}", f"data={prompts}"],
+        resume=False, overwrite=False, command="rl", how_to_start="--init-from",
+    )  # fmt: skip
+    assert settings.init_from in (str(checkpoint), str(run / "best"))

@@ -40,5 +40,16 @@ def run_settings(
                 )
         check_run_command(out, command)
     settings = load_config(schema, recipe, overrides)
+    if not resume:  # (a resumed run needs no init_from any more: it may be gone)
+        _name_the_checkpoint(settings)
     pin_paths(settings)  # type: ignore[arg-type]
     return settings
+
+
+def _name_the_checkpoint(settings: object) -> None:
+    """init_from as every command takes a model: a checkpoint, or a run directory (its best, or latest)."""
+    from reasoning_llama.cli.model_dir import resolve_model_dir
+
+    holder = getattr(settings, "train", settings)  # RunConfig keeps it in train, RLConfig at the top
+    if getattr(holder, "init_from", None):
+        holder.init_from = str(resolve_model_dir(Path(holder.init_from)))
