@@ -301,6 +301,9 @@ def test_several_prompts_in_one_request_answer_as_each_alone(greedy):
             assert choice.text == single.text
             assert choice.logprobs.token_logprobs == pytest.approx(single.logprobs.token_logprobs, abs=1e-5)
         assert reply.usage.prompt_tokens == sum(len(TOKENIZER.encode(t)) for t in texts)
+    with pytest.raises(openai.BadRequestError) as caught:  # which prompt does not fit is named
+        client(greedy).completions.create(model=MODEL, prompt=[[15496], [15496] * 300], max_tokens=5)
+    assert caught.value.body["message"].startswith("prompt 1: the prompt (300 tokens)")
     streamed = {0: "", 1: ""}
     for chunk in client(greedy).completions.create(prompt=texts, stream=True, **body):
         for choice in chunk.choices:

@@ -126,7 +126,7 @@ class _ServerState:
                 code="model_not_found",
             )
 
-    def check_size(self, n_messages: int, n_chars: int) -> None:
+    def check_size(self, n_messages: int, n_chars: int, *, param: str = "messages") -> None:
         limits = self.settings
         if n_messages > limits.max_messages:
             raise bad_request(
@@ -138,7 +138,7 @@ class _ServerState:
             raise bad_request(
                 f"the prompt text is too long: {n_chars} characters > the server's limit of "
                 f"{limits.max_total_chars}",
-                param="messages",
+                param=param,
                 code="prompt_too_long",
             )
 
@@ -343,20 +343,23 @@ def _api_router(state: _ServerState) -> APIRouter:
     @router.post("/completions", response_model=None, responses=generation_responses(Completion, Completion))
     async def completions(body: CompletionRequest, request: Request) -> Completion | Response:
         state.check_model(body.model)
+
+        def prompt_params(index: int, ids: list[int]) -> SamplingParams:
+            try:
+                return state.sampling_params(body, len(ids), raw=True, logprobs=body.logprobs)
+            except APIError as e:
+                if len(prompts) > 1:  # say which of the prompts
+                    e.message = f"prompt {index}: {e.message}"
+                raise
+
         prompts = []  # (ids, text) of each prompt
         for prompt in body.prompts():
             if isinstance(prompt, str):
                 prompts.append((state.tokenizer.encode(prompt), prompt))  # plain BPE: never a special id
             else:
                 prompts.append((list(prompt), state.tokenizer.decode(prompt)))
-        state.check_size(1, sum(len(text) for _, text in prompts))
-        jobs = state.submit(
-            [
-                (ids, state.sampling_params(body, len(ids), raw=True, logprobs=body.logprobs))
-                for ids, _ in prompts
-            ],
-            body.n,
-        )
+        state.check_size(1, sum(len(text) for _, text in prompts), param="prompt")
+        jobs = state.submit([(ids, prompt_params(i, ids)) for i, (ids, _) in enumerate(prompts)], body.n)
         echoes: list[_Echo | None] = [None] * len(jobs)
         if body.echo:
             try:
