@@ -34,6 +34,15 @@ def test_saved_settings_read_back_as_they_were(tmp_path):
     assert dataclasses.asdict(load_run_config(saved)) == dataclasses.asdict(config)
 
 
+def test_saved_settings_of_a_run_from_init_from_say_the_preset_does_not_apply(tmp_path):
+    config = load_run_config(None, ["train.init_from=/runs/pre/best"])
+    text = config_yaml(config)
+    assert text.startswith("# the model is train.init_from's: train.preset does not apply")
+    (tmp_path / "run_config.yaml").write_text(text)
+    assert dataclasses.asdict(load_run_config(tmp_path / "run_config.yaml")) == dataclasses.asdict(config)
+    assert not config_yaml(load_run_config(None, [])).startswith("#")
+
+
 def test_an_interpolation_that_fails_says_how_to_write_a_literal():
     with pytest.raises(ConfigError, match=r"Interpolation key 'b' not found \(\$\{\.\.\.\} is OmegaConf"):
         load_run_config(None, ["data.path=/data/${b}"])

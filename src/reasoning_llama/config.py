@@ -327,7 +327,11 @@ def config_yaml(config: Any) -> str:
             return [literal(item) for item in value]
         return value
 
-    return OmegaConf.to_yaml(OmegaConf.create(literal(dataclasses.asdict(config))))
+    text = OmegaConf.to_yaml(OmegaConf.create(literal(dataclasses.asdict(config))))
+    if isinstance(config, RunConfig) and config.train.init_from:
+        # The saved file says so, where it would otherwise read as a run of the preset's model.
+        text = "# the model is train.init_from's: train.preset does not apply to this run\n" + text
+    return text
 
 
 def _read_yaml(path: Path, schema: type) -> Any:
