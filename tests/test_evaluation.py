@@ -225,6 +225,13 @@ def test_eval_cli_scores_answer_only_rows_with_rls_checkers(tmp_path, tiny_confi
     assert lenient["overall"]["exact_match"] == 1.0  # every answer, whatever it is, by this checker
     assert plain_report["overall"]["exact_match"] == 0.0  # 4 tokens of an untrained model: no "7"
     assert "has no reasoning to measure a loss on: scoring its answers instead" in plain.stderr
+    listed = run_cli(*common, "--examples", tmp_path / "e.jsonl", one_thread=True)  # generations: listed
+    assert listed.returncode == 0 and len((tmp_path / "e.jsonl").read_text().splitlines()) == 3
+    # Rows whose reasoning is there but empty are bad rows, not answer-only ones: refused, saying why.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"user": "q", "reasoning": " ", "assistant": "7"}) + "\n")
+    refused = run_cli("eval", "--checkpoint", checkpoint, "--data", bad, one_thread=True)
+    assert refused.returncode == 2 and "empty field 'reasoning'" in refused.stderr
 
 
 @pytest.mark.slow
@@ -258,10 +265,14 @@ def test_eval_cli_with_int8_weights_scores_the_int8_engine(tmp_path, tiny_config
         (["--task", "synthetic", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         (["--data", "missing.jsonl"], "--data missing.jsonl does not exist; give a .jsonl"),
         (["--task", "synthetic", "--checker", "exact"], "--checker scores the answers of --data rows"),
+        (["--data", "x.jsonl", "--checker", "exact"], "--checker scores generated answers: add --generate"),
     ],
 )
 def test_eval_cli_errors_are_one_line(tmp_path, tiny_config, args, message):
     save_model(tmp_path / "ckpt", Transformer(tiny_config))
+    rows = tmp_path / "x.jsonl"  # rows with reasoning: a loss to measure, answers only with --generate
+    rows.write_text(json.dumps({"user": "q", "reasoning": "r", "assistant": "a"}) + "\n")
+    args = [str(rows) if a == "x.jsonl" else a for a in args]
     result = run_cli("eval", "--checkpoint", str(tmp_path / "ckpt"), *args, one_thread=True)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr

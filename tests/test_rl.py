@@ -382,7 +382,7 @@ def test_what_would_fail_in_the_run_fails_before_it_begins(digit_model, tmp_path
     )  # the 64-token context holds 56 prompt tokens beside max_new_tokens 8
     held_out = 1  # eval_size: one of the 11 rows is held out (here a short one), the long one trained
     assert [m for m in said if "left out" in m] == [
-        f"warning: 1 of {11 - held_out} prompts of --data {tmp_path / 'long.jsonl'} are left out: with "
+        f"warning: 1 of {11 - held_out} train prompts of --data {tmp_path / 'long.jsonl'} are left out: with "
         "max_new_tokens 8 they do not fit the model's context of 64 (the longest is 89 tokens)"
     ]
     assert all(len(r["user"]) < 50 for r in trainer.prompts.rows)

@@ -43,7 +43,10 @@ def eval_command(
         ),
     ] = None,
     max_new_tokens: Annotated[
-        int | None, typer.Option(help="Generation budget (default: 2x the longest reference).")
+        int | None,
+        typer.Option(
+            help="Generation budget (default: 2x the longest reference; at least 128 without reasoning)."
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences decoded together.")] = 32,
     seed: Annotated[
@@ -82,8 +85,6 @@ def eval_command(
         )
     if checker is not None and data is None:
         raise ConfigError("--checker scores the answers of --data rows; synthetic tasks have their own")
-    if examples is not None and task is None and not generate:
-        raise ConfigError("--examples lists generations: use it with --task, or with --data and --generate")
     if examples is not None:
         _check_output(examples, data)
     directory = resolve_model_dir(checkpoint)
@@ -98,9 +99,13 @@ def eval_command(
         rows = rows[:limit] if limit else rows
         source = str(data)
         if not all("reasoning" in row for row in rows):  # answers only: nothing to measure a loss on
-            if examples is None and not generate:
+            if not generate:
                 echo_err(f"note: {data} has no reasoning to measure a loss on: scoring its answers instead")
             generate = True
+    if examples is not None and not generate:
+        raise ConfigError("--examples lists generations: use it with --task, or with --data and --generate")
+    if checker is not None and not generate:
+        raise ConfigError("--checker scores generated answers: add --generate")
     correct = None
     if checker is not None:
         from reasoning_llama.rl.rewards import make_checker
@@ -149,16 +154,17 @@ def _read_rows(path: Path) -> tuple[list[dict[str, str]], dict]:
     """The rows of a --data file, and its validation report (rows read, skipped and where): with
     reasoning, or else (none has any) answers only, as `rl --data` takes them."""
     from reasoning_llama.config import DataConfig
-    from reasoning_llama.data.sources import load_rows, read_answer_rows
+    from reasoning_llama.data.sources import NoUsableRows, load_rows, read_answer_rows
     from reasoning_llama.data.validation import ValidationReport
-    from reasoning_llama.errors import DataError
 
     if not any(c in str(path) for c in "*?[") and not path.expanduser().exists():  # a glob is the source's
         raise ConfigError(f"--data {path} does not exist; give a .jsonl, .json or .parquet file of rows")
     try:
         loaded = load_rows(DataConfig(source="local", path=str(path)))
         rows, report = loaded.train + (loaded.val or []), loaded.report
-    except DataError:
+    except NoUsableRows as e:
+        if set(e.report.skipped) != {"missing field 'reasoning'"}:  # not answer-only rows: what it says
+            raise
         report = ValidationReport()
         rows = read_answer_rows(str(path), report)
         if not rows:

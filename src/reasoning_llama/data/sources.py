@@ -55,8 +55,18 @@ def load_rows(cfg: DataConfig) -> LoadedRows:
     else:
         raise ConfigError(f"unknown data source {cfg.source!r}; choose one of: {', '.join(SOURCES)}")
     if not loaded.train:
-        raise DataError(f"no usable rows in {loaded.description}: {loaded.report.summary()}")
+        raise NoUsableRows(
+            f"no usable rows in {loaded.description}: {loaded.report.summary()}", loaded.report
+        )
     return loaded
+
+
+class NoUsableRows(DataError):
+    """No row of a source could be used; `report` says why."""
+
+    def __init__(self, message: str, report: ValidationReport) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 # --- synthetic -----------------------------------------------------------------------

@@ -110,20 +110,22 @@ def step_seeds(seed: int, step: int, count: int) -> list[int]:
 
 def fitting(
     rows: list[dict[str, str]],
+    part: str,
     tokenizer: ChatTokenizer,
     config: RLConfig,
     context: int,
     say: Callable[[str], None],
 ) -> list[dict[str, str]]:
     """The rows whose prompt leaves room for max_new_tokens in the model's context; the others are
-    counted and left out (said once), as `eval` leaves out prompts that do not fit."""
+    counted and left out (said once per `part`: train, held-out), as `eval` leaves out prompts that do
+    not fit."""
     room = context - config.max_new_tokens
     lengths = [len(tokenizer.render_prompt([{"role": "user", "content": row["user"]}])) for row in rows]
     kept = [row for row, length in zip(rows, lengths, strict=True) if length <= room]
     if len(kept) < len(rows):
         where = f"--data {config.data}" if config.data else "the synthetic problems"
         say(
-            f"warning: {len(rows) - len(kept)} of {len(rows)} prompts of {where} are left out: with "
+            f"warning: {len(rows) - len(kept)} of {len(rows)} {part} prompts of {where} are left out: with "
             f"max_new_tokens {config.max_new_tokens} they do not fit the model's context of {context} "
             f"(the longest is {max(lengths)} tokens)"
         )
@@ -275,9 +277,8 @@ class RLTrainer:
         # Found now, not steps into the run: prompts the context cannot hold, and a checker that fails.
         tokenizer = get_tokenizer()
         context = self.policy.config.max_seq_len
-        train_rows, held_out = (
-            fitting(rows, tokenizer, config, context, self.say) for rows in (train_rows, held_out)
-        )
+        train_rows = fitting(train_rows, "train", tokenizer, config, context, self.say)
+        held_out = fitting(held_out, "held-out", tokenizer, config, context, self.say)
         self.prompts = PromptStream(train_rows, config.prompts_per_step, config.seed)
         self.held_out = held_out
         if not held_out:
@@ -360,7 +361,7 @@ class RLTrainer:
         # kl_coef, all are trained), or only reported, from the step's first kl_samples samples (0 =
         # all), the same share of every step whichever groups carry signal, so steps compare.
         penalised = c.kl_coef > 0 and updates > 0
-        measured = trained if penalised else samples[: c.kl_samples or len(samples)]
+        measured = trained if c.kl_coef > 0 else samples[: c.kl_samples or len(samples)]  # (trained: all)
         self.policy.train()
         reference = self._log_probs(self.reference, measured)
         old = self._log_probs(self.policy, trained) if updates > 1 else None
