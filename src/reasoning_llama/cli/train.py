@@ -73,11 +73,12 @@ def train(
             raise ConfigError(
                 "give --preset P, --config FILE or --init-from MODEL (or --resume to continue the run in --out)"
             )
-        overrides = list(set_ or [])
+        overrides = []  # the flags' settings, then --set's, which win (as in rl)
         if preset is not None:
-            overrides.insert(0, f"train.preset={preset}")
+            overrides.append(f"train.preset={preset}")
         if init_from is not None:
             overrides.append(setting("train.init_from", resolve_model_dir(init_from)))
+        overrides += set_ or []
         run_config = run_settings(
             RunConfig,
             out,
