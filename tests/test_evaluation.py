@@ -251,29 +251,31 @@ def test_eval_cli_with_int8_weights_scores_the_int8_engine(tmp_path, tiny_config
     assert report["loss"] == pytest.approx(loss.loss, rel=1e-4)
 
 
+EVAL_MISTAKES = [  # (arguments, what the one line says); x.jsonl: rows with reasoning
+    (["--task", "synthetic", "--data", "x.jsonl"], "exactly one of --task"),
+    (["--task", "synthetic:nope"], "unknown synthetic family"),
+    (["--data", "x.jsonl", "--examples", "e.jsonl"], "--examples lists generations"),
+    (["--task", "synthetic", "--quantize", "int4"], "unknown quantization 'int4'; use int8"),
+    (["--task", "synthetic", "--quantize", "int8", "--compile"], "--compile does not apply to int8"),
+    (["--task", "synthetic", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--data", "x.jsonl", "--difficulty", "3"], "--seed and --difficulty choose synthetic problems"),
+    (["--task", "synthetic", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--data", "missing.jsonl"], "--data missing.jsonl does not exist; give a .jsonl"),
+    (["--task", "synthetic", "--checker", "exact"], "--checker scores the answers of --data rows"),
+    (["--data", "x.jsonl", "--checker", "exact"], "--checker scores generated answers: add --generate"),
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--task", "synthetic", "--data", "x.jsonl"], "exactly one of --task"),
-        (["--task", "synthetic:nope"], "unknown synthetic family"),
-        (["--data", "x.jsonl", "--examples", "e.jsonl"], "--examples lists generations"),
-        (["--task", "synthetic", "--quantize", "int4"], "unknown quantization 'int4'; use int8"),
-        (["--task", "synthetic", "--quantize", "int8", "--compile"], "--compile does not apply to int8"),
-        (["--task", "synthetic", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
-        (["--data", "x.jsonl", "--difficulty", "3"], "--seed and --difficulty choose synthetic problems"),
-        (["--task", "synthetic", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
-        (["--data", "missing.jsonl"], "--data missing.jsonl does not exist; give a .jsonl"),
-        (["--task", "synthetic", "--checker", "exact"], "--checker scores the answers of --data rows"),
-        (["--data", "x.jsonl", "--checker", "exact"], "--checker scores generated answers: add --generate"),
-    ],
-)
-def test_eval_cli_errors_are_one_line(tmp_path, tiny_config, args, message):
+def test_eval_cli_errors_are_one_line(tmp_path, tiny_config):
     save_model(tmp_path / "ckpt", Transformer(tiny_config))
     rows = tmp_path / "x.jsonl"  # rows with reasoning: a loss to measure, answers only with --generate
     rows.write_text(json.dumps({"user": "q", "reasoning": "r", "assistant": "a"}) + "\n")
-    args = [str(rows) if a == "x.jsonl" else a for a in args]
-    result = run_cli("eval", "--checkpoint", str(tmp_path / "ckpt"), *args, one_thread=True)
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    calls = [
+        ("eval", "--checkpoint", str(tmp_path / "ckpt"), *[str(rows) if a == "x.jsonl" else a for a in args])
+        for args, _ in EVAL_MISTAKES
+    ]
+    for result, (args, message) in zip(run_clis(calls, one_thread=True), EVAL_MISTAKES, strict=True):
+        assert result.returncode == 2, args
+        assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
