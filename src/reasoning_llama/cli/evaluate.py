@@ -98,10 +98,11 @@ def eval_command(
         rows, validation = _read_rows(data)  # type: ignore[arg-type]
         rows = rows[:limit] if limit else rows
         source = str(data)
-        if not all("reasoning" in row for row in rows):  # answers only: nothing to measure a loss on
-            if not generate:
-                echo_err(f"note: {data} has no reasoning to measure a loss on: scoring its answers instead")
-            generate = True
+    answers_only = not all("reasoning" in row for row in rows)  # nothing to measure a loss on
+    if answers_only:
+        if not generate:
+            echo_err(f"note: {data} has no reasoning to measure a loss on: scoring its answers instead")
+        generate = True
     if examples is not None and not generate:
         raise ConfigError("--examples lists generations: use it with --task, or with --data and --generate")
     if checker is not None and not generate:
@@ -127,12 +128,12 @@ def eval_command(
         if examples is not None:
             lines = "".join(json.dumps(example) + "\n" for example in scores.examples)
             atomic.write_text(examples.expanduser(), lines)
-    if all("reasoning" in row for row in rows):
+    if answers_only:
+        report |= {"loss": None, "perplexity": None, "loss_tokens": 0, "rows_cut_to_context": 0}
+    else:
         loss = evaluation.loss_on_rows(engine.model, engine.tokenizer, rows)
         report |= {"loss": loss.loss, "perplexity": loss.perplexity, "loss_tokens": loss.loss_tokens}
         report["rows_cut_to_context"] = loss.cut_rows
-    else:
-        report |= {"loss": None, "perplexity": None, "loss_tokens": 0, "rows_cut_to_context": 0}
     if as_json:
         print(json.dumps(report))
     else:

@@ -367,7 +367,8 @@ class RLTrainer:
         old = self._log_probs(self.policy, trained) if updates > 1 else None
         lr = self.lr()
         set_lr(self.optimizer, lr)
-        loss_total, clipped_total, kl_total, grad_norm = 0.0, 0.0, 0.0, 0.0
+        loss_total, kl_total, grad_norm = 0.0, 0.0, 0.0
+        clipped_sum = torch.zeros((), device=self.device)  # summed there, read once at the end
         if not penalised:
             kl_total = kl_estimate(self._log_probs(self.policy, measured), reference).sum().item()
         for update in range(updates):
@@ -393,7 +394,7 @@ class RLTrainer:
                     if update == 0:
                         kl_total += kl.detach().sum().item()
                 loss.backward()
-                clipped_total += clipped.item() / updates  # a share of the batch's tokens, over its updates
+                clipped_sum += clipped  # a share of the batch's tokens
                 if update == 0:  # as sampled: the loss before this batch moved the policy
                     loss_total += loss.item()
                 done += count
@@ -414,7 +415,7 @@ class RLTrainer:
             "response_tokens": sum(len(s.completion_ids) for s in samples) / len(samples),
             "kl": kl_total / max(sum(s.n_sampled for s in measured), 1),
             "loss": loss_total,
-            "clipped": clipped_total,
+            "clipped": clipped_sum.item() / max(updates, 1),  # over the step's updates
             "grad_norm": grad_norm,
             "lr": lr,
             "sample_s": sampled_at - started,

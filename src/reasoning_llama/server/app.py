@@ -343,6 +343,12 @@ def _api_router(state: _ServerState) -> APIRouter:
     @router.post("/completions", response_model=None, responses=generation_responses(Completion, Completion))
     async def completions(body: CompletionRequest, request: Request) -> Completion | Response:
         state.check_model(body.model)
+        prompts = []  # (ids, text) of each prompt
+        for prompt in body.prompts():
+            if isinstance(prompt, str):
+                prompts.append((state.tokenizer.encode(prompt), prompt))  # plain BPE: never a special id
+            else:
+                prompts.append((list(prompt), state.tokenizer.decode(prompt)))
 
         def prompt_params(index: int, ids: list[int]) -> SamplingParams:
             try:
@@ -352,12 +358,6 @@ def _api_router(state: _ServerState) -> APIRouter:
                     e.message = f"prompt {index}: {e.message}"
                 raise
 
-        prompts = []  # (ids, text) of each prompt
-        for prompt in body.prompts():
-            if isinstance(prompt, str):
-                prompts.append((state.tokenizer.encode(prompt), prompt))  # plain BPE: never a special id
-            else:
-                prompts.append((list(prompt), state.tokenizer.decode(prompt)))
         state.check_size(1, sum(len(text) for _, text in prompts), param="prompt")
         jobs = state.submit([(ids, prompt_params(i, ids)) for i, (ids, _) in enumerate(prompts)], body.n)
         echoes: list[_Echo | None] = [None] * len(jobs)

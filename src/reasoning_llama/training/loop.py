@@ -483,10 +483,7 @@ class Trainer:
         )
         model_config = dist.on_every(world, lambda: model_config_for(config, own))  # a file
         check_config(config, model_config)
-        reads = (
-            None if own else t.init_from,
-            config.data.path if config.data.source != "synthetic" else None,
-        )
+        reads = (t.init_from, config.data.path if config.data.source != "synthetic" else None)
         resume_from = dist.on_main(
             world, lambda: prepare_run_dir(self.run_dir, resume, restarted, overwrite, reads)
         )
