@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,8 @@ import pytest
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
 
-def data_stats(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+def data_stats(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")} | (env or {})
     command = [
         sys.executable,
         "-m",
@@ -82,6 +83,20 @@ def test_bad_input_is_one_line_on_stderr(tmp_path, args, message):
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+
+
+def test_an_unreachable_hub_is_asked_once_not_retried(tmp_path):
+    """Without HF_HUB_OFFLINE, `datasets` alone retries a dead hub for ~25 s and prints every retry;
+    one request first finds it unreachable and the rest runs offline: one line, no retries."""
+    with socket.socket() as s:  # a port nobody listens on: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    result = data_stats(tmp_path, "--source", "hub", env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": dead})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith(
+        "error: cannot reach the Hugging Face hub for KingNish/reasoning-base-20k"
+    )
 
 
 def test_a_library_that_prints_its_own_warnings_is_not_printed_twice():

@@ -17,7 +17,8 @@ import glob
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,10 @@ def _load_hub_split(path: str, split: str) -> Any:
         raise DataError(f"data path {path} does not exist")
     name = str(local) if local.exists() else path
     try:
-        return datasets.load_dataset(name, split=split)
+        if local.exists() or _hub_answers(path):
+            return datasets.load_dataset(name, split=split)
+        with _hub_offline():  # a copy in the local cache still loads; else one quick ConnectionError
+            return datasets.load_dataset(name, split=split)
     except (ConnectionError, TimeoutError) as e:
         raise _hub_unreachable(path, e) from None
     except FileNotFoundError as e:  # includes datasets' DatasetNotFoundError
@@ -134,6 +138,40 @@ def _load_hub_split(path: str, split: str) -> Any:
         raise DataError(f"cannot load dataset {path}: {e}") from None
     except datasets.exceptions.DatasetsError as e:
         raise DataError(f"cannot load dataset {path}: {e}") from None
+
+
+def _hub_answers(name: str) -> bool:
+    """Whether the hub answers a question about `name`, asked once, without retries.
+
+    `datasets` retries an unreachable hub for about 25 s before it gives up; one request first
+    tells the unreachable case apart in well under a second.
+    """
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        huggingface_hub.HfApi().dataset_info(name, timeout=10)
+    except HfHubHTTPError:  # an answer all the same (not found, gated, ...): load_dataset says which
+        return True
+    except Exception:  # no answer at all: DNS, refused, timeout, proxy
+        return False
+    return True
+
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """`datasets` and `huggingface_hub` in offline mode for the duration, as HF_HUB_OFFLINE=1 sets."""
+    import datasets
+    import huggingface_hub
+
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
 def _is_saved_dataset(directory: Path) -> bool:
