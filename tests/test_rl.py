@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -357,6 +358,17 @@ def test_a_resume_without_the_starting_model_says_why_it_needs_it(digit_model, t
     shutil.rmtree(tmp_path / "start")
     with pytest.raises(ConfigError, match=r"start, the model this RL run started from, is gone; .* KL"):
         RLTrainer(config, tmp_path / "run", resume=True, **quiet)
+    # Put back elsewhere, it is named again as any init_from: a run directory names its checkpoint.
+    from reasoning_llama.cli.run_settings import run_settings
+
+    shutil.copytree(checkpoint.parent.parent, tmp_path / "moved")
+    settings = run_settings(
+        RLConfig, tmp_path / "run", None, [f"init_from={tmp_path / 'moved'}"],
+        resume=True, overwrite=False, command="rl", how_to_start="--init-from",
+    )  # fmt: skip
+    named = Path(settings.init_from)
+    assert tmp_path / "moved" in named.parents and (named / "config.json").is_file()
+    RLTrainer(settings, tmp_path / "run", resume=True, **quiet)
 
 
 def test_what_would_fail_in_the_run_fails_before_it_begins(digit_model, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TypeVar
 
-from reasoning_llama.errors import ConfigError
+from reasoning_llama.errors import CheckpointError, ConfigError
 
 T = TypeVar("T")
 
@@ -40,16 +40,23 @@ def run_settings(
                 )
         check_run_command(out, command)
     settings = load_config(schema, recipe, overrides)
-    if not resume:  # (a resumed run needs no init_from any more: it may be gone)
-        _name_the_checkpoint(settings)
+    _name_the_checkpoint(settings, resume=resume)
     pin_paths(settings)  # type: ignore[arg-type]
     return settings
 
 
-def _name_the_checkpoint(settings: object) -> None:
-    """init_from as every command takes a model: a checkpoint, or a run directory (its best, or latest)."""
+def _name_the_checkpoint(settings: object, *, resume: bool) -> None:
+    """init_from as every command takes a model: a checkpoint, or a run directory (its best, or latest).
+
+    A resumed run's may be gone (a resumed train run needs it no more; RL says so when it does)."""
     from reasoning_llama.cli.model_dir import resolve_model_dir
 
     holder = getattr(settings, "train", settings)  # RunConfig keeps it in train, RLConfig at the top
-    if getattr(holder, "init_from", None):
-        holder.init_from = str(resolve_model_dir(Path(holder.init_from)))
+    init_from = getattr(holder, "init_from", None)
+    if not init_from:
+        return
+    try:
+        holder.init_from = str(resolve_model_dir(Path(init_from)))
+    except CheckpointError:
+        if not resume:
+            raise
