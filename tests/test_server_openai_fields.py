@@ -13,7 +13,7 @@ import torch
 
 from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.server import ServerSettings
-from reasoning_llama.tokenizer import EOT, IM_END, IM_START, ROLE_IDS, get_tokenizer
+from reasoning_llama.tokenizer import EOT, IM_END, IM_START, N_VOCAB, ROLE_IDS, get_tokenizer
 from server_fixtures import MODEL, make_checkpoint, make_engine, scripted_hook, serve
 
 TOKENIZER = get_tokenizer()
@@ -304,6 +304,15 @@ def test_several_prompts_in_one_request_answer_as_each_alone(greedy):
     with pytest.raises(openai.BadRequestError) as caught:  # which prompt does not fit is named
         client(greedy).completions.create(model=MODEL, prompt=[[15496], [15496] * 300], max_tokens=5)
     assert caught.value.body["message"].startswith("prompt 1: the prompt (300 tokens)")
+    for prompts, problem in (
+        (["Once", ""], "prompt 1: the prompt is empty"),
+        ([[15496], []], "prompt 1: the prompt is empty"),
+        (["Once", [15496]], "prompt 1: a list of prompts holds texts or lists of token ids, not both"),
+        ([[15496], [15496, N_VOCAB]], "prompt 1: token ids must be in"),
+    ):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client(greedy).completions.create(model=MODEL, prompt=prompts, max_tokens=5)
+        assert caught.value.param == "prompt" and problem in caught.value.message, caught.value.message
     streamed = {0: "", 1: ""}
     for chunk in client(greedy).completions.create(prompt=texts, stream=True, **body):
         for choice in chunk.choices:

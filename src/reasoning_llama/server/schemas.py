@@ -286,7 +286,7 @@ class CompletionRequest(_Sampling):
         | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     ) = Field(
         description="A prompt, text (encoded as plain text, never special ids) or token ids, or a list of "
-        "prompts of either kind (then n is 1): one choice per prompt, in their order."
+        "prompts all of one kind (then n is 1): one choice per prompt, in their order."
     )
     max_tokens: PositiveInt | None = 16  # OpenAI's default for raw completions
     echo: bool = Field(default=False, description="Return the prompt before the completion.")
@@ -310,6 +310,8 @@ class CompletionRequest(_Sampling):
             )
         for i, one in enumerate(value if several else [value]):
             where = f"prompt {i}: " if several else ""
+            if several and type(one) is not type(value[0]) and isinstance(one, (str, list)):
+                raise ValueError(f"{where}a list of prompts holds texts or lists of token ids, not both")
             if one in ("", []):
                 raise ValueError(f"{where}the prompt is empty")
             if isinstance(one, list) and all(_is_integer(t) for t in one):
