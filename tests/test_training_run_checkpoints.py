@@ -165,6 +165,34 @@ def test_unreadable_trainer_state_is_a_checkpoint_error(tmp_path):
         ckpt.load_trainer_state(tmp_path)
 
 
+def test_a_resumed_run_logs_each_step_once_in_tensorboard_too(tmp_path, monkeypatch):
+    """A run that logged steps 3 and 4 and then failed to save step 4 resumes from step 2: its JSONL
+    and its TensorBoard curves show each step once, the second attempt's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from reasoning_llama.errors import CheckpointError
+
+    run, save = tmp_path / "run", ckpt.save_checkpoint
+
+    def full_disk_at_step_4(directory, step, *args, **kwargs):
+        if step == 4:
+            raise CheckpointError("No space left on device")
+        return save(directory, step, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", full_disk_at_step_4)
+    with pytest.raises(CheckpointError):
+        train(tiny_run(tmp_path), run, progress=False)
+    monkeypatch.undo()
+    train(tiny_run(tmp_path), run, resume=True, progress=False)
+
+    logged = {r["step"]: r["train_loss"] for r in read_metrics(run) if "train_loss" in r}
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    curve = [(e.step, e.value) for e in events.Scalars("train_loss")]
+    assert [step for step, _ in curve] == list(logged) == [1, 2, 3, 4, 5, 6]
+    assert [value for _, value in curve] == pytest.approx(list(logged.values()))
+
+
 # --- real processes ------------------------------------------------------------------------
 
 

@@ -456,7 +456,7 @@ class RLTrainer:
         # A resumed run's earlier evaluations (the summary compares the first with the last, and a
         # finished run resumed is not evaluated, nor logged, twice).
         result.evaluations.update(self._logged_evaluations())
-        with MetricsWriter(self.run_dir) as writer, bar, sigint_flag() as interrupted:
+        with MetricsWriter(self.run_dir, resumed_at=self.step) as writer, bar, sigint_flag() as interrupted:
             if self.step == 0:
                 result.evaluations[0] = self._evaluate_and_log(writer)
             while self.step < c.max_steps:

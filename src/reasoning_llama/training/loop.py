@@ -597,7 +597,9 @@ class Trainer:
         )
         pin = self.device.type == "cuda"
         batches = Prefetcher(self.train_loader, depth=2 * self.accum, pin_memory=pin)
-        writer = MetricsWriter(self.run_dir) if self.world.is_main else nullcontext()
+        writer = (
+            MetricsWriter(self.run_dir, resumed_at=self.state.step) if self.world.is_main else nullcontext()
+        )
         vote = dist.StopVote(self.world)  # whether any rank had Ctrl-C, agreed every step
         with (
             writer,

@@ -17,13 +17,18 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricsWriter:
-    """Append-only JSONL log of training events; each record carries its optimizer `step`."""
+    """Append-only JSONL log of training events; each record carries its optimizer `step`.
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True) -> None:
+    `resumed_at`: the step the run continues from (0 at its start). Records an earlier attempt logged
+    after it are gone from the JSONL already (`truncate_after`); TensorBoard is told to hide its own.
+    """
+
+    def __init__(self, run_dir: str | Path, *, resumed_at: int = 0, tensorboard: bool = True) -> None:
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self._tb = _tensorboard_writer(Path(run_dir) / TENSORBOARD_DIR) if tensorboard else None
+        hidden_from = resumed_at + 1 if resumed_at else 0  # a run at its start keeps no earlier step
+        self._tb = _tensorboard_writer(Path(run_dir) / TENSORBOARD_DIR, hidden_from) if tensorboard else None
 
     def log(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, allow_nan=True) + "\n")
@@ -46,13 +51,13 @@ class MetricsWriter:
         self.close()
 
 
-def _tensorboard_writer(directory: Path) -> Any:
+def _tensorboard_writer(directory: Path, purge_step: int) -> Any:
     """A SummaryWriter, or None when tensorboard is not installed (it is optional)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(directory))
+    return SummaryWriter(str(directory), purge_step=purge_step)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
