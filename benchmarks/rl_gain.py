@@ -171,8 +171,8 @@ def main() -> None:
             sys.exit(f"error: --start: {e}")
     root = args.out or Path(tempfile.mkdtemp(prefix="rl_gain-"))
     root.mkdir(parents=True, exist_ok=True)
-    start_steps, minutes = (30, 0.1) if args.quick else (args.start_steps, args.minutes)
-    minutes_plain = 0.1 if args.quick else args.minutes_without_reasoning
+    start_steps, minutes = (10, 0.04) if args.quick else (args.start_steps, args.minutes)
+    minutes_plain = 0.04 if args.quick else args.minutes_without_reasoning
     extra = ["eval_size=8", "prompts_per_step=4", "samples_per_prompt=4"] if args.quick else []
     started = time.perf_counter()
     start = args.start or supervised(root / "start", start_steps, None)
