@@ -95,6 +95,21 @@ def test_malformed_json_line_stops_with_file_and_line():
         load_rows(local(path))
 
 
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [("7" * 5000, "Exceeds the limit"), ("[" * 5000 + "]" * 5000, "recursion")],
+    ids=["a 5,000-digit number", "arrays nested 5,000 deep"],
+)
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_json_python_cannot_read_stops_with_file_and_line(tmp_path, extra, problem, suffix):
+    """Valid JSON beyond Python's limits, even in a field the rows do not use, is an error naming the
+    line, not a traceback."""
+    path = tmp_path / f"rows{suffix}"
+    path.write_text(json.dumps(CHAT_ROW) + "\n" + json.dumps(CHAT_ROW)[:-1] + f', "id": {extra}}}\n')
+    with pytest.raises(DataError, match=rf"^{path}:2: unreadable JSON \(.*{problem}"):
+        load_rows(local(path))
+
+
 def test_a_json_file_holding_one_object_says_what_a_data_file_holds(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps({"data": [CHAT_ROW]}, indent=2))
@@ -164,6 +179,47 @@ def test_directories_and_globs_read_every_data_file_in_order(tmp_path):
     assert [r["user"] for r in load_rows(local(tmp_path / "qa[1].jsonl")).train] == ["bracketed"]
 
 
+def test_a_directory_follows_its_links_once_and_names_the_files_it_leaves_out(tmp_path, caplog):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    write_jsonl(shared / "s.jsonl", [{**CHAT_ROW, "user": "linked"}])
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "own.jsonl", [{**CHAT_ROW, "user": "own"}])
+    (data / "linked").symlink_to(shared)
+    (data / "again").symlink_to(shared)  # the same directory twice: read once
+    (shared / "loop").symlink_to(data)  # a cycle: not followed around
+    (data / "more.jsonl.gz").write_bytes(b"")
+    (data / "table.csv").write_text("user,reasoning,assistant\n")
+    assert sorted(r["user"] for r in load_rows(local(data)).train) == ["linked", "own"]
+    assert "left out 2 others: more.jsonl.gz, table.csv" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("train.jsonl", "val.jsonl"),
+        ("qa_train.jsonl", "qa_test.jsonl"),
+        ("training/a.jsonl", "eval/b.jsonl"),
+        ("data/part-train-0.jsonl", "data/part-dev-0.jsonl"),
+        ("TRAIN.jsonl", "Evaluation.jsonl"),
+    ],
+)
+def test_a_directory_of_several_splits_is_refused_by_datasets_split_names(tmp_path, names):
+    """`datasets` reads these as two splits; read whole, the test rows would be trained on."""
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(tmp_path / name, [CHAT_ROW])
+    with pytest.raises(DataError, match="holds several splits"):
+        load_rows(local(tmp_path))
+
+
+def test_names_that_only_contain_a_split_word_are_one_split(tmp_path):
+    for name in ("interval.jsonl", "retrain.jsonl", "contest.jsonl", "devices.jsonl", "train.jsonl"):
+        write_jsonl(tmp_path / name, [CHAT_ROW])
+    assert len(load_rows(local(tmp_path)).train) == 5
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [
@@ -205,7 +261,7 @@ def hub_like_rows(n: int) -> list[dict]:
     ]
 
 
-def test_parquet_file_through_datasets(tmp_path, offline_hf):
+def test_parquet_file(tmp_path, offline_hf):
     import datasets
 
     rows = hub_like_rows(4)
@@ -225,6 +281,26 @@ def test_parquet_without_a_needed_column_names_it(tmp_path, offline_hf):
     datasets.Dataset.from_list([{"user": "q", "answer": "a"}]).to_parquet(str(path))
     with pytest.raises(DataError, match=r"has no column 'reasoning', 'assistant' \(it has: user, answer\)"):
         load_rows(local(path))
+
+
+def test_parquet_is_read_as_it_is_now_and_may_be_empty(tmp_path):
+    """No cache keyed by path and modification time: a file rewritten in place with its old time
+    kept (`cp -p`, rsync, tar) reads anew; an empty shard beside a full one is no error."""
+    import os
+
+    import pyarrow
+    import pyarrow.parquet
+
+    path = tmp_path / "part-0.parquet"
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([CHAT_ROW] * 14), path)
+    assert len(load_rows(local(path)).train) == 14
+    stat = path.stat()
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([CHAT_ROW] * 3), path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert len(load_rows(local(path)).train) == 3
+    empty = pyarrow.Table.from_pylist([], schema=pyarrow.Table.from_pylist([CHAT_ROW]).schema)
+    pyarrow.parquet.write_table(empty, tmp_path / "part-1.parquet")
+    assert len(load_rows(local(tmp_path)).train) == 3
 
 
 def test_corrupt_parquet_is_a_clear_error(tmp_path, offline_hf):
@@ -298,6 +374,17 @@ def test_unreachable_hub_says_how_to_use_a_local_copy(offline_hf):
     message = str(info.value)
     assert message.startswith("cannot reach the Hugging Face hub for KingNish/reasoning-base-20k")
     assert "data.source=hub data.path=DIR" in message
+
+
+def test_hub_source_on_a_file_or_a_directory_with_a_bad_line_says_which(tmp_path, offline_hf):
+    path = write_jsonl(tmp_path / "rows.jsonl", [CHAT_ROW])
+    with pytest.raises(DataError, match=f"rows.jsonl is a file; .* data.source=local data.path={path}$"):
+        load_rows(DataConfig(source="hub", path=str(path)))
+    (tmp_path / "copy" / "data").mkdir(parents=True)
+    for bad, problem in (("{broken", "2: malformed JSON"), ("[1, 2]", "2: not an object")):
+        (tmp_path / "copy/data/train.jsonl").write_text(json.dumps(CHAT_ROW) + "\n" + bad + "\n")
+        with pytest.raises(DataError, match=f"cannot load dataset .*copy/data/train.jsonl:{problem}"):
+            load_rows(DataConfig(source="hub", path=str(tmp_path / "copy")))
 
 
 def test_missing_local_hub_directory(tmp_path, offline_hf):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,8 @@ from typing import Any
 from reasoning_llama.config import DataConfig
 from reasoning_llama.data.validation import CHAT_FIELDS, TEXT_FIELDS, ValidationReport
 from reasoning_llama.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("synthetic", "hub", "local", "text")
 CHAT_SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -122,6 +125,11 @@ def _load_hub_split(path: str, split: str) -> Any:
         return _load_saved_split(local, split)
     if not local.exists() and path.startswith(("/", ".", "~")):
         raise DataError(f"data path {path} does not exist")
+    if local.is_file():
+        raise DataError(
+            f"{path} is a file; data.source=hub reads a hub dataset or a directory of one. Read a file "
+            f"with data.source=local data.path={path}"
+        )
     name = str(local) if local.exists() else path
     try:
         if local.exists() or _hub_answers(path):
@@ -137,7 +145,23 @@ def _load_hub_split(path: str, split: str) -> Any:
             raise DataError(f"{path} has no split {split!r} ({e}); set data.split") from None
         raise DataError(f"cannot load dataset {path}: {e}") from None
     except datasets.exceptions.DatasetsError as e:
-        raise DataError(f"cannot load dataset {path}: {e}") from None
+        where = _first_unreadable_row(local) if local.is_dir() else None
+        raise DataError(f"cannot load dataset {path}: {where or e}") from None
+
+
+def _first_unreadable_row(directory: Path) -> str | None:
+    """Where a directory's JSON files hold a line `datasets` cannot read (it says only that one failed):
+    a malformed line, or a row that is no object."""
+    files = [f for f in directory.rglob("*") if f.suffix.lower() in (".json", ".jsonl") and f.is_file()]
+    for file in sorted(files):
+        report = ValidationReport()
+        try:
+            read_file(file, (), report)
+        except DataError as e:
+            return str(e)
+        if report.skipped:
+            return f"{report.first_offending[0]}; fix it, or read the files with data.source=local"
+    return None
 
 
 def _hub_answers(name: str) -> bool:
@@ -195,7 +219,8 @@ def _load_saved_split(directory: Path, split: str) -> Any:
 
 
 def _dataset_rows(dataset: Any, fields: tuple[str, ...], report: ValidationReport, name: str) -> list:
-    """Validated rows of a `datasets.Dataset`; other columns (e.g. `template`, `conversations`) are ignored."""
+    """Validated rows of a `datasets.Dataset` or a `pyarrow.Table`; other columns (e.g. `template`,
+    `conversations`) are ignored."""
     columns = dataset.column_names
     missing = [f for f in fields if f not in columns]
     if missing:
@@ -204,6 +229,8 @@ def _dataset_rows(dataset: Any, fields: tuple[str, ...], report: ValidationRepor
             f"expected {', '.join(fields)}"
         )
     wanted = [*fields, *(["family"] if "family" in columns else [])]
+    if hasattr(dataset, "to_pylist"):  # a pyarrow.Table
+        return _checked(dataset.select(wanted).to_pylist(), fields, report, name)
     return _checked(dataset.select_columns(wanted).to_list(), fields, report, name)
 
 
@@ -231,8 +258,18 @@ def _load_files(cfg: DataConfig) -> LoadedRows:
     return LoadedRows(rows, None, report, f"{cfg.source} {what}")
 
 
-# A file of one split in the hub's layout: `data/train-00000-of-00001.parquet`, `test/part.jsonl`, ...
-_SPLIT_FILE = re.compile(r"(?:^|/)(train|test|validation|valid|dev)(?=[-_./])", re.IGNORECASE)
+# A file of one split in the hub's layout, by the split names `datasets` itself recognises (its
+# `data_files.SPLIT_KEYWORDS`, between separators): `data/train-00000-of-00001.parquet`,
+# `test/part.jsonl`, `qa_val.jsonl`, `eval.json`, ...
+_SPLIT_OF_KEYWORD = {
+    **dict.fromkeys(("train", "training"), "train"),
+    **dict.fromkeys(("validation", "valid", "dev", "val"), "validation"),
+    **dict.fromkeys(("test", "testing", "eval", "evaluation"), "test"),
+}
+_SPLIT_FILE = re.compile(
+    rf"(?:^|(?<=[-._ 0-9/]))({'|'.join(sorted(_SPLIT_OF_KEYWORD, key=len, reverse=True))})(?=[-._ 0-9/])",
+    re.IGNORECASE,
+)
 
 
 def refuse_several_splits(directory: Path, files: list[Path], read_one_with: Callable[[str], str]) -> None:
@@ -243,7 +280,7 @@ def refuse_several_splits(directory: Path, files: list[Path], read_one_with: Cal
         relative = file.relative_to(directory).as_posix()
         found = _SPLIT_FILE.search(relative)
         if found:
-            first_of.setdefault(found.group(1).lower(), relative[: found.end()])
+            first_of.setdefault(_SPLIT_OF_KEYWORD[found.group(1).lower()], relative[: found.end()])
     if len(first_of) > 1:
         # `train/…` is a directory of the split, `train-0000.parquet` a prefix of its files.
         split = directory / first_of.get("train", next(iter(first_of.values())))
@@ -268,21 +305,35 @@ def resolve_files(spec: str, suffixes: tuple[str, ...]) -> list[Path]:
         return files
     path = Path(expanded)
     if path.is_dir():
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file()
-            and p.suffix.lower() in suffixes
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
+        found = _files_under(path)
+        files = [p for p in found if p.suffix.lower() in suffixes]
+        others = [p.relative_to(path).as_posix() for p in found if p.suffix.lower() not in suffixes]
         if not files:
             raise DataError(f"no {kinds} files in directory {spec}")
+        if others:
+            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            log.warning("%s: reading its %s files; left out %d others: %s", spec, kinds, len(others), shown)
         return files
     if path.is_file():
         if path.suffix.lower() not in suffixes:
             raise DataError(f"{spec}: unsupported file type {path.suffix or '(none)'!r}; expected {kinds}")
         return [path]
     raise DataError(f"data path {spec} does not exist; give an existing file, directory or glob")
+
+
+def _files_under(directory: Path) -> list[Path]:
+    """Every file under `directory`, through linked directories too (each real one once), in sorted
+    order; hidden files and directories (`.git`, `.DS_Store`, ...) are not data."""
+    seen, files = set(), []
+    for root, subdirectories, names in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or a second link to the same directory
+            subdirectories.clear()
+            continue
+        seen.add(real)
+        subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
+        files += [Path(root, n) for n in names if not n.startswith(".") and Path(root, n).is_file()]
+    return sorted(files)
 
 
 def read_answer_rows(data: str, report: ValidationReport) -> list[dict[str, str]]:
@@ -308,18 +359,14 @@ def read_file(path: Path, fields: tuple[str, ...], report: ValidationReport) -> 
 
 
 def _load_parquet(path: Path) -> Any:
-    import datasets
+    """The file's table, read as it is now: no cache keyed by path and modification time to go stale."""
     import pyarrow
+    import pyarrow.parquet
 
-    quiet = logging.getLogger("datasets")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)  # it logs the failure twice before raising it; ours says it once
     try:
-        return datasets.load_dataset("parquet", data_files=str(path), split="train")
-    except (pyarrow.ArrowException, OSError, datasets.exceptions.DatasetsError) as e:
+        return pyarrow.parquet.read_table(path)
+    except (pyarrow.ArrowException, OSError) as e:
         raise DataError(f"{path}: cannot read it as parquet ({e})") from None
-    finally:
-        quiet.setLevel(level)
 
 
 def _first_character(path: Path) -> str:
@@ -356,6 +403,8 @@ def _read_json_lines(path: Path, fields: tuple[str, ...], report: ValidationRepo
                 raise DataError(
                     f"{path}:{number}: malformed JSON ({e.msg}, column {e.pos + 1}); fix or remove that line"
                 ) from None
+            except (ValueError, RecursionError) as e:  # a 5,000-digit number, objects nested 1,000 deep
+                raise DataError(f"{path}:{number}: unreadable JSON ({e}); fix or remove that line") from None
             row = report.check(value, fields, f"{path}:{number}")
             if row is not None:
                 rows.append(row)
@@ -366,7 +415,7 @@ def _is_one_json_document(path: Path) -> bool:
     """Whether the whole file parses as JSON (a pretty-printed object, say), though its lines do not."""
     try:
         json.loads(_read_utf8(path))
-    except (json.JSONDecodeError, DataError):
+    except (ValueError, RecursionError, DataError):
         return False
     return True
 
@@ -378,6 +427,8 @@ def _read_json_array(path: Path, fields: tuple[str, ...], report: ValidationRepo
         values = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{path}: unreadable JSON ({e})") from None
     return _checked(values, fields, report, str(path))
 
 
