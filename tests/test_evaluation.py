@@ -227,11 +227,28 @@ def test_eval_cli_scores_answer_only_rows_with_rls_checkers(tmp_path, tiny_confi
     assert "has no reasoning to measure a loss on: scoring its answers instead" in plain.stderr
     listed = run_cli(*common, "--examples", tmp_path / "e.jsonl", one_thread=True)  # generations: listed
     assert listed.returncode == 0 and len((tmp_path / "e.jsonl").read_text().splitlines()) == 3
-    # Rows whose reasoning is there but empty are bad rows, not answer-only ones: refused, saying why.
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"user": "q", "reasoning": " ", "assistant": "7"}) + "\n")
-    refused = run_cli("eval", "--checkpoint", checkpoint, "--data", bad, one_thread=True)
-    assert refused.returncode == 2 and "empty field 'reasoning'" in refused.stderr
+    # Answers are scored whatever else the rows lack, as `rl --data` takes them: an empty reasoning,
+    # a parquet file without the column, a saved dataset; a bad row among them is skipped and said.
+    import datasets
+
+    (tmp_path / "empty.jsonl").write_text(
+        json.dumps({"user": "q", "reasoning": " ", "assistant": "7"}) + "\n"
+    )
+    (tmp_path / "mixed.jsonl").write_text(
+        data.read_text() + json.dumps({"user": "", "assistant": "7"}) + "\n"
+    )
+    answers = datasets.Dataset.from_list([{"user": "Say 7.", "assistant": "7"}] * 2)
+    answers.to_parquet(str(tmp_path / "qa.parquet"))
+    datasets.DatasetDict(train=answers, test=answers.select([0])).save_to_disk(str(tmp_path / "saved"))
+    inputs = ("empty.jsonl", "mixed.jsonl", "qa.parquet", "saved", "saved/test")
+    results = run_clis([(*common, "--data", tmp_path / name) for name in inputs], one_thread=True)
+    reports = {name: json.loads(r.stdout or "{}") for name, r in zip(inputs, results, strict=True)}
+    assert [reports[name].get("rows") for name in inputs] == [1, 3, 2, None, 1]
+    assert "skipped 1 (empty field 'user': 1)" in results[1].stderr
+    several = results[3]  # the splits side by side: the message names one by the flag eval has
+    assert (
+        several.returncode == 2 and f'read one with --data "{tmp_path / "saved" / "train"}"' in several.stderr
+    )
 
 
 @pytest.mark.slow

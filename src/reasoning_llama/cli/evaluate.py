@@ -13,7 +13,7 @@ from reasoning_llama import atomic
 from reasoning_llama.cli import options
 from reasoning_llama.cli.model_dir import ModelDir, resolve_model_dir
 from reasoning_llama.cli.options import echo_err
-from reasoning_llama.errors import ConfigError
+from reasoning_llama.errors import ConfigError, DataError
 
 
 def eval_command(
@@ -153,23 +153,22 @@ def _check_output(path: Path, data: Path | None) -> None:
 
 def _read_rows(path: Path) -> tuple[list[dict[str, str]], dict]:
     """The rows of a --data file, and its validation report (rows read, skipped and where): with
-    reasoning, or else (none has any) answers only, as `rl --data` takes them."""
-    from reasoning_llama.config import DataConfig
-    from reasoning_llama.data.sources import NoUsableRows, load_rows, read_answer_rows
-    from reasoning_llama.data.validation import ValidationReport
+    reasoning, or else (no row has any, or no such column) answers only, as `rl --data` takes them."""
+    from reasoning_llama.data.sources import ANSWER_FIELDS, read_rows
+    from reasoning_llama.data.validation import CHAT_FIELDS, ValidationReport
 
     if not any(c in str(path) for c in "*?[") and not path.expanduser().exists():  # a glob is the source's
         raise ConfigError(f"--data {path} does not exist; give a .jsonl, .json or .parquet file of rows")
+    report = ValidationReport()
     try:
-        loaded = load_rows(DataConfig(source="local", path=str(path)))
-        rows, report = loaded.train + (loaded.val or []), loaded.report
-    except NoUsableRows as e:
-        if set(e.report.skipped) != {"missing field 'reasoning'"}:  # not answer-only rows: what it says
-            raise
+        rows = read_rows(str(path), CHAT_FIELDS, report)
+    except DataError:
+        rows = []
+    if not rows:
         report = ValidationReport()
-        rows = read_answer_rows(str(path), report)
-        if not rows:
-            raise
+        rows = read_rows(str(path), ANSWER_FIELDS, report)  # its errors are the ones to show
+    if not rows:
+        raise DataError(f"no usable rows in --data {path}: {report.summary()}")
     if report.rows_skipped:
         echo_err(f"warning: {report.summary()}")
     return rows, report.to_dict()

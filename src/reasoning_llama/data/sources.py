@@ -59,18 +59,8 @@ def load_rows(cfg: DataConfig) -> LoadedRows:
     else:
         raise ConfigError(f"unknown data source {cfg.source!r}; choose one of: {', '.join(SOURCES)}")
     if not loaded.train:
-        raise NoUsableRows(
-            f"no usable rows in {loaded.description}: {loaded.report.summary()}", loaded.report
-        )
+        raise DataError(f"no usable rows in {loaded.description}: {loaded.report.summary()}")
     return loaded
-
-
-class NoUsableRows(DataError):
-    """No row of a source could be used; `report` says why."""
-
-    def __init__(self, message: str, report: ValidationReport) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 # --- synthetic -----------------------------------------------------------------------
@@ -202,13 +192,20 @@ def _is_saved_dataset(directory: Path) -> bool:
     return (directory / "dataset_dict.json").is_file() or (directory / "state.json").is_file()
 
 
-def _load_saved_split(directory: Path, split: str) -> Any:
+def _load_saved(directory: Path) -> Any:
+    """A `save_to_disk` directory: a Dataset or a DatasetDict."""
     import datasets
 
     try:
-        saved = datasets.load_from_disk(str(directory))
+        return datasets.load_from_disk(str(directory))
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
         raise DataError(f"cannot load the saved dataset in {directory}: {e}") from None
+
+
+def _load_saved_split(directory: Path, split: str) -> Any:
+    import datasets
+
+    saved = _load_saved(directory)
     if isinstance(saved, datasets.DatasetDict):
         if split not in saved:
             raise DataError(
@@ -336,14 +333,36 @@ def _files_under(directory: Path) -> list[Path]:
     return sorted(files)
 
 
-def read_answer_rows(data: str, report: ValidationReport) -> list[dict[str, str]]:
-    """Rows with `user` and `assistant` (no reasoning needed) of a file, a directory of one split, or a
-    glob: what `rl --data` practises and `eval --data` scores; skipped rows are counted in `report`."""
-    files = resolve_files(data, CHAT_SUFFIXES)
+ANSWER_FIELDS = ("user", "assistant")
+
+
+def read_rows(data: str, fields: tuple[str, ...], report: ValidationReport) -> list[dict[str, str]]:
+    """Rows with `fields` of a file, a directory of one split (files, or a `save_to_disk` dataset), or a
+    glob, as a command's `--data` names them: what `rl --data` practises (ANSWER_FIELDS) and
+    `eval --data` scores; skipped rows are counted in `report`."""
     directory = Path(data).expanduser()
+    if directory.is_dir() and _is_saved_dataset(directory):
+        return _dataset_rows(_saved_split_named_by_path(directory), fields, report, str(directory))
+    files = resolve_files(data, CHAT_SUFFIXES)
     if directory.is_dir():
         refuse_several_splits(directory, files, lambda split: f'--data "{split}"')
-    return [row for path in files for row in read_file(path, ("user", "assistant"), report)]
+    return [row for path in files for row in read_file(path, fields, report)]
+
+
+def _saved_split_named_by_path(directory: Path) -> Any:
+    """A `save_to_disk` dataset, or the one split of a saved DatasetDict (several: name one by its path)."""
+    import datasets
+
+    saved = _load_saved(directory)
+    if not isinstance(saved, datasets.DatasetDict):
+        return saved
+    if len(saved) > 1:
+        first = "train" if "train" in saved else next(iter(saved))
+        raise DataError(
+            f"{directory} holds several splits ({', '.join(saved)}); read one with --data "
+            f'"{directory / first}"'
+        )
+    return next(iter(saved.values()))
 
 
 def read_file(path: Path, fields: tuple[str, ...], report: ValidationReport) -> list[dict[str, str]]:

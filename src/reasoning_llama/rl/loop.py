@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from reasoning_llama.config import RLConfig
-from reasoning_llama.data.sources import read_answer_rows
+from reasoning_llama.data.sources import ANSWER_FIELDS, read_rows
 from reasoning_llama.data.validation import ValidationReport
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.evaluation import synthetic_test_rows
@@ -177,7 +177,7 @@ def load_task_rows(config: RLConfig) -> tuple[list[dict[str, str]], list[dict[st
         )
         return [e.as_row() for e in examples], held_out
     report = ValidationReport()
-    rows = read_answer_rows(str(config.data), report)
+    rows = read_rows(str(config.data), ANSWER_FIELDS, report)
     if report.rows_skipped:
         print(f"warning: {report.summary()}", file=sys.stderr)
     random.Random(f"reasoning-llama/rl/split/{config.seed}").shuffle(rows)
