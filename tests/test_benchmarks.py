@@ -106,6 +106,17 @@ def test_rl_gain_benchmark_runs_every_arm(tmp_path):
     assert all(set(row) == {"user", "assistant"} for row in rows)  # no reasoning given
 
 
+def test_decode_benchmark_checks_its_checkpoint_before_timing(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "decode.py"), "--quick", "--checkpoint", str(tmp_path / "nope")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1 and done.stdout == ""
+    assert (
+        done.stderr.strip() == f"error: --checkpoint: checkpoint directory {tmp_path / 'nope'} does not exist"
+    )
+
+
 def test_flops_per_token_of_small_100m_written_out():
     sys.path.insert(0, str(BENCHMARKS))
     from reasoning_llama.config import get_preset

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -67,7 +68,14 @@ def test_bad_inputs_give_one_line_errors(saved, tmp_path: Path) -> None:
     (pickled / "config.json").write_text(json.dumps(to_hf_config(TINY)))
     (pickled / "pytorch_model.bin").write_bytes(b"not opened")
     out = tmp_path / "out"
+    trained = tmp_path / "run/checkpoints/step-000002"  # what resumes a run sits beside the model files
+    shutil.copytree(ckpt, trained)
+    (trained / "trainer_state.pt").write_bytes(b"the schedule, RNG states and data position")
+    (tmp_path / "a-file").write_text("")
     cases = [
+        (("export", "--checkpoint", ckpt, "--to", "hf", trained, "--overwrite"), "training run's checkpoint"),
+        (("export", "--checkpoint", ckpt, tmp_path / "a-file/m.gguf"), "a-file: a file, not a directory"),
+        (("export", "--checkpoint", ckpt, tmp_path / f"{'x' * 300}.gguf"), "File name too long"),
         (("export", "--checkpoint", tmp_path / "nope", out), "does not exist"),
         (("export", "--checkpoint", ckpt, "--to", "onnx", out), "onnx"),
         (("export", "--checkpoint", tmp_path / "block", "--to", "hf", out), "final_block: false"),
@@ -84,4 +92,4 @@ def test_bad_inputs_give_one_line_errors(saved, tmp_path: Path) -> None:
     ]
     for (_, message), result in zip(cases, run_clis([args for args, _ in cases]), strict=True):
         assert_one_line_error(result, message)
-    assert not out.exists()
+    assert not out.exists() and (trained / "trainer_state.pt").is_file()

@@ -31,6 +31,8 @@ def run_dir(tmp_path):
 def test_a_run_directory_means_its_best_model_else_its_latest_checkpoint(run_dir, tmp_path):
     assert resolve_model_dir(run_dir) == run_dir / ckpt.BEST
     assert resolve_model_dir(run_dir / ckpt.BEST) == run_dir / ckpt.BEST
+    (run_dir / ckpt.LATEST).write_text(ckpt.step_dir(run_dir, 3).relative_to(run_dir).as_posix())
+    assert resolve_model_dir(run_dir / ckpt.LATEST) == ckpt.step_dir(run_dir, 3)  # the pointer, followed
     import shutil
 
     shutil.rmtree(run_dir / ckpt.BEST)

@@ -100,9 +100,9 @@ def trained(trained_quickstart: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def trained_f32(trained: Path) -> Path:
-    """Exported through the command line, as a user would."""
+    """Exported through the command line, as a user would (a .gguf name is enough to say the format)."""
     out = trained.parent / "trained-f32.gguf"
-    result = run_cli("export", "--checkpoint", trained.parent, "--to", "gguf", out)
+    result = run_cli("export", "--checkpoint", trained.parent, out)
     assert result.returncode == 0, result.stderr
     return out
 

@@ -8,6 +8,7 @@ here.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -24,12 +25,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _make_parent(path: Path) -> None:
+    """The directory `path` goes in; a file in the way is named as such (not mkdir's "File exists")."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
+        raise NotADirectoryError(
+            errno.ENOTDIR, f"a file, not a directory: cannot write {path} under it", str(blocking)
+        ) from None
+
+
 def write_path(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Replace the file `path` with the file `write(tmp)` creates at `tmp`, for writers that want a path.
 
     `tmp` keeps the target's suffix: some writers insist on theirs (AOTInductor's `.pt2`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
     try:
         write(tmp)
@@ -63,7 +75,7 @@ def write_text(path: str | Path, text: str) -> Path:
 def temporary_sibling(target: str | Path) -> Path:
     """A new, empty directory next to `target` to fill before `commit_dir` swaps it in."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(target)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     return tmp

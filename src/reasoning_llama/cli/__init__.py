@@ -73,7 +73,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT):  # a full or failing disk or output
+        if e.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT):  # a full or failing disk or output
+            print(f"error: cannot write {e.filename or 'the output'}: {e.strerror}", file=sys.stderr)
+        elif e.filename is not None and e.strerror:  # a path the user gave: a file in the way, too long, ...
+            print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
+        else:
             raise
-        print(f"error: cannot write {e.filename or 'the output'}: {e.strerror}", file=sys.stderr)
         sys.exit(2)

@@ -27,9 +27,13 @@ def export(
     ],
     checkpoint: ModelDir,
     to: Annotated[
-        str,
-        typer.Option("--to", help="Target format: hf (transformers LlamaForCausalLM) or gguf (llama.cpp)."),
-    ] = "hf",
+        str | None,
+        typer.Option(
+            "--to",
+            help="Target format: hf (transformers LlamaForCausalLM) or gguf (llama.cpp); "
+            "default gguf for an OUT ending in .gguf, else hf.",
+        ),
+    ] = None,
     dtype: Annotated[
         str | None,
         typer.Option(
@@ -42,6 +46,7 @@ def export(
     ] = False,
 ) -> None:
     """Write a checkpoint (trained with final_block: false) as a transformers model directory or a GGUF file."""
+    to = to or ("gguf" if out.lower().endswith(".gguf") else "hf")
     _check_format(to, EXPORT_FORMATS)
     source = resolve_model_dir(checkpoint)
     if to == "gguf":

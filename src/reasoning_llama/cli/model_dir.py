@@ -29,6 +29,8 @@ def resolve_model_dir(path: Path) -> Path:
         return path
     if (path / ckpt.BEST / CONFIG).is_file():
         return path / ckpt.BEST
+    if path.name == ckpt.LATEST and path.is_file():  # RUN/latest, the pointer: the run's latest checkpoint
+        path = path.parent
     latest = ckpt.latest_checkpoint(path) if path.is_dir() else None
     if latest is not None:
         return latest

@@ -228,13 +228,21 @@ def _add_chat_rows(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _check_target(out: Path, overwrite: bool, *, source: Path) -> None:
-    """Refuse to clobber the source or a directory that is not a model directory."""
+    """Refuse to clobber the source, a training checkpoint, or a directory that is not a model directory."""
+    from reasoning_llama.training import run_checkpoints as ckpt
+
     if out.resolve() == source.resolve():
         raise CheckpointError(f"the output {out} is the input directory; choose another")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not (out / "config.json").is_file():  # checked first: --overwrite would not help
             raise CheckpointError(
                 f"{out} exists and does not look like a model directory (no config.json); choose another output"
+            )
+        training = [n for n in (ckpt.TRAINER_STATE, ckpt.DISTRIBUTED, ckpt.CHECKPOINTS) if (out / n).exists()]
+        if training:  # a run's checkpoint (or a run): replacing it would lose what resumes it
+            raise CheckpointError(
+                f"{out} is a training run's checkpoint (it holds {training[0]}); replacing it would lose "
+                "what resumes the run; choose another output"
             )
         if not overwrite:
             raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
