@@ -348,6 +348,14 @@ def main() -> None:
     )
     phases.done("batch1")
     batched = {}
+
+    def so_far(stage: str) -> None:
+        """The figures so far, a line of their own: a run stopped at a time limit keeps them (the full
+        report is the last line)."""
+        rates = {"batch1_tokens_per_s": {k: round(v, 2) for k, v in batch1.items()}, **batched}
+        print(json.dumps({"partial": stage, **rates, **parity, "phase_s": phases.seconds}), flush=True)
+
+    so_far("batch1")
     for batch in batches:
         runs = {name: run_engine(name) for name in engines if engines[name].max_batch_size >= batch}
         runs.update(variants)
@@ -355,6 +363,7 @@ def main() -> None:
             runs["transformers"] = run_hf
         batched[f"batch{batch}_tokens_per_s"] = {k: round(v, 2) for k, v in decode_rate(runs, batch).items()}
         phases.done(f"batch{batch}")
+        so_far(f"batch{batch}")
 
     # The limit at the median bandwidth sampled between the batch-1 repeats (whose rates are
     # medians too); the best sample's stricter limit is reported beside it.

@@ -58,6 +58,11 @@ def test_decode_benchmark_compares_against_transformers_on_the_same_tokens(cpu_s
     # sampled before the batch-1 repeats and after each (one with --quick); the limit at their median
     assert len(limit["read_bandwidth_samples_gb_s"]) == 2
     assert limit["limit_tokens_per_s_at_best_bandwidth"] >= limit["limit_tokens_per_s"]
+    # The figures so far come a line at a time, so a run cut at a time limit keeps them.
+    stdout = (cpu_suite[1] / "decode.log").read_text().split("--- stdout\n")[1].split("\n--- stderr")[0]
+    partial = [json.loads(line) for line in stdout.strip().splitlines()[:-1]]
+    assert [p["partial"] for p in partial] == ["batch1", "batch2"]
+    assert partial[0]["batch1_tokens_per_s"] == report["batch1_tokens_per_s"]
     assert limit["int8_limit_tokens_per_s"] > limit["limit_tokens_per_s"]  # a quarter of the bytes, mostly
     int8 = report["int8"]
     assert int8["prompts"] == 3 and int8["random_weights"]["tokens"] == 3 * 16

@@ -26,6 +26,16 @@ from test_training_loop import tiny_run
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    """Each test compiles from nothing: the compiled decode step is one function for every engine of a
+    process, whose cache entries (one per layout, dtype and device) would otherwise add up across
+    tests to dynamo's recompile limit, an error under fullgraph=True."""
+    torch.compiler.reset()
+    yield
+    torch.compiler.reset()
+
+
 @pytest.mark.parametrize("attention", ["auto", "varlen"])
 def test_a_training_step_never_waits_on_the_host(tmp_path, attention):
     settings = ("train.device=cuda", f"train.attention={attention}")

@@ -16,6 +16,7 @@ from reasoning_llama.sampling import (
     SamplingParams,
     apply_repetition_penalty,
     filter_logits,
+    inverse_cdf_,
     sample,
     sample_rows,
     token_logprobs,
@@ -100,6 +101,16 @@ def test_sampled_frequencies_follow_the_distribution():
     draws = sample_rows(LOGITS.expand(8000, -1), [SamplingParams(temperature=1.0)] * 8000, [None] * 8000)
     frequencies = torch.bincount(torch.tensor(draws), minlength=5) / 8000
     assert torch.allclose(frequencies, PROBS, atol=0.02), frequencies  # 4 standard errors at most
+
+
+def test_a_draw_past_the_last_possible_id_takes_the_likeliest_never_an_impossible_one():
+    """A parallel scan may put the total an ulp above the last possible id's prefix; a uniform of 1
+    reaches that sliver on any machine: it must not land on the masked ids after it."""
+    logits = torch.tensor([[0.0, 2.0, 1.0, -math.inf, -math.inf]] * 2)
+    uniform = torch.tensor([1.0, 0.5])
+    assert inverse_cdf_(logits.clone(), uniform).tolist() == [1, 1]
+    ties = torch.tensor([[-math.inf, 0.0, -math.inf, 0.0, -math.inf]])
+    assert inverse_cdf_(ties, torch.tensor([1.0])).tolist() == [1]
 
 
 def test_greedy_takes_the_argmax():

@@ -210,10 +210,16 @@ def inverse_cdf_(scaled: Tensor, uniform: Tensor) -> Tensor:
     (n, V), which is overwritten: what `torch.multinomial` does for one draw per row."""
     # Unnormalised: the uniform number is scaled by each row's total instead, which saves the
     # softmax's division and two passes over the rows.
-    cumulative = scaled.sub_(scaled.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
-    # A token of probability 0 adds nothing to the sum, so `right=True` can never land on it.
+    weights = scaled.sub_(scaled.amax(dim=-1, keepdim=True)).exp_()
+    cumulative = weights.cumsum(dim=-1)
+    # A token of probability 0 adds nothing to the sum, so `right=True` skips it: exactly so on a CPU,
+    # whose scan adds in order. A parallel scan (CUDA's) adds blocks in another order, so a later
+    # prefix, or the total, can exceed the last possible id's by an ulp; a draw in that sliver (about
+    # one in 10^7) takes the likeliest id, never one of probability 0.
     picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)
-    return picked[:, 0].clamp_(max=scaled.shape[-1] - 1)
+    picked.clamp_(max=scaled.shape[-1] - 1)
+    impossible = weights.gather(1, picked) == 0
+    return torch.where(impossible, weights.argmax(dim=-1, keepdim=True), picked)[:, 0]
 
 
 @dataclass
