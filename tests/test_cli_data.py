@@ -85,7 +85,7 @@ def test_bad_input_is_one_line_on_stderr(tmp_path, args, message):
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
 
 
-def test_an_unreachable_hub_is_asked_once_not_retried(tmp_path):
+def test_an_unreachable_hub_is_one_line_without_retries(tmp_path):
     """Without HF_HUB_OFFLINE, `datasets` alone retries a dead hub for ~25 s and prints every retry;
     one request first finds it unreachable and the rest runs offline: one line, no retries."""
     with socket.socket() as s:  # a port nobody listens on: connections are refused at once

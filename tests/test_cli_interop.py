@@ -71,9 +71,12 @@ def test_bad_inputs_give_one_line_errors(saved, tmp_path: Path) -> None:
     trained = tmp_path / "run/checkpoints/step-000002"  # what resumes a run sits beside the model files
     shutil.copytree(ckpt, trained)
     (trained / "trainer_state.pt").write_bytes(b"the schedule, RNG states and data position")
+    shutil.copytree(ckpt, tmp_path / "run/best")
+    (tmp_path / "run/best/best.json").write_text('{"step": 2}')
     (tmp_path / "a-file").write_text("")
     cases = [
         (("export", "--checkpoint", ckpt, "--to", "hf", trained, "--overwrite"), "training run's checkpoint"),
+        (("export", "--checkpoint", ckpt, tmp_path / "run/best", "--overwrite"), "holds best.json"),
         (("export", "--checkpoint", ckpt, tmp_path / "a-file/m.gguf"), "a-file: a file, not a directory"),
         (("export", "--checkpoint", ckpt, tmp_path / f"{'x' * 300}.gguf"), "File name too long"),
         (("export", "--checkpoint", tmp_path / "nope", out), "does not exist"),
@@ -93,3 +96,4 @@ def test_bad_inputs_give_one_line_errors(saved, tmp_path: Path) -> None:
     for (_, message), result in zip(cases, run_clis([args for args, _ in cases]), strict=True):
         assert_one_line_error(result, message)
     assert not out.exists() and (trained / "trainer_state.pt").is_file()
+    assert (tmp_path / "run/best/best.json").is_file()

@@ -189,6 +189,7 @@ def test_a_directory_follows_its_links_once_and_names_the_files_it_leaves_out(tm
     (data / "linked").symlink_to(shared)
     (data / "again").symlink_to(shared)  # the same directory twice: read once
     (shared / "loop").symlink_to(data)  # a cycle: not followed around
+    (data / "own-again.jsonl").symlink_to(data / "own.jsonl")  # one file by two names: read once
     (data / "more.jsonl.gz").write_bytes(b"")
     (data / "table.csv").write_text("user,reasoning,assistant\n")
     assert sorted(r["user"] for r in load_rows(local(data)).train) == ["linked", "own"]
@@ -196,28 +197,31 @@ def test_a_directory_follows_its_links_once_and_names_the_files_it_leaves_out(tm
 
 
 @pytest.mark.parametrize(
-    "names",
+    ("names", "splits"),
     [
-        ("train.jsonl", "val.jsonl"),
-        ("qa_train.jsonl", "qa_test.jsonl"),
-        ("training/a.jsonl", "eval/b.jsonl"),
-        ("data/part-train-0.jsonl", "data/part-dev-0.jsonl"),
-        ("TRAIN.jsonl", "Evaluation.jsonl"),
+        (("train.jsonl", "val.jsonl"), 2),
+        (("qa_train.jsonl", "qa_test.jsonl"), 2),
+        (("training/a.jsonl", "eval/b.jsonl"), 2),
+        (("data/part-train-0.jsonl", "data/part-dev-0.jsonl"), 2),
+        (("data/math-00000-of-00001.jsonl", "data/code-00000-of-00001.jsonl"), 2),  # any split's name
+        (("TRAIN.jsonl", "Evaluation.jsonl"), 1),  # datasets' names are lower case
+        (("interval.jsonl", "retrain.jsonl", "contest.jsonl", "devices.jsonl", "train.jsonl"), 1),
     ],
 )
-def test_a_directory_of_several_splits_is_refused_by_datasets_split_names(tmp_path, names):
-    """`datasets` reads these as two splits; read whole, the test rows would be trained on."""
+def test_a_directory_is_one_split_or_several_as_datasets_reads_it(tmp_path, names, splits):
+    """Where `datasets` itself sees several splits, reading the directory whole would train on the
+    held-out rows: refused. Where it sees one, every file is read."""
+    from datasets.data_files import get_data_patterns
+
     for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         write_jsonl(tmp_path / name, [CHAT_ROW])
-    with pytest.raises(DataError, match="holds several splits"):
-        load_rows(local(tmp_path))
-
-
-def test_names_that_only_contain_a_split_word_are_one_split(tmp_path):
-    for name in ("interval.jsonl", "retrain.jsonl", "contest.jsonl", "devices.jsonl", "train.jsonl"):
-        write_jsonl(tmp_path / name, [CHAT_ROW])
-    assert len(load_rows(local(tmp_path)).train) == 5
+    assert len(get_data_patterns(str(tmp_path))) == splits
+    if splits > 1:
+        with pytest.raises(DataError, match="holds several splits"):
+            load_rows(local(tmp_path))
+    else:
+        assert len(load_rows(local(tmp_path)).train) == len(names)
 
 
 @pytest.mark.parametrize(

@@ -245,6 +245,9 @@ def test_eval_cli_scores_answer_only_rows_with_rls_checkers(tmp_path, tiny_confi
     reports = {name: json.loads(r.stdout or "{}") for name, r in zip(inputs, results, strict=True)}
     assert [reports[name].get("rows") for name in inputs] == [1, 3, 2, None, 1]
     assert "skipped 1 (empty field 'user': 1)" in results[1].stderr
+    assert "no row has a usable reasoning: read 1 rows, kept 0, skipped 1 (empty field 'reasoning'" in (
+        results[0].stderr
+    )
     several = results[3]  # the splits side by side: the message names one by the flag eval has
     assert (
         several.returncode == 2 and f'read one with --data "{tmp_path / "saved" / "train"}"' in several.stderr

@@ -209,7 +209,7 @@ def inverse_cdf_(scaled: Tensor, uniform: Tensor) -> Tensor:
     """Each row's id (n,) where `uniform` (n,) falls in the cumulative distribution softmax(`scaled`)
     (n, V), which is overwritten: what `torch.multinomial` does for one draw per row."""
     # Unnormalised: the uniform number is scaled by each row's total instead, which saves the
-    # softmax's division and two passes over the rows.
+    # softmax's division.
     weights = scaled.sub_(scaled.amax(dim=-1, keepdim=True)).exp_()
     cumulative = weights.cumsum(dim=-1)
     # A token of probability 0 adds nothing to the sum, so `right=True` skips it: exactly so on a CPU,

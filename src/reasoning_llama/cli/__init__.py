@@ -57,6 +57,11 @@ class NotHandledElsewhere(logging.Filter):
         return True
 
 
+# What a path the user gave meets when its place is not writable: a file in the way, a name too long,
+# no permission, a read-only disk. Other OS errors keep their traceback (they are ours to fix).
+_PATH_ERRORS = (errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EACCES, errno.EROFS)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: project errors become one line on stderr and exit code 2."""
     # Under torchrun every process of a machine meets the same warnings (data it reads alike): its first says them.
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT):  # a full or failing disk or output
             print(f"error: cannot write {e.filename or 'the output'}: {e.strerror}", file=sys.stderr)
-        elif e.filename is not None and e.strerror:  # a path the user gave: a file in the way, too long, ...
+        elif e.errno in _PATH_ERRORS and e.filename is not None:  # an output path that cannot be
             print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
         else:
             raise

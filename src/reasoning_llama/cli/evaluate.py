@@ -165,6 +165,8 @@ def _read_rows(path: Path) -> tuple[list[dict[str, str]], dict]:
     except DataError:
         rows = []
     if not rows:
+        if report.rows_skipped and set(report.skipped) != {"missing field 'reasoning'"}:
+            echo_err(f"warning: no row has a usable reasoning: {report.summary()}")
         report = ValidationReport()
         rows = read_rows(str(path), ANSWER_FIELDS, report)  # its errors are the ones to show
     if not rows:

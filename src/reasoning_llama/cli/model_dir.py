@@ -25,12 +25,15 @@ def resolve_model_dir(path: Path) -> Path:
     from reasoning_llama.training import run_checkpoints as ckpt
 
     path = path.expanduser()
+    if path.name == ckpt.LATEST and path.is_file():  # RUN/latest, the pointer: the run's latest checkpoint
+        latest = ckpt.latest_checkpoint(path.parent)
+        if latest is not None:
+            return latest
+        path = path.parent
     if (path / CONFIG).is_file():
         return path
     if (path / ckpt.BEST / CONFIG).is_file():
         return path / ckpt.BEST
-    if path.name == ckpt.LATEST and path.is_file():  # RUN/latest, the pointer: the run's latest checkpoint
-        path = path.parent
     latest = ckpt.latest_checkpoint(path) if path.is_dir() else None
     if latest is not None:
         return latest

@@ -13,6 +13,7 @@ malformed JSON line stops with its file and line number.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
@@ -140,15 +141,23 @@ def _load_hub_split(path: str, split: str) -> Any:
 
 
 def _first_unreadable_row(directory: Path) -> str | None:
-    """Where a directory's JSON files hold a line `datasets` cannot read (it says only that one failed):
-    a malformed line, or a row that is no object."""
-    files = [f for f in directory.rglob("*") if f.suffix.lower() in (".json", ".jsonl") and f.is_file()]
-    for file in sorted(files):
+    """Where a directory's JSON data files hold a line `datasets` cannot read (it says only that one
+    failed): a malformed line, or a row that is no object."""
+    from datasets.data_files import FILES_TO_IGNORE
+
+    files = [
+        f
+        for f in _files_under(directory)
+        if f.suffix.lower() in (".json", ".jsonl") and f.name not in FILES_TO_IGNORE
+    ]
+    for file in files:
         report = ValidationReport()
         try:
             read_file(file, (), report)
         except DataError as e:
-            return str(e)
+            if str(e).startswith(f"{file}:"):  # a line of it, not the file as a whole
+                return str(e)
+            continue
         if report.skipped:
             return f"{report.first_offending[0]}; fix it, or read the files with data.source=local"
     return None
@@ -160,17 +169,24 @@ def _hub_answers(name: str) -> bool:
     `datasets` retries an unreachable hub for about 25 s before it gives up; one request first
     tells the unreachable case apart in well under a second.
     """
+    import datasets
     import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError
 
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
+    if huggingface_hub.constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
         return False
+    no_answer: tuple[type[BaseException], ...] = (OSError, TimeoutError)  # requests' errors are OSErrors
+    try:
+        import httpx
+
+        no_answer += (httpx.TransportError,)
+    except ImportError:
+        pass
     try:
         huggingface_hub.HfApi().dataset_info(name, timeout=10)
-    except HfHubHTTPError:  # an answer all the same (not found, gated, ...): load_dataset says which
-        return True
-    except Exception:  # no answer at all: DNS, refused, timeout, proxy
+    except no_answer:  # DNS, refused, timed out, a proxy's failure
         return False
+    except Exception:  # an answer all the same (not found, gated, a bad name): load_dataset says which
+        return True
     return True
 
 
@@ -244,10 +260,15 @@ def _load_files(cfg: DataConfig) -> LoadedRows:
     files = resolve_files(cfg.path, suffixes)
     if directory.is_dir():
         if cfg.source == "local":  # the hub source reads one split of a chat dataset by its name
-            hub = f"data.source=hub data.path={directory} data.split=train"
-            refuse_several_splits(directory, files, lambda split: f"{hub}, or the split's files: {split}")
+            refuse_several_splits(
+                directory,
+                files,
+                lambda name, spec: (
+                    f"data.source=hub data.path={directory} data.split={name}, or the split's files: {spec}"
+                ),
+            )
         else:
-            refuse_several_splits(directory, files, lambda split: f'data.path="{split}"')
+            refuse_several_splits(directory, files, lambda _, spec: f'data.path="{spec}"')
     rows: list[dict[str, str]] = []
     for file in files:
         rows += read_file(file, fields, report)
@@ -256,34 +277,46 @@ def _load_files(cfg: DataConfig) -> LoadedRows:
 
 
 # A file of one split in the hub's layout, by the split names `datasets` itself recognises (its
-# `data_files.SPLIT_KEYWORDS`, between separators): `data/train-00000-of-00001.parquet`,
-# `test/part.jsonl`, `qa_val.jsonl`, `eval.json`, ...
+# `data_files.SPLIT_KEYWORDS` between separators, case as written, and `data/NAME-00000-of-00001.*`
+# shards of any split's name): `data/train-00000-of-00001.parquet`, `test/part.jsonl`, `qa_val.jsonl`,
+# `eval.json`, `data/math-00000-of-00002.parquet`, ...
 _SPLIT_OF_KEYWORD = {
     **dict.fromkeys(("train", "training"), "train"),
     **dict.fromkeys(("validation", "valid", "dev", "val"), "validation"),
     **dict.fromkeys(("test", "testing", "eval", "evaluation"), "test"),
 }
 _SPLIT_FILE = re.compile(
-    rf"(?:^|(?<=[-._ 0-9/]))({'|'.join(sorted(_SPLIT_OF_KEYWORD, key=len, reverse=True))})(?=[-._ 0-9/])",
-    re.IGNORECASE,
+    rf"(?:^|(?<=[-._ 0-9/]))({'|'.join(sorted(_SPLIT_OF_KEYWORD, key=len, reverse=True))})(?=[-._ 0-9/])"
 )
+_SHARD_OF_SPLIT = re.compile(r"(?:^|/)data/([^/]+?)(?=-\d{5}-of-\d{5}[^/]*\.[^/]+$)")
 
 
-def refuse_several_splits(directory: Path, files: list[Path], read_one_with: Callable[[str], str]) -> None:
+def _split_of(relative: str) -> tuple[str, str] | None:
+    """(split, the path up to its name) of a file's path inside a dataset directory, if it names one."""
+    shard = _SHARD_OF_SPLIT.search(relative)
+    if shard:
+        return _SPLIT_OF_KEYWORD.get(shard.group(1), shard.group(1)), relative[: shard.end()]
+    found = _SPLIT_FILE.search(relative)
+    return (_SPLIT_OF_KEYWORD[found.group(1)], relative[: found.end()]) if found else None
+
+
+def refuse_several_splits(
+    directory: Path, files: list[Path], read_one_with: Callable[[str, str], str]
+) -> None:
     """A directory in the hub's layout holds its splits side by side: reading all of it would train on
-    the test split. `read_one_with(files)` says how the command reads one split's files instead."""
+    the test split. `read_one_with(split, files)` says how the command reads one split instead."""
     first_of: dict[str, str] = {}  # split -> the path of its first file, up to the split's name
     for file in files:
-        relative = file.relative_to(directory).as_posix()
-        found = _SPLIT_FILE.search(relative)
+        found = _split_of(file.relative_to(directory).as_posix())
         if found:
-            first_of.setdefault(_SPLIT_OF_KEYWORD[found.group(1).lower()], relative[: found.end()])
+            first_of.setdefault(*found)
     if len(first_of) > 1:
         # `train/…` is a directory of the split, `train-0000.parquet` a prefix of its files.
-        split = directory / first_of.get("train", next(iter(first_of.values())))
+        name = "train" if "train" in first_of else next(iter(first_of))
+        split = directory / first_of[name]
         raise DataError(
             f"{directory} holds several splits ({', '.join(sorted(first_of))}) in the hub's layout; read one "
-            f"with {read_one_with(str(split) if split.is_dir() else f'{split}*')}"
+            f"with {read_one_with(name, str(split) if split.is_dir() else f'{split}*')}"
         )
 
 
@@ -309,7 +342,7 @@ def resolve_files(spec: str, suffixes: tuple[str, ...]) -> list[Path]:
             raise DataError(f"no {kinds} files in directory {spec}")
         if others:
             shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-            log.warning("%s: reading its %s files; left out %d others: %s", spec, kinds, len(others), shown)
+            _warn_once(f"{spec}: reading its {kinds} files; left out {len(others)} others: {shown}")
         return files
     if path.is_file():
         if path.suffix.lower() not in suffixes:
@@ -318,19 +351,28 @@ def resolve_files(spec: str, suffixes: tuple[str, ...]) -> list[Path]:
     raise DataError(f"data path {spec} does not exist; give an existing file, directory or glob")
 
 
+@functools.cache
+def _warn_once(message: str) -> None:
+    """A warning said once a process (a command may read the same directory twice)."""
+    log.warning("%s", message)
+
+
 def _files_under(directory: Path) -> list[Path]:
     """Every file under `directory`, through linked directories too (each real one once), in sorted
     order; hidden files and directories (`.git`, `.DS_Store`, ...) are not data."""
-    seen, files = set(), []
+    seen, files = set(), {}  # real paths of the directories walked; a file's real path -> its path here
     for root, subdirectories, names in os.walk(directory, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:  # a link back up the tree, or a second link to the same directory
             subdirectories.clear()
             continue
         seen.add(real)
-        subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
-        files += [Path(root, n) for n in names if not n.startswith(".") and Path(root, n).is_file()]
-    return sorted(files)
+        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))  # walked in order
+        for name in sorted(names):
+            path = Path(root, name)
+            if not name.startswith(".") and path.is_file():
+                files.setdefault(os.path.realpath(path), path)
+    return sorted(files.values())
 
 
 ANSWER_FIELDS = ("user", "assistant")
@@ -345,7 +387,7 @@ def read_rows(data: str, fields: tuple[str, ...], report: ValidationReport) -> l
         return _dataset_rows(_saved_split_named_by_path(directory), fields, report, str(directory))
     files = resolve_files(data, CHAT_SUFFIXES)
     if directory.is_dir():
-        refuse_several_splits(directory, files, lambda split: f'--data "{split}"')
+        refuse_several_splits(directory, files, lambda _, spec: f'--data "{spec}"')
     return [row for path in files for row in read_file(path, fields, report)]
 
 

@@ -238,11 +238,12 @@ def _check_target(out: Path, overwrite: bool, *, source: Path) -> None:
             raise CheckpointError(
                 f"{out} exists and does not look like a model directory (no config.json); choose another output"
             )
-        training = [n for n in (ckpt.TRAINER_STATE, ckpt.DISTRIBUTED, ckpt.CHECKPOINTS) if (out / n).exists()]
-        if training:  # a run's checkpoint (or a run): replacing it would lose what resumes it
+        run_files = (ckpt.TRAINER_STATE, ckpt.DISTRIBUTED, ckpt.CHECKPOINTS, ckpt.BEST_INFO)
+        training = [n for n in run_files if (out / n).exists()]
+        if training:  # a run's checkpoint or best model: replacing it would lose part of the run
             raise CheckpointError(
                 f"{out} is a training run's checkpoint (it holds {training[0]}); replacing it would lose "
-                "what resumes the run; choose another output"
+                "part of the run; choose another output"
             )
         if not overwrite:
             raise CheckpointError(f"{out} already exists; pass --overwrite to replace it")
