@@ -263,16 +263,20 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(tmp_path):
+@pytest.mark.parametrize(
+    ("stop", "said"), [(signal.SIGINT, "interrupted: "), (signal.SIGTERM, "terminated (SIGTERM): ")]
+)
+def test_ctrl_c_or_sigterm_saves_a_resumable_checkpoint_and_exits_130(tmp_path, stop, said):
+    """SIGTERM is what `docker stop`, a scheduler's preemption or `kill` send before they kill."""
     run = tmp_path / "run"
     process = start_training(
         tmp_path, run, "train.max_steps=100000", "train.save_every=0", "train.eval_every=0"
     )
     wait_for(lambda: len(read_metrics(run)) >= 2, process)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
-    assert "Traceback" not in stderr
+    assert "Traceback" not in stderr and said + "finishing this step, then saving" in stderr
     assert f"reasoning-llama train --out {run} --resume" in stderr
 
     latest = ckpt.latest_checkpoint(run)

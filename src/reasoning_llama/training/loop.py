@@ -418,7 +418,11 @@ SECOND_CTRL_C_AFTER = 1.0
 
 @contextmanager
 def sigint_flag(*, announce: bool = True, processes: int = 1) -> Iterator[threading.Event]:
-    """First Ctrl-C sets the flag (the loop saves and stops); a second one aborts at once."""
+    """First Ctrl-C sets the flag (the loop saves and stops); a second one aborts at once.
+
+    A process of its own (not under torchrun) takes SIGTERM the same way: what `docker stop`, a
+    scheduler's preemption or `kill` send before they kill. Under torchrun SIGTERM stays the agent's
+    way to stop its workers (after a rank failed, to restart the group)."""
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -433,17 +437,20 @@ def sigint_flag(*, announce: bool = True, processes: int = 1) -> Iterator[thread
         flag.set()
         first[0] = time.monotonic()
         if announce:
+            what = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
             also = " (and, as the processes agree on it, the next)" if processes > 1 else ""
             print(
-                f"\ninterrupted: finishing this step{also}, then saving a checkpoint (Ctrl-C again to abort)",
+                f"\n{what}: finishing this step{also}, then saving a checkpoint (Ctrl-C again to abort)",
                 file=sys.stderr,
             )
 
-    previous = signal.signal(signal.SIGINT, handler)
+    signals = [signal.SIGINT] + ([] if dist.launched_by_torchrun() else [signal.SIGTERM])
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler_before in previous.items():
+            signal.signal(s, handler_before)
 
 
 class Trainer:
