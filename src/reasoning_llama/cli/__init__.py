@@ -6,14 +6,18 @@ A module adds its commands to `app` in its `register(app)`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
+import json
 import logging
 import os
 import sys
+import time
 
 import typer
 
+from reasoning_llama import atomic
 from reasoning_llama.errors import ReasoningLlamaError
 
 app = typer.Typer(
@@ -62,6 +66,16 @@ class NotHandledElsewhere(logging.Filter):
 _PATH_ERRORS = (errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EACCES, errno.EROFS)
 
 
+def _tell_torchrun(message: str) -> None:
+    """Under torchrun, the agent's failure summary shows `message` as the process's cause (instead of
+    a link to its docs), read from the error file torchrun names for each process."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        extra = {"timestamp": str(int(time.time()))}
+        with contextlib.suppress(OSError):
+            atomic.write_text(path, json.dumps({"message": {"message": message, "extraInfo": extra}}))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: project errors become one line on stderr and exit code 2."""
     # Under torchrun every process of a machine meets the same warnings (data it reads alike): its first says them.
@@ -76,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     except ReasoningLlamaError as e:
         if not getattr(e, "told_by_main", False):  # under torchrun, rank 0's error is printed by rank 0
             print(f"error: {e}", file=sys.stderr)
+        _tell_torchrun(f"error: {e}")
         sys.exit(2)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT):  # a full or failing disk or output
