@@ -33,7 +33,15 @@ TOLERANCE = 1e-5  # relative, per step loss and per weight tensor
 def run_config(tmp_path: Path, *overrides: str) -> RunConfig:
     # 4 rows of 128 a micro-batch, 1024 tokens a step: 2 micro-batches in one process, 1 in each of two.
     # 100 problems pack into fewer rows than 6 steps take: the runs cross an epoch's partial last step.
-    return tiny_run(tmp_path, "train.task_eval_size=0", "data.synthetic_train_size=100", *overrides)
+    # Validation: 3 micro-batches of rows, which two processes do not divide.
+    return tiny_run(
+        tmp_path,
+        "train.task_eval_size=0",
+        "data.synthetic_train_size=100",
+        "data.synthetic_val_size=40",
+        "train.eval_batches=3",
+        *overrides,
+    )
 
 
 def torchrun(

@@ -96,6 +96,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         batches_per_step: int = 1,
+        max_rows: int | None = None,
     ) -> None:
         if seq_len <= 0 or batch_size <= 0 or batches_per_step <= 0:
             raise ConfigError(
@@ -120,6 +121,9 @@ class BatchLoader:
             self.rows = best_fit_pack(positions_used, seq_len, seed)
         else:
             self.rows = [[i] for i in range(len(positions_used))]
+        # The first rows alone, the same ones whatever the world size (packing does not depend on it):
+        # a validation set of a fixed size, evaluated alike by one process or many.
+        self.rows = self.rows[:max_rows]
         loss_tokens = np.array([int(np.count_nonzero(m[1:])) for m in split.loss_mask], dtype=np.int64)
         self._row_loss_tokens = np.array([loss_tokens[r].sum() for r in self.rows], dtype=np.int64)
         self._row_tokens = np.array([positions_used[r].sum() for r in self.rows], dtype=np.int64)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -252,7 +251,7 @@ def check_config(config: RunConfig, model_config: ModelConfig) -> None:
         raise ConfigError(
             f"data.seq_len ({config.data.seq_len}) exceeds the model's context ({model_config.max_seq_len}); {fix}"
         )
-    for name in ("micro_batch_size", "global_batch_tokens", "log_every", "keep_last"):
+    for name in ("micro_batch_size", "global_batch_tokens", "log_every", "keep_last", "eval_batches"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
     for name in ("eval_every", "save_every", "task_eval_every", "warmup_steps", "early_stopping_patience"):
@@ -522,8 +521,13 @@ class Trainer:
         }
         self.accum = accumulation_steps(config, world.world_size)
         self.train_loader = BatchLoader(data.train, **shape, seed=t.seed, batches_per_step=self.accum)
+        # Validation: the first eval_batches x micro_batch_size rows, split among the ranks (the last
+        # global batch partly empty when they do not divide), so any world size scores the same rows.
+        val_rows = t.eval_batches * t.micro_batch_size
         self.val_loader = (
-            BatchLoader(data.val, **shape, seed=t.seed, shuffle=False) if len(data.val) else None
+            BatchLoader(data.val, **shape, seed=t.seed, shuffle=False, max_rows=val_rows)
+            if len(data.val)
+            else None
         )
         self.total_steps = planned_steps(config, self.train_loader.batches_per_epoch, self.accum)
         self.planned_max = self.total_steps
@@ -849,9 +853,7 @@ class Trainer:
         start = time.perf_counter()
         record: dict[str, Any] = {"step": self.state.step}
         if self.val_loader is not None:
-            # Each rank takes its share of the first eval_batches x micro_batch_size validation rows.
-            per_rank = max(1, math.ceil(self.t.eval_batches / self.world.world_size))
-            batches = itertools.islice(self.val_loader.iter_epoch_once(), per_rank)
+            batches = self.val_loader.iter_epoch_once()  # this rank's share, as many batches as the others'
             total, tokens = summed_loss(self.wrapped, batches, device=self.device, amp_dtype=self.autocast)
             counts = torch.tensor([float(total), float(tokens)], dtype=torch.float64, device=self.device)
             total_all, tokens_all = dist.all_reduce_sum(counts, self.world).tolist()
