@@ -63,16 +63,19 @@ def test_advantages_are_reward_minus_group_mean_optionally_over_the_std():
 
 
 def test_the_clipped_objective_and_its_gradient_match_hand_computed_values():
-    log_probs = torch.tensor([math.log(1.5), math.log(0.5), math.log(1.1)], requires_grad=True)
-    old = torch.zeros(3)
-    advantages = torch.tensor([1.0, -1.0, -2.0])
+    ratios = [1.5, 0.5, 1.1, 1.5]
+    log_probs = torch.tensor([math.log(r) for r in ratios], requires_grad=True)
+    old = torch.zeros(4)
+    advantages = torch.tensor([1.0, -1.0, -2.0, -1.0])
     loss, clipped = clipped_policy_loss(log_probs, old, advantages, n_tokens=4, clip_low=0.2, clip_high=0.2)
-    # ratios 1.5, 0.5, 1.1 -> clipped 1.2, 0.8, 1.1; min(r A, clip(r) A) = 1.2, -0.8, -2.2; -sum / 4.
-    assert loss.item() == pytest.approx(0.45)
-    assert clipped.item() == pytest.approx(0.5)  # two of four tokens' ratios were clipped
+    # clip(r) = 1.2, 0.8, 1.1, 1.2; min(r A, clip(r) A) = 1.2, -0.8, -2.2, -1.5; -sum / 4.
+    assert loss.item() == pytest.approx(0.825)
+    # The clip cut the first two; the last one's ratio is outside the range, but its unclipped term is
+    # the smaller (a bad token made likelier): it still learns, and is not counted.
+    assert clipped.item() == pytest.approx(0.5)
     loss.backward()
-    # Clipped terms are constant in the ratio; the third term's gradient is -r A / n = 1.1 * 2 / 4.
-    assert log_probs.grad.tolist() == pytest.approx([0.0, 0.0, 0.55])
+    # Cut terms are constant in the ratio; the others' gradients are -r A / n: 1.1 * 2 / 4, 1.5 / 4.
+    assert log_probs.grad.tolist() == pytest.approx([0.0, 0.0, 0.55, 0.375])
 
 
 def test_on_the_first_update_the_objective_is_the_plain_token_level_policy_gradient():

@@ -518,3 +518,27 @@ def test_a_time_budgeted_run_resumes_with_the_plan_it_had_fitted(tmp_path):
         config, tmp_path / "early", time_budget=40.0, seconds_per_step=0.5, stop_at_step=2, progress=False
     )
     assert early.total_steps == 80 and early.resume_with.endswith("--resume --set train.max_steps=80")
+
+
+def test_tokens_per_s_counts_training_time_only(tmp_path, monkeypatch):
+    """On a clock where every reading takes a millisecond and every checkpoint save 100 s, the
+    windows after a save read as fast as the others: saving (like evaluating) is left out."""
+    import time
+
+    clock = [0.0]
+
+    def perf_counter() -> float:
+        clock[0] += 1e-3
+        return clock[0]
+
+    save = ckpt.save_checkpoint
+
+    def slow_save(*args, **kwargs):
+        clock[0] += 100.0
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(time, "perf_counter", perf_counter)
+    monkeypatch.setattr(ckpt, "save_checkpoint", slow_save)
+    train(tiny_run(tmp_path, "train.save_every=1"), tmp_path / "run", progress=False)
+    rates = [r["tokens_per_s"] for r in read_metrics(tmp_path / "run") if "tokens_per_s" in r]
+    assert len(rates) == 6 and max(rates) < 10 * min(rates), rates

@@ -38,7 +38,9 @@ def clipped_policy_loss(
 ) -> tuple[Tensor, Tensor]:
     """PPO's clipped surrogate over sampled tokens (1-D tensors of the same length), summed / n_tokens.
 
-    Returns (loss, share of tokens whose ratio was clipped). On the first update of a batch
+    Returns (loss, share of tokens the clip cut: those whose clipped term is the smaller, so their
+    gradient is zero; a ratio outside the range whose unclipped term is the smaller still learns). On
+    the first update of a batch
     `old_log_probs` equals `log_probs` (detached): every ratio is 1 and the gradient is the plain
     policy gradient, -sum_t A_t grad log p_t / n_tokens. `n_tokens` is the batch's sampled-token count,
     so splitting a batch into pieces and summing their losses gives the whole batch's loss.
@@ -47,7 +49,7 @@ def clipped_policy_loss(
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
     loss = -torch.minimum(unclipped, clipped).sum() / max(n_tokens, 1)
-    was_clipped = (unclipped != clipped).float().sum() / max(n_tokens, 1)
+    was_clipped = (clipped < unclipped).float().sum() / max(n_tokens, 1)
     return loss, was_clipped.detach()
 
 

@@ -873,9 +873,13 @@ class Trainer:
                 record["format"] = report.overall.format_adherence
                 record |= {f"acc/{name}": s.exact_match for name, s in report.families.items()}
         self.say(_describe(record))
-        tokens, window_start = self._window  # tokens/s counts training time only
-        self._window = (tokens, window_start + time.perf_counter() - start)
+        self._leave_out_of_window(time.perf_counter() - start)
         return record
+
+    def _leave_out_of_window(self, seconds: float) -> None:
+        """tokens/s counts training time only: evaluating and saving are left out of it."""
+        tokens, window_start = self._window
+        self._window = (tokens, window_start + seconds)
 
     def _plain_model(self) -> Transformer | None:
         """The model as the engine needs it, on rank 0 (None elsewhere): itself, or a plain copy when
@@ -890,6 +894,13 @@ class Trainer:
         return copy
 
     def save(self) -> Path:
+        start = time.perf_counter()
+        try:
+            return self._save()
+        finally:
+            self._leave_out_of_window(time.perf_counter() - start)
+
+    def _save(self) -> Path:
         self._check_finite()
         progress = dataclasses.asdict(self.state)
         progress["loss_sum"] = float(dist.all_reduce_sum(self._loss_sum.clone(), self.world))
