@@ -43,6 +43,21 @@ def test_saved_settings_of_a_run_from_init_from_say_the_preset_does_not_apply(tm
     assert not config_yaml(load_run_config(None, [])).startswith("#")
 
 
+@pytest.mark.parametrize(
+    ("override", "fix"),
+    [
+        ("train.lr=${", "quote it"),
+        ("data.path=*.jsonl", """quote it, e.g. --set 'data.path="*.jsonl"'"""),
+        ("data.families=[chain_sum, max_digit", "close its brackets and name each key once"),
+        ("train.model_overrides={dim: 32, dim: 30}", "close its brackets and name each key once"),
+    ],
+)
+def test_a_set_value_yaml_cannot_read_says_what_to_do(override, fix):
+    with pytest.raises(ConfigError, match=r"--set .*: YAML cannot read the value") as info:
+        load_run_config(None, [override])
+    assert fix in str(info.value)
+
+
 def test_an_interpolation_that_fails_says_how_to_write_a_literal():
     with pytest.raises(ConfigError, match=r"Interpolation key 'b' not found \(\$\{\.\.\.\} is OmegaConf"):
         load_run_config(None, ["data.path=/data/${b}"])

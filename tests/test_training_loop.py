@@ -252,7 +252,22 @@ def test_a_start_that_fails_changes_nothing_in_the_run_directory(tmp_path):
         ("data.seq_len=256", "exceeds the model's context"),
         ("train.dtype=float8", "train.dtype must be one of"),
         ("train.micro_batch_size=0", "train.micro_batch_size must be positive"),
-        ("train.model_overrides={depth: 3}", "unknown model config keys: depth"),
+        ("train.model_overrides={depth: 3}", "train.model_overrides: unknown model config keys: depth"),
+        (
+            "train.model_overrides={dim: thirty}",
+            "train.model_overrides: .*dim must be an integer, got 'thirty'",
+        ),
+        ("train.model_overrides={final_block: 'no'}", "final_block must be true or false, got 'no'"),
+        ("train.model_overrides={dim: 32.0}", "dim must be an integer, got 32.0"),
+        ("train.model_overrides={norm_eps: -1}", "norm_eps must be positive and finite, got -1"),
+        (
+            "train.model_overrides={vocab_size: 10}",
+            r"vocab_size \(10\) is smaller than the tokenizer's 50263",
+        ),
+        ("train.beta2=-1", r"train.beta2 must be in \[0, 1\), got -1"),
+        ("train.seed=-1", "train.seed must be >= 0, got -1"),
+        ("train.lr=.inf", "train.lr must be > 0 and finite, got inf"),
+        ("train.eval_batches=0", "train.eval_batches must be positive, got 0"),
         ("train.min_lr_ratio=2", r"train.min_lr_ratio must be in \[0, 1\], got 2"),
         ("train.attention=dense", "train.attention must be auto, flex, varlen or sdpa, got 'dense'"),
         ("train.attention=varlen", "train.attention=varlen needs a GPU .*; pass --set train.attention=sdpa$"),
@@ -271,6 +286,28 @@ def test_bad_settings_are_config_errors(tmp_path, override, message):
         train(tiny_run(tmp_path, override), tmp_path / "run", progress=False)
 
 
+def test_a_run_inside_another_runs_checkpoints_is_refused(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_run(tmp_path, "train.max_steps=2"), run, progress=False)
+    for inside in (run / "best", run / "checkpoints" / "mine"):
+        with pytest.raises(ConfigError, match=f"--out {inside} lies inside the run in {run}, which replaces"):
+            train(tiny_run(tmp_path, "train.max_steps=2"), inside, progress=False)
+    assert not (run / "checkpoints" / "mine").exists()
+
+
+def test_a_resume_already_at_its_stop_or_past_its_plan(tmp_path):
+    """--stop-at-step at the step a run already reached does no step; a plan shorter than the steps
+    already taken is refused, and the saved settings stay as they were."""
+    run = tmp_path / "run"
+    train(tiny_run(tmp_path), run, stop_at_step=2, progress=False)
+    result = train(tiny_run(tmp_path), run, resume=True, stop_at_step=2, progress=False)
+    assert (result.step, result.stop_reason) == (2, "stop_at_step")
+    saved = (run / "run_config.yaml").read_text()
+    with pytest.raises(ConfigError, match="the run is at step 2, past the 1 steps these settings plan"):
+        train(tiny_run(tmp_path, "train.max_steps=1"), run, resume=True, progress=False)
+    assert (run / "run_config.yaml").read_text() == saved
+
+
 def test_attention_settings_on_a_gpu():
     from reasoning_llama.training.loop import attention_kind
 
@@ -287,7 +324,7 @@ def test_a_checkpoint_too_short_for_the_data_says_to_shorten_the_data(tmp_path):
     train(tiny_run(tmp_path, "train.max_steps=1"), tmp_path / "start", progress=False)  # context 128
     start = f"train.init_from={tmp_path / 'start/checkpoints/step-000001'}"
     with pytest.raises(
-        ConfigError, match=r"exceeds the model's context \(128\); set data.seq_len=128"
+        ConfigError, match=r"exceeds the model's context \(128\); pass --set data.seq_len=128"
     ) as info:
         train(
             tiny_run(tmp_path, start, "data.seq_len=256", "train.model_overrides={}"),

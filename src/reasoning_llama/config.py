@@ -13,6 +13,17 @@ from typing import Any, TypeVar
 from reasoning_llama.errors import ConfigError
 from reasoning_llama.tokenizer import N_VOCAB
 
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def _is_of_type(value: Any, type_name: str) -> bool:
+    """Whether a value fits a ModelConfig field annotated `type_name` (annotations are strings here)."""
+    if type_name == "bool":
+        return isinstance(value, bool)
+    if type_name == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -33,10 +44,20 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        wrong_type = [
+            f"{f.name} must be {_TYPE_NAMES[f.type]}, got {getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if not _is_of_type(getattr(self, f.name), f.type)
+        ]
+        if wrong_type:  # (from a config.json or model_overrides, which no schema types)
+            raise ConfigError("invalid model config: " + "; ".join(wrong_type))
         problems = []
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            if not 0 < getattr(self, name) < float("inf"):
+                problems.append(f"{name} must be positive and finite, got {getattr(self, name)}")
         if self.n_heads > 0 and self.dim % self.n_heads:
             problems.append(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
@@ -269,12 +290,14 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
             raise ConfigError(f"--set {override}: give key=value, e.g. --set {example}")
         key, _, value = override.partition("=")
         try:  # with OmegaConf's own YAML reader, one override at a time, to name the one it cannot read
-            OmegaConf.from_dotlist([override])
-        except yaml.YAMLError as e:  # `*.jsonl` reads as an alias, `[a,` as an unclosed list
-            reason = str(e).strip().splitlines()[0]
-            raise ConfigError(
-                f"--set {override}: YAML cannot read the value ({reason}); quote it, e.g. --set '{key}=\"{value}\"'"
-            ) from None
+            OmegaConf.to_container(OmegaConf.from_dotlist([override]), resolve=False)
+        except (yaml.YAMLError, OmegaConfBaseException) as e:  # `*.jsonl` reads as an alias, `${` as a
+            reason = str(e).strip().splitlines()[0]  # broken interpolation, `[a,` as an unclosed list
+            if value.lstrip().startswith(("[", "{")):  # a list or a mapping: quoting would make it a string
+                fix = "close its brackets and name each key once"
+            else:
+                fix = f"quote it, e.g. --set '{key}=\"{_not_interpolated(value)}\"'"
+            raise ConfigError(f"--set {override}: YAML cannot read the value ({reason}); {fix}") from None
     try:
         merged = OmegaConf.structured(schema)
         if path is not None:

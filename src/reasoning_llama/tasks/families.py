@@ -36,6 +36,9 @@ Generator = Callable[[random.Random, int], tuple[str, str, str]]
 Canonicalizer = Callable[[str], str]
 
 
+MAX_DIFFICULTY = 100  # problems of hundreds of digits already overflow any context this model has
+
+
 @dataclass(frozen=True)
 class Family:
     """A task family: a seeded problem generator plus the answer checker for its problems."""
@@ -59,11 +62,11 @@ class Family:
         if (
             not isinstance(difficulty, int)
             or isinstance(difficulty, bool)
-            or difficulty < self.min_difficulty
+            or not self.min_difficulty <= difficulty <= MAX_DIFFICULTY
         ):
             raise ValueError(
-                f"difficulty for family {self.name!r} must be an integer >= {self.min_difficulty}, "
-                f"got {difficulty!r}"
+                f"difficulty for family {self.name!r} must be an integer in {self.min_difficulty}.."
+                f"{MAX_DIFFICULTY}, got {difficulty!r}"
             )
         return difficulty
 

@@ -46,7 +46,7 @@ from reasoning_llama.evaluation import evaluate_generations, synthetic_test_rows
 from reasoning_llama.generation import Engine
 from reasoning_llama.loss import ModelWithLoss, batch_loss, loss_report, summed_loss
 from reasoning_llama.model import Transformer, varlen_attn
-from reasoning_llama.tokenizer import ChatTokenizer, get_tokenizer
+from reasoning_llama.tokenizer import N_VOCAB, ChatTokenizer, get_tokenizer
 from reasoning_llama.training import distributed as dist
 from reasoning_llama.training import run_checkpoints as ckpt
 from reasoning_llama.training.distributed import World
@@ -151,7 +151,10 @@ def model_config_for(config: RunConfig, resumed: Path | None = None) -> ModelCon
                 f"is the checkpoint's; drop them, or pass the checkpoint's values: {keep}"
             )
         return loaded
-    return ModelConfig.from_dict({**get_preset(train.preset).to_dict(), **dict(train.model_overrides)})
+    try:
+        return ModelConfig.from_dict({**get_preset(train.preset).to_dict(), **dict(train.model_overrides)})
+    except ConfigError as e:  # the settings' name for what is wrong
+        raise ConfigError(f"train.model_overrides: {e}") from None
 
 
 def build_model(
@@ -244,12 +247,16 @@ def check_config(config: RunConfig, model_config: ModelConfig) -> None:
     if config.data.seq_len > model_config.max_seq_len:
         # A checkpoint's context is its own (its model cannot be overridden): only the data can give way.
         fix = (
-            f"set data.seq_len={model_config.max_seq_len} (train.init_from's model keeps its context)"
+            f"pass --set data.seq_len={model_config.max_seq_len} (train.init_from's model keeps its context)"
             if t.init_from
             else "lower data.seq_len or raise train.model_overrides.max_seq_len"
         )
         raise ConfigError(
             f"data.seq_len ({config.data.seq_len}) exceeds the model's context ({model_config.max_seq_len}); {fix}"
+        )
+    if model_config.vocab_size < N_VOCAB:
+        raise ConfigError(
+            f"the model's vocab_size ({model_config.vocab_size}) is smaller than the tokenizer's {N_VOCAB} ids"
         )
     for name in ("micro_batch_size", "global_batch_tokens", "log_every", "keep_last", "eval_batches"):
         if getattr(t, name) <= 0:
@@ -258,10 +265,13 @@ def check_config(config: RunConfig, model_config: ModelConfig) -> None:
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
     for name, fine, rule in (
-        ("lr", t.lr > 0, "> 0"),
+        ("lr", 0 < t.lr < math.inf, "> 0 and finite"),
         ("min_lr_ratio", 0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
         ("grad_clip", t.grad_clip >= 0, ">= 0"),
         ("weight_decay", t.weight_decay >= 0, ">= 0"),
+        ("beta1", 0 <= t.beta1 < 1, "in [0, 1)"),
+        ("beta2", 0 <= t.beta2 < 1, "in [0, 1)"),
+        ("seed", t.seed >= 0, ">= 0"),
     ):
         if not fine:
             raise ConfigError(f"train.{name} must be {rule}, got {getattr(t, name)}")
@@ -384,6 +394,13 @@ def prepare_run_dir(
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file; a run needs a directory of its own")
+    where = Path(os.path.abspath(run_dir))
+    for run in where.parents:  # in another run's best/ or checkpoints/, which that run replaces and prunes
+        if holds_run(run) and where.relative_to(run).parts[0] in RUN_ENTRIES:
+            raise ConfigError(
+                f"--out {run_dir} lies inside the run in {run}, which replaces what is there; give a "
+                "directory of its own"
+            )
     if overwrite and not restarted:
         check_replaceable(run_dir, reads)
     if resume or restarted:
@@ -563,6 +580,11 @@ class Trainer:
         self.last_checkpoint = resume_from
         if resume_from is not None:
             self._restore(resume_from)
+            if self.state.step > self.total_steps:
+                raise ConfigError(
+                    f"--resume: the run is at step {self.state.step}, past the {self.total_steps} steps these "
+                    "settings plan (train.max_steps, train.epochs); plan more, or leave them as the run had them"
+                )
             if world.is_main:
                 truncate_after(self.run_dir, self.state.step)
             self.say(f"resuming from {resume_from} (step {self.state.step} of {self.total_steps})")
@@ -619,7 +641,9 @@ class Trainer:
             sigint_flag(announce=self.world.is_main, processes=self.world.world_size) as interrupted,
         ):
             first_step, started = state.step, time.monotonic()
-            while state.step < self.total_steps:
+            if stop_at_step is not None and state.step >= stop_at_step and state.step < self.total_steps:
+                stop_reason = "stop_at_step"  # a resumed run already there: nothing to do
+            while stop_reason == "finished" and state.step < self.total_steps:
                 done = state.step - first_step
                 if time_budget and done and (done == FIRST_REPLAN or done % REPLAN_EVERY == 0):
                     self._replan(first_step, started, time_budget, bar)
