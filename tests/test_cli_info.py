@@ -38,6 +38,7 @@ def test_tokenize_json():
     "args, message",
     [
         (["info", "--preset", "huge"], "unknown preset 'huge'"),
+        (["info", "--preset", ""], "unknown preset ''; choose one of: small-100m, tiny"),
         (["info"], "exactly one of --preset or --checkpoint"),
         (["info", "--checkpoint", "/no/such/dir"], "checkpoint directory /no/such/dir does not exist"),
     ],

@@ -117,12 +117,17 @@ def test_resume_of_nothing_says_how_to_start(tmp_path):
     result = run_cli("train", "--out", tmp_path / "nothing", "--resume")
     assert result.returncode == 2
     assert "holds no run of `train` to resume; start one with --preset P or --config FILE" in result.stderr
-    both, never, two_models = run_clis(
+    both, never, two_models, own_model = run_clis(
         [
             ("train", "--out", tmp_path / "x", "--preset", "tiny", "--resume", "--overwrite"),
             ("train", "--out", tmp_path / "y", "--preset", "tiny", "--stop-at-step", "0"),
             ("train", "--out", tmp_path / "z", "--preset", "tiny", "--init-from", tmp_path / "x"),
+            ("train", "--out", tmp_path / "w", "--resume", "--init-from", tmp_path / "x"),
         ]
+    )
+    assert (
+        own_model.returncode == 2
+        and "--resume continues the run's own model; --init-from" in own_model.stderr
     )
     assert both.returncode == 2 and "not both" in both.stderr
     assert two_models.returncode == 2 and "--preset (a new model) or --init-from" in two_models.stderr

@@ -29,7 +29,7 @@ def info(
     if (preset is None) == (checkpoint is None):
         raise ConfigError("give exactly one of --preset or --checkpoint")
     directory = None if checkpoint is None else resolve_model_dir(checkpoint)  # a run's: its best/
-    config = get_preset(preset) if preset else load_config(directory)
+    config = get_preset(preset) if preset is not None else load_config(directory)
     with torch.device("meta"):  # shapes only: no memory, no init time
         model = Transformer(config)
     report = {

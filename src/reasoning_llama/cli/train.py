@@ -66,6 +66,11 @@ def train(
             raise ConfigError(
                 "give --preset (a new model) or --init-from (the model of a checkpoint), not both"
             )
+        if resume and init_from is not None:  # a resumed run is its own model
+            raise ConfigError(
+                "--resume continues the run's own model; --init-from starts a new run from a checkpoint: "
+                "give one of them (a new run needs another --out)"
+            )
         if stop_at_step is not None and stop_at_step < 1:
             raise ConfigError(f"--stop-at-step must be >= 1, got {stop_at_step}")
         if not resume and config is None and preset is None and init_from is None:
@@ -75,7 +80,7 @@ def train(
             )
         overrides = []  # the flags' settings, then --set's, which win (as in rl)
         if preset is not None:
-            overrides.append(f"train.preset={preset}")
+            overrides.append(setting("train.preset", preset))
         if init_from is not None:
             overrides.append(setting("train.init_from", resolve_model_dir(init_from)))
         overrides += set_ or []
