@@ -72,7 +72,10 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_or_starts_over(tmp_pat
     # Starting again without a flag names both ways forward ...
     again = run_cli("train", "--out", run, *TINY, "--set", f"data.cache_dir={cache}", one_thread=True)
     assert again.returncode == 2
-    assert "already holds a run; pass --resume" in again.stderr and "--overwrite" in again.stderr
+    assert (
+        f"already holds a run; continue it with: reasoning-llama train --out {run} --resume" in again.stderr
+    )
+    assert "--overwrite" in again.stderr
 
     # ... and --resume works: nothing was saved, so the run starts over from step 0 with its own config.
     resumed = run_cli(

@@ -488,10 +488,19 @@ def test_the_rl_command_runs_plots_and_refuses_bad_setups(digit_model, tmp_path)
     assert (run / "checkpoints/step-000002/model.safetensors").is_file()
     assert run_cli("plot", run).returncode == 0 and (run / "plot.png").is_file()
     again = run_cli("rl", "--init-from", checkpoint, "--data", prompts, "--out", run)
-    assert again.returncode == 2 and "pass --resume" in again.stderr
+    assert (
+        again.returncode == 2 and f"continue it with: reasoning-llama rl --out {run} --resume" in again.stderr
+    )
     # Each command resumes its own runs, and names the other's command for the other's.
-    as_training, as_rl = run_clis(
-        [("train", "--out", run, "--resume"), ("rl", "--out", checkpoint.parent.parent, "--resume")]
+    as_training, as_rl, new_training = run_clis(
+        [
+            ("train", "--out", run, "--resume"),
+            ("rl", "--out", checkpoint.parent.parent, "--resume"),
+            ("train", "--out", run, "--preset", "tiny"),
+        ]
+    )
+    assert f"already holds a run; continue it with: reasoning-llama rl --out {run} --resume" in (
+        new_training.stderr
     )
     assert (
         f"holds a run of `rl`, not `train`; resume it with: reasoning-llama rl --out {run} --resume"

@@ -156,7 +156,7 @@ def test_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path):
     with pytest.raises(ConfigError, match="holds no run; start one without --resume"):
         train(tiny_run(tmp_path), run, resume=True, progress=False)
     train(tiny_run(tmp_path, "train.max_steps=1"), run, progress=False)
-    with pytest.raises(ConfigError, match=r"already holds a run; pass --resume .* --overwrite"):
+    with pytest.raises(ConfigError, match=r"already holds a run; continue it with: .* --resume, --overwrite"):
         train(tiny_run(tmp_path), run, progress=False)
     (run / "notes.txt").write_text("kept")
     train(tiny_run(tmp_path, "train.max_steps=2"), run, overwrite=True, progress=False)
@@ -284,6 +284,23 @@ def test_a_start_that_fails_changes_nothing_in_the_run_directory(tmp_path):
 def test_bad_settings_are_config_errors(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         train(tiny_run(tmp_path, override), tmp_path / "run", progress=False)
+
+
+def test_a_run_that_lost_its_settings_resumes_with_them_given_again(tmp_path):
+    from reasoning_llama.cli.run_settings import run_settings
+
+    run = tmp_path / "run"
+    train(tiny_run(tmp_path, "train.max_steps=2"), run, progress=False)
+    (run / "run_config.yaml").rename(tmp_path / "settings.yaml")
+    common = {"overwrite": False, "command": "train", "how_to_start": "--preset P or --config FILE"}
+    with pytest.raises(
+        ConfigError, match=r"without its run_config\.yaml; give its settings again with --config"
+    ):
+        run_settings(RunConfig, run, None, [], resume=True, **common)
+    settings = run_settings(
+        RunConfig, run, tmp_path / "settings.yaml", ["train.max_steps=3"], resume=True, **common
+    )
+    assert train(settings, run, resume=True, progress=False).step == 3
 
 
 def test_a_run_inside_another_runs_checkpoints_is_refused(tmp_path):

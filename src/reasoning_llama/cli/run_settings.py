@@ -25,7 +25,7 @@ def run_settings(
     settings. Local paths are made absolute (a new run's, and those given with --resume), so the run
     resumes from any directory."""
     from reasoning_llama.config import load_config, pin_paths
-    from reasoning_llama.training.loop import RUN_CONFIG, check_run_command
+    from reasoning_llama.training.loop import RUN_CONFIG, check_run_command, holds_run
 
     if resume and overwrite:
         raise ConfigError(
@@ -34,6 +34,11 @@ def run_settings(
     if resume:
         if recipe is None:
             recipe = out / RUN_CONFIG
+            if not recipe.is_file() and holds_run(out):  # its checkpoints, without the settings they need
+                raise ConfigError(
+                    f"--resume: {out} holds a run without its {RUN_CONFIG}; give its settings again with "
+                    "--config FILE --resume"
+                )
             if not recipe.is_file():
                 raise ConfigError(
                     f"--resume: {out} holds no run of `{command}` to resume; start one with {how_to_start}"

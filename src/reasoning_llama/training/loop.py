@@ -413,9 +413,14 @@ def prepare_run_dir(
     else:
         latest = None
         if holds_run(run_dir) and not overwrite:
+            command = run_command(run_dir)
+            resume = (
+                f"continue it with: reasoning-llama {command} --out {shlex.quote(str(run_dir))} --resume"
+                if command
+                else "pass --resume to continue it"
+            )
             raise ConfigError(
-                f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
-                "start it over, or choose another --out"
+                f"{run_dir} already holds a run; {resume}, --overwrite to start it over, or choose another --out"
             )
     # Made when the run begins; here only whether it can be, so that a bad --out fails first.
     existing = next(p for p in (run_dir.absolute(), *run_dir.absolute().parents) if p.exists())
