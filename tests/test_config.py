@@ -62,3 +62,17 @@ def test_an_interpolation_that_fails_says_how_to_write_a_literal():
     with pytest.raises(ConfigError, match=r"Interpolation key 'b' not found \(\$\{\.\.\.\} is OmegaConf"):
         load_run_config(None, ["data.path=/data/${b}"])
     assert load_run_config(None, ["data.path=/data/\\${b}"]).data.path == "/data/${b}"  # as it says
+
+
+def test_recipe_names_directories_and_a_relative_cache(tmp_path, monkeypatch):
+    from reasoning_llama.config import RECIPES, ModelConfig, pin_paths, recipe_path
+
+    assert recipe_path("quickstart.yaml") == recipe_path("quickstart") == RECIPES / "quickstart.yaml"
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a directory"):
+        recipe_path(tmp_path)
+    with pytest.raises(ConfigError, match=r"unknown model config keys: dimm \(did you mean dim\?\)"):
+        ModelConfig.from_dict({"dimm": 32})
+    monkeypatch.chdir(tmp_path)
+    config = load_run_config(None, ["data.cache_dir=cache"])
+    pin_paths(config)  # a resume from another directory finds the same tokenized cache
+    assert config.data.cache_dir == str(tmp_path / "cache")

@@ -110,6 +110,11 @@ def test_early_stopping_when_validation_stops_improving(tmp_path):
     assert result.stop_reason == "early_stopping"
     assert result.step == 3 and result.best_step == 1
     assert (tmp_path / "run/latest").read_text().strip() == "checkpoints/step-000003"
+    # Without validations it could never stop a run: said, not silently ignored.
+    said = []
+    quiet = tiny_run(tmp_path, "train.eval_every=0", "train.early_stopping_patience=2", "train.max_steps=1")
+    train(quiet, tmp_path / "quiet", progress=False, echo=said.append)
+    assert "warning: train.early_stopping_patience=2 never stops this run: train.eval_every is 0" in said
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(tmp_path):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import glob
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +81,9 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
+            close = [m for key in unknown for m in difflib.get_close_matches(key, sorted(known), n=1)]
+            hint = f" (did you mean {', '.join(close)}?)" if close else f"; known: {', '.join(sorted(known))}"
+            raise ConfigError(f"unknown model config keys: {', '.join(unknown)}{hint}")
         return cls(**values)
 
     def save(self, path: str | Path) -> None:
@@ -259,10 +263,13 @@ def recipe_path(name_or_path: str | Path, *, rl: bool = False) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    packaged = RECIPES / f"{name_or_path}.yaml"
-    if path.parent == Path(".") and path.name in recipe_names(rl=rl):
+    if path.is_dir():
+        raise ConfigError(f"config file {name_or_path} is a directory; give a YAML file or a packaged recipe")
+    name = path.name.removesuffix(".yaml").removesuffix(".yml")  # `quickstart.yaml` names the recipe too
+    packaged = RECIPES / f"{name}.yaml"
+    if path.parent == Path(".") and name in recipe_names(rl=rl):
         return packaged
-    if path.parent == Path(".") and path.name in recipe_names(rl=not rl):
+    if path.parent == Path(".") and name in recipe_names(rl=not rl):
         other = "rl" if not rl else "train"
         raise ConfigError(
             f"{name_or_path} is a recipe of `reasoning-llama {other}`; this command's are: "
@@ -403,6 +410,8 @@ def pin_paths(config: RunConfig | RLConfig) -> None:
         if config.data.source != "synthetic":  # the one source that reads no path
             config.data.path = pinned(config.data.path) or config.data.path
         config.train.init_from = pinned(config.train.init_from)
+        if config.data.cache_dir:  # made if missing: absolute whether it exists yet or not
+            config.data.cache_dir = os.path.abspath(Path(config.data.cache_dir).expanduser())
     else:
         config.data, config.init_from = pinned(config.data), pinned(config.init_from)
         source, _, function = config.checker.rpartition(":")

@@ -554,6 +554,11 @@ class Trainer:
         self.total_steps = planned_steps(config, self.train_loader.batches_per_epoch, self.accum)
         self.planned_max = self.total_steps
         self.task_rows = _task_rows(config)
+        if t.early_stopping_patience and (self.val_loader is None or not t.eval_every):
+            self.say(
+                f"warning: train.early_stopping_patience={t.early_stopping_patience} never stops this run: "
+                + ("it has no validation rows" if self.val_loader is None else "train.eval_every is 0")
+            )
 
         self.model = dist.on_every(  # init_from: a file
             world, lambda: build_model(config, model_config, self.device, resuming=resume_from is not None)
