@@ -372,6 +372,20 @@ def test_a_resume_without_the_starting_model_says_why_it_needs_it(digit_model, t
     named = Path(settings.init_from)
     assert tmp_path / "moved" in named.parents and (named / "config.json").is_file()
     RLTrainer(settings, tmp_path / "run", resume=True, **quiet)
+    # Another model there (another shape) is named as such, not a tensor size mismatch.
+    from reasoning_llama.config import ModelConfig
+    from reasoning_llama.model import Transformer
+    from reasoning_llama.model_files import save_model
+
+    other = ModelConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=64)
+    save_model(tmp_path / "other", Transformer(other))
+    with pytest.raises(ConfigError, match="holds another model than the one this RL run started from"):
+        RLTrainer(
+            dataclasses.replace(settings, init_from=str(tmp_path / "other")),
+            tmp_path / "run",
+            resume=True,
+            **quiet,
+        )
 
 
 def test_what_would_fail_in_the_run_fails_before_it_begins(digit_model, tmp_path):

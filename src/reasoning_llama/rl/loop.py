@@ -30,7 +30,7 @@ from reasoning_llama.evaluation import synthetic_test_rows
 from reasoning_llama.generation import Engine, resolve_device
 from reasoning_llama.loss import ModelWithLoss
 from reasoning_llama.model import Transformer
-from reasoning_llama.model_files import load_model
+from reasoning_llama.model_files import load_config, load_model
 from reasoning_llama.rl.objective import (
     clipped_policy_loss,
     group_advantages,
@@ -272,6 +272,11 @@ class RLTrainer:
             raise ConfigError(
                 f"--resume: {config.init_from}, the model this RL run started from, is gone; the run measures "
                 "its KL against it, so put it back there to resume"
+            )
+        if resume_from is not None and load_config(config.init_from) != load_config(resume_from):
+            raise ConfigError(
+                f"--resume: {config.init_from} holds another model than the one this RL run started from "
+                "(its shape differs); the run measures its KL against the first, so put that one back there"
             )
         self.policy: Transformer = load_model(config.init_from, device=self.device, dtype=torch.float32)
         # Found now, not steps into the run: prompts the context cannot hold, and a checker that fails.
