@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 
 import pytest
 from hypothesis import given, settings
@@ -46,7 +47,7 @@ def test_saved_settings_of_a_run_from_init_from_say_the_preset_does_not_apply(tm
 @pytest.mark.parametrize(
     ("override", "fix"),
     [
-        ("train.lr=${", "quote it"),
+        ("data.path=${foo", "quote it, e.g. --set "),  # the literal `${` escaped: checked below
         ("data.path=*.jsonl", """quote it, e.g. --set 'data.path="*.jsonl"'"""),
         ("data.families=[chain_sum, max_digit", "close its brackets and name each key once"),
         ("train.model_overrides={dim: 32, dim: 30}", "close its brackets and name each key once"),
@@ -56,6 +57,9 @@ def test_a_set_value_yaml_cannot_read_says_what_to_do(override, fix):
     with pytest.raises(ConfigError, match=r"--set .*: YAML cannot read the value") as info:
         load_run_config(None, [override])
     assert fix in str(info.value)
+    if "e.g. --set " in fix:  # the suggestion works, and keeps the value as it was typed
+        suggested = shlex.split(str(info.value).split("e.g. --set ")[1])[0]
+        assert load_run_config(None, [suggested]).data.path == override.split("=", 1)[1]
 
 
 def test_an_interpolation_that_fails_says_how_to_write_a_literal():

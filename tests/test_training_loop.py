@@ -112,9 +112,15 @@ def test_early_stopping_when_validation_stops_improving(tmp_path):
     assert (tmp_path / "run/latest").read_text().strip() == "checkpoints/step-000003"
     # Without validations it could never stop a run: said, not silently ignored.
     said = []
-    quiet = tiny_run(tmp_path, "train.eval_every=0", "train.early_stopping_patience=2", "train.max_steps=1")
+    quiet = tiny_run(
+        tmp_path,
+        "train.eval_every=0",
+        "train.task_eval_every=0",
+        "train.early_stopping_patience=2",
+        "train.max_steps=1",
+    )
     train(quiet, tmp_path / "quiet", progress=False, echo=said.append)
-    assert "warning: train.early_stopping_patience=2 never stops this run: train.eval_every is 0" in said
+    assert "never stops this run: train.eval_every and train.task_eval_every are 0" in " ".join(said)
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(tmp_path):
@@ -315,6 +321,9 @@ def test_a_run_inside_another_runs_checkpoints_is_refused(tmp_path):
         with pytest.raises(ConfigError, match=f"--out {inside} lies inside the run in {run}, which replaces"):
             train(tiny_run(tmp_path, "train.max_steps=2"), inside, progress=False)
     assert not (run / "checkpoints" / "mine").exists()
+    # A checkpoints/ folder of one's own, holding runs, is no run: a run in it starts.
+    (tmp_path / "mine" / "checkpoints").mkdir(parents=True)
+    train(tiny_run(tmp_path, "train.max_steps=1"), tmp_path / "mine" / "checkpoints" / "run1", progress=False)
 
 
 def test_a_resume_already_at_its_stop_or_past_its_plan(tmp_path):

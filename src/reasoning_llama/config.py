@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -302,8 +303,8 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
             reason = str(e).strip().splitlines()[0]  # broken interpolation, `[a,` as an unclosed list
             if value.lstrip().startswith(("[", "{")):  # a list or a mapping: quoting would make it a string
                 fix = "close its brackets and name each key once"
-            else:
-                fix = f"quote it, e.g. --set '{key}=\"{_not_interpolated(value)}\"'"
+            else:  # as `setting` writes a literal string: quoted, `${` escaped
+                fix = f"quote it, e.g. --set {shlex.quote(setting(key, value))}"
             raise ConfigError(f"--set {override}: YAML cannot read the value ({reason}); {fix}") from None
     try:
         merged = OmegaConf.structured(schema)

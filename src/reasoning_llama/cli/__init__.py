@@ -94,9 +94,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT):  # a full or failing disk or output
-            print(f"error: cannot write {e.filename or 'the output'}: {e.strerror}", file=sys.stderr)
+            message = f"error: cannot write {e.filename or 'the output'}: {e.strerror}"
         elif e.errno in _PATH_ERRORS and e.filename is not None:  # an output path that cannot be
-            print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
+            message = f"error: {e.filename}: {e.strerror}"
         else:
             raise
+        print(message, file=sys.stderr)
+        _tell_torchrun(message)
         sys.exit(2)

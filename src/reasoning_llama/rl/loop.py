@@ -276,7 +276,7 @@ class RLTrainer:
         if resume_from is not None and load_config(config.init_from) != load_config(resume_from):
             raise ConfigError(
                 f"--resume: {config.init_from} holds another model than the one this RL run started from "
-                "(its shape differs); the run measures its KL against the first, so put that one back there"
+                "(its config differs); the run measures its KL against the first, so put that one back there"
             )
         self.policy: Transformer = load_model(config.init_from, device=self.device, dtype=torch.float32)
         # Found now, not steps into the run: prompts the context cannot hold, and a checker that fails.

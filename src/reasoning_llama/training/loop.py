@@ -310,6 +310,15 @@ def holds_run(run_dir: Path) -> bool:
     return any((run_dir / name).exists() for name in (RUN_CONFIG, METRICS_FILE, ckpt.CHECKPOINTS))
 
 
+def _has_run_files(directory: Path) -> bool:
+    """Whether `directory` holds a run by its files (a bare `checkpoints/` folder of one's own is no run)."""
+    return (
+        (directory / RUN_CONFIG).is_file()
+        or (directory / METRICS_FILE).is_file()
+        or any((directory / ckpt.CHECKPOINTS).glob("step-*"))
+    )
+
+
 # What a run writes in its directory; nothing else there is the run's.
 RUN_ENTRIES = (
     RUN_CONFIG,
@@ -396,7 +405,7 @@ def prepare_run_dir(
         raise ConfigError(f"--out {run_dir} is a file; a run needs a directory of its own")
     where = Path(os.path.abspath(run_dir))
     for run in where.parents:  # in another run's best/ or checkpoints/, which that run replaces and prunes
-        if holds_run(run) and where.relative_to(run).parts[0] in RUN_ENTRIES:
+        if _has_run_files(run) and where.relative_to(run).parts[0] in RUN_ENTRIES:
             raise ConfigError(
                 f"--out {run_dir} lies inside the run in {run}, which replaces what is there; give a "
                 "directory of its own"
@@ -458,20 +467,23 @@ def sigint_flag(*, announce: bool = True, processes: int = 1) -> Iterator[thread
         flag.set()
         first[0] = time.monotonic()
         if announce:
-            what = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
+            what, again = ("interrupted", "Ctrl-C") if signum == signal.SIGINT else ("terminated", "SIGTERM")
             also = " (and, as the processes agree on it, the next)" if processes > 1 else ""
             print(
-                f"\n{what}: finishing this step{also}, then saving a checkpoint (Ctrl-C again to abort)",
+                f"\n{what}: finishing this step{also}, then saving a checkpoint ({again} again to abort)",
                 file=sys.stderr,
             )
 
     signals = [signal.SIGINT] + ([] if dist.launched_by_torchrun() else [signal.SIGTERM])
-    previous = {s: signal.signal(s, handler) for s in signals}
+    previous = {s: signal.getsignal(s) for s in signals}  # None: set outside Python, left as it is
+    for s in signals:
+        signal.signal(s, handler)
     try:
         yield flag
     finally:
         for s, handler_before in previous.items():
-            signal.signal(s, handler_before)
+            if handler_before is not None:
+                signal.signal(s, handler_before)
 
 
 class Trainer:
@@ -554,10 +566,14 @@ class Trainer:
         self.total_steps = planned_steps(config, self.train_loader.batches_per_epoch, self.accum)
         self.planned_max = self.total_steps
         self.task_rows = _task_rows(config)
-        if t.early_stopping_patience and (self.val_loader is None or not t.eval_every):
+        if t.early_stopping_patience and (self.val_loader is None or not (t.eval_every or t.task_eval_every)):
             self.say(
                 f"warning: train.early_stopping_patience={t.early_stopping_patience} never stops this run: "
-                + ("it has no validation rows" if self.val_loader is None else "train.eval_every is 0")
+                + (
+                    "it has no validation rows"
+                    if self.val_loader is None
+                    else "train.eval_every and train.task_eval_every are 0"
+                )
             )
 
         self.model = dist.on_every(  # init_from: a file
