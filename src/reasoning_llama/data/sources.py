@@ -171,22 +171,16 @@ def _hub_answers(name: str) -> bool:
     """
     import datasets
     import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
     if huggingface_hub.constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
         return False
-    no_answer: tuple[type[BaseException], ...] = (OSError, TimeoutError)  # requests' errors are OSErrors
-    try:
-        import httpx
-
-        no_answer += (httpx.TransportError,)
-    except ImportError:
-        pass
     try:
         huggingface_hub.HfApi().dataset_info(name, timeout=10)
-    except no_answer:  # DNS, refused, timed out, a proxy's failure
-        return False
-    except Exception:  # an answer all the same (not found, gated, a bad name): load_dataset says which
-        return True
+    except (HfHubHTTPError, HFValidationError):  # an answer (not found, gated) or a name it would
+        return True  # refuse: load_dataset says which
+    except Exception:  # no answer at all: DNS, refused, timed out, a proxy's failure (whatever HTTP
+        return False  # library huggingface_hub uses: httpx, its fork httpx2, or requests)
     return True
 
 
