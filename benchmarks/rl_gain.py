@@ -173,7 +173,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     start_steps, minutes = (10, 0.04) if args.quick else (args.start_steps, args.minutes)
     minutes_plain = 0.04 if args.quick else args.minutes_without_reasoning
-    extra = ["eval_size=8", "prompts_per_step=4", "samples_per_prompt=4"] if args.quick else []
+    extra = ["eval_size=4", "prompts_per_step=4", "samples_per_prompt=4"] if args.quick else []
     started = time.perf_counter()
     start = args.start or supervised(root / "start", start_steps, None)
     config = load_config(
@@ -192,7 +192,7 @@ def main() -> None:
     }
     learned_data = load_run_config("quickstart", []).data  # the start's families and difficulty
     learned_rows = synthetic_test_rows(
-        learned_data.families, 8 if args.quick else 100, seed=EVAL_SEED, difficulty=learned_data.difficulty
+        learned_data.families, 4 if args.quick else 100, seed=EVAL_SEED, difficulty=learned_data.difficulty
     )
     report = {
         "machine": platform.processor() or platform.machine(),
