@@ -121,6 +121,12 @@ def test_early_stopping_when_validation_stops_improving(tmp_path):
     )
     train(quiet, tmp_path / "quiet", progress=False, echo=said.append)
     assert "never stops this run: train.eval_every and train.task_eval_every are 0" in " ".join(said)
+    # Nor, without validation rows or task evaluations, does a run say or log empty evaluations.
+    said.clear()
+    bare = tiny_run(tmp_path, "data.synthetic_val_size=0", "train.task_eval_size=0", "train.max_steps=3")
+    train(bare, tmp_path / "bare", progress=False, echo=said.append)
+    assert not [line for line in said if line.startswith("step ")]
+    assert all(len(r) > 1 for r in read_metrics(tmp_path / "bare"))
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(tmp_path):

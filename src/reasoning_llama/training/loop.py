@@ -697,7 +697,7 @@ class Trainer:
                 due_tasks = (t.task_eval_every and state.step % t.task_eval_every == 0) or last or out_of_time
                 if due_val or due_tasks:
                     record = self.evaluate(tasks=bool(due_tasks))
-                    if self.world.is_main:
+                    if self.world.is_main and len(record) > 1:  # not a bare step: nothing was evaluated
                         writer.log(record)  # type: ignore[union-attr]
                     final |= record
                     if t.early_stopping_patience and state.evals_since_best >= t.early_stopping_patience:
@@ -922,7 +922,8 @@ class Trainer:
                 record["acc/overall"] = report.overall.exact_match
                 record["format"] = report.overall.format_adherence
                 record |= {f"acc/{name}": s.exact_match for name, s in report.families.items()}
-        self.say(_describe(record))
+        if len(record) > 1:
+            self.say(_describe(record))
         self._leave_out_of_window(time.perf_counter() - start)
         return record
 
