@@ -20,7 +20,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,9 +123,9 @@ def _load_hub_split(path: str, split: str) -> Any:
         )
     name = str(local) if local.exists() else path
     try:
-        if local.exists() or _hub_answers(path):
-            return datasets.load_dataset(name, split=split)
-        with _hub_offline():  # a copy in the local cache still loads; else one quick ConnectionError
+        # Offline when the hub does not answer: a copy in the local cache still loads; else one quick
+        # ConnectionError.
+        with nullcontext() if local.exists() or _hub_answers(path) else _hub_offline():
             return datasets.load_dataset(name, split=split)
     except (ConnectionError, TimeoutError) as e:
         raise _hub_unreachable(path, e) from None

@@ -306,16 +306,12 @@ def save_run_config(run_dir: Path, config: Any) -> None:
 
 
 def holds_run(run_dir: Path) -> bool:
-    """Whether `run_dir` holds a training run (its config, metrics or checkpoints), even one that saved nothing."""
-    return any((run_dir / name).exists() for name in (RUN_CONFIG, METRICS_FILE, ckpt.CHECKPOINTS))
-
-
-def _has_run_files(directory: Path) -> bool:
-    """Whether `directory` holds a run by its files (a bare `checkpoints/` folder of one's own is no run)."""
+    """Whether `run_dir` holds a training run (its config, metrics or step checkpoints), even one that
+    saved nothing; a bare `checkpoints/` folder of one's own, holding runs, is none."""
     return (
-        (directory / RUN_CONFIG).is_file()
-        or (directory / METRICS_FILE).is_file()
-        or any((directory / ckpt.CHECKPOINTS).glob("step-*"))
+        (run_dir / RUN_CONFIG).is_file()
+        or (run_dir / METRICS_FILE).is_file()
+        or any((run_dir / ckpt.CHECKPOINTS).glob("step-*"))
     )
 
 
@@ -405,7 +401,7 @@ def prepare_run_dir(
         raise ConfigError(f"--out {run_dir} is a file; a run needs a directory of its own")
     where = Path(os.path.abspath(run_dir))
     for run in where.parents:  # in another run's best/ or checkpoints/, which that run replaces and prunes
-        if _has_run_files(run) and where.relative_to(run).parts[0] in RUN_ENTRIES:
+        if holds_run(run) and where.relative_to(run).parts[0] in RUN_ENTRIES:
             raise ConfigError(
                 f"--out {run_dir} lies inside the run in {run}, which replaces what is there; give a "
                 "directory of its own"
