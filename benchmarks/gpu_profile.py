@@ -45,7 +45,7 @@ from reasoning_llama.model import (
     Transformer,
     document_block_mask,
     document_segments,
-    varlen_attn,
+    varlen_attention_available,
     varlen_causal_attention,
 )
 from reasoning_llama.sampling import SamplingParams
@@ -206,7 +206,7 @@ def attention(config: ModelConfig, device: torch.device, rows: int, seq_len: int
     if device.type != "cuda":  # neither has a CPU backward pass
         variants.pop("flex_document_mask")
         variants.pop("varlen_document_segments")
-    elif varlen_attn is None:
+    elif not varlen_attention_available():
         variants.pop("varlen_document_segments")
     for name, fn in variants.items():
 

@@ -43,7 +43,7 @@ from reasoning_llama.data.batching import Batch, BatchLoader
 from reasoning_llama.data.prepare import TokenizedSplit
 from reasoning_llama.generation import resolve_device
 from reasoning_llama.loss import ModelWithLoss
-from reasoning_llama.model import Transformer, varlen_attn
+from reasoning_llama.model import Transformer, varlen_attention_available
 from reasoning_llama.tasks import generate_examples
 from reasoning_llama.tokenizer import get_tokenizer
 from reasoning_llama.training.loop import attention_kind, optimizer_step
@@ -290,7 +290,7 @@ def main() -> None:
     tokens_per_step = rows * seq_len
 
     sides: dict[str, Callable[[Batch], None]] = {"ours": ours(config, device, compiled=gpu)}
-    with_varlen = gpu and not args.skip_varlen and varlen_attn is not None
+    with_varlen = gpu and not args.skip_varlen and varlen_attention_available()
     if with_varlen:
         sides["ours_varlen"] = ours(config, device, compiled=True, attention="varlen")
     if gpu and not args.skip_eager:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,10 +27,26 @@ def test_save_and_load_round_trip(tmp_path, tiny_config):
     assert loaded.config == tiny_config
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+    for name, buffer in model.named_buffers():  # the RoPE tables, which the file does not hold
+        assert torch.equal(buffer, loaded.get_buffer(name)), name
     assert (
         json.loads((tmp_path / "ckpt" / "tokenizer.json").read_text())["special_tokens"]["<|im_end|>"]
         == 50258
     )
+
+
+def test_a_command_loading_a_model_does_not_load_torchs_compiler(tmp_path, tiny_config):
+    """The compiler costs every command a second at start; it is imported only by what compiles
+    (building on the meta device, or importing varlen attention, would load it)."""
+    save_model(tmp_path / "ckpt", Transformer(tiny_config))
+    script = (
+        "import sys; import reasoning_llama.cli, reasoning_llama.server, reasoning_llama.training.loop; "
+        "from reasoning_llama.model_files import load_model; "
+        f"load_model({str(tmp_path / 'ckpt')!r}); "
+        "assert 'torch._dynamo' not in sys.modules, 'the compiler was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_overwrite_is_atomic_and_leaves_no_temporaries(tmp_path, tiny_config):

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch._dynamo import mark_dynamic
 
 from reasoning_llama.model import KVCache, Transformer
 from reasoning_llama.sampling import inverse_cdf_, mask_unsampled_, never_sampled_ids
@@ -330,6 +329,8 @@ class StaticDecodeStep:
             self.draws.buffer[:size],
         )
         if size > 1:
+            from torch._dynamo import mark_dynamic  # imported here: the compiler takes a second to load
+
             # The batch dimension is dynamic from the first compilation on: one graph serves every
             # size but 1 (which dynamo always specialises), instead of one for the first size seen,
             # another once a second size shows the dimension varies, and one for 1.

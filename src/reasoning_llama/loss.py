@@ -33,7 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reasoning_llama.data.batching import Batch
-from reasoning_llama.model import Transformer, compiled_once, document_block_mask, document_segments
+from reasoning_llama.model import (
+    Transformer,
+    compiled_once,
+    document_block_mask,
+    document_segments,
+    varlen_attention_available,
+)
 
 # Keep the forward's exponentiated logit slices for the backward pass (instead of recomputing them)
 # up to this many logits (fp32): small batches, as on a CPU, skip a quarter of the matmuls and half of
@@ -206,6 +212,8 @@ class ModelWithLoss(nn.Module):
         super().__init__()
         if attention == "varlen" and segments_per_row < 1:
             raise ValueError("varlen attention needs segments_per_row (BatchLoader.segments_per_row)")
+        if attention == "varlen" and not varlen_attention_available():  # imported here, not while compiling
+            raise ValueError(f"torch {torch.__version__} has no torch.nn.attention.varlen")
         self.model = model
         self.select_positions, self.attention, self.amp_dtype = select_positions, attention, amp_dtype
         self.segments_per_row = segments_per_row

@@ -24,13 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.overrides import TorchFunctionMode
 
 from reasoning_llama.config import ModelConfig
-
-try:  # flash attention over variable-length sequences: CUDA only, in recent PyTorch releases
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:
-    varlen_attn = None
 
 
 def varlen_call_form(fn: Callable | None) -> tuple[dict[str, Any], bool]:
@@ -43,7 +39,24 @@ def varlen_call_form(fn: Callable | None) -> tuple[dict[str, Any], bool]:
     return ({**causal, "enable_gqa": True} if grouped else causal), grouped
 
 
-VARLEN_CAUSAL, VARLEN_TAKES_GQA = varlen_call_form(varlen_attn)
+# Flash attention over variable-length sequences (CUDA only, in recent PyTorch releases), imported by
+# `varlen_attention_available` on first use: the import loads torch's compiler, about a second that
+# every command would otherwise pay at start.
+varlen_attn: Callable | None = None
+VARLEN_CAUSAL, VARLEN_TAKES_GQA = varlen_call_form(None)
+
+
+def varlen_attention_available() -> bool:
+    """Whether this PyTorch has `torch.nn.attention.varlen`; imports it on the first call."""
+    global varlen_attn, VARLEN_CAUSAL, VARLEN_TAKES_GQA
+    if varlen_attn is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn as kernel
+        except ImportError:
+            return False
+        VARLEN_CAUSAL, VARLEN_TAKES_GQA = varlen_call_form(kernel)
+        varlen_attn = kernel
+    return True
 
 
 class RMSNorm(nn.Module):
@@ -182,7 +195,7 @@ class Segments:
 
 def varlen_causal_attention(q: Tensor, k: Tensor, v: Tensor, segments: Segments) -> Tensor:
     """Causal attention inside each sequence of `segments`: q (B*T, H, D), k and v (B*T, H_kv, D)."""
-    if varlen_attn is None:
+    if varlen_attn is None and not varlen_attention_available():
         raise RuntimeError("this PyTorch has no torch.nn.attention.varlen (variable-length flash attention)")
     offsets, longest = segments.offsets, segments.longest
     if not VARLEN_TAKES_GQA:
@@ -408,6 +421,24 @@ class Transformer(nn.Module):
         counts["per_layer"] = counts["layers"] // max(1, self.config.n_layers)
         counts["total"] = self.num_parameters()
         return counts
+
+
+class _NoInit(TorchFunctionMode):
+    """Leaves `torch.nn.init`'s fills undone (modules call them from their constructors)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+def uninitialised_transformer(config: ModelConfig) -> Transformer:
+    """The model with its weights allocated but never written, for a caller that assigns every one
+    (`load_state_dict(state, assign=True)`): no init time, and no memory until a page is written.
+    The meta device would skip the init too, but its ops load torch's compiler (a second)."""
+    with _NoInit():
+        return Transformer(config)
 
 
 def default_positions(

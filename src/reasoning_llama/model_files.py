@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from reasoning_llama import atomic
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.errors import CheckpointError, ConfigError
-from reasoning_llama.model import Transformer, rope_tables
+from reasoning_llama.model import Transformer, uninitialised_transformer
 from reasoning_llama.tokenizer import ChatTokenizer
 
 WEIGHTS = "model.safetensors"
@@ -84,14 +84,10 @@ def load_model(
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {weights}: {e}") from None
-    # Build on the meta device: no memory and no random init for weights about to be replaced.
-    with torch.device("meta"):
-        model = Transformer(config)
+    model = uninitialised_transformer(config)
     check_state_dict(model, state, what=f"{weights} does not match {directory / CONFIG}")
     model.load_state_dict(state, assign=True)
-    # Non-persistent buffers (the RoPE tables) are not in the file: compute them for real.
-    cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
-    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    model.to(device)  # the RoPE tables, which the file does not hold
     if dtype is not None:
         model.to(dtype)
     return model.eval()

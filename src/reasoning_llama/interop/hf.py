@@ -36,7 +36,7 @@ from reasoning_llama.interop.hf_tokenizer import (
     write_json,
 )
 from reasoning_llama.interop.names import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
-from reasoning_llama.model import Transformer
+from reasoning_llama.model import uninitialised_transformer
 from reasoning_llama.sampling import NEVER_SAMPLED
 from reasoning_llama.tokenizer import EOT, N_VOCAB
 
@@ -112,8 +112,7 @@ def import_hf(source: str | Path, out: str | Path, *, overwrite: bool = False) -
     if config.vocab_size == GPT2_VOCAB:
         state = _add_chat_rows(state)
         config = ModelConfig.from_dict({**config.to_dict(), "vocab_size": N_VOCAB})
-    with torch.device("meta"):  # no init cost: every parameter is assigned from `state`
-        model = Transformer(config)
+    model = uninitialised_transformer(config)  # every parameter is assigned from `state`
     model_files.check_state_dict(model, state, what=f"weights in {source} do not match its config.json")
     model.load_state_dict(state, assign=True)
     # float32 like every checkpoint training writes (a bf16 model would train in bf16, without the

@@ -45,7 +45,7 @@ from reasoning_llama.errors import ConfigError, ReasoningLlamaError
 from reasoning_llama.evaluation import evaluate_generations, synthetic_test_rows
 from reasoning_llama.generation import Engine
 from reasoning_llama.loss import ModelWithLoss, batch_loss, loss_report, summed_loss
-from reasoning_llama.model import Transformer, varlen_attn
+from reasoning_llama.model import Transformer, varlen_attention_available
 from reasoning_llama.tokenizer import N_VOCAB, ChatTokenizer, get_tokenizer
 from reasoning_llama.training import distributed as dist
 from reasoning_llama.training import run_checkpoints as ckpt
@@ -217,7 +217,7 @@ def attention_kind(setting: str, device: torch.device, amp: torch.dtype | None) 
             "train.attention=varlen needs bf16 (flash attention takes no float32); pass "
             "--set train.dtype=bfloat16, or --set train.attention=flex"
         )
-    if setting == "varlen" and varlen_attn is None:
+    if setting == "varlen" and not varlen_attention_available():
         raise ConfigError(
             f"train.attention=varlen needs torch.nn.attention.varlen, which torch {torch.__version__} "
             "lacks; pass --set train.attention=flex"
