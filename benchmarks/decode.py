@@ -42,16 +42,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from reasoning_llama.cli.model_dir import resolve_model_dir
+from reasoning_llama.cli.model_dir import model_dir_argument
 from reasoning_llama.config import ModelConfig, get_preset
 from reasoning_llama.cpu_layout import prepare_for_cpu_decode, prepare_for_gpu_decode
 from reasoning_llama.decoding import DynamicDecodeStep, StaticDecodeStep
-from reasoning_llama.errors import ReasoningLlamaError
 from reasoning_llama.evaluation import synthetic_test_rows
 from reasoning_llama.generation import Engine, resolve_device
 from reasoning_llama.interop.names import to_hf_config, to_hf_state_dict
@@ -89,7 +87,10 @@ def parse_args() -> argparse.Namespace:
         help="CPU: also the decode step through torch.compile, as the engine compiled it before AOTInductor.",
     )
     parser.add_argument(
-        "--checkpoint", default=None, help="Also measure int8's accuracy cost on this trained checkpoint."
+        "--checkpoint",
+        type=model_dir_argument,  # a checkpoint or a run directory, found before minutes of timing
+        default=None,
+        help="Also measure int8's accuracy cost on this trained checkpoint (or a run's best).",
     )
     parser.add_argument(
         "--agreement-prompts",
@@ -183,11 +184,6 @@ def bytes_per_token(config: ModelConfig, kv_values: float, linear_bytes: int, ot
 
 def main() -> None:
     args = parse_args()
-    if args.checkpoint is not None:  # a checkpoint or a run directory, found before minutes of timing
-        try:
-            args.checkpoint = str(resolve_model_dir(Path(args.checkpoint)))
-        except ReasoningLlamaError as e:
-            sys.exit(f"error: --checkpoint: {e}")
     phases = Phases()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -428,7 +424,7 @@ def main() -> None:
         headline = int8_report["random_weights"]
         if args.checkpoint:
             int8_report["checkpoint"] = {
-                "path": args.checkpoint,
+                "path": str(args.checkpoint),
                 **int8_accuracy(load_model(args.checkpoint), chat_prompts, tokens),
             }
             headline = int8_report["checkpoint"]

@@ -34,9 +34,8 @@ from pathlib import Path
 
 import torch
 
-from reasoning_llama.cli.model_dir import resolve_model_dir
+from reasoning_llama.cli.model_dir import model_dir_argument
 from reasoning_llama.config import RLConfig, load_config, load_run_config
-from reasoning_llama.errors import ReasoningLlamaError
 from reasoning_llama.evaluation import evaluate_generations, synthetic_test_rows
 from reasoning_llama.generation import Engine
 from reasoning_llama.model_files import load_model
@@ -56,7 +55,12 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", choices=sorted(TARGETS), default="rl-max-digit", help="The RL recipe.")
     parser.add_argument("--start-steps", type=int, default=1300, help="Supervised steps of the start.")
-    parser.add_argument("--start", type=Path, default=None, help="Reuse this start checkpoint instead.")
+    parser.add_argument(
+        "--start",
+        type=model_dir_argument,  # a checkpoint or a run directory, as every command takes it
+        default=None,
+        help="Reuse this start checkpoint (or a run's best) instead.",
+    )
     parser.add_argument("--minutes", type=float, default=10.0, help="RL and control training minutes each.")
     parser.add_argument(
         "--minutes-without-reasoning", type=float, default=3.0, help="RL minutes of the no-reasoning arm."
@@ -164,11 +168,6 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.start is not None:  # a checkpoint or a run directory, as every command takes it
-        try:
-            args.start = resolve_model_dir(args.start)
-        except ReasoningLlamaError as e:
-            sys.exit(f"error: --start: {e}")
     root = args.out or Path(tempfile.mkdtemp(prefix="rl_gain-"))
     root.mkdir(parents=True, exist_ok=True)
     start_steps, minutes = (10, 0.04) if args.quick else (args.start_steps, args.minutes)

@@ -375,13 +375,22 @@ def test_a_resume_without_the_starting_model_says_why_it_needs_it(digit_model, t
     # Another model there (another shape) is named as such, not a tensor size mismatch.
     from reasoning_llama.config import ModelConfig
     from reasoning_llama.model import Transformer
-    from reasoning_llama.model_files import save_model
+    from reasoning_llama.model_files import load_config, save_model
 
     other = ModelConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=64)
     save_model(tmp_path / "other", Transformer(other))
     with pytest.raises(ConfigError, match="holds another model than the one this RL run started from"):
         RLTrainer(
             dataclasses.replace(settings, init_from=str(tmp_path / "other")),
+            tmp_path / "run",
+            resume=True,
+            **quiet,
+        )
+    # So is another model of the same shape: a KL against it would measure something else.
+    save_model(tmp_path / "same_shape", Transformer(load_config(checkpoint)))
+    with pytest.raises(ConfigError, match="holds other weights than the model this RL run started from"):
+        RLTrainer(
+            dataclasses.replace(settings, init_from=str(tmp_path / "same_shape")),
             tmp_path / "run",
             resume=True,
             **quiet,

@@ -5,6 +5,7 @@ Writes are atomic (`atomic.write_dir`), so a crash mid-write never leaves a half
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from pathlib import Path
@@ -40,6 +41,15 @@ def write_model_files(
 def save_model(directory: str | Path, model: Transformer) -> Path:
     """Atomically write a model checkpoint directory."""
     return atomic.write_dir(directory, lambda tmp: write_model_files(tmp, model))
+
+
+def weights_digest(directory: str | Path) -> str:
+    """sha256 of a checkpoint's weights file: what tells two models of the same shape apart."""
+    digest = hashlib.sha256()
+    with open(Path(directory) / WEIGHTS, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_config(directory: str | Path) -> ModelConfig:

@@ -40,3 +40,13 @@ def resolve_model_dir(path: Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     raise CheckpointError(f"{path} is neither a checkpoint (no {CONFIG}) nor a run directory with one")
+
+
+def model_dir_argument(value: str) -> Path:
+    """`resolve_model_dir` as an argparse `type=` (the benchmarks' flags): its error as argparse's."""
+    import argparse
+
+    try:
+        return resolve_model_dir(Path(value))
+    except CheckpointError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

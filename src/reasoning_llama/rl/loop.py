@@ -30,7 +30,7 @@ from reasoning_llama.evaluation import synthetic_test_rows
 from reasoning_llama.generation import Engine, resolve_device
 from reasoning_llama.loss import ModelWithLoss
 from reasoning_llama.model import Transformer
-from reasoning_llama.model_files import load_config, load_model
+from reasoning_llama.model_files import load_config, load_model, weights_digest
 from reasoning_llama.rl.objective import (
     clipped_policy_loss,
     group_advantages,
@@ -279,6 +279,7 @@ class RLTrainer:
                 "(its config differs); the run measures its KL against the first, so put that one back there"
             )
         self.policy: Transformer = load_model(config.init_from, device=self.device, dtype=torch.float32)
+        self.reference_digest = weights_digest(config.init_from)
         # Found now, not steps into the run: prompts the context cannot hold, and a checker that fails.
         tokenizer = get_tokenizer()
         context = self.policy.config.max_seq_len
@@ -302,6 +303,12 @@ class RLTrainer:
         self.last_checkpoint = resume_from
         if resume_from is not None:
             state = ckpt.restore_checkpoint(resume_from, self.container, self.optimizer)
+            if state.get("reference_sha256", self.reference_digest) != self.reference_digest:
+                raise ConfigError(
+                    f"--resume: {config.init_from} holds other weights than the model this RL run started "
+                    "from (the same shape, another file); the run measures its KL against the first, so put "
+                    "that one back there"
+                )
             self.step, self.elapsed = state["progress"]["step"], state["progress"]["elapsed_s"]
             truncate_after(self.run_dir, self.step)
             self.say(f"resuming from {resume_from} (step {self.step} of {config.max_steps})")
@@ -440,7 +447,10 @@ class RLTrainer:
     # -- the run -----------------------------------------------------------------------------
 
     def save(self) -> Path:
-        state = {"progress": {"step": self.step, "elapsed_s": self.elapsed}}
+        state = {
+            "progress": {"step": self.step, "elapsed_s": self.elapsed},
+            "reference_sha256": self.reference_digest,  # the KL's model: a resume must find the same one
+        }
         self.last_checkpoint = ckpt.save_checkpoint(
             self.run_dir, self.step, self.container, self.optimizer, state, self.config.keep_last
         )
