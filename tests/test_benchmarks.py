@@ -111,14 +111,15 @@ def test_rl_gain_benchmark_runs_every_arm(tmp_path):
     assert all(set(row) == {"user", "assistant"} for row in rows)  # no reasoning given
 
 
-def test_decode_benchmark_checks_its_checkpoint_before_timing(tmp_path):
+@pytest.mark.parametrize(("script", "flag"), [("decode.py", "--checkpoint"), ("rl_gain.py", "--start")])
+def test_a_benchmarks_model_is_checked_before_timing(tmp_path, script, flag):
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "decode.py"), "--quick", "--checkpoint", str(tmp_path / "nope")],
+        [sys.executable, str(BENCHMARKS / script), "--quick", flag, str(tmp_path / "nope")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines()[-1] == (
-        f"decode.py: error: argument --checkpoint: checkpoint directory {tmp_path / 'nope'} does not exist"
+        f"{script}: error: argument {flag}: checkpoint directory {tmp_path / 'nope'} does not exist"
     )
 
 
