@@ -198,3 +198,14 @@ def test_sampler_benchmark_times_ours_against_a_multinomial_per_row():
     report = run_benchmark("sampler.py", "--rows", "1,4", "--repeats", "2", "--threads", "1")
     assert set(report["ms_per_step"]) == {"1", "4"} == set(report["speedup_vs_plain"])
     assert all(t["ours"] > 0 and t["plain"] > 0 for t in report["ms_per_step"].values())
+
+
+@pytest.mark.slow
+def test_startup_benchmark_times_commands_against_importing_torch():
+    report = run_benchmark("startup.py", "--repeats", "1", "--warmup", "0")
+    commands = {"import_torch", "import_torch_and_compiler", "help", "generate"}
+    assert set(report["median_s"]) == commands and all(s > 0 for s in report["median_s"].values())
+    assert (
+        report["above_import_torch_s"]["import_torch"] == 0
+        and report["over_import_torch"]["import_torch"] == 1
+    )
