@@ -11,6 +11,8 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# e.g. make quickstart QUICKSTART_ARGS=--overwrite (replace an earlier run) or "--minutes 4"
+QUICKSTART_ARGS ?=
 LINT_DIRS := $(wildcard src tests benchmarks)
 
 .PHONY: setup quickstart test lint format browser llama-cpp clean
@@ -28,7 +30,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 quickstart: setup
-	$(BIN)/reasoning-llama quickstart --overwrite
+	$(BIN)/reasoning-llama quickstart $(QUICKSTART_ARGS)
 
 # Browser tests need Debian's chromium (Playwright's own browser download does not work offline).
 browser:

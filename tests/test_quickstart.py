@@ -56,8 +56,12 @@ def test_quickstart_fast_runs_end_to_end(tmp_path):
     for text in ("before", "after", "sample conversation", f"checkpoint: {out / 'best'}", "plot:"):
         assert text in result.stderr
 
+    # Run again, it keeps the run and names the flag that replaces it, also as make takes it.
     again = run_cli("quickstart", "--fast", "--out", str(out), one_thread=True)
-    assert again.returncode == 2 and "pass --overwrite" in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert f"{out} already holds a run; pass --overwrite to replace it" in again.stderr
+    assert "make quickstart QUICKSTART_ARGS=--overwrite" in again.stderr
+    assert (out / "best/model.safetensors").is_file()
 
 
 @pytest.mark.slow

@@ -554,6 +554,23 @@ def test_several_processes_need_an_exact_global_batch_and_are_told_one_that_fits
     assert steps * t.micro_batch_size * fixed.data.seq_len * world_size == t.global_batch_tokens
 
 
+def test_one_process_rounds_the_global_batch_to_whole_micro_batches_and_says_so(tmp_path):
+    from reasoning_llama.training.loop import Trainer
+
+    said: list[str] = []
+    for tokens in ("1024", "1300"):  # 2 micro-batches of 4 x 128 exactly, then 2.54 of them
+        trainer = Trainer(
+            tiny_run(tmp_path, f"train.global_batch_tokens={tokens}"), tmp_path / tokens, echo=said.append
+        )
+        trainer.close()
+        assert trainer.accum == 2 + (tokens == "1300")
+    notes = [line for line in said if line.startswith("note: a step takes")]
+    assert notes == [
+        "note: a step takes 3 micro-batch(es) of 4 rows x 128 tokens, 1536 positions: the nearest to "
+        "train.global_batch_tokens (1300)"
+    ]
+
+
 def test_timing_steps_leaves_weights_optimizer_and_data_position_as_they_were(tmp_path):
     from reasoning_llama.training.loop import Trainer
 

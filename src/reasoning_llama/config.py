@@ -233,7 +233,7 @@ class RLConfig:
     optimizer: str = "adamw"  # or sgd (momentum beta1): steps in proportion to the gradient, not its sign
     grad_clip: float = 1.0
     max_steps: int = 100
-    max_minutes: float | None = None  # save and stop after this much time
+    max_minutes: float | None = None  # save and stop after this much time in RL steps (not evaluations)
     # Held-out evaluation (test split, greedy) of the trained families plus `eval_families`.
     eval_every: int = 0  # 0 = at the start and the end only
     eval_size: int = 100  # problems per family

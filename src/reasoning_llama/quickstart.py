@@ -204,7 +204,10 @@ def _clear_previous(out: Path, overwrite: bool) -> None:
     if not holds_run(out):  # --overwrite would not help: it deletes runs only
         raise ConfigError(f"{out} is not empty and holds no run; choose another --out")
     if not overwrite:
-        raise ConfigError(f"{out} is not empty; pass --overwrite to replace it or choose another --out")
+        raise ConfigError(
+            f"{out} already holds a run; pass --overwrite to replace it (through make: make quickstart "
+            "QUICKSTART_ARGS=--overwrite), or choose another --out"
+        )
     start_over(out)
 
 

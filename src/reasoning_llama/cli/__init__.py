@@ -1,6 +1,7 @@
 """The `reasoning-llama` command line: the only place that wires every part together.
 
-Each command lives in the module of its name below; `COMMANDS` lists them in the order `--help` shows.
+Each command lives in the module of its name below (`export` and `import` in interop.py, `eval` in
+evaluate.py, `tokenize` in info.py); `COMMANDS` lists them in the order `--help` shows.
 A module adds its commands to `app` in its `register(app)`.
 """
 

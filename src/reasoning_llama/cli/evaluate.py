@@ -50,7 +50,7 @@ def eval_command(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences decoded together.")] = 32,
     seed: Annotated[
-        int | None, typer.Option(help="Seed the synthetic problems are drawn with [default: 0].")
+        int | None, typer.Option(help="Seed the synthetic problems are drawn with (default: 0).")
     ] = None,
     difficulty: Annotated[
         int | None, typer.Option(help="Difficulty of the synthetic problems (default: each family's).")

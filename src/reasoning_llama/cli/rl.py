@@ -40,7 +40,12 @@ def rl(
         list[str] | None,
         typer.Option("--set", help="Override a config value, e.g. --set lr=1e-4 (repeatable)."),
     ] = None,
-    minutes: Annotated[float | None, typer.Option(help="Save and stop after this many minutes.")] = None,
+    minutes: Annotated[
+        float | None,
+        typer.Option(
+            help="Save and stop after this many minutes of RL steps (evaluations and saves not counted)."
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")
     ] = False,

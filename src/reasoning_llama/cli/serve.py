@@ -44,7 +44,11 @@ def serve(
         int, typer.Option(help="Most characters over all messages of one request.")
     ] = 200_000,
     default_max_tokens: Annotated[
-        int, typer.Option(help="Tokens generated when a request sets no max_tokens (capped by the context).")
+        int,
+        typer.Option(
+            help="Tokens generated when a chat request sets no max_tokens, or a completion sets it to null "
+            "(left out, a completion gets OpenAI's 16); capped by the context."
+        ),
     ] = 512,
 ) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics and the chat page at /."""

@@ -550,6 +550,13 @@ class Trainer:
             "world_size": world.world_size,
         }
         self.accum = accumulation_steps(config, world.world_size)
+        taken = self.accum * t.micro_batch_size * config.data.seq_len * world.world_size
+        if taken != t.global_batch_tokens:  # one process rounds (several refuse, in accumulation_steps)
+            self.say(
+                f"note: a step takes {self.accum} micro-batch(es) of {t.micro_batch_size} rows x "
+                f"{config.data.seq_len} tokens, {taken} positions: the nearest to train.global_batch_tokens "
+                f"({t.global_batch_tokens})"
+            )
         self.train_loader = BatchLoader(data.train, **shape, seed=t.seed, batches_per_step=self.accum)
         # Validation: the first eval_batches x micro_batch_size rows, split among the ranks (the last
         # global batch partly empty when they do not divide), so any world size scores the same rows.
