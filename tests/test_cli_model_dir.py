@@ -74,7 +74,7 @@ def test_generate_info_and_export_take_a_run_directory(run_dir, tmp_path):
 def test_train_starts_from_a_run_directorys_best_model(run_dir, tmp_path):
     from omegaconf import OmegaConf
 
-    from reasoning_llama.training.loop import RUN_CONFIG
+    from reasoning_llama.training.run_dir import RUN_CONFIG
 
     out = tmp_path / "from-run"
     done = run_cli(

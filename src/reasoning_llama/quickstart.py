@@ -29,8 +29,9 @@ from reasoning_llama.evaluation import GenerationReport, evaluate_generations, s
 from reasoning_llama.generation import Engine
 from reasoning_llama.tokenizer import get_tokenizer
 from reasoning_llama.training import run_checkpoints as ckpt
-from reasoning_llama.training.loop import Trainer, TrainResult, holds_run, start_over
+from reasoning_llama.training.loop import Trainer, TrainResult
 from reasoning_llama.training.plot import plot_run
+from reasoning_llama.training.run_dir import holds_run, start_over
 
 RECIPE = "quickstart"  # src/reasoning_llama/recipes/quickstart.yaml, where its reasons are written
 # --fast: a smoke run of the same path in well under a minute (it learns little).

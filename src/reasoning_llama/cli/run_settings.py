@@ -25,7 +25,7 @@ def run_settings(
     settings. Local paths are made absolute (a new run's, and those given with --resume), so the run
     resumes from any directory."""
     from reasoning_llama.config import load_config, pin_paths
-    from reasoning_llama.training.loop import RUN_CONFIG, check_run_command, holds_run
+    from reasoning_llama.training.run_dir import RUN_CONFIG, check_run_command, holds_run
 
     if resume and overwrite:
         raise ConfigError(

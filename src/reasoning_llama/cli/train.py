@@ -96,7 +96,7 @@ def train(
         )
         if resume and preset is not None and config is None:
             from reasoning_llama.config import load_run_config
-            from reasoning_llama.training.loop import RUN_CONFIG
+            from reasoning_llama.training.run_dir import RUN_CONFIG
 
             started = load_run_config(out / RUN_CONFIG).train.preset
             if started != preset:

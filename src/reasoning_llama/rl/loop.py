@@ -43,9 +43,10 @@ from reasoning_llama.sampling import SamplingParams
 from reasoning_llama.tasks import FAMILIES, generate_examples
 from reasoning_llama.tokenizer import ChatTokenizer, get_tokenizer
 from reasoning_llama.training import run_checkpoints as ckpt
-from reasoning_llama.training.loop import begin_run, prepare_run_dir, sigint_flag
+from reasoning_llama.training.interrupts import sigint_flag
 from reasoning_llama.training.metrics import MetricsWriter, read_metrics, truncate_after
 from reasoning_llama.training.optim import clip_gradients, lr_at, param_groups, set_lr
+from reasoning_llama.training.run_dir import begin_run, prepare_run_dir
 
 EVAL_SEED = 7  # the held-out problems: the test split, drawn with a seed of their own
 
