@@ -18,7 +18,7 @@ from reasoning_llama.config import ModelConfig
 from reasoning_llama.generation import Engine
 from reasoning_llama.model import Transformer
 from reasoning_llama.model_files import save_model
-from reasoning_llama.server import ServerSettings, create_app
+from reasoning_llama.server import Server, ServerSettings, create_app
 from reasoning_llama.tokenizer import EOT, IM_END, get_tokenizer
 
 # Small enough that a decode step takes about a millisecond, with the real vocabulary.
@@ -103,7 +103,7 @@ def serve(engine: Engine, settings: ServerSettings | None = None) -> Iterator[Ru
     sock = _free_socket()
     port = sock.getsockname()[1]
     config = uvicorn.Config(create_app(engine, settings), log_level="warning", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
+    server = Server(config)  # the command's own: a shutdown ends the requests in flight first
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -4,6 +4,8 @@ queue, and cancellation of clients that go away."""
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -94,6 +96,22 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(checkpoint):
         health = server.wait_idle(timeout=20)
         assert (health["active_slots"], health["waiting"], health["in_flight"]) == (0, 0, 0)
         assert cancelled(server) == 1  # stopped, not run to its 200 tokens
+
+
+def test_a_shutdown_ends_open_streams_with_its_error_and_done(checkpoint):
+    """SIGINT or SIGTERM to `serve`: a stream in flight ends with the 503 error event and [DONE],
+    instead of being cut off when uvicorn's grace period runs out; the server takes no new request."""
+    with serve(make_engine(checkpoint, logits_hook=slow_hook())) as server:
+        body = {"model": MODEL, "messages": ask("Go on and on."), "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            assert "reasoning_content" in "".join(next(lines) for _ in range(6))
+            server.server.handle_exit(signal.SIGTERM, None)  # what the signal calls
+            rest = [line.removeprefix("data: ") for line in lines if line]
+    assert rest[-1] == "[DONE]"
+    error = json.loads(rest[-2])["error"]
+    assert error["message"] == "the server is shutting down", error
+    assert sum("reasoning_content" in line for line in rest) < 100  # not run on to its 200 tokens
 
 
 def test_a_client_that_gives_up_waiting_is_cancelled(checkpoint):

@@ -55,7 +55,7 @@ def serve(
     import uvicorn
 
     from reasoning_llama.generation import Engine
-    from reasoning_llama.server import ServerSettings, create_app
+    from reasoning_llama.server import Server, ServerSettings, create_app
 
     if max_concurrency < 1:
         raise ConfigError(f"--max-concurrency must be >= 1, got {max_concurrency}")
@@ -83,7 +83,7 @@ def serve(
     app = create_app(engine, settings)
     shown = f"[{host}]" if ":" in host else host
     typer.echo(f"serving {settings.model_name} on http://{shown}:{listener.getsockname()[1]}/", err=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
+    server = Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
     server.run(sockets=[listener])
 
 

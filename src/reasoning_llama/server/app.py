@@ -11,8 +11,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from importlib.resources import files
+from types import FrameType
 from typing import Any
 
+import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -61,6 +63,21 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """A shutdown's first step, for a signal handler: every open request gets "the server is shutting
+    down" (503; a stream as its last event, then [DONE]) and no new one is taken."""
+    app.state.server.worker.begin_stop()
+
+
+class Server(uvicorn.Server):
+    """uvicorn serving an app of `create_app`, but a shutdown signal first ends the requests in flight
+    (`begin_shutdown`): uvicorn alone would cut open streams off when its grace period ends."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        begin_shutdown(self.config.app)
+        super().handle_exit(sig, frame)
 
 
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:

@@ -89,10 +89,15 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def begin_stop(self) -> None:
+        """Take no more requests and answer the open ones with "the server is shutting down", without
+        waiting (safe from a signal handler: the lock is reentrant)."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.begin_stop()
         if self._thread is not None:
             self._thread.join(timeout)
 
