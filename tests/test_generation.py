@@ -794,7 +794,11 @@ def test_without_logprobs_nothing_is_reported(model, tokenizer, prompts):
     assert all(e.text and not e.logprobs for e in events[:-1])
 
 
-def test_prompt_logprobs_are_the_models_next_token_distribution(model, tokenizer):
+@pytest.mark.parametrize("rows_at_once", [256, 3])  # one slice of positions, or several
+def test_prompt_logprobs_are_the_models_next_token_distribution(model, tokenizer, monkeypatch, rows_at_once):
+    from reasoning_llama import generation
+
+    monkeypatch.setattr(generation, "PROMPT_SCORE_ROWS", rows_at_once)
     ids = tokenizer.encode("The quick brown fox jumps over the lazy dog")
     entries = Engine(model, tokenizer).prompt_logprobs(ids, top=3)
     with torch.inference_mode():

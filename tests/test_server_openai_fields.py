@@ -4,6 +4,7 @@ engine outside the server (random weights write random text, so nothing else cou
 
 from __future__ import annotations
 
+import json
 import math
 
 import httpx
@@ -213,7 +214,7 @@ def test_n_completions_and_capacity(checkpoint):
             client(server).completions.create(model=MODEL, prompt="Once", max_tokens=5, n=5)
         assert caught.value.param == "n" and "at most 4 choices" in caught.value.message
         schema = httpx.get(f"{server.url}/openapi.json").json()["components"]["schemas"]
-        assert schema["CompletionRequest"]["properties"]["n"]["maximum"] == 4
+        assert schema["CompletionRequest"]["properties"]["n"]["anyOf"][0]["maximum"] == 4
         # several prompts: one choice each, as many as the places
         with pytest.raises(openai.BadRequestError) as caught:
             client(server).completions.create(model=MODEL, prompt=["Once", "Twice"], max_tokens=5, n=2)
@@ -366,6 +367,47 @@ def test_max_tokens_and_max_completion_tokens_both_count(greedy):
     assert (error["code"], error["param"]) == ("context_length_exceeded", "max_completion_tokens")
 
 
+def test_null_is_the_default_for_every_optional_field(greedy):
+    """OpenAI's clients send null for options left unset; each means the field's default."""
+    api = client(greedy)
+    unset = {"n": None, "stream": None, "logprobs": None, "presence_penalty": None, "frequency_penalty": None}
+    plain = api.chat.completions.create(model=MODEL, messages=ask("Hi."), max_tokens=6)
+    nulls = api.chat.completions.create(model=MODEL, messages=ask("Hi."), max_tokens=6, **unset)
+    assert len(nulls.choices) == 1 and nulls.choices[0].logprobs is None
+    assert extra(nulls.choices[0].message, "reasoning") == extra(plain.choices[0].message, "reasoning")
+    raw = {"prompt": "Hi", "max_tokens": 4}
+    echo_null = post(greedy, "completions", **raw, echo=None, n=None, stream=None)
+    assert echo_null.status_code == 200
+    assert (
+        echo_null.json()["choices"][0]["text"]
+        == post(greedy, "completions", **raw).json()["choices"][0]["text"]
+    )
+
+
+def test_an_unknown_field_is_named_as_sent(greedy):
+    for key, shown in (("max-tokens", '"max-tokens"'), ("", '""'), ("str", "str"), ("top_kk", "top_kk")):
+        error = post(greedy, "chat/completions", messages=ask("Hi."), **{key: 1}).json()["error"]
+        assert error["param"] == key and error["message"].startswith(
+            f"unrecognized request argument: {shown} "
+        )
+    nested = post(greedy, "chat/completions", messages=[{"role": "user", "content": "Hi.", "x-y": 1}])
+    assert nested.json()["error"]["param"] == "messages.0.x-y"
+
+
+def test_a_lone_surrogate_is_read_as_the_tokenizer_reads_it_in_every_field(greedy):
+    """JSON can escape half a UTF-16 pair; like the messages, stop strings and prompts take it as U+FFFD."""
+    lone = "\ud800"
+    for route, fields in (
+        ("chat/completions", {"messages": ask(f"{lone} x"), "stop": lone}),
+        ("completions", {"prompt": [lone, "b"]}),
+    ):
+        body = json.dumps({"model": MODEL, "max_tokens": 3, **fields})  # escapes it as JSON does: \ud800
+        sent = httpx.post(
+            f"{greedy.url}/v1/{route}", content=body, headers={"Content-Type": "application/json"}
+        )
+        assert sent.status_code == 200, sent.text
+
+
 # --- the schema ---------------------------------------------------------------------------------------
 
 
@@ -390,9 +432,10 @@ def test_the_schema_documents_every_status_and_only_accepted_values(greedy):
         components["CompletionRequest"]["properties"],
     )
     assert "best_of" not in raw and "reasoning_budget" not in raw
-    assert chat["frequency_penalty"]["maximum"] == chat["frequency_penalty"]["minimum"] == 0
+    penalty = chat["frequency_penalty"]["anyOf"][0]  # nullable, as OpenAI's optional fields are
+    assert penalty["maximum"] == penalty["minimum"] == 0
     assert chat["function_call"]["anyOf"][0]["const"] == "none"
     assert chat["tools"]["anyOf"][0]["maxItems"] == 0 and chat["logit_bias"]["anyOf"][0]["maxProperties"] == 0
     assert raw["suffix"]["anyOf"][0]["maxLength"] == 0
-    assert chat["n"]["maximum"] == 16 and chat["top_logprobs"]["anyOf"][0]["maximum"] == 20
-    assert not math.isinf(chat["n"]["maximum"])
+    assert chat["n"]["anyOf"][0]["maximum"] == 16 and chat["top_logprobs"]["anyOf"][0]["maximum"] == 20
+    assert not math.isinf(chat["n"]["anyOf"][0]["maximum"])

@@ -431,6 +431,30 @@ def test_max_tokens_is_read_as_a_number_and_a_late_health_check_is_retried(brows
         chat.context.close()
 
 
+def test_a_server_restarted_with_another_model_is_followed_without_a_reload(browser, server):
+    """The page loaded while the server served another model: its first request is refused as for
+    another model, and the page reads the server's model again and sends it once more."""
+    served = []
+
+    def another_model_first(route) -> None:
+        if served:
+            route.continue_()
+        else:
+            served.append(route.request.url)
+            health = {"model": "old-run", "max_context": 128, "default_max_tokens": 64}
+            route.fulfill(status=200, content_type="application/json", body=json.dumps(health))
+
+    chat = Chat(browser, server, routes={"**/health": another_model_first})
+    try:
+        assert "old-run" in chat.page.text_content("#model-name")
+        chat.ask("hello")
+        assert chat.texts(".assistant .answer") == ["Hello there!"]
+        assert [body["model"] for body in chat.bodies] == ["old-run", MODEL]
+        assert MODEL in chat.page.text_content("#model-name")
+    finally:
+        chat.context.close()
+
+
 def test_a_stored_conversation_with_foreign_entries_keeps_its_messages(chat):
     stored = [None, 5, {"role": "user", "content": "kept"}, {"role": "tool"}, {"role": "assistant"}]
     chat.page.evaluate(

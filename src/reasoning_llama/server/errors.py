@@ -5,6 +5,7 @@ A client's mistake is a 4xx with a message saying what to fix, never a 500.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -98,9 +99,13 @@ def _validation_error(error: RequestValidationError) -> APIError:
         return bad_request(
             "the request body must be a JSON object sent with 'Content-Type: application/json'"
         )
-    if kind == "extra_forbidden":
+    if kind == "extra_forbidden":  # the unknown key as sent, whatever it is ("max-tokens", "", "str")
+        *parents, key = first.get("loc", ("",))
+        where = _location(tuple(parents))
+        param = f"{where}.{key}" if where else str(key)
+        shown = param if str(key).isidentifier() else f"{where}.{json.dumps(key)}".lstrip(".")
         return bad_request(
-            f"unrecognized request argument: {param} (the supported ones: GET /openapi.json)", param=param
+            f"unrecognized request argument: {shown} (the supported ones: GET /openapi.json)", param=param
         )
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
     if kind == "missing":

@@ -128,7 +128,8 @@ def _state_limits(
     chat, raw = schemas["ChatCompletionRequest"]["properties"], schemas["CompletionRequest"]["properties"]
     for properties, shortest_prompt in ((chat, shortest_chat_prompt), (raw, 1)):
         properties["model"]["enum"] = [settings.model_name]
-        properties["n"]["maximum"] = min(properties["n"]["maximum"], capacity)
+        n = _branch(properties["n"], "integer")
+        n["maximum"] = min(n["maximum"], capacity)
         for name in ("max_tokens", "max_completion_tokens"):
             if name in properties:
                 _branch(properties[name], "integer")["maximum"] = max_context - shortest_prompt

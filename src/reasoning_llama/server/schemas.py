@@ -8,6 +8,7 @@ value (`frequency_penalty=0`, no tools, ...) say so in the schema (`maximum: 0`,
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -49,7 +50,17 @@ PositiveInt = Annotated[int, Field(ge=1), _WHOLE]
 NonNegativeInt = Annotated[int, Field(ge=0), _WHOLE]
 LogprobCount = Annotated[int, Field(ge=0, le=MAX_LOGPROBS), _WHOLE]
 TokenId = Annotated[int, Field(ge=0, lt=N_VOCAB), _WHOLE]
-StopString = Annotated[str, Field(min_length=1)]
+
+
+def _well_formed(value: Any) -> Any:
+    """A lone UTF-16 surrogate (JSON can escape one) as U+FFFD, as the tokenizer reads it in any other
+    field: pydantic's checked strings would refuse it where plain ones pass it on."""
+    return _SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a str holds a surrogate only alone (pairs are decoded)
+CheckedText = Annotated[str, Field(min_length=1), BeforeValidator(_well_formed)]
+StopString = CheckedText
 
 
 def _is_integer(value: Any) -> bool:
@@ -62,6 +73,12 @@ class _Request(BaseModel):
     # Strict: JSON's own types only (no "5" or true for an integer), as the schema says.
     # No NaN or infinity: a NaN passes no bound, and its error would name the bound it failed.
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @classmethod
+    def _default_if_null(cls, value: Any, info: ValidationInfo) -> Any:
+        """OpenAI's API takes null for an optional field as its default (such fields are nullable in
+        the schema, and their validators call this)."""
+        return cls.model_fields[str(info.field_name)].default if value is None else value
 
 
 class TextPart(_Request):
@@ -106,7 +123,7 @@ _SEVERAL_PROMPTS_TAKE_ONE_CHOICE = {
         "properties": {"prompt": {"type": "array", "minItems": 2, "items": {"type": ["string", "array"]}}},
         "required": ["prompt"],
     },
-    "then": {"properties": {"n": {"const": 1}}},
+    "then": {"properties": {"n": {"enum": [1, None]}}},
 }
 _TOP_LOGPROBS_NEED_LOGPROBS = {
     "if": {"properties": {"top_logprobs": {"type": "integer", "minimum": 1}}, "required": ["top_logprobs"]},
@@ -120,7 +137,13 @@ class _Sampling(_Request):
     model_config = ConfigDict(json_schema_extra={"allOf": [_STREAM_OPTIONS_NEED_STREAM]})
 
     model: str = Field(description="The served model's id (GET /v1/models).")
-    temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
+    temperature: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=MAX_TEMPERATURE,
+        description="Left out or null: 0, greedy (OpenAI's default is 1), so n choices agree unless a "
+        "temperature is given.",
+    )
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     max_tokens: PositiveInt | None = Field(
         default=None,
@@ -134,7 +157,7 @@ class _Sampling(_Request):
         default=None,
         description="Any integer; the sampler uses it modulo 2**63, and choice i of n uses seed + i.",
     )
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     top_k: NonNegativeInt | None = None
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -142,17 +165,15 @@ class _Sampling(_Request):
         default=None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY
     )
     user: str | None = None  # an end-user id for the operator's logs; not used
-    n: Annotated[int, Field(ge=1, le=MAX_CHOICES), _WHOLE] = Field(
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES), _WHOLE] | None = Field(
         default=1,
-        ge=1,
-        le=MAX_CHOICES,
         description="Choices to generate, each its own request in the continuous batch.",
     )
     # OpenAI options this server supports only at their neutral value.
-    frequency_penalty: float = Field(
+    frequency_penalty: float | None = Field(
         default=0.0, ge=0.0, le=0.0, description="Only 0: use repetition_penalty."
     )
-    presence_penalty: float = Field(
+    presence_penalty: float | None = Field(
         default=0.0, ge=0.0, le=0.0, description="Only 0: use repetition_penalty."
     )
     logit_bias: dict[str, float] | None = Field(default=None, max_length=0, description="Not supported.")
@@ -166,6 +187,11 @@ class _Sampling(_Request):
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
         return value
+
+    @field_validator("stream", "n", "frequency_penalty", "presence_penalty")
+    @classmethod
+    def _sampling_nulls_are_defaults(cls, value: Any, info: ValidationInfo) -> Any:
+        return cls._default_if_null(value, info)
 
     @field_validator("frequency_penalty", "presence_penalty", mode="before")
     @classmethod
@@ -217,7 +243,7 @@ class ChatCompletionRequest(_Sampling):
     reasoning_budget: NonNegativeInt | None = Field(
         default=None, description="Reasoning tokens at most; then the engine closes the reasoning."
     )
-    logprobs: bool = Field(
+    logprobs: bool | None = Field(
         default=False,
         description="Return each sampled token's log-probability: logprobs.content for the answer, "
         "logprobs.reasoning for the reasoning.",
@@ -254,6 +280,11 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("only response_format {'type': 'text'} is supported")
         return value
 
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs_null_is_false(cls, value: Any, info: ValidationInfo) -> Any:
+        return cls._default_if_null(value, info)
+
     @field_validator("top_logprobs")
     @classmethod
     def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
@@ -270,7 +301,7 @@ class ChatCompletionRequest(_Sampling):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-PromptText = Annotated[str, Field(min_length=1)]
+PromptText = CheckedText
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
@@ -289,13 +320,18 @@ class CompletionRequest(_Sampling):
         "prompts all of one kind (then n is 1): one choice per prompt, in their order."
     )
     max_tokens: PositiveInt | None = 16  # OpenAI's default for raw completions
-    echo: bool = Field(default=False, description="Return the prompt before the completion.")
+    echo: bool | None = Field(default=False, description="Return the prompt before the completion.")
     logprobs: LogprobCount | None = Field(
         default=None,
         description="Return each token's log-probability and this many most likely tokens at each "
         "position (the prompt's too with echo; its first token has none).",
     )
     suffix: str | None = Field(default=None, max_length=0, description="Not supported.")
+
+    @field_validator("echo")
+    @classmethod
+    def _echo_null_is_false(cls, value: Any, info: ValidationInfo) -> Any:
+        return cls._default_if_null(value, info)
 
     @field_validator("prompt", mode="before")
     @classmethod

@@ -334,6 +334,7 @@ async function apiError(response) {
 async function postConversation(signal) {
   const dropped = [];
   let withLimit = true;
+  let reread = false;
   try {
     for (;;) {
       const response = await fetch("/v1/chat/completions", {
@@ -350,6 +351,11 @@ async function postConversation(signal) {
         return response;
       }
       const error = await apiError(response);
+      if (error.code === "model_not_found" && !reread) {
+        // The server was restarted with another model since the page loaded: take its name and limits.
+        reread = true;
+        if (await readHealth()) continue;
+      }
       if (TOO_MUCH_HISTORY.has(error.code)) {
         const marked = dropOldestExchange();
         if (marked.length) {
