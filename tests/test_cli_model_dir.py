@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cli_helpers import run_cli
+from cli_helpers import run_cli, run_clis
 from reasoning_llama.cli.model_dir import resolve_model_dir
 from reasoning_llama.config import ModelConfig
 from reasoning_llama.errors import CheckpointError
@@ -87,3 +87,37 @@ def test_train_starts_from_a_run_directorys_best_model(run_dir, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert OmegaConf.load(out / RUN_CONFIG).train.init_from == str(run_dir / ckpt.BEST)
+
+
+@pytest.mark.slow
+def test_eval_of_a_run_names_the_tasks_it_trained_on(run_dir):
+    """`--task synthetic` means the default families at their own difficulty; a run trained on others
+    (the quickstart's, at difficulty 4) is told the flags that score what it learned."""
+    from reasoning_llama.config import load_run_config
+    from reasoning_llama.training.run_dir import save_run_config
+
+    save_run_config(run_dir, load_run_config("quickstart"))
+    asked, trained = run_clis(
+        [
+            ["eval", "--checkpoint", run_dir, "--task", "synthetic", "--limit", "1", "--json"],
+            [
+                "eval",
+                "--checkpoint",
+                run_dir,
+                "--task",
+                "synthetic:max_digit",
+                "--difficulty",
+                "4",
+                "--limit",
+                "1",
+            ],
+        ],
+        one_thread=True,
+    )
+    flags = "--task synthetic:chain_sum,sort_digits,max_digit --difficulty 4"
+    assert (
+        asked.returncode == 0
+        and f"trained on chain_sum, sort_digits, max_digit at difficulty 4; to score what it learned: {flags}"
+        in asked.stderr
+    )
+    assert trained.returncode == 0 and "note:" not in trained.stderr  # one of its families, at its level

@@ -90,6 +90,9 @@ def eval_command(
     directory = resolve_model_dir(checkpoint)
     if task is not None:
         families = evaluation.parse_task_spec(task)
+        note = _trained_tasks_note(directory, families, difficulty)
+        if note:
+            echo_err(note)
         rows = evaluation.synthetic_test_rows(families, limit or 100, seed=seed or 0, difficulty=difficulty)
         level = "" if difficulty is None else f" at difficulty {difficulty}"
         source = f"synthetic test split{level}: {', '.join(families)}"
@@ -138,6 +141,39 @@ def eval_command(
         print(json.dumps(report))
     else:
         _print_eval(report)
+
+
+def _trained_tasks_note(checkpoint: Path, families: list[str], difficulty: int | None) -> str | None:
+    """When --task asks for synthetic families, or a difficulty, that the checkpoint's training run did
+    not learn, the flags that score what it learned: untrained families read as a bad model."""
+    from reasoning_llama.config import load_run_config
+    from reasoning_llama.errors import ReasoningLlamaError
+    from reasoning_llama.tasks import families_or_default
+    from reasoning_llama.training import run_checkpoints as ckpt
+    from reasoning_llama.training.run_dir import RUN_CONFIG, run_command
+
+    if checkpoint.name == ckpt.BEST:
+        owner = checkpoint.parent
+    elif checkpoint.parent.name == ckpt.CHECKPOINTS:
+        owner = checkpoint.parent.parent
+    else:
+        return None  # a checkpoint of its own, no run around it
+    if run_command(owner) != "train":
+        return None
+    try:
+        data = load_run_config(owner / RUN_CONFIG).data
+    except ReasoningLlamaError:
+        return None
+    trained = families_or_default(data.families)
+    if data.source != "synthetic" or (set(families) <= set(trained) and difficulty == data.difficulty):
+        return None
+    level = "" if data.difficulty is None else f" at difficulty {data.difficulty}"
+    flags = f"--task synthetic:{','.join(trained)}" + (
+        "" if data.difficulty is None else f" --difficulty {data.difficulty}"
+    )
+    return (
+        f"note: the run in {owner} trained on {', '.join(trained)}{level}; to score what it learned: {flags}"
+    )
 
 
 def _check_output(path: Path, data: Path | None) -> None:
