@@ -99,8 +99,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(checkpoint):
 
 
 def test_a_shutdown_ends_open_streams_with_its_error_and_done(checkpoint):
-    """SIGINT or SIGTERM to `serve`: a stream in flight ends with the 503 error event and [DONE],
-    instead of being cut off when uvicorn's grace period runs out; the server takes no new request."""
+    """SIGINT or SIGTERM to `serve`: a stream still running a second before uvicorn's grace period
+    ends (2 s here) ends with the 503 error event and [DONE], instead of being cut off without a word."""
     with serve(make_engine(checkpoint, logits_hook=slow_hook())) as server:
         body = {"model": MODEL, "messages": ask("Go on and on."), "max_tokens": 200, "stream": True}
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as response:
@@ -112,6 +112,24 @@ def test_a_shutdown_ends_open_streams_with_its_error_and_done(checkpoint):
     error = json.loads(rest[-2])["error"]
     assert error["message"] == "the server is shutting down", error
     assert sum("reasoning_content" in line for line in rest) < 100  # not run on to its 200 tokens
+
+
+def test_during_a_shutdown_requests_running_finish_and_new_ones_are_told_why(checkpoint):
+    from reasoning_llama.server import begin_shutdown
+
+    with serve(make_engine(checkpoint, logits_hook=slow_hook(0.01))) as server:
+        body = {"model": MODEL, "messages": ask("Briefly."), "max_tokens": 30}
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(httpx.post, f"{server.url}/v1/chat/completions", json=body, timeout=30)
+            deadline = time.monotonic() + 10
+            while server.health()["active_slots"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            begin_shutdown(server.server.config.app, grace_s=20)
+            refused = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
+            finished = running.result()
+    assert finished.status_code == 200 and finished.json()["choices"][0]["finish_reason"] == "length"
+    assert refused.status_code == 503 and refused.headers["retry-after"]
+    assert refused.json()["error"]["message"] == "the server is shutting down"
 
 
 def test_a_client_that_gives_up_waiting_is_cancelled(checkpoint):

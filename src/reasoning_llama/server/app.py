@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import importlib.metadata
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -49,7 +50,7 @@ from reasoning_llama.server.schemas import (
 )
 from reasoning_llama.server.security import ApiKeyCheck, BodySizeLimit
 from reasoning_llama.server.settings import ServerSettings
-from reasoning_llama.server.worker import EngineFailed, EngineWorker, Job, QueueFull
+from reasoning_llama.server.worker import EngineFailed, EngineWorker, Job, QueueFull, ShuttingDown
 from reasoning_llama.tokenizer import ChatTokenizer
 
 STATIC_DIR = files("reasoning_llama.server") / "static"
@@ -65,18 +66,21 @@ PAGE_HEADERS = {
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def begin_shutdown(app: FastAPI) -> None:
-    """A shutdown's first step, for a signal handler: every open request gets "the server is shutting
-    down" (503; a stream as its last event, then [DONE]) and no new one is taken."""
-    app.state.server.worker.begin_stop()
+def begin_shutdown(app: FastAPI, grace_s: float = 0.0) -> None:
+    """A shutdown's first step, for a signal handler: no new request is taken, and those running get
+    `grace_s` seconds to finish; then each left gets "the server is shutting down" (503; a stream as
+    its last event, then [DONE])."""
+    app.state.server.worker.begin_stop(grace_s)
 
 
 class Server(uvicorn.Server):
-    """uvicorn serving an app of `create_app`, but a shutdown signal first ends the requests in flight
-    (`begin_shutdown`): uvicorn alone would cut open streams off when its grace period ends."""
+    """uvicorn serving an app of `create_app`, but a shutdown signal first tells the worker
+    (`begin_shutdown`), which ends what is still running a second before uvicorn's grace period does:
+    uvicorn alone would cut open streams off without a word."""
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        begin_shutdown(self.config.app)
+        grace = self.config.timeout_graceful_shutdown
+        begin_shutdown(self.config.app, math.inf if grace is None else max(0.0, grace - 1.0))
         super().handle_exit(sig, frame)
 
 
@@ -207,6 +211,8 @@ class _ServerState:
                 choices.append((prompt_ids, dataclasses.replace(params, seed=seed) if i else params))
         try:
             jobs = self.worker.submit_all(choices)
+        except ShuttingDown as e:
+            raise _failure(e, self.settings) from None
         except QueueFull as e:
             raise APIError(
                 503,

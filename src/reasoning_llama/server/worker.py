@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -25,6 +26,10 @@ log = logging.getLogger(__name__)
 
 class QueueFull(Exception):
     """Every slot is busy and the waiting queue is at its limit."""
+
+
+class ShuttingDown(QueueFull):
+    """The server is stopping: it takes no request, and ends those still running at its deadline."""
 
 
 class EngineFailed(Exception):
@@ -81,6 +86,7 @@ class EngineWorker:
         self._cond = threading.Condition()
         self._jobs: set[Job] = set()  # submitted, still owed a result (guarded by _cond)
         self._stopping = False
+        self._deadline = math.inf  # once stopping: when the requests still running are ended
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
 
@@ -89,11 +95,13 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
         self._thread.start()
 
-    def begin_stop(self) -> None:
-        """Take no more requests and answer the open ones with "the server is shutting down", without
-        waiting (safe from a signal handler: the lock is reentrant)."""
+    def begin_stop(self, grace_s: float = 0.0) -> None:
+        """Take no more requests; let those submitted run for `grace_s` seconds at most, then end what
+        is left with "the server is shutting down". Returns at once: safe from a signal handler (the
+        lock is reentrant)."""
         with self._cond:
             self._stopping = True
+            self._deadline = min(self._deadline, time.monotonic() + grace_s)
             self._cond.notify()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -113,7 +121,7 @@ class EngineWorker:
         jobs = [Job(loop) for _ in requests]
         with self._cond:
             if self._stopping:
-                raise QueueFull("the server is shutting down")
+                raise ShuttingDown("the server is shutting down")
             if self.outstanding + len(jobs) > self.capacity:
                 raise QueueFull(
                     f"{len(jobs)} more requests do not fit: {self.outstanding} of the {self.capacity} "
@@ -163,7 +171,7 @@ class EngineWorker:
             with self._cond:
                 while not (self._stopping or self.engine.has_work()):
                     self._cond.wait()
-                if self._stopping:
+                if self._stopping and (not self.engine.has_work() or time.monotonic() >= self._deadline):
                     break
             self._step()
         self._shutdown()
@@ -196,4 +204,4 @@ class EngineWorker:
 
     def _shutdown(self) -> None:
         """Answer what is left so that no waiting handler hangs."""
-        self._fail_all(QueueFull("the server is shutting down"))
+        self._fail_all(ShuttingDown("the server is shutting down"))
