@@ -214,7 +214,4 @@ def test_startup_benchmark_times_commands_against_importing_torch():
         "generate_baseline",
     }
     assert set(report["median_s"]) == commands and all(s > 0 for s in report["median_s"].values())
-    assert (
-        report["above_import_torch_s"]["import_torch"] == 0
-        and report["over_import_torch"]["import_torch"] == 1
-    )
+    assert all(ratio > 0 for ratio in report["baseline_over_ours"].values())
