@@ -409,16 +409,23 @@ def test_markdown_lists_keep_their_numbers_and_snake_case_its_underscores(chat):
     assert "my_var_name" in chat.texts(".assistant .answer p")[0]
 
 
-def test_max_tokens_is_read_as_a_number_and_a_late_health_check_is_retried(browser, server):
-    failed = []
+def first_answered(answered: list[str], **response):
+    """A route handler that answers the first request with `response` (route.fulfill's arguments),
+    noting its URL in `answered`, and lets the later ones through to the server."""
 
-    def health_fails_once(route) -> None:
-        if failed:
+    def handler(route) -> None:
+        if answered:
             route.continue_()
         else:
-            failed.append(route.request.url)
-            route.fulfill(status=503, body="starting")
+            answered.append(route.request.url)
+            route.fulfill(**response)
 
+    return handler
+
+
+def test_max_tokens_is_read_as_a_number_and_a_late_health_check_is_retried(browser, server):
+    failed: list[str] = []
+    health_fails_once = first_answered(failed, status=503, body="starting")
     chat = Chat(browser, server, routes={"**/health": health_fails_once})
     try:
         assert failed and chat.page.text_content("#status") == "cannot reach the server"
@@ -434,16 +441,8 @@ def test_max_tokens_is_read_as_a_number_and_a_late_health_check_is_retried(brows
 def test_a_server_restarted_with_another_model_is_followed_without_a_reload(browser, server):
     """The page loaded while the server served another model: its first request is refused as for
     another model, and the page reads the server's model again and sends it once more."""
-    served = []
-
-    def another_model_first(route) -> None:
-        if served:
-            route.continue_()
-        else:
-            served.append(route.request.url)
-            health = {"model": "old-run", "max_context": 128, "default_max_tokens": 64}
-            route.fulfill(status=200, content_type="application/json", body=json.dumps(health))
-
+    health = {"model": "old-run", "max_context": 128, "default_max_tokens": 64}
+    another_model_first = first_answered([], content_type="application/json", body=json.dumps(health))
     chat = Chat(browser, server, routes={"**/health": another_model_first})
     try:
         assert "old-run" in chat.page.text_content("#model-name")
