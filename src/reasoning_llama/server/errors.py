@@ -103,7 +103,8 @@ def _validation_error(error: RequestValidationError) -> APIError:
         *parents, key = first.get("loc", ("",))
         where = _location(tuple(parents))
         param = f"{where}.{key}" if where else str(key)
-        shown = param if str(key).isidentifier() else f"{where}.{json.dumps(key)}".lstrip(".")
+        name = str(key) if str(key).isidentifier() else json.dumps(key)
+        shown = f"{where}.{name}" if where else name
         return bad_request(
             f"unrecognized request argument: {shown} (the supported ones: GET /openapi.json)", param=param
         )

@@ -74,12 +74,6 @@ class _Request(BaseModel):
     # No NaN or infinity: a NaN passes no bound, and its error would name the bound it failed.
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    @classmethod
-    def _default_if_null(cls, value: Any, info: ValidationInfo) -> Any:
-        """OpenAI's API takes null for an optional field as its default (such fields are nullable in
-        the schema, and their validators call this)."""
-        return cls.model_fields[str(info.field_name)].default if value is None else value
-
 
 class TextPart(_Request):
     type: Literal["text"]
@@ -188,10 +182,14 @@ class _Sampling(_Request):
             raise ValueError("stop sequences must not be empty")
         return value
 
-    @field_validator("stream", "n", "frequency_penalty", "presence_penalty")
+    # Chat's `logprobs` and completions' `echo` are their subclasses' own fields.
+    @field_validator(
+        "stream", "n", "frequency_penalty", "presence_penalty", "logprobs", "echo", check_fields=False
+    )
     @classmethod
-    def _sampling_nulls_are_defaults(cls, value: Any, info: ValidationInfo) -> Any:
-        return cls._default_if_null(value, info)
+    def _null_is_the_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """OpenAI's API takes null for an optional field as its default (these are nullable in the schema)."""
+        return cls.model_fields[str(info.field_name)].default if value is None else value
 
     @field_validator("frequency_penalty", "presence_penalty", mode="before")
     @classmethod
@@ -280,11 +278,6 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("only response_format {'type': 'text'} is supported")
         return value
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs_null_is_false(cls, value: Any, info: ValidationInfo) -> Any:
-        return cls._default_if_null(value, info)
-
     @field_validator("top_logprobs")
     @classmethod
     def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
@@ -327,11 +320,6 @@ class CompletionRequest(_Sampling):
         "position (the prompt's too with echo; its first token has none).",
     )
     suffix: str | None = Field(default=None, max_length=0, description="Not supported.")
-
-    @field_validator("echo")
-    @classmethod
-    def _echo_null_is_false(cls, value: Any, info: ValidationInfo) -> Any:
-        return cls._default_if_null(value, info)
 
     @field_validator("prompt", mode="before")
     @classmethod
