@@ -31,6 +31,9 @@ class QueueFull(Exception):
 class ShuttingDown(QueueFull):
     """The server is stopping: it takes no request, and ends those still running at its deadline."""
 
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down")
+
 
 class EngineFailed(Exception):
     """The engine raised while generating this request."""
@@ -121,7 +124,7 @@ class EngineWorker:
         jobs = [Job(loop) for _ in requests]
         with self._cond:
             if self._stopping:
-                raise ShuttingDown("the server is shutting down")
+                raise ShuttingDown()
             if self.outstanding + len(jobs) > self.capacity:
                 raise QueueFull(
                     f"{len(jobs)} more requests do not fit: {self.outstanding} of the {self.capacity} "
@@ -204,4 +207,4 @@ class EngineWorker:
 
     def _shutdown(self) -> None:
         """Answer what is left so that no waiting handler hangs."""
-        self._fail_all(ShuttingDown("the server is shutting down"))
+        self._fail_all(ShuttingDown())
